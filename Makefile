@@ -1,0 +1,51 @@
+# Every target does its own set-up: a fresh clone needs only python3 (>= 3.11) and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+STAMP := $(VENV)/.installed-stamp
+PG_VERSION_DIR := /etc/postgresql
+
+.PHONY: install run test unit lint postgres lock render-serve-config clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: serve the graph on http://127.0.0.1:8000 (SQLite decision log, task-mode tips)
+run: install
+	$(BIN)/tipgraph serve
+
+## test: lint, type-check and every test (needs the local Postgres; started if down)
+test: install postgres lint
+	$(BIN)/pytest
+
+unit: install
+	$(BIN)/pytest -m "not e2e"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+postgres:
+	@if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then \
+		echo "starting the local PostgreSQL cluster"; \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls $(PG_VERSION_DIR)) main start; \
+		for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
+	fi
+
+## lock: re-resolve requirements.lock from pyproject.toml (pinned versions)
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+render-serve-config: install
+	$(BIN)/tipgraph render-serve-config
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""Context stage: tasks + the user's logged reactions + time -> features and prompt."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ray import serve
+
+from tipgraph.contracts import TipRequest
+from tipgraph.features import UserContext, build_context
+from tipgraph.settings import TipgraphSettings
+from tipgraph.store import open_store
+
+
+@serve.deployment(name="context")
+class ContextBuilder:
+    def __init__(self, settings: TipgraphSettings) -> None:
+        self._settings = settings
+        self._store = open_store(settings.store)
+
+    async def build(self, request: TipRequest, user_key: str) -> UserContext:
+        history = await asyncio.to_thread(
+            self._store.user_history, user_key, self._settings.features.history_limit
+        )
+        return build_context(request, history, self._settings.rewards)
+
+    def __del__(self) -> None:
+        self._store.close()

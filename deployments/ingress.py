@@ -1,0 +1,190 @@
+"""HTTP ingress: the FastAPI app the recommender calls. Orchestration lives in TipService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from tipgraph.candidates import Candidate
+from tipgraph.contracts import (
+    ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    TipRequest,
+    TipResponse,
+)
+from tipgraph.decision_log import DecisionLog
+from tipgraph.features import UserContext
+from tipgraph.scoring import PolicyScore
+from tipgraph.service import TipgraphError, TipService
+from tipgraph.settings import TipgraphSettings
+from tipgraph.store import open_store
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(
+    title="tipgraph",
+    version="0.1.0",
+    description="One helpful tip per request, chosen by a contextual bandit that learns "
+    "from feedback.",
+)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (404, 409, 413, 422, 503)
+}
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "body"
+
+
+@api.middleware("http")
+async def _limit_body_size(request: Request, call_next: Any) -> Any:
+    # Refuse oversized bodies before parsing them: a 10 MB task list is a client bug.
+    limit: int = getattr(api.state, "max_body_bytes", 1_000_000)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return JSONResponse(
+            status_code=413,
+            content={"detail": f"request body is {declared} bytes; the limit is {limit}"},
+        )
+    return await call_next(request)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {"field": _field(tuple(err.get("loc", ()))), "message": str(err.get("msg", ""))}
+        for err in exc.errors()
+    ]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+    return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+
+
+@api.exception_handler(TipgraphError)
+async def _tipgraph_error(_: Request, exc: TipgraphError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error")
+    return JSONResponse(
+        status_code=503, content={"detail": "tipgraph could not serve this request; retry"}
+    )
+
+
+class HandleStages:
+    """:class:`tipgraph.service.Stages` backed by Serve deployment handles."""
+
+    def __init__(
+        self,
+        context: DeploymentHandle,
+        generation: DeploymentHandle,
+        scoring: DeploymentHandle,
+        shadows: dict[str, DeploymentHandle],
+    ) -> None:
+        self._context = context
+        self._generation = generation
+        self._scoring = scoring
+        self._shadows = shadows
+
+    async def context(self, request: TipRequest, user_key: str) -> UserContext:
+        result: UserContext = await self._context.build.remote(request, user_key)
+        return result
+
+    async def candidates(
+        self, request: TipRequest, context: UserContext, n: int
+    ) -> list[Candidate]:
+        result: list[Candidate] = await self._generation.generate.remote(request, context, n)
+        return result
+
+    async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
+        result: PolicyScore = await self._scoring.score.remote(X, event_id)
+        return result
+
+    def shadow_scores(
+        self, X: np.ndarray, event_id: str
+    ) -> list[tuple[str, Awaitable[PolicyScore]]]:
+        return [(name, handle.score.remote(X, event_id)) for name, handle in self._shadows.items()]
+
+    async def learn(self, event_id: str, features: list[float], reward: float) -> None:
+        # Every live replica must learn, not just the one the router would pick.
+        await self._scoring.broadcast("learn", event_id, features, reward).results_async()
+
+    def learn_shadows(
+        self, event_id: str, features: list[float], reward: float
+    ) -> list[Awaitable[object]]:
+        return [
+            handle.broadcast("learn", event_id, features, reward).results_async()
+            for handle in self._shadows.values()
+        ]
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        settings: TipgraphSettings,
+        context: DeploymentHandle,
+        generation: DeploymentHandle,
+        scoring: DeploymentHandle,
+        shadows: dict[str, DeploymentHandle],
+    ) -> None:
+        self._settings = settings
+        api.state.max_body_bytes = settings.limits.max_body_bytes
+        self._store = open_store(settings.store)
+        log = DecisionLog(
+            self._store,
+            flush_interval_s=settings.store.flush_interval_s,
+            batch_size=settings.store.batch_size,
+        )
+        stages = HandleStages(context, generation, scoring, shadows)
+        self._service = TipService(settings, stages, self._store, log)
+
+    @api.post("/v1/tips", response_model=TipResponse, responses=ERRORS)
+    async def tips(self, body: TipRequest) -> TipResponse:
+        """One tip for the user, with its probability and the full ranking."""
+        return await self._service.tip(body)
+
+    @api.post("/v1/feedback", response_model=FeedbackResponse, responses=ERRORS)
+    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
+        """The user's reaction to a tip; every policy learns from it exactly once."""
+        return await self._service.feedback(body)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(self) -> JSONResponse:
+        try:
+            version = await asyncio.to_thread(self._store.schema_version)
+        except Exception as err:
+            logger.warning("not ready: store unavailable: %s", err)
+            return JSONResponse(status_code=503, content={"detail": "decision store unavailable"})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "schema_version": version,
+                "decision_log_backlog": self._service.log.backlog,
+                "shadows_shed": self._service.shadows_shed,
+            }
+        )
+
+    async def __del__(self) -> None:
+        # Graceful shutdown (SIGTERM, scale-down): write every buffered decision first.
+        await self._service.close()
+        self._store.close()

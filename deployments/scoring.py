@@ -1,0 +1,57 @@
+"""Scoring and shadow stages: one deployment class, bound once per policy.
+
+The served policy and every shadow run this same shell; a shadow only differs in its
+name, its policy settings and (for chaos tests) injected faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+from ray import serve
+
+from tipgraph.features import FEATURE_SPEC
+from tipgraph.policies import make_policy
+from tipgraph.scoring import PolicyScore, PolicyService
+from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
+from tipgraph.store import open_store
+
+logger = logging.getLogger(__name__)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a shadow configured with ``fault.fail`` (chaos testing)."""
+
+
+@serve.deployment(name="scoring")
+class PolicyScorer:
+    def __init__(
+        self,
+        settings: TipgraphSettings,
+        policy: PolicySettings,
+        fault: FaultSettings | None = None,
+    ) -> None:
+        self._fault = fault or FaultSettings()
+        self._service = PolicyService(make_policy(policy, FEATURE_SPEC.dim))
+        # A new or restarted replica starts from everything the log has learned so far.
+        store = open_store(settings.store)
+        try:
+            replayed = self._service.rebuild(store.training_events())
+        finally:
+            store.close()
+        logger.info("policy %s rebuilt from %d logged rewards", policy.name, replayed)
+
+    async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
+        if self._fault.delay_s:
+            await asyncio.sleep(self._fault.delay_s)
+        if self._fault.fail:
+            raise InjectedFault(f"injected fault in policy {self._service.policy.name}")
+        return self._service.score(X, event_id)
+
+    def learn(self, event_id: str, features: list[float], reward: float) -> bool:
+        return self._service.learn(event_id, features, reward)
+
+    def snapshot(self) -> dict[str, object]:
+        return self._service.snapshot()

@@ -1,0 +1,1 @@
+"""Serve applications assembled from configuration."""

@@ -1,0 +1,46 @@
+"""The tipgraph Serve application: ingress -> context -> generation -> scoring (+ shadows).
+
+``serve run serve_config.yaml`` imports :func:`build_app`; tests and ``tipgraph serve``
+call :func:`build_graph` with settings they already hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.context import ContextBuilder
+from deployments.generation import CandidateGenerator
+from deployments.ingress import Ingress
+from deployments.scoring import PolicyScorer
+from tipgraph.serve_config import all_deployment_options
+from tipgraph.settings import TipgraphSettings, load_settings, resolve_paths
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_graph(settings: TipgraphSettings) -> Application:
+    options = all_deployment_options(settings)
+    context = ContextBuilder.options(**options["context"]).bind(settings)
+    generation = CandidateGenerator.options(**options["generation"]).bind(settings)
+    scoring = PolicyScorer.options(**options["scoring"]).bind(settings, settings.policy)
+    shadows = {
+        shadow.policy.name: PolicyScorer.options(
+            name=shadow.deployment_name, **options[shadow.deployment_name]
+        ).bind(settings, shadow.policy, shadow.fault)
+        for shadow in settings.shadows
+    }
+    return Ingress.options(**options["ingress"]).bind(
+        settings, context, generation, scoring, shadows
+    )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for Serve config files: ``args: {config: configs/tipgraph.yaml}``."""
+    config = Path(args.get("config", "configs/tipgraph.yaml"))
+    if not config.is_absolute() and not config.exists():
+        # Serve may build the app from another working directory than the CLI's.
+        config = PROJECT_ROOT / config
+    return build_graph(resolve_paths(load_settings(config), PROJECT_ROOT))

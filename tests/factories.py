@@ -1,0 +1,33 @@
+"""Small builders for request bodies used across tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+NOW = datetime(2026, 3, 4, 9, 30, tzinfo=UTC)  # a Wednesday morning
+
+
+def task(task_id: str, content: str = "write report", **extra: Any) -> dict[str, Any]:
+    return {"id": task_id, "content": content, **extra}
+
+
+def tip_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "user_id": "user-1",
+        "now": NOW.isoformat(),
+        "timezone": "UTC",
+        "tasks": [
+            task("t1", "Finish the quarterly report for the board", priority=4,
+                 due=(NOW + timedelta(hours=3)).isoformat()),
+            task("t2", "email", priority=1),
+            task("t3", "gym", priority=1),
+            task("t4", "water plants", priority=1),
+            task("t5", "Pay the electricity bill", priority=3,
+                 due=(NOW - timedelta(days=2)).isoformat()),
+            task("t6", "Prepare the slides for the offsite, collect feedback and rehearse twice",
+                 priority=2, created_at=(NOW - timedelta(days=20)).isoformat()),
+        ],
+    }
+    body.update(overrides)
+    return body

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tipgraph.cli import main
+from tipgraph.serve_config import render_serve_config, render_serve_config_text
+from tipgraph.settings import TipgraphSettings, load_settings, resolve_paths
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "tipgraph.yaml"
+
+
+def test_committed_serve_config_matches_the_settings() -> None:
+    expected = render_serve_config_text(load_settings(CONFIG), "configs/tipgraph.yaml")
+    actual = (ROOT / "serve_config.yaml").read_text(encoding="utf-8")
+    assert actual == expected, "serve_config.yaml drifted: run `make render-serve-config`"
+
+
+def test_check_command_detects_drift(tmp_path: Path) -> None:
+    stale = tmp_path / "serve_config.yaml"
+    stale.write_text("applications: []\n")
+    assert main(["--config", str(CONFIG), "render-serve-config", "--out", str(stale),
+                 "--check"]) == 3
+    assert main(["--config", str(CONFIG), "render-serve-config", "--out", str(stale)]) == 0
+    assert main(["--config", str(CONFIG), "render-serve-config", "--out", str(stale),
+                 "--check"]) == 0
+
+
+def test_every_stage_and_shadow_has_its_own_autoscaling_and_fractional_cpus() -> None:
+    settings = load_settings(CONFIG)
+    app = render_serve_config(settings, "configs/tipgraph.yaml")["applications"][0]
+    names = [d["name"] for d in app["deployments"]]
+    assert names[:4] == ["ingress", "context", "generation", "scoring"]
+    assert {f"shadow_{s.policy.name}" for s in settings.shadows} <= set(names)
+    total_max_cpus = 0.0
+    for deployment in app["deployments"]:
+        assert 0 < deployment["ray_actor_options"]["num_cpus"] < 1
+        assert deployment["autoscaling_config"]["max_replicas"] >= 1
+        total_max_cpus += (deployment["ray_actor_options"]["num_cpus"]
+                           * deployment["autoscaling_config"]["max_replicas"])
+    assert total_max_cpus <= 2.0, "every stage at max replicas must fit on the 2-core machine"
+
+
+def test_env_overrides_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", "postgresql://u@h:5432/d")
+    monkeypatch.setenv("TIPGRAPH_REWARDS__SNOOZE", "0.5")
+    settings = load_settings(CONFIG)
+    assert settings.store.url == "postgresql://u@h:5432/d"
+    assert settings.store.batch_size == 256  # untouched YAML value survives the merge
+    assert settings.rewards.reward_for("snooze") == 0.5
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"store": {"url": "mysql://x"}}, "must start with sqlite:// or postgresql://"),
+        ({"rewards": {"done": 2.0}}, "outside"),
+        ({"policy": {"name": "x", "kind": "magic"}}, "linucb"),
+        ({"polcy": {}}, "Extra inputs are not permitted"),
+        ({"deployments": {"ingress": {}}}, "missing"),
+        ({"shadows": [{"policy": {"name": "linucb", "kind": "uniform"}}]}, "unique"),
+    ],
+)
+def test_bad_config_fails_loudly(data: dict[str, object], match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        TipgraphSettings(**data)
+
+
+def test_secret_is_masked_in_dumps() -> None:
+    dumped = str(TipgraphSettings().masked_dump())
+    assert "tipgraph-dev-only-secret" not in dumped
+
+
+def test_relative_sqlite_path_is_made_absolute(tmp_path: Path) -> None:
+    settings = TipgraphSettings(store={"url": "sqlite:///var/x.db"})
+    assert resolve_paths(settings, tmp_path).store.url == f"sqlite:///{tmp_path}/var/x.db"
+    memory = TipgraphSettings(store={"url": "sqlite:///:memory:"})
+    assert resolve_paths(memory, tmp_path).store.url == "sqlite:///:memory:"

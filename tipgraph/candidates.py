@@ -1,0 +1,126 @@
+"""Candidate tips made from the user's own tasks (task mode: the embedded default, no LLM).
+
+Deterministic: the same tasks at the same local time give the same candidates in the same
+order, so decisions can be replayed.  LLM mode plugs in beside :func:`task_candidates` as
+another :class:`CandidateSource`; both return :class:`Candidate` lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from tipgraph.contracts import Task, TipRequest
+from tipgraph.features import CandidateView, UserContext
+
+SMALL_TASK_CHARS = 40
+LONG_TASK_CHARS = 80
+SHOWN_CHARS = 80
+
+
+@dataclass(frozen=True)
+class Candidate:
+    candidate_id: str
+    kind: str
+    content: str
+    source: str
+    task_ids: tuple[str, ...]
+    model: str | None = None
+    prompt_version: str | None = None
+
+    @property
+    def view(self) -> CandidateView:
+        return CandidateView(self.kind, self.task_ids)
+
+    @property
+    def task_id(self) -> str | None:
+        return self.task_ids[0] if self.task_ids else None
+
+
+class CandidateSource(Protocol):
+    def __call__(
+        self, request: TipRequest, context: UserContext, n: int
+    ) -> Sequence[Candidate]: ...
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+
+
+def _candidate_id(kind: str, task_ids: Sequence[str]) -> str:
+    digest = hashlib.sha256("\x1f".join((kind, *task_ids)).encode()).hexdigest()[:12]
+    return f"{kind}-{digest}"
+
+
+def _make(kind: str, content: str, tasks: Sequence[Task]) -> Candidate:
+    ids = tuple(task.id for task in tasks)
+    return Candidate(_candidate_id(kind, ids), kind, content, "tasks", ids)
+
+
+def _by_kind(request: TipRequest, context: UserContext) -> dict[str, list[Candidate]]:
+    """Every candidate task mode can make, grouped by kind, best first within a kind."""
+    excluded = set(request.exclude_ids)
+    tasks = [t for t in request.tasks if t.id not in excluded]
+    facts = context.tasks
+    urgent_first = sorted(tasks, key=lambda t: (-t.priority, t.due is None, t.due or 0, t.id))
+    out: dict[str, list[Candidate]] = {}
+
+    out["focus"] = [
+        _make("focus", f"Focus on “{_short(t.content)}” next — nothing else for 25 minutes.", [t])
+        for t in urgent_first[:2]
+    ]
+    out["overdue"] = [
+        _make(
+            "overdue",
+            f"“{_short(t.content)}” is overdue: do it now, or move it to a date you'll keep.",
+            [t],
+        )
+        for t in urgent_first
+        if facts[t.id].overdue
+    ][:2]
+    out["due_today"] = [
+        _make("due_today", f"“{_short(t.content)}” is due today — block time for it now.", [t])
+        for t in urgent_first
+        if facts[t.id].due_today
+    ][:2]
+    small = [t for t in reversed(urgent_first) if len(t.content) <= SMALL_TASK_CHARS][:4]
+    if len(small) >= 3:
+        names = ", ".join(f"“{_short(t.content)}”" for t in small)
+        out["batch"] = [
+            _make("batch", f"Batch {len(small)} quick tasks in one 20-minute sprint: {names}.",
+                  small)
+        ]
+    out["plan_day"] = [
+        _make(
+            "plan_day",
+            f"Take five minutes to plan: pick the 3 of your {len(tasks)} open tasks "
+            "that matter most today.",
+            urgent_first[:3],
+        )
+    ] if tasks else []
+    big = [t for t in urgent_first if len(t.content) >= LONG_TASK_CHARS or t.priority >= 3]
+    out["break_down"] = [
+        _make("break_down", f"Break “{_short(t.content)}” into three small next steps.", [t])
+        for t in big[:1]
+    ]
+    return out
+
+
+def task_candidates(request: TipRequest, context: UserContext, n: int) -> list[Candidate]:
+    """Up to ``n`` candidates, taken round-robin across kinds so the policy sees variety."""
+    groups = [group for group in _by_kind(request, context).values() if group]
+    chosen: list[Candidate] = []
+    seen: set[str] = set()
+    depth = 0
+    while len(chosen) < n and any(depth < len(group) for group in groups):
+        for group in groups:
+            if depth < len(group) and len(chosen) < n:
+                candidate = group[depth]
+                if candidate.candidate_id not in seen:
+                    seen.add(candidate.candidate_id)
+                    chosen.append(candidate)
+        depth += 1
+    return chosen

@@ -1,0 +1,143 @@
+"""``tipgraph`` command line: serve, simulate, render-serve-config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from tipgraph.settings import load_settings, resolve_paths
+
+logger = logging.getLogger("tipgraph")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
+
+
+def _serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from graphs.tipgraph import build_graph
+
+    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    serve_settings = settings.serve.model_copy(
+        update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    )
+    settings = settings.model_copy(update={"serve": serve_settings})
+
+    ray.init(include_dashboard=False, num_cpus=args.num_cpus, log_to_driver=args.verbose)
+    serve.start(http_options={"host": serve_settings.host, "port": serve_settings.port})
+    serve.run(
+        build_graph(settings),
+        name=serve_settings.app_name,
+        route_prefix=serve_settings.route_prefix,
+    )
+    url = f"http://{serve_settings.host}:{serve_settings.port}"
+    print(f"tipgraph is serving on {url}  (API docs: {url}/docs; decision log: "
+          f"{settings.store.url}). Ctrl-C stops it.", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("shutting down: flushing the decision log...", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from tipgraph.simulator import format_block, run_http, summarise
+
+    settings = load_settings(args.config)
+    print(f"simulating {args.users} users, {args.decisions} decisions against {args.url} "
+          f"(seed {args.seed})", flush=True)
+    blocks = run_http(
+        args.url,
+        users=args.users,
+        decisions=args.decisions,
+        seed=args.seed,
+        block=args.block,
+        rewards=settings.rewards,
+        on_block=lambda block: print(format_block(block), flush=True),
+    )
+    print(summarise(blocks))
+    return EXIT_OK if all(block.errors == 0 for block in blocks) else EXIT_ERROR
+
+
+def _render_serve_config(args: argparse.Namespace) -> int:
+    from tipgraph.serve_config import render_serve_config_text
+
+    settings = load_settings(args.config)
+    text = render_serve_config_text(settings, args.config_ref)
+    out = Path(args.out)
+    if args.check:
+        if not out.exists() or out.read_text(encoding="utf-8") != text:
+            print(f"{out} is out of date with {args.config_ref}; run `tipgraph render-serve-config`",
+                  file=sys.stderr)
+            return EXIT_DRIFT
+        print(f"{out} matches {args.config_ref}")
+        return EXIT_OK
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tipgraph", description=__doc__)
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: $TIPGRAPH_CONFIG or configs/tipgraph.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray worker logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the Serve graph locally")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--num-cpus", type=int, default=None,
+                       help="CPUs Ray may use (default: all)")
+    serve.set_defaults(func=_serve)
+
+    simulate = commands.add_parser("simulate", help="synthetic users against a running graph")
+    simulate.add_argument("--url", default="http://127.0.0.1:8000")
+    simulate.add_argument("--users", type=int, default=50)
+    simulate.add_argument("--decisions", type=int, default=5000)
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--block", type=int, default=500,
+                          help="print the mean reward every BLOCK decisions")
+    simulate.set_defaults(func=_simulate)
+
+    render = commands.add_parser("render-serve-config",
+                                 help="write serve_config.yaml from the config")
+    render.add_argument("--out", default="serve_config.yaml")
+    render.add_argument("--config-ref", default="configs/tipgraph.yaml",
+                        help="config path written into the Serve config's args")
+    render.add_argument("--check", action="store_true",
+                        help="exit 3 if the file differs instead of writing it")
+    render.set_defaults(func=_render_serve_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("users", "decisions", "block"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be >= 1")
+    try:
+        code: int = args.func(args)
+    except (OSError, ValueError) as err:
+        print(f"tipgraph: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

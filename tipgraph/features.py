@@ -1,0 +1,258 @@
+"""Context and candidate features, and the joint vector the policies learn on.
+
+Candidates change with every request, so policies cannot keep one model per arm.  Instead
+every candidate gets one joint vector (Vowpal Wabbit's action-dependent features)::
+
+    x = [ context ⊗ onehot(kind) , candidate features ]
+
+The outer product lets one shared linear model learn "plan_day works in the morning" or
+"this user finishes overdue tips", while the candidate block carries what is specific to
+the tip (its task's priority, the user's past reward on that kind of tip).
+
+The specification is versioned: :data:`FEATURE_SPEC` hashes the feature names, and every
+decision records it, so a model trained on one layout is never applied to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+import numpy as np
+
+from tipgraph.contracts import TIP_KINDS, RecentReaction, Task, TipRequest
+from tipgraph.settings import RewardSettings
+from tipgraph.store.records import ReactionHistoryItem
+
+CONTEXT_FEATURES: tuple[str, ...] = (
+    "bias",
+    "part_morning",  # 05-12 local
+    "part_afternoon",  # 12-17
+    "part_evening",  # 17-22
+    "part_night",  # 22-05
+    "weekend",
+    "log_open_tasks",
+    "overdue_share",
+    "due_today_share",
+    "high_priority_share",
+)
+CANDIDATE_FEATURES: tuple[str, ...] = (
+    "kind_mean_reward",  # the user's smoothed mean reward on this kind of tip
+    "kind_log_shown",
+    "has_task",
+    "task_priority",
+    "task_overdue",
+    "task_due_today",
+    "task_log_age_days",
+    "n_tasks_covered",
+)
+# Smoothing: a kind the user never saw is assumed to earn PRIOR_REWARD, worth PRIOR_WEIGHT views.
+PRIOR_REWARD = 0.3
+PRIOR_WEIGHT = 2.0
+HIGH_PRIORITY = 3
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    context: tuple[str, ...]
+    kinds: tuple[str, ...]
+    candidate: tuple[str, ...]
+
+    @property
+    def names(self) -> list[str]:
+        joint = [f"{c}*kind={k}" for c in self.context for k in self.kinds]
+        return joint + list(self.candidate)
+
+    @property
+    def dim(self) -> int:
+        return len(self.context) * len(self.kinds) + len(self.candidate)
+
+    @property
+    def version(self) -> str:
+        digest = hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:10]
+        return f"v1-{digest}"
+
+
+FEATURE_SPEC = FeatureSpec(CONTEXT_FEATURES, TIP_KINDS, CANDIDATE_FEATURES)
+
+
+@dataclass(frozen=True)
+class TaskFacts:
+    """What features need to know about one task, computed once per request."""
+
+    priority: int
+    overdue: bool
+    due_today: bool
+    age_days: float
+    content_chars: int
+
+
+@dataclass(frozen=True)
+class KindStats:
+    shown: int
+    mean_reward: float
+
+
+@dataclass(frozen=True)
+class UserContext:
+    """Output of the context stage: everything later stages need, nothing they can recompute."""
+
+    feature_version: str
+    vector: list[float]
+    local_hour: int
+    weekday: int
+    tasks: dict[str, TaskFacts]
+    kind_stats: dict[str, KindStats]
+    overdue: int
+    due_today: int
+    high_priority: int
+    prompt: str = ""
+    history_size: int = 0
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def part_of_day(hour: int) -> str:
+    if 5 <= hour < 12:
+        return "morning"
+    if 12 <= hour < 17:
+        return "afternoon"
+    if 17 <= hour < 22:
+        return "evening"
+    return "night"
+
+
+def task_facts(task: Task, now: datetime) -> TaskFacts:
+    overdue = due_today = False
+    if task.due is not None:
+        due = task.due if task.due.tzinfo else task.due.replace(tzinfo=now.tzinfo)
+        due_local = due.astimezone(now.tzinfo)
+        # A date-only due (midnight) is due all day, so "overdue" means a past day.
+        overdue = due_local.date() < now.date() or (
+            due_local.date() == now.date() and due_local.time() != datetime.min.time()
+            and due_local < now
+        )
+        due_today = due_local.date() == now.date() and not overdue
+    age_days = 0.0
+    if task.created_at is not None:
+        created = task.created_at if task.created_at.tzinfo else task.created_at.replace(
+            tzinfo=now.tzinfo
+        )
+        age_days = max(0.0, (now - created).total_seconds() / 86400.0)
+    return TaskFacts(task.priority, overdue, due_today, age_days, len(task.content))
+
+
+def kind_stats(
+    history: Iterable[ReactionHistoryItem],
+    recent: Iterable[RecentReaction],
+    rewards: RewardSettings,
+) -> dict[str, KindStats]:
+    """Smoothed mean reward per tip kind from logged and client-reported reactions."""
+    total = dict.fromkeys(TIP_KINDS, 0.0)
+    count = dict.fromkeys(TIP_KINDS, 0)
+    for item in history:
+        if item.kind in total:
+            total[item.kind] += item.reward
+            count[item.kind] += 1
+    for reaction in recent:
+        total[reaction.kind] += rewards.reward_for(reaction.reaction)
+        count[reaction.kind] += 1
+    return {
+        kind: KindStats(
+            count[kind],
+            (total[kind] + PRIOR_REWARD * PRIOR_WEIGHT) / (count[kind] + PRIOR_WEIGHT),
+        )
+        for kind in TIP_KINDS
+    }
+
+
+def build_context(
+    request: TipRequest,
+    history: Sequence[ReactionHistoryItem],
+    rewards: RewardSettings,
+) -> UserContext:
+    """Tasks + past reactions + time patterns -> the context of one decision."""
+    now = request.local_now()
+    facts = {task.id: task_facts(task, now) for task in request.tasks}
+    n_tasks = len(facts)
+    overdue = sum(f.overdue for f in facts.values())
+    due_today = sum(f.due_today for f in facts.values())
+    high = sum(f.priority >= HIGH_PRIORITY for f in facts.values())
+    part = part_of_day(now.hour)
+    vector = [
+        1.0,
+        float(part == "morning"),
+        float(part == "afternoon"),
+        float(part == "evening"),
+        float(part == "night"),
+        float(now.weekday() >= 5),
+        math.log1p(n_tasks) / math.log1p(500),
+        overdue / n_tasks,
+        due_today / n_tasks,
+        high / n_tasks,
+    ]
+    stats = kind_stats(history, request.recent_reactions, rewards)
+    context = UserContext(
+        feature_version=FEATURE_SPEC.version,
+        vector=vector,
+        local_hour=now.hour,
+        weekday=now.weekday(),
+        tasks=facts,
+        kind_stats=stats,
+        overdue=overdue,
+        due_today=due_today,
+        high_priority=high,
+        history_size=len(history),
+    )
+    return _with_prompt(context, request)
+
+
+def _with_prompt(context: UserContext, request: TipRequest, max_tasks: int = 20) -> UserContext:
+    """The LLM prompt body: counts and time always; task lines for the generation stage."""
+    ranked = sorted(request.tasks, key=lambda t: (-t.priority, t.due is None, t.due or 0))
+    lines = [
+        f"Local time: {context.local_hour:02d}:00, weekday {context.weekday} (0 = Monday).",
+        f"Open tasks: {len(request.tasks)}; overdue {context.overdue}, due today "
+        f"{context.due_today}, high priority {context.high_priority}.",
+        "Tasks (priority 4 = urgent):",
+    ]
+    for task in ranked[:max_tasks]:
+        due = f", due {task.due.date().isoformat()}" if task.due else ""
+        lines.append(f"- [p{task.priority}{due}] {task.content[:200]}")
+    return replace(context, prompt="\n".join(lines))
+
+
+@dataclass(frozen=True)
+class CandidateView:
+    """The part of a candidate the features read (kept small so it travels cheaply)."""
+
+    kind: str
+    task_ids: tuple[str, ...]
+
+
+def candidate_matrix(context: UserContext, candidates: Sequence[CandidateView]) -> np.ndarray:
+    """Joint feature matrix, array of shape (n_candidates, FEATURE_SPEC.dim)."""
+    ctx = np.asarray(context.vector, dtype=np.float64)
+    n_ctx, n_kinds = len(ctx), len(FEATURE_SPEC.kinds)
+    kind_index = {kind: i for i, kind in enumerate(FEATURE_SPEC.kinds)}
+    X = np.zeros((len(candidates), FEATURE_SPEC.dim), dtype=np.float64)
+    for row, candidate in enumerate(candidates):
+        k = kind_index[candidate.kind]
+        # Column c * n_kinds + k holds context[c] for this candidate's kind, zero elsewhere.
+        X[row, k : n_ctx * n_kinds : n_kinds] = ctx
+        stats = context.kind_stats[candidate.kind]
+        tasks = [context.tasks[t] for t in candidate.task_ids if t in context.tasks]
+        lead = max(tasks, key=lambda f: f.priority) if tasks else None
+        X[row, n_ctx * n_kinds :] = (
+            stats.mean_reward,
+            math.log1p(stats.shown) / math.log1p(1000),
+            float(lead is not None),
+            (lead.priority - 1) / 3 if lead else 0.0,
+            float(lead.overdue) if lead else 0.0,
+            float(lead.due_today) if lead else 0.0,
+            math.log1p(lead.age_days) / math.log1p(365) if lead else 0.0,
+            min(len(tasks), 10) / 10,
+        )
+    return X

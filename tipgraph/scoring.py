@@ -1,0 +1,76 @@
+"""A policy as a service: score candidates, learn each feedback once, rebuild from the log.
+
+The scoring and shadow deployments are thin shells around :class:`PolicyService`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tipgraph.policies import Policy
+from tipgraph.store.records import TrainingEvent
+
+
+@dataclass(frozen=True)
+class PolicyScore:
+    """One policy's answer for one event; travels between replicas, so plain lists."""
+
+    policy_name: str
+    policy_version: str
+    scores: list[float]
+    probabilities: list[float]
+    chosen: int
+    latency_ms: float
+
+    @property
+    def chosen_probability(self) -> float:
+        return self.probabilities[self.chosen]
+
+
+class PolicyService:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        # Event ids already learned from: a broadcast that races a rebuild is applied once.
+        self._learned: set[str] = set()
+
+    def rebuild(self, events: Iterable[TrainingEvent]) -> int:
+        """Learn every logged (features, reward) not yet applied; returns how many."""
+        applied = 0
+        for event in events:
+            applied += self.learn(event.event_id, event.features, event.reward)
+        return applied
+
+    def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
+        start = time.perf_counter()
+        decision = self.policy.decide(X, event_id)
+        return PolicyScore(
+            policy_name=self.policy.name,
+            policy_version=self.policy.version,
+            scores=decision.scores.tolist(),
+            probabilities=decision.probabilities.tolist(),
+            chosen=decision.chosen,
+            latency_ms=(time.perf_counter() - start) * 1000.0,
+        )
+
+    def learn(self, event_id: str, features: Iterable[float], reward: float) -> bool:
+        """Apply one feedback; False (and no change) if this event was learned already."""
+        if event_id in self._learned:
+            return False
+        self.policy.update(np.fromiter(features, dtype=np.float64), reward)
+        self._learned.add(event_id)
+        return True
+
+    def snapshot(self) -> dict[str, object]:
+        """The learned state, for tests and status pages."""
+        stats = self.policy.stats_
+        return {
+            "policy_name": self.policy.name,
+            "policy_version": self.policy.version,
+            "n_updates": self.policy.n_updates,
+            "b": stats.b_.tolist(),
+            "A_trace": float(np.trace(stats.A_)),
+        }

@@ -1,0 +1,67 @@
+"""Render ``serve_config.yaml`` from the settings, so the YAML is never edited by hand.
+
+``tipgraph render-serve-config`` writes it; a test fails when the committed file drifts
+from what ``configs/tipgraph.yaml`` says.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tipgraph.settings import DeploymentSettings, TipgraphSettings
+
+IMPORT_PATH = "graphs.tipgraph:build_app"
+HEADER = (
+    "# Generated from configs/tipgraph.yaml by `tipgraph render-serve-config`; do not edit.\n"
+    "# Run with: serve run serve_config.yaml\n"
+)
+
+
+def deployment_options(deployment: DeploymentSettings) -> dict[str, Any]:
+    """The ``@serve.deployment`` options of one stage, as Serve's config schema names them."""
+    autoscaling = deployment.autoscaling.model_dump(exclude_none=True)
+    return {
+        "max_ongoing_requests": deployment.max_ongoing_requests,
+        "graceful_shutdown_timeout_s": deployment.graceful_shutdown_timeout_s,
+        "autoscaling_config": autoscaling,
+        "ray_actor_options": {"num_cpus": deployment.num_cpus},
+    }
+
+
+def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, Any]]:
+    """Deployment name -> options, for every stage and shadow of the graph."""
+    options = {name: deployment_options(dep) for name, dep in settings.deployments.items()}
+    for shadow in settings.shadows:
+        options[shadow.deployment_name] = deployment_options(shadow.deployment)
+    return options
+
+
+def render_serve_config(settings: TipgraphSettings, config_path: str) -> dict[str, Any]:
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": settings.serve.host, "port": settings.serve.port},
+        "applications": [
+            {
+                "name": settings.serve.app_name,
+                "route_prefix": settings.serve.route_prefix,
+                "import_path": IMPORT_PATH,
+                "args": {"config": config_path},
+                "deployments": [
+                    {"name": name, **options}
+                    for name, options in all_deployment_options(settings).items()
+                ],
+            }
+        ],
+    }
+
+
+def render_serve_config_text(settings: TipgraphSettings, config_path: str) -> str:
+    body = yaml.safe_dump(render_serve_config(settings, config_path), sort_keys=False)
+    return HEADER + body
+
+
+def write_serve_config(settings: TipgraphSettings, config_path: str, out: Path) -> None:
+    out.write_text(render_serve_config_text(settings, config_path), encoding="utf-8")

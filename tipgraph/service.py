@@ -1,0 +1,341 @@
+"""The tip loop, independent of how the stages run.
+
+:class:`TipService` orchestrates context -> generation -> scoring (+ shadows) and the
+feedback path.  The Serve ingress gives it a :class:`Stages` implementation backed by
+deployment handles; a single-process baseline or a test can give it in-process stages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime
+from typing import Protocol
+
+import numpy as np
+
+from tipgraph.candidates import Candidate
+from tipgraph.contracts import (
+    FeedbackRequest,
+    FeedbackResponse,
+    PolicyInfo,
+    RankedCandidate,
+    StageLatency,
+    Tip,
+    TipRequest,
+    TipResponse,
+    check_limits,
+)
+from tipgraph.decision_log import DecisionLog
+from tipgraph.features import UserContext, candidate_matrix
+from tipgraph.privacy import pseudonymise
+from tipgraph.scoring import PolicyScore
+from tipgraph.settings import TipgraphSettings
+from tipgraph.store import DecisionStore
+from tipgraph.store.records import (
+    CandidateRecord,
+    DecisionRecord,
+    FeedbackRecord,
+    PolicyScoresRecord,
+)
+
+logger = logging.getLogger(__name__)
+
+# Shadow calls in flight beyond this are shed (skipped and counted), never queued behind.
+MAX_SHADOW_INFLIGHT = 512
+SHADOW_TIMEOUT_S = 30.0
+
+
+class TipgraphError(Exception):
+    """An error with an HTTP status and a message meant for the caller."""
+
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(TipgraphError):
+    status_code = 422
+
+
+class UnknownEvent(TipgraphError):
+    status_code = 404
+
+
+class FeedbackConflict(TipgraphError):
+    status_code = 409
+
+
+class Stages(Protocol):
+    async def context(self, request: TipRequest, user_key: str) -> UserContext: ...
+
+    async def candidates(
+        self, request: TipRequest, context: UserContext, n: int
+    ) -> list[Candidate]: ...
+
+    async def score(self, X: np.ndarray, event_id: str) -> PolicyScore: ...
+
+    def shadow_scores(
+        self, X: np.ndarray, event_id: str
+    ) -> list[tuple[str, Awaitable[PolicyScore]]]:
+        """Start every shadow on the candidates; the caller must not wait for them."""
+        ...
+
+    async def learn(self, event_id: str, features: list[float], reward: float) -> None:
+        """Teach the served policy (every replica)."""
+        ...
+
+    def learn_shadows(
+        self, event_id: str, features: list[float], reward: float
+    ) -> list[Awaitable[object]]: ...
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class TipService:
+    def __init__(
+        self,
+        settings: TipgraphSettings,
+        stages: Stages,
+        store: DecisionStore,
+        log: DecisionLog,
+    ) -> None:
+        self.settings = settings
+        self.stages = stages
+        self.store = store
+        self.log = log
+        self._secret = settings.privacy.user_key_secret.get_secret_value()
+        self._background: set[asyncio.Task[None]] = set()
+        self.shadows_shed = 0
+
+    def user_key(self, user_id: str) -> str:
+        return pseudonymise(self._secret, user_id, namespace="user")
+
+    async def tip(self, request: TipRequest) -> TipResponse:
+        problem = check_limits(request, self.settings.limits)
+        if problem:
+            raise InvalidRequest(problem)
+        start = time.perf_counter()
+        event_id = uuid.uuid4().hex
+        user_key = self.user_key(request.user_id)
+
+        t = time.perf_counter()
+        context = await self.stages.context(request, user_key)
+        context_ms = _ms(t)
+
+        t = time.perf_counter()
+        n = request.n_candidates or self.settings.limits.default_candidates
+        candidates = await self.stages.candidates(request, context, n)
+        generation_ms = _ms(t)
+        if not candidates:
+            raise InvalidRequest(
+                "no candidate tip can be made: every task is in exclude_ids"
+            )
+
+        X = candidate_matrix(context, [c.view for c in candidates])
+        t = time.perf_counter()
+        served = self.stages.score(X, event_id)
+        self._start_shadows(X, event_id, [c.candidate_id for c in candidates])
+        result = await served
+        scoring_ms = _ms(t)
+
+        chosen = candidates[result.chosen]
+        latency = StageLatency(
+            context=context_ms, generation=generation_ms, scoring=scoring_ms, total=_ms(start)
+        )
+        self.log.submit(
+            self._decision_record(event_id, user_key, context, candidates, X, result, latency)
+        )
+        return TipResponse(
+            event_id=event_id,
+            tip=Tip(
+                candidate_id=chosen.candidate_id,
+                content=chosen.content,
+                kind=chosen.kind,
+                source=chosen.source,
+                task_id=chosen.task_id,
+                model=chosen.model,
+                prompt_version=chosen.prompt_version,
+            ),
+            probability=result.chosen_probability,
+            policy=PolicyInfo(name=result.policy_name, version=result.policy_version),
+            ranking=sorted(
+                (
+                    RankedCandidate(candidate_id=c.candidate_id, score=s, probability=p)
+                    for c, s, p in zip(
+                        candidates, result.scores, result.probabilities, strict=True
+                    )
+                ),
+                key=lambda r: (-r.probability, -r.score),
+            ),
+            latency_ms=latency,
+        )
+
+    def _start_shadows(self, X: np.ndarray, event_id: str, candidate_ids: list[str]) -> None:
+        if len(self._background) >= MAX_SHADOW_INFLIGHT:
+            self.shadows_shed += 1
+            logger.warning("shadow scoring shed for event %s: %d in flight",
+                           event_id, len(self._background))
+            return
+        for name, pending in self.stages.shadow_scores(X, event_id):
+            self._spawn(self._log_shadow(name, pending, event_id, candidate_ids))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _log_shadow(
+        self,
+        name: str,
+        pending: Awaitable[PolicyScore],
+        event_id: str,
+        candidate_ids: list[str],
+    ) -> None:
+        start = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(pending, timeout=SHADOW_TIMEOUT_S)
+        except Exception as err:  # a shadow may fail in any way; it must only be logged
+            logger.warning("shadow %s failed for event %s: %s", name, event_id, err)
+            run = PolicyScoresRecord(
+                policy_name=name, policy_version="", role="shadow", scores=[],
+                probabilities=[], chosen_candidate_id=None, chosen_probability=None,
+                latency_ms=_ms(start), error=f"{type(err).__name__}: {err}"[:500],
+            )
+        else:
+            run = PolicyScoresRecord(
+                policy_name=result.policy_name,
+                policy_version=result.policy_version,
+                role="shadow",
+                scores=result.scores,
+                probabilities=result.probabilities,
+                chosen_candidate_id=candidate_ids[result.chosen],
+                chosen_probability=result.chosen_probability,
+                latency_ms=result.latency_ms,
+            )
+        self.log.submit_policy_scores(event_id, [run], candidate_ids)
+
+    def _decision_record(
+        self,
+        event_id: str,
+        user_key: str,
+        context: UserContext,
+        candidates: Sequence[Candidate],
+        X: np.ndarray,
+        result: PolicyScore,
+        latency: StageLatency,
+    ) -> DecisionRecord:
+        chosen = candidates[result.chosen]
+        records = [
+            CandidateRecord(
+                candidate_id=c.candidate_id,
+                position=i,
+                kind=c.kind,
+                source=c.source,
+                content=c.content,
+                task_ref=pseudonymise(self._secret, c.task_id, namespace=user_key)
+                if c.task_id
+                else None,
+                model=c.model,
+                prompt_version=c.prompt_version,
+                features=X[i].tolist(),
+            )
+            for i, c in enumerate(candidates)
+        ]
+        return DecisionRecord(
+            event_id=event_id,
+            user_key=user_key,
+            created_at=datetime.now(UTC),
+            policy_name=result.policy_name,
+            policy_version=result.policy_version,
+            feature_version=context.feature_version,
+            prompt_version=chosen.prompt_version,
+            generation_source=chosen.source,
+            chosen_candidate_id=chosen.candidate_id,
+            chosen_kind=chosen.kind,
+            chosen_probability=result.chosen_probability,
+            latency_ms=latency.model_dump(),
+            context_features=list(context.vector),
+            candidates=records,
+            served=PolicyScoresRecord(
+                policy_name=result.policy_name,
+                policy_version=result.policy_version,
+                role="served",
+                scores=result.scores,
+                probabilities=result.probabilities,
+                chosen_candidate_id=chosen.candidate_id,
+                chosen_probability=result.chosen_probability,
+                latency_ms=latency.scoring,
+            ),
+        )
+
+    async def feedback(self, request: FeedbackRequest) -> FeedbackResponse:
+        rewards = self.settings.rewards
+        reward = request.value if request.value is not None else rewards.reward_for(
+            request.reaction
+        )
+        if not rewards.min_reward <= reward <= rewards.max_reward:
+            raise InvalidRequest(
+                f"value: must be within [{rewards.min_reward}, {rewards.max_reward}], "
+                f"got {reward}"
+            )
+        decision = await asyncio.to_thread(self.store.get_decision, request.event_id)
+        if decision is None and self.log.is_pending(request.event_id):
+            await self.log.flush()
+            decision = await asyncio.to_thread(self.store.get_decision, request.event_id)
+        if decision is None:
+            raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision")
+
+        now = datetime.now(UTC)
+        outcome = await asyncio.to_thread(
+            self.store.record_feedback,
+            FeedbackRecord(
+                event_id=request.event_id,
+                reaction=request.reaction,
+                value=request.value,
+                reward=reward,
+                reacted_at=request.at or now,
+                received_at=now,
+            ),
+        )
+        stored = outcome.record
+        if not outcome.created and (stored.reaction, stored.reward) != (request.reaction, reward):
+            raise FeedbackConflict(
+                f"event {request.event_id!r} already has feedback "
+                f"{stored.reaction!r} (reward {stored.reward}); feedback is final"
+            )
+        if outcome.created:
+            features = decision.chosen_features
+            try:
+                await self.stages.learn(request.event_id, features, reward)
+            except Exception:
+                # The feedback is stored; a replica that missed it learns it on rebuild.
+                logger.exception("served policy did not learn event %s", request.event_id)
+            for pending in self.stages.learn_shadows(request.event_id, features, reward):
+                self._spawn(self._quietly(pending, "shadow learn"))
+        return FeedbackResponse(
+            event_id=stored.event_id,
+            reaction=stored.reaction,
+            reward=stored.reward,
+            reacted_at=stored.reacted_at,
+        )
+
+    @staticmethod
+    async def _quietly(pending: Awaitable[object], what: str) -> None:
+        try:
+            await asyncio.wait_for(pending, timeout=SHADOW_TIMEOUT_S)
+        except Exception as err:
+            logger.warning("%s failed: %s", what, err)
+
+    async def close(self) -> None:
+        """Wait for shadow work in flight, then write everything still buffered."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=SHADOW_TIMEOUT_S)
+        await self.log.close()

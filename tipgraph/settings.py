@@ -1,0 +1,238 @@
+"""One source of truth for configuration: ``configs/tipgraph.yaml`` + ``TIPGRAPH_*`` env vars.
+
+Everything that runs (the Serve graph, ``serve_config.yaml``, the CLI, the simulator's
+defaults) reads a :class:`TipgraphSettings`.  Environment variables override the YAML file,
+nested with ``__`` (``TIPGRAPH_STORE__URL=postgresql://...``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("configs/tipgraph.yaml")
+CONFIG_ENV_VAR = "TIPGRAPH_CONFIG"
+
+Reaction = Literal["done", "snooze", "dismiss"]
+PolicyKind = Literal["linucb", "egreedy", "uniform"]
+STAGES = ("ingress", "context", "generation", "scoring")
+
+
+class _Strict(BaseModel):
+    # A misspelled key in the YAML must fail loudly, not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServeSettings(_Strict):
+    app_name: str = "tipgraph"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class StoreSettings(_Strict):
+    url: str = Field(
+        "sqlite:///var/tipgraph.db",
+        description="sqlite:///relative/or/absolute/path.db or postgresql://user@host:port/db",
+    )
+    pg_schema: str | None = Field(
+        None, description="Postgres schema for all tables (created if missing); None = public"
+    )
+    pool_min_size: int = Field(1, ge=0)
+    pool_max_size: int = Field(4, ge=1)
+    flush_interval_s: float = Field(
+        0.05, gt=0, description="How long the decision-log writer waits to batch rows"
+    )
+    batch_size: int = Field(256, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError(f"store.url must start with sqlite:// or postgresql://, got {url!r}")
+        return url
+
+
+class RewardSettings(_Strict):
+    """Reaction -> reward. ``value`` in feedback overrides it within [min_reward, max_reward]."""
+
+    done: float = 1.0
+    snooze: float = 0.25
+    dismiss: float = 0.0
+    min_reward: float = 0.0
+    max_reward: float = 1.0
+
+    def reward_for(self, reaction: Reaction) -> float:
+        return float(getattr(self, reaction))
+
+    @model_validator(mode="after")
+    def _in_range(self) -> RewardSettings:
+        for reaction in ("done", "snooze", "dismiss"):
+            value = getattr(self, reaction)
+            if not self.min_reward <= value <= self.max_reward:
+                raise ValueError(
+                    f"rewards.{reaction}={value} is outside "
+                    f"[{self.min_reward}, {self.max_reward}]"
+                )
+        return self
+
+
+class LimitSettings(_Strict):
+    max_tasks: int = Field(500, ge=1)
+    max_content_chars: int = Field(2000, ge=1)
+    max_labels: int = Field(20, ge=0)
+    max_recent_reactions: int = Field(200, ge=0)
+    max_candidates: int = Field(50, ge=1)
+    default_candidates: int = Field(8, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+
+
+class FeatureSettings(_Strict):
+    history_limit: int = Field(
+        200, ge=0, description="How many of the user's past reactions the context stage reads"
+    )
+
+
+class PolicySettings(_Strict):
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    kind: PolicyKind
+    alpha: float = Field(1.0, ge=0, description="LinUCB width of the confidence bonus")
+    ridge: float = Field(1.0, gt=0, description="Ridge prior lambda: A starts at lambda * I")
+    temperature: float = Field(
+        0.1, gt=0, description="Softmax temperature over the policy's scores"
+    )
+    epsilon: float = Field(
+        0.05, ge=0, le=1, description="Exploration floor: every candidate gets >= epsilon / K"
+    )
+
+
+class AutoscalingSettings(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: int | None = None
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}"
+            )
+        return self
+
+
+class DeploymentSettings(_Strict):
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
+
+
+class FaultSettings(_Strict):
+    """Chaos knobs for a shadow: prove a slow or failing shadow never touches the response."""
+
+    delay_s: float = Field(0.0, ge=0)
+    fail: bool = False
+
+
+class ShadowSettings(_Strict):
+    policy: PolicySettings
+    deployment: DeploymentSettings = DeploymentSettings(num_cpus=0.1)
+    fault: FaultSettings = FaultSettings()
+
+    @property
+    def deployment_name(self) -> str:
+        return f"shadow_{self.policy.name}"
+
+
+class PrivacySettings(_Strict):
+    user_key_secret: SecretStr = Field(
+        SecretStr("tipgraph-dev-only-secret"),
+        description="HMAC key that pseudonymises user ids; set TIPGRAPH_PRIVACY__USER_KEY_SECRET",
+    )
+
+
+def _default_deployments() -> dict[str, DeploymentSettings]:
+    return {stage: DeploymentSettings() for stage in STAGES}
+
+
+class TipgraphSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TIPGRAPH_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    serve: ServeSettings = ServeSettings()
+    store: StoreSettings = StoreSettings()
+    rewards: RewardSettings = RewardSettings()
+    limits: LimitSettings = LimitSettings()
+    features: FeatureSettings = FeatureSettings()
+    privacy: PrivacySettings = PrivacySettings()
+    policy: PolicySettings = PolicySettings(name="linucb", kind="linucb")
+    shadows: list[ShadowSettings] = Field(default_factory=list)
+    deployments: dict[str, DeploymentSettings] = Field(default_factory=_default_deployments)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file (passed as init kwargs), so ops can override
+        # one value in a pod without editing the shared config.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TipgraphSettings:
+        missing = [stage for stage in STAGES if stage not in self.deployments]
+        unknown = [name for name in self.deployments if name not in STAGES]
+        if missing or unknown:
+            raise ValueError(
+                f"deployments must have exactly {list(STAGES)}; missing {missing}, unknown {unknown}"
+            )
+        names = [self.policy.name] + [shadow.policy.name for shadow in self.shadows]
+        if len(set(names)) != len(names):
+            raise ValueError(f"policy names must be unique across served and shadows: {names}")
+        return self
+
+    def masked_dump(self) -> dict[str, Any]:
+        """The effective configuration with secrets masked, safe to print or log."""
+        return self.model_dump(mode="json")
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> TipgraphSettings:
+    """Read the YAML config (``path``, else ``$TIPGRAPH_CONFIG``, else the default if present)."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV_VAR) or (
+            DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+        )
+    data: dict[str, Any] = {}
+    if path is not None:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    return TipgraphSettings(**data)
+
+
+def resolve_paths(settings: TipgraphSettings, base: Path) -> TipgraphSettings:
+    """Make a relative SQLite path absolute, so every Ray worker opens the same file."""
+    prefix = "sqlite:///"
+    url = settings.store.url
+    if not url.startswith(prefix) or url == f"{prefix}:memory:":
+        return settings
+    path = Path(url[len(prefix) :])
+    if path.is_absolute():
+        return settings
+    store = settings.store.model_copy(update={"url": f"{prefix}{(base / path).resolve()}"})
+    return settings.model_copy(update={"store": store})

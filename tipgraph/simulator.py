@@ -1,0 +1,309 @@
+"""Synthetic users with a hidden ground truth, to watch a policy learn.
+
+Each user has hidden tastes: a couple of favourite tip kinds, a part of the day when
+planning tips land, and a soft spot for tips about urgent tasks.  The probability that a
+user marks a tip *done* is a logistic function of those tastes; otherwise they snooze or
+dismiss.  Everything a good policy needs is observable through the features (kind × part
+of day, the user's past reward per kind, task priority), so learning is possible, and a
+uniform policy only earns the average.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+from tipgraph.candidates import task_candidates
+from tipgraph.contracts import MAX_CANDIDATES, TIP_KINDS, TipRequest
+from tipgraph.features import build_context, part_of_day
+from tipgraph.settings import RewardSettings
+
+BASE_LOGIT = -1.6
+FAVOURITE_BONUS = 2.6
+DISLIKE_PENALTY = -1.0
+SNOOZE_SHARE = 0.4
+START = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
+
+# Time-of-day patterns shared by everyone: plan in the morning, sweep small things at night.
+TIME_BONUS: dict[tuple[str, str], float] = {
+    ("plan_day", "morning"): 1.6,
+    ("plan_day", "evening"): -1.2,
+    ("plan_day", "night"): -1.2,
+    ("batch", "evening"): 1.2,
+    ("focus", "afternoon"): 0.8,
+    ("break_down", "morning"): 0.5,
+}
+TASK_WORDS = (
+    "email",
+    "report",
+    "invoice",
+    "groceries",
+    "gym",
+    "call mom",
+    "dentist",
+    "taxes",
+    "slides",
+    "review PR",
+    "laundry",
+    "budget",
+    "book flights",
+    "write blog post",
+    "fix bike",
+    "water plants",
+)
+
+
+@dataclass(frozen=True)
+class SimUser:
+    user_id: str
+    favourites: tuple[str, ...]
+    dislikes: tuple[str, ...]
+    urgency_bonus: float
+    timezone: str
+    n_tasks: int
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    user: SimUser
+    body: dict[str, Any]
+    priorities: dict[str, int]
+    overdue: set[str]
+    part: str
+
+
+def make_users(n: int, rng: np.random.Generator) -> list[SimUser]:
+    users = []
+    for i in range(n):
+        kinds = list(rng.permutation(TIP_KINDS))
+        users.append(
+            SimUser(
+                user_id=f"sim-user-{i:04d}",
+                favourites=tuple(kinds[:2]),
+                dislikes=tuple(kinds[2:4]),
+                urgency_bonus=float(rng.uniform(0.0, 1.2)),
+                timezone="UTC",
+                n_tasks=int(rng.integers(5, 14)),
+            )
+        )
+    return users
+
+
+def make_request(user: SimUser, decision: int, rng: np.random.Generator) -> SimRequest:
+    """A tip request at a random local time with a fresh task list for ``user``."""
+    now = START + timedelta(days=int(decision // 200), hours=float(rng.uniform(6, 24)))
+    tasks = []
+    priorities: dict[str, int] = {}
+    overdue: set[str] = set()
+    for j in range(user.n_tasks):
+        task_id = f"{user.user_id}-t{j}"
+        word = TASK_WORDS[int(rng.integers(len(TASK_WORDS)))]
+        long = rng.random() < 0.25
+        content = (
+            f"{word}: prepare everything, check the details twice and follow up afterwards"
+            if long
+            else word
+        )
+        priority = int(rng.choice([1, 1, 2, 3, 4]))
+        due_roll = rng.random()
+        due = None
+        if due_roll < 0.2:
+            due = now - timedelta(days=int(rng.integers(1, 5)))
+            overdue.add(task_id)
+        elif due_roll < 0.4:
+            due = now.replace(hour=23, minute=0, second=0, microsecond=0)
+        elif due_roll < 0.6:
+            due = now + timedelta(days=int(rng.integers(2, 10)))
+        tasks.append(
+            {
+                "id": task_id,
+                "content": content,
+                "priority": priority,
+                "due": due.isoformat() if due else None,
+                "created_at": (now - timedelta(days=int(rng.integers(0, 30)))).isoformat(),
+            }
+        )
+        priorities[task_id] = priority
+    body = {
+        "user_id": user.user_id,
+        "now": now.isoformat(),
+        "timezone": user.timezone,
+        "tasks": tasks,
+    }
+    return SimRequest(user, body, priorities, overdue, part_of_day(now.hour))
+
+
+def p_done(request: SimRequest, kind: str, task_id: str | None) -> float:
+    """The hidden probability that this user marks this tip done."""
+    user = request.user
+    logit = BASE_LOGIT + TIME_BONUS.get((kind, request.part), 0.0)
+    if kind in user.favourites:
+        logit += FAVOURITE_BONUS
+    if kind in user.dislikes:
+        logit += DISLIKE_PENALTY
+    if task_id is not None:
+        logit += user.urgency_bonus * (request.priorities.get(task_id, 1) - 1) / 3
+    return 1.0 / (1.0 + math.exp(-logit))
+
+
+def expected_reward(
+    request: SimRequest, kind: str, task_id: str | None, rewards: RewardSettings
+) -> float:
+    p = p_done(request, kind, task_id)
+    rest = SNOOZE_SHARE * rewards.snooze + (1 - SNOOZE_SHARE) * rewards.dismiss
+    return p * rewards.done + (1 - p) * rest
+
+
+def react(request: SimRequest, kind: str, task_id: str | None, rng: np.random.Generator) -> str:
+    if rng.random() < p_done(request, kind, task_id):
+        return "done"
+    return "snooze" if rng.random() < SNOOZE_SHARE else "dismiss"
+
+
+@dataclass
+class Block:
+    """Mean rewards over one block of decisions."""
+
+    first: int
+    last: int
+    served: float
+    uniform: float
+    oracle: float
+    errors: int
+
+
+def run_http(
+    url: str,
+    *,
+    users: int,
+    decisions: int,
+    seed: int,
+    block: int = 500,
+    rewards: RewardSettings | None = None,
+    timeout_s: float = 30.0,
+    on_block: Callable[[Block], None] | None = None,
+) -> list[Block]:
+    """Drive a running tipgraph over HTTP; returns the per-block mean rewards."""
+    import httpx
+
+    rewards = rewards or RewardSettings()
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) as client:
+
+        def tip(body: dict[str, Any]) -> dict[str, Any]:
+            response = client.post("/v1/tips", json=body)
+            response.raise_for_status()
+            result: dict[str, Any] = response.json()
+            return result
+
+        def feedback(event_id: str, reaction: str) -> None:
+            client.post(
+                "/v1/feedback", json={"event_id": event_id, "reaction": reaction}
+            ).raise_for_status()
+
+        return list(
+            _loop(
+                tip,
+                feedback,
+                users=users,
+                decisions=decisions,
+                seed=seed,
+                block=block,
+                rewards=rewards,
+                on_block=on_block,
+            )
+        )
+
+
+def _loop(
+    tip: Callable[[dict[str, Any]], dict[str, Any]],
+    feedback: Callable[[str, str], None],
+    *,
+    users: int,
+    decisions: int,
+    seed: int,
+    block: int,
+    rewards: RewardSettings,
+    on_block: Callable[[Block], None] | None,
+) -> Iterator[Block]:
+    rng = np.random.default_rng(seed)
+    population = make_users(users, rng)
+    served: list[float] = []
+    uniform: list[float] = []
+    oracle: list[float] = []
+    errors = 0
+    for i in range(decisions):
+        request = make_request(population[int(rng.integers(users))], i, rng)
+        try:
+            answer = tip(request.body)
+        except Exception:
+            errors += 1
+        else:
+            tip_ = answer["tip"]
+            reaction = react(request, tip_["kind"], tip_.get("task_id"), rng)
+            feedback(answer["event_id"], reaction)
+            served.append(rewards.reward_for(reaction))  # type: ignore[arg-type]
+            truth = _candidate_truth(request, rewards)
+            values = [
+                expected_reward(request, *truth.get(c["candidate_id"], _kind_only(c)), rewards)
+                for c in answer["ranking"]
+            ]
+            uniform.append(float(np.mean(values)))
+            oracle.append(float(np.max(values)))
+        if (i + 1) % block == 0 or i + 1 == decisions:
+            result = Block(
+                first=i + 2 - len(served) - errors,
+                last=i + 1,
+                served=float(np.mean(served)) if served else float("nan"),
+                uniform=float(np.mean(uniform)) if uniform else float("nan"),
+                oracle=float(np.mean(oracle)) if oracle else float("nan"),
+                errors=errors,
+            )
+            if on_block:
+                on_block(result)
+            yield result
+            served, uniform, oracle, errors = [], [], [], 0
+
+
+def _candidate_truth(
+    request: SimRequest, rewards: RewardSettings
+) -> dict[str, tuple[str, str | None]]:
+    """Candidate id -> (kind, task) for every task-mode candidate of this request.
+
+    The response ranks candidate ids only; task mode is deterministic, so the simulator can
+    rebuild the candidates it was offered and score each one against the hidden truth.
+    """
+    tip_request = TipRequest.model_validate(request.body)
+    context = build_context(tip_request, [], rewards)
+    return {
+        c.candidate_id: (c.kind, c.task_id)
+        for c in task_candidates(tip_request, context, MAX_CANDIDATES)
+    }
+
+
+def _kind_only(ranked: dict[str, Any]) -> tuple[str, str | None]:
+    # Not a task-mode candidate (e.g. from an LLM): the id is "<kind>-<hash>".
+    return ranked["candidate_id"].rsplit("-", 1)[0], None
+
+
+def format_block(block: Block) -> str:
+    return (
+        f"decisions {block.first:>6}-{block.last:<6} mean reward {block.served:.3f}"
+        f"  (uniform {block.uniform:.3f}, oracle {block.oracle:.3f})"
+        + (f"  errors {block.errors}" if block.errors else "")
+    )
+
+
+def summarise(blocks: Sequence[Block]) -> str:
+    if not blocks:
+        return "no decisions"
+    first, last = blocks[0], blocks[-1]
+    return (
+        f"first block mean reward {first.served:.3f}, last block {last.served:.3f} "
+        f"(uniform ≈ {np.mean([b.uniform for b in blocks]):.3f}, "
+        f"oracle ≈ {np.mean([b.oracle for b in blocks]):.3f})"
+    )

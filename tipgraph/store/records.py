@@ -1,0 +1,122 @@
+"""Plain records that cross the store boundary. No SQL, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+PolicyRole = Literal["served", "shadow"]
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateRecord:
+    """One candidate tip as the policies saw it."""
+
+    candidate_id: str
+    position: int
+    kind: str
+    source: str
+    content: str
+    task_ref: str | None
+    model: str | None
+    prompt_version: str | None
+    features: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyScoresRecord:
+    """What one policy (served or shadow) said about every candidate of one event.
+
+    ``scores`` and ``probabilities`` are aligned with the candidates' ``position``.
+    """
+
+    policy_name: str
+    policy_version: str
+    role: PolicyRole
+    scores: list[float]
+    probabilities: list[float]
+    chosen_candidate_id: str | None
+    chosen_probability: float | None
+    latency_ms: float
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    event_id: str
+    user_key: str
+    created_at: datetime
+    policy_name: str
+    policy_version: str
+    feature_version: str
+    prompt_version: str | None
+    generation_source: str
+    chosen_candidate_id: str
+    chosen_kind: str
+    chosen_probability: float
+    latency_ms: dict[str, float]
+    context_features: list[float]
+    candidates: list[CandidateRecord]
+    served: PolicyScoresRecord
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackRecord:
+    event_id: str
+    reaction: str
+    value: float | None
+    reward: float
+    reacted_at: datetime
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackOutcome:
+    """``record`` is what the store holds; ``created`` is False when it was already there."""
+
+    record: FeedbackRecord
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredDecision:
+    """What learning from feedback needs about a logged decision."""
+
+    event_id: str
+    user_key: str
+    created_at: datetime
+    policy_name: str
+    policy_version: str
+    chosen_candidate_id: str
+    chosen_kind: str
+    chosen_probability: float
+    chosen_features: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingEvent:
+    """One (features of the shown tip, reward) pair, in feedback order."""
+
+    feedback_id: int
+    event_id: str
+    features: list[float]
+    reward: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReactionHistoryItem:
+    kind: str
+    reaction: str
+    reward: float
+    shown_at: datetime
+
+
+@dataclass(slots=True)
+class StoreCounts:
+    decisions: int = 0
+    candidates: int = 0
+    policy_runs: int = 0
+    tip_scores: int = 0
+    feedback: int = 0
+    by_role: dict[str, int] = field(default_factory=dict)

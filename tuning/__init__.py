@@ -1,0 +1,1 @@
+"""Offline policy tuning (Ray Tune + off-policy evaluation + MLflow). Arrives with issue 5."""
