@@ -1,7 +1,5 @@
 """HTTP ingress: the FastAPI app the recommender calls. Orchestration lives in TipService."""
 
-from __future__ import annotations
-
 import asyncio
 import logging
 from collections.abc import Awaitable

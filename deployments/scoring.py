@@ -6,7 +6,6 @@ name, its policy settings and (for chaos tests) injected faults.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
@@ -19,10 +18,6 @@ from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
 from tipgraph.store import open_store
 
 logger = logging.getLogger(__name__)
-
-
-class InjectedFault(RuntimeError):
-    """Raised by a shadow configured with ``fault.fail`` (chaos testing)."""
 
 
 @serve.deployment(name="scoring")
@@ -44,11 +39,7 @@ class PolicyScorer:
         logger.info("policy %s rebuilt from %d logged rewards", policy.name, replayed)
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
-        if self._fault.delay_s:
-            await asyncio.sleep(self._fault.delay_s)
-        if self._fault.fail:
-            raise InjectedFault(f"injected fault in policy {self._service.policy.name}")
-        return self._service.score(X, event_id)
+        return await self._service.score_with_faults(X, event_id, self._fault)
 
     def learn(self, event_id: str, features: list[float], reward: float) -> bool:
         return self._service.learn(event_id, features, reward)

@@ -7,9 +7,9 @@ call :func:`build_graph` with settings they already hold.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from deployments.context import ContextBuilder
 from deployments.generation import CandidateGenerator
@@ -21,19 +21,27 @@ from tipgraph.settings import TipgraphSettings, load_settings, resolve_paths
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _deployment(decorated: object) -> Deployment:
+    # @serve.deployment returns a Deployment at run time; type checkers still see the class.
+    return cast(Deployment, decorated)
+
+
 def build_graph(settings: TipgraphSettings) -> Application:
     options = all_deployment_options(settings)
-    context = ContextBuilder.options(**options["context"]).bind(settings)
-    generation = CandidateGenerator.options(**options["generation"]).bind(settings)
-    scoring = PolicyScorer.options(**options["scoring"]).bind(settings, settings.policy)
+    scorer = _deployment(PolicyScorer)
+    context = _deployment(ContextBuilder).options(**options["context"]).bind(settings)
+    generation = _deployment(CandidateGenerator).options(**options["generation"]).bind(settings)
+    scoring = scorer.options(**options["scoring"]).bind(settings, settings.policy)
     shadows = {
-        shadow.policy.name: PolicyScorer.options(
+        shadow.policy.name: scorer.options(
             name=shadow.deployment_name, **options[shadow.deployment_name]
         ).bind(settings, shadow.policy, shadow.fault)
         for shadow in settings.shadows
     }
-    return Ingress.options(**options["ingress"]).bind(
-        settings, context, generation, scoring, shadows
+    return (
+        _deployment(Ingress)
+        .options(**options["ingress"])
+        .bind(settings, context, generation, scoring, shadows)
     )
 
 

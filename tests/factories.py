@@ -18,15 +18,27 @@ def tip_body(**overrides: Any) -> dict[str, Any]:
         "now": NOW.isoformat(),
         "timezone": "UTC",
         "tasks": [
-            task("t1", "Finish the quarterly report for the board", priority=4,
-                 due=(NOW + timedelta(hours=3)).isoformat()),
+            task(
+                "t1",
+                "Finish the quarterly report for the board",
+                priority=4,
+                due=(NOW + timedelta(hours=3)).isoformat(),
+            ),
             task("t2", "email", priority=1),
             task("t3", "gym", priority=1),
             task("t4", "water plants", priority=1),
-            task("t5", "Pay the electricity bill", priority=3,
-                 due=(NOW - timedelta(days=2)).isoformat()),
-            task("t6", "Prepare the slides for the offsite, collect feedback and rehearse twice",
-                 priority=2, created_at=(NOW - timedelta(days=20)).isoformat()),
+            task(
+                "t5",
+                "Pay the electricity bill",
+                priority=3,
+                due=(NOW - timedelta(days=2)).isoformat(),
+            ),
+            task(
+                "t6",
+                "Prepare the slides for the offsite, collect feedback and rehearse twice",
+                priority=2,
+                created_at=(NOW - timedelta(days=20)).isoformat(),
+            ),
         ],
     }
     body.update(overrides)

@@ -35,8 +35,15 @@ def test_spec_version_is_stable_and_tracks_names() -> None:
 
 
 @pytest.mark.parametrize(
-    ("hour", "part"), [(5, "morning"), (11, "morning"), (12, "afternoon"), (17, "evening"),
-                       (22, "night"), (3, "night")]
+    ("hour", "part"),
+    [
+        (5, "morning"),
+        (11, "morning"),
+        (12, "afternoon"),
+        (17, "evening"),
+        (22, "night"),
+        (3, "night"),
+    ],
 )
 def test_part_of_day(hour: int, part: str) -> None:
     assert part_of_day(hour) == part
@@ -80,8 +87,7 @@ def test_kind_stats_smooth_towards_the_prior() -> None:
 
 def test_candidate_matrix_places_context_in_the_kind_block() -> None:
     _, context = context_for()
-    X = candidate_matrix(context, [CandidateView("focus", ("t1",)),
-                                   CandidateView("plan_day", ())])
+    X = candidate_matrix(context, [CandidateView("focus", ("t1",)), CandidateView("plan_day", ())])
     n_ctx, n_kinds = len(context.vector), len(FEATURE_SPEC.kinds)
     assert X.shape == (2, FEATURE_SPEC.dim)
     focus, plan = FEATURE_SPEC.kinds.index("focus"), FEATURE_SPEC.kinds.index("plan_day")

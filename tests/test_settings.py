@@ -22,11 +22,13 @@ def test_committed_serve_config_matches_the_settings() -> None:
 def test_check_command_detects_drift(tmp_path: Path) -> None:
     stale = tmp_path / "serve_config.yaml"
     stale.write_text("applications: []\n")
-    assert main(["--config", str(CONFIG), "render-serve-config", "--out", str(stale),
-                 "--check"]) == 3
+    assert (
+        main(["--config", str(CONFIG), "render-serve-config", "--out", str(stale), "--check"]) == 3
+    )
     assert main(["--config", str(CONFIG), "render-serve-config", "--out", str(stale)]) == 0
-    assert main(["--config", str(CONFIG), "render-serve-config", "--out", str(stale),
-                 "--check"]) == 0
+    assert (
+        main(["--config", str(CONFIG), "render-serve-config", "--out", str(stale), "--check"]) == 0
+    )
 
 
 def test_every_stage_and_shadow_has_its_own_autoscaling_and_fractional_cpus() -> None:
@@ -39,8 +41,10 @@ def test_every_stage_and_shadow_has_its_own_autoscaling_and_fractional_cpus() ->
     for deployment in app["deployments"]:
         assert 0 < deployment["ray_actor_options"]["num_cpus"] < 1
         assert deployment["autoscaling_config"]["max_replicas"] >= 1
-        total_max_cpus += (deployment["ray_actor_options"]["num_cpus"]
-                           * deployment["autoscaling_config"]["max_replicas"])
+        total_max_cpus += (
+            deployment["ray_actor_options"]["num_cpus"]
+            * deployment["autoscaling_config"]["max_replicas"]
+        )
     assert total_max_cpus <= 2.0, "every stage at max replicas must fit on the 2-core machine"
 
 

@@ -90,17 +90,22 @@ def _by_kind(request: TipRequest, context: UserContext) -> dict[str, list[Candid
     if len(small) >= 3:
         names = ", ".join(f"“{_short(t.content)}”" for t in small)
         out["batch"] = [
-            _make("batch", f"Batch {len(small)} quick tasks in one 20-minute sprint: {names}.",
-                  small)
+            _make(
+                "batch", f"Batch {len(small)} quick tasks in one 20-minute sprint: {names}.", small
+            )
         ]
-    out["plan_day"] = [
-        _make(
-            "plan_day",
-            f"Take five minutes to plan: pick the 3 of your {len(tasks)} open tasks "
-            "that matter most today.",
-            urgent_first[:3],
-        )
-    ] if tasks else []
+    out["plan_day"] = (
+        [
+            _make(
+                "plan_day",
+                f"Take five minutes to plan: pick the 3 of your {len(tasks)} open tasks "
+                "that matter most today.",
+                urgent_first[:3],
+            )
+        ]
+        if tasks
+        else []
+    )
     big = [t for t in urgent_first if len(t.content) >= LONG_TASK_CHARS or t.priority >= 3]
     out["break_down"] = [
         _make("break_down", f"Break “{_short(t.content)}” into three small next steps.", [t])

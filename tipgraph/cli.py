@@ -39,8 +39,11 @@ def _serve(args: argparse.Namespace) -> int:
         route_prefix=serve_settings.route_prefix,
     )
     url = f"http://{serve_settings.host}:{serve_settings.port}"
-    print(f"tipgraph is serving on {url}  (API docs: {url}/docs; decision log: "
-          f"{settings.store.url}). Ctrl-C stops it.", flush=True)
+    print(
+        f"tipgraph is serving on {url}  (API docs: {url}/docs; decision log: "
+        f"{settings.store.url}). Ctrl-C stops it.",
+        flush=True,
+    )
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,8 +59,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from tipgraph.simulator import format_block, run_http, summarise
 
     settings = load_settings(args.config)
-    print(f"simulating {args.users} users, {args.decisions} decisions against {args.url} "
-          f"(seed {args.seed})", flush=True)
+    print(
+        f"simulating {args.users} users, {args.decisions} decisions against {args.url} "
+        f"(seed {args.seed})",
+        flush=True,
+    )
     blocks = run_http(
         args.url,
         users=args.users,
@@ -79,8 +85,10 @@ def _render_serve_config(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.check:
         if not out.exists() or out.read_text(encoding="utf-8") != text:
-            print(f"{out} is out of date with {args.config_ref}; run `tipgraph render-serve-config`",
-                  file=sys.stderr)
+            print(
+                f"{out} is out of date with {args.config_ref}; run `tipgraph render-serve-config`",
+                file=sys.stderr,
+            )
             return EXIT_DRIFT
         print(f"{out} matches {args.config_ref}")
         return EXIT_OK
@@ -91,16 +99,18 @@ def _render_serve_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tipgraph", description=__doc__)
-    parser.add_argument("--config", default=None,
-                        help="YAML config (default: $TIPGRAPH_CONFIG or configs/tipgraph.yaml)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML config (default: $TIPGRAPH_CONFIG or configs/tipgraph.yaml)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show Ray worker logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the Serve graph locally")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
-    serve.add_argument("--num-cpus", type=int, default=None,
-                       help="CPUs Ray may use (default: all)")
+    serve.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     serve.set_defaults(func=_serve)
 
     simulate = commands.add_parser("simulate", help="synthetic users against a running graph")
@@ -108,17 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--users", type=int, default=50)
     simulate.add_argument("--decisions", type=int, default=5000)
     simulate.add_argument("--seed", type=int, default=0)
-    simulate.add_argument("--block", type=int, default=500,
-                          help="print the mean reward every BLOCK decisions")
+    simulate.add_argument(
+        "--block", type=int, default=500, help="print the mean reward every BLOCK decisions"
+    )
     simulate.set_defaults(func=_simulate)
 
-    render = commands.add_parser("render-serve-config",
-                                 help="write serve_config.yaml from the config")
+    render = commands.add_parser(
+        "render-serve-config", help="write serve_config.yaml from the config"
+    )
     render.add_argument("--out", default="serve_config.yaml")
-    render.add_argument("--config-ref", default="configs/tipgraph.yaml",
-                        help="config path written into the Serve config's args")
-    render.add_argument("--check", action="store_true",
-                        help="exit 3 if the file differs instead of writing it")
+    render.add_argument(
+        "--config-ref",
+        default="configs/tipgraph.yaml",
+        help="config path written into the Serve config's args",
+    )
+    render.add_argument(
+        "--check", action="store_true", help="exit 3 if the file differs instead of writing it"
+    )
     render.set_defaults(func=_render_serve_config)
     return parser
 
@@ -126,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     for name in ("users", "decisions", "block"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be >= 1")

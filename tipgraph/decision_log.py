@@ -9,6 +9,7 @@ drops them.  :meth:`close` (called from the replica's graceful shutdown) drains 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,10 +100,8 @@ class DecisionLog:
         assert self._wake is not None and self._progress is not None
         backoff = self._flush_interval_s
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._flush_interval_s)
-            except TimeoutError:
-                pass
             self._wake.clear()
             decisions, shadows = self._decisions, self._shadows
             if not decisions and not shadows:

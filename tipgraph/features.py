@@ -131,14 +131,17 @@ def task_facts(task: Task, now: datetime) -> TaskFacts:
         due_local = due.astimezone(now.tzinfo)
         # A date-only due (midnight) is due all day, so "overdue" means a past day.
         overdue = due_local.date() < now.date() or (
-            due_local.date() == now.date() and due_local.time() != datetime.min.time()
+            due_local.date() == now.date()
+            and due_local.time() != datetime.min.time()
             and due_local < now
         )
         due_today = due_local.date() == now.date() and not overdue
     age_days = 0.0
     if task.created_at is not None:
-        created = task.created_at if task.created_at.tzinfo else task.created_at.replace(
-            tzinfo=now.tzinfo
+        created = (
+            task.created_at
+            if task.created_at.tzinfo
+            else task.created_at.replace(tzinfo=now.tzinfo)
         )
         age_days = max(0.0, (now - created).total_seconds() / 86400.0)
     return TaskFacts(task.priority, overdue, due_today, age_days, len(task.content))

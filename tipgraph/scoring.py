@@ -5,6 +5,7 @@ The scoring and shadow deployments are thin shells around :class:`PolicyService`
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,7 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from tipgraph.policies import Policy
+from tipgraph.settings import FaultSettings
 from tipgraph.store.records import TrainingEvent
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a policy configured with ``fault.fail`` (chaos testing of shadows)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,16 @@ class PolicyService:
             chosen=decision.chosen,
             latency_ms=(time.perf_counter() - start) * 1000.0,
         )
+
+    async def score_with_faults(
+        self, X: np.ndarray, event_id: str, fault: FaultSettings
+    ) -> PolicyScore:
+        """:meth:`score`, after the configured delay and failure (shadow chaos testing)."""
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if fault.fail:
+            raise InjectedFault(f"injected fault in policy {self.policy.name}")
+        return self.score(X, event_id)
 
     def learn(self, event_id: str, features: Iterable[float], reward: float) -> bool:
         """Apply one feedback; False (and no change) if this event was learned already."""

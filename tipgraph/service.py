@@ -135,9 +135,7 @@ class TipService:
         candidates = await self.stages.candidates(request, context, n)
         generation_ms = _ms(t)
         if not candidates:
-            raise InvalidRequest(
-                "no candidate tip can be made: every task is in exclude_ids"
-            )
+            raise InvalidRequest("no candidate tip can be made: every task is in exclude_ids")
 
         X = candidate_matrix(context, [c.view for c in candidates])
         t = time.perf_counter()
@@ -169,9 +167,7 @@ class TipService:
             ranking=sorted(
                 (
                     RankedCandidate(candidate_id=c.candidate_id, score=s, probability=p)
-                    for c, s, p in zip(
-                        candidates, result.scores, result.probabilities, strict=True
-                    )
+                    for c, s, p in zip(candidates, result.scores, result.probabilities, strict=True)
                 ),
                 key=lambda r: (-r.probability, -r.score),
             ),
@@ -181,8 +177,9 @@ class TipService:
     def _start_shadows(self, X: np.ndarray, event_id: str, candidate_ids: list[str]) -> None:
         if len(self._background) >= MAX_SHADOW_INFLIGHT:
             self.shadows_shed += 1
-            logger.warning("shadow scoring shed for event %s: %d in flight",
-                           event_id, len(self._background))
+            logger.warning(
+                "shadow scoring shed for event %s: %d in flight", event_id, len(self._background)
+            )
             return
         for name, pending in self.stages.shadow_scores(X, event_id):
             self._spawn(self._log_shadow(name, pending, event_id, candidate_ids))
@@ -205,9 +202,15 @@ class TipService:
         except Exception as err:  # a shadow may fail in any way; it must only be logged
             logger.warning("shadow %s failed for event %s: %s", name, event_id, err)
             run = PolicyScoresRecord(
-                policy_name=name, policy_version="", role="shadow", scores=[],
-                probabilities=[], chosen_candidate_id=None, chosen_probability=None,
-                latency_ms=_ms(start), error=f"{type(err).__name__}: {err}"[:500],
+                policy_name=name,
+                policy_version="",
+                role="shadow",
+                scores=[],
+                probabilities=[],
+                chosen_candidate_id=None,
+                chosen_probability=None,
+                latency_ms=_ms(start),
+                error=f"{type(err).__name__}: {err}"[:500],
             )
         else:
             run = PolicyScoresRecord(
@@ -278,13 +281,12 @@ class TipService:
 
     async def feedback(self, request: FeedbackRequest) -> FeedbackResponse:
         rewards = self.settings.rewards
-        reward = request.value if request.value is not None else rewards.reward_for(
-            request.reaction
+        reward = (
+            request.value if request.value is not None else rewards.reward_for(request.reaction)
         )
         if not rewards.min_reward <= reward <= rewards.max_reward:
             raise InvalidRequest(
-                f"value: must be within [{rewards.min_reward}, {rewards.max_reward}], "
-                f"got {reward}"
+                f"value: must be within [{rewards.min_reward}, {rewards.max_reward}], got {reward}"
             )
         decision = await asyncio.to_thread(self.store.get_decision, request.event_id)
         if decision is None and self.log.is_pending(request.event_id):

@@ -76,8 +76,7 @@ class RewardSettings(_Strict):
             value = getattr(self, reaction)
             if not self.min_reward <= value <= self.max_reward:
                 raise ValueError(
-                    f"rewards.{reaction}={value} is outside "
-                    f"[{self.min_reward}, {self.max_reward}]"
+                    f"rewards.{reaction}={value} is outside [{self.min_reward}, {self.max_reward}]"
                 )
         return self
 
@@ -197,7 +196,8 @@ class TipgraphSettings(BaseSettings):
         unknown = [name for name in self.deployments if name not in STAGES]
         if missing or unknown:
             raise ValueError(
-                f"deployments must have exactly {list(STAGES)}; missing {missing}, unknown {unknown}"
+                f"deployments must have exactly {list(STAGES)}; "
+                f"missing {missing}, unknown {unknown}"
             )
         names = [self.policy.name] + [shadow.policy.name for shadow in self.shadows]
         if len(set(names)) != len(names):
@@ -220,7 +220,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> TipgraphSetting
         with open(path, encoding="utf-8") as handle:
             loaded = yaml.safe_load(handle) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+            raise ValueError(
+                f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
+            )
         data = loaded
     return TipgraphSettings(**data)
 

@@ -1,0 +1,75 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tipgraph.settings import StoreSettings
+from tipgraph.store import DecisionStore, open_store
+
+# ---------------------------------------------------------------------------------------------
+# Decision store: SQLite in tmp_path, and Postgres with one throw-away schema per test.
+# ---------------------------------------------------------------------------------------------
+
+PG_URL_ENV = "TIPGRAPH_TEST_PG_URL"
+# The local test server trusts TCP connections from 127.0.0.1; "postgres" is its superuser.
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _server_name(url: str) -> str:
+    """host:port/dbname, so a password in the URL never reaches the test report."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """URL of a reachable Postgres; skips the test when there is none, fails it in CI."""
+    url = os.environ.get(PG_URL_ENV, DEFAULT_PG_URL)
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as err:
+        message = (
+            f"Postgres at {_server_name(url)} is unreachable ({err}). "
+            f"Start it or point ${PG_URL_ENV} at one."
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)  # CI must exercise Postgres, never silently skip it
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+def pg_schema(postgres_url: str) -> Iterator[str]:
+    """A fresh schema name for one test; the store creates it, teardown drops it."""
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    yield schema
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
+    """Settings for a new, empty store of each backend (open more than one with them)."""
+    if request.param == "sqlite":
+        return StoreSettings(url=f"sqlite:///{tmp_path / 'store' / 'tipgraph.db'}")
+    # Requested lazily so that SQLite tests run even where Postgres is missing.
+    url = request.getfixturevalue("postgres_url")
+    schema = request.getfixturevalue("pg_schema")
+    return StoreSettings(url=url, pg_schema=schema, pool_min_size=1, pool_max_size=4)
+
+
+@pytest.fixture
+def store(store_settings: StoreSettings) -> Iterator[DecisionStore]:
+    """An opened (migrated) store of each backend, closed after the test."""
+    opened = open_store(store_settings)
+    yield opened
+    opened.close()

@@ -1,0 +1,164 @@
+"""The tip loop in one process (no Ray) against a real SQLite decision log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.factories import tip_body
+from tipgraph.contracts import FeedbackRequest, TipRequest
+from tipgraph.decision_log import DecisionLog
+from tipgraph.local import LocalStages
+from tipgraph.service import FeedbackConflict, InvalidRequest, TipService, UnknownEvent
+from tipgraph.settings import TipgraphSettings
+from tipgraph.store import DecisionStore, open_store
+
+SHADOWS = [
+    {"policy": {"name": "egreedy", "kind": "egreedy"}},
+    {"policy": {"name": "broken", "kind": "uniform"}, "fault": {"fail": True}},
+    {"policy": {"name": "slow", "kind": "uniform"}, "fault": {"delay_s": 0.5}},
+]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> TipgraphSettings:
+    return TipgraphSettings(store={"url": f"sqlite:///{tmp_path}/log.db"}, shadows=SHADOWS)
+
+
+@pytest.fixture
+def store(settings: TipgraphSettings) -> Iterator[DecisionStore]:
+    with open_store(settings.store) as opened:
+        yield opened
+
+
+def make_service(settings: TipgraphSettings, store: DecisionStore) -> TipService:
+    log = DecisionLog(store, flush_interval_s=0.01)
+    return TipService(settings, LocalStages(settings, store), store, log)
+
+
+def request(**overrides: object) -> TipRequest:
+    return TipRequest.model_validate(tip_body(**overrides))
+
+
+async def test_tip_is_logged_with_every_candidate_and_every_policy(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    response = await service.tip(request())
+    ids = [r.candidate_id for r in response.ranking]
+    assert response.tip.candidate_id in ids
+    assert sum(r.probability for r in response.ranking) == pytest.approx(1.0)
+    assert response.probability == pytest.approx(
+        next(r.probability for r in response.ranking if r.candidate_id == response.tip.candidate_id)
+    )
+    assert response.policy.name == "linucb"
+    await service.close()  # waits for shadows, then flushes
+
+    counts = store.counts()
+    assert counts.decisions == 1
+    assert counts.candidates == len(ids)
+    assert counts.by_role == {"served": 1, "shadow": 3}
+    assert counts.tip_scores == len(ids) * 3  # served + egreedy + slow; broken logs no scores
+    decision = store.get_decision(response.event_id)
+    assert decision is not None
+    assert decision.chosen_candidate_id == response.tip.candidate_id
+    assert decision.user_key != "user-1"  # pseudonymised
+
+
+async def test_a_failing_or_slow_shadow_does_not_delay_the_response(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    start = time.perf_counter()
+    response = await service.tip(request())
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.4, "the 0.5 s shadow must not be awaited on the request path"
+    assert response.latency_ms.total < 400
+    await service.close()
+
+
+async def test_feedback_teaches_served_and_shadow_policies_once(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    stages = service.stages
+    assert isinstance(stages, LocalStages)
+    response = await service.tip(request())
+    before = stages.served.policy.stats_.b_.copy()
+
+    first = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
+    assert first.reward == 1.0
+    await asyncio.sleep(0.05)  # shadow learning runs in the background
+    assert stages.served.policy.n_updates == 1
+    assert stages.shadows["egreedy"][0].policy.n_updates == 1
+    assert (stages.served.policy.stats_.b_ != before).any()
+
+    again = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
+    assert again == first
+    assert stages.served.policy.n_updates == 1
+    assert store.counts().feedback == 1
+
+    with pytest.raises(FeedbackConflict, match="already has feedback 'done'"):
+        await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="dismiss"))
+    await service.close()
+
+
+async def test_feedback_for_unknown_event_or_out_of_range_value(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    with pytest.raises(UnknownEvent, match="not a known decision"):
+        await service.feedback(FeedbackRequest(event_id="nope", reaction="done"))
+    with pytest.raises(InvalidRequest, match=r"value: must be within \[0.0, 1.0\], got 3.0"):
+        await service.feedback(FeedbackRequest(event_id="nope", reaction="done", value=3.0))
+
+
+async def test_feedback_right_after_the_tip_finds_the_buffered_decision(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    slow_log = TipService(
+        settings, LocalStages(settings, store), store, DecisionLog(store, flush_interval_s=60)
+    )
+    response = await slow_log.tip(request())
+    result = await slow_log.feedback(FeedbackRequest(event_id=response.event_id, reaction="snooze"))
+    assert result.reward == 0.25
+    await slow_log.close()
+
+
+async def test_a_restarted_policy_rebuilds_from_the_log(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    for reaction in ("done", "dismiss", "snooze"):
+        response = await service.tip(request())
+        await service.feedback(FeedbackRequest(event_id=response.event_id, reaction=reaction))
+    await service.close()
+    live = service.stages
+    assert isinstance(live, LocalStages)
+    fresh = LocalStages(settings, store)
+    assert fresh.served.policy.n_updates == 3
+    assert (fresh.served.policy.stats_.b_ == live.served.policy.stats_.b_).all()
+
+
+async def test_all_tasks_excluded_is_a_clear_client_error(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    with pytest.raises(InvalidRequest, match="every task is in exclude_ids"):
+        await service.tip(request(exclude_ids=["t1", "t2", "t3", "t4", "t5", "t6"]))
+
+
+async def test_learned_history_changes_the_next_context(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    response = await service.tip(request())
+    await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
+    context = await service.stages.context(request(), service.user_key("user-1"))
+    assert context.history_size == 1
+    assert context.kind_stats[response.tip.kind].shown == 1
+    await service.close()

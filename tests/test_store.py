@@ -1,0 +1,572 @@
+"""The decision store against real databases: every behaviour runs on SQLite and Postgres."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from contextlib import closing
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tipgraph.settings import StoreSettings
+from tipgraph.store import (
+    CandidateRecord,
+    DecisionRecord,
+    DecisionStore,
+    FeedbackRecord,
+    MigrationError,
+    PolicyScoresRecord,
+    PostgresStore,
+    SQLiteStore,
+    StoreCounts,
+    StoreError,
+    StoreUnavailable,
+    make_store,
+    open_store,
+)
+from tipgraph.store.migrate import split_sqlite_script
+from tipgraph.store.sqlite import sqlite_path
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+# Floats that a lossy path (float32, str(), numeric rounding, JSONB printing 1e300 as an
+# integer) would change.
+FEATURES = [
+    [0.1, 1 / 3, -2.5e-7, 5e-324],
+    [1e300, 123456789.123456789, 2.0**-40, -0.0],
+    [-1.5, 1.7976931348623157e308, 7.0, 0.30000000000000004],
+]
+KINDS = ["focus", "break", "plan"]
+
+
+def make_decision(
+    event_id: str,
+    *,
+    user_key: str = "user-a",
+    created_at: datetime = T0,
+    chosen: int = 1,
+    content: str = "Take a short walk",
+    latency_ms: dict[str, float] | None = None,
+) -> DecisionRecord:
+    candidates = [
+        CandidateRecord(
+            candidate_id=f"c{i}",
+            position=i,
+            kind=KINDS[i],
+            source="llm" if i else "template",
+            content=f"{content} #{i}",
+            task_ref="task-7" if i == 1 else None,
+            model="gpt-test" if i else None,
+            prompt_version="p3" if i else None,
+            features=list(FEATURES[i]),
+        )
+        for i in range(3)
+    ]
+    probabilities = [0.1, 0.7, 0.2]
+    return DecisionRecord(
+        event_id=event_id,
+        user_key=user_key,
+        created_at=created_at,
+        policy_name="linucb",
+        policy_version="v1",
+        feature_version="f1",
+        prompt_version="p3",
+        generation_source="llm",
+        chosen_candidate_id=f"c{chosen}",
+        chosen_kind=KINDS[chosen],
+        chosen_probability=probabilities[chosen],
+        latency_ms={"context": 1.5, "generation": 20.25, "scoring": 0.75, "total": 23.0}
+        if latency_ms is None
+        else latency_ms,
+        context_features=[1.0, 0.5, 1 / 7],
+        candidates=candidates,
+        served=PolicyScoresRecord(
+            policy_name="linucb",
+            policy_version="v1",
+            role="served",
+            scores=[0.25, 1.5, -0.5],
+            probabilities=probabilities,
+            chosen_candidate_id=f"c{chosen}",
+            chosen_probability=probabilities[chosen],
+            latency_ms=0.75,
+        ),
+    )
+
+
+def make_shadow(*, error: str | None = None) -> PolicyScoresRecord:
+    if error is not None:
+        return PolicyScoresRecord(
+            policy_name="egreedy",
+            policy_version="v2",
+            role="shadow",
+            scores=[],
+            probabilities=[],
+            chosen_candidate_id=None,
+            chosen_probability=None,
+            latency_ms=5000.0,
+            error=error,
+        )
+    return PolicyScoresRecord(
+        policy_name="egreedy",
+        policy_version="v2",
+        role="shadow",
+        scores=[0.5, -1.25, 3.0],
+        probabilities=[0.025, 0.025, 0.95],
+        chosen_candidate_id="c2",
+        chosen_probability=0.95,
+        latency_ms=2.5,
+    )
+
+
+CANDIDATE_IDS = ["c0", "c1", "c2"]
+
+
+def make_feedback(
+    event_id: str, reaction: str = "done", reward: float = 1.0, *, at: datetime = T0
+) -> FeedbackRecord:
+    return FeedbackRecord(
+        event_id=event_id,
+        reaction=reaction,
+        value=None,
+        reward=reward,
+        reacted_at=at + timedelta(minutes=1),
+        received_at=at + timedelta(minutes=1, seconds=2),
+    )
+
+
+def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
+    """Run SQL on the store's database directly, for columns the store API never returns."""
+    if settings.url.startswith("sqlite"):
+        with closing(sqlite3.connect(sqlite_path(settings.url), isolation_level=None)) as conn:
+            return conn.execute(statement).fetchall()
+    with psycopg.connect(settings.url, autocommit=True) as conn:
+        if settings.pg_schema is not None:
+            conn.execute(
+                sql.SQL("SET search_path TO {}").format(sql.Identifier(settings.pg_schema))
+            )
+        cur = conn.execute(statement)
+        return cur.fetchall() if cur.description else []
+
+
+# --- migrations --------------------------------------------------------------------------------
+
+
+def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
+    assert store.schema_version() == 1
+    store.open()  # open() on an open store is a no-op
+    with open_store(store_settings) as again:
+        assert again.schema_version() == 1
+    assert raw_sql(store_settings, "SELECT version, name FROM schema_migrations") == [
+        (1, "initial")
+    ]
+    assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
+
+
+def test_a_newer_schema_is_refused(store: DecisionStore, store_settings: StoreSettings) -> None:
+    raw_sql(store_settings, "INSERT INTO schema_migrations (version, name) VALUES (999, 'future')")
+    newer = make_store(store_settings)
+    with pytest.raises(MigrationError, match="version 999"):
+        newer.open()
+    with pytest.raises(StoreError, match="not open"):
+        newer.counts()
+
+
+def test_split_sqlite_script_respects_quotes_comments_and_triggers() -> None:
+    script = """
+        -- leading comment; with a semicolon
+        CREATE TABLE a (x TEXT DEFAULT 'semi;colon');
+        CREATE TABLE b (y INTEGER); CREATE TABLE c (z INTEGER);
+        CREATE TRIGGER t AFTER INSERT ON a BEGIN INSERT INTO b VALUES (1); END;
+        -- trailing comment
+    """
+    statements = split_sqlite_script(script)
+    assert [s.split("(")[0].split()[-1] for s in statements[:3]] == ["a", "b", "c"]
+    assert statements[3].startswith("CREATE TRIGGER") and statements[3].endswith("END;")
+    assert len(statements) == 4
+    with pytest.raises(MigrationError, match="incomplete"):
+        split_sqlite_script("CREATE TABLE d (x TEXT DEFAULT 'unterminated);")
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+
+def test_write_decisions_round_trip(store: DecisionStore) -> None:
+    store.write_decisions([make_decision("e1", chosen=1), make_decision("e2", chosen=2)])
+
+    stored = store.get_decision("e1")
+    assert stored is not None
+    assert stored.event_id == "e1"
+    assert stored.user_key == "user-a"
+    assert stored.created_at == T0
+    assert (stored.policy_name, stored.policy_version) == ("linucb", "v1")
+    assert (stored.chosen_candidate_id, stored.chosen_kind) == ("c1", "break")
+    assert stored.chosen_probability == 0.7
+    assert stored.chosen_features == FEATURES[1]
+    assert all(type(value) is float for value in stored.chosen_features)
+
+    other = store.get_decision("e2")
+    assert other is not None and other.chosen_features == FEATURES[2]
+    assert store.get_decision("unknown") is None
+
+    counts = store.counts()
+    assert (counts.decisions, counts.candidates, counts.policy_runs, counts.tip_scores) == (
+        2,
+        6,
+        2,
+        6,
+    )
+    assert counts.by_role == {"served": 2, "shadow": 0}
+
+
+def test_missing_latency_stages_are_null(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    store.write_decisions([make_decision("e1", latency_ms={"total": 12.5, "ingress": 1.0})])
+    assert raw_sql(
+        store_settings,
+        "SELECT latency_context_ms, latency_generation_ms, latency_scoring_ms, "
+        "latency_total_ms FROM decisions",
+    ) == [(None, None, None, 12.5)]
+
+
+def test_writing_a_decision_again_changes_nothing(store: DecisionStore) -> None:
+    store.write_decisions([make_decision("e1")])
+    before = store.counts()
+    store.write_decisions([make_decision("e1")])
+    store.write_decisions([make_decision("e1"), make_decision("e1")])
+    assert store.counts() == before
+    assert before.decisions == 1 and before.candidates == 3 and before.tip_scores == 3
+
+
+def test_an_invalid_batch_writes_nothing(store: DecisionStore) -> None:
+    bad = replace(make_decision("e2"), chosen_candidate_id="nope")
+    with pytest.raises(ValueError, match="not one of the candidates"):
+        store.write_decisions([make_decision("e1"), bad])
+    naive = replace(make_decision("e3"), created_at=datetime(2024, 5, 1, 12, 0))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.write_decisions([naive])
+    assert store.counts().decisions == 0
+
+
+# --- policy scores -----------------------------------------------------------------------------
+
+
+def test_shadow_scores_are_stored_per_candidate_and_idempotent(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    store.write_decisions([make_decision("e1")])
+    store.write_policy_scores("e1", [make_shadow()], CANDIDATE_IDS)
+    store.write_policy_scores("e1", [make_shadow()], CANDIDATE_IDS)
+
+    counts = store.counts()
+    assert (counts.policy_runs, counts.tip_scores) == (2, 6)
+    assert counts.by_role == {"served": 1, "shadow": 1}
+    assert raw_sql(
+        store_settings,
+        "SELECT candidate_id, score, probability FROM tip_scores "
+        "WHERE policy_name = 'egreedy' ORDER BY candidate_id",
+    ) == [("c0", 0.5, 0.025), ("c1", -1.25, 0.025), ("c2", 3.0, 0.95)]
+    assert raw_sql(
+        store_settings,
+        "SELECT role, chosen_candidate_id, chosen_probability, latency_ms, error "
+        "FROM policy_runs WHERE policy_name = 'egreedy'",
+    ) == [("shadow", "c2", 0.95, 2.5, None)]
+
+
+def test_shadow_scores_may_arrive_before_the_decision(store: DecisionStore) -> None:
+    store.write_policy_scores("e1", [make_shadow()], CANDIDATE_IDS)
+    assert store.get_decision("e1") is None
+    store.write_decisions([make_decision("e1")])
+
+    counts = store.counts()
+    assert (counts.decisions, counts.policy_runs, counts.tip_scores) == (1, 2, 6)
+    assert counts.by_role == {"served": 1, "shadow": 1}
+
+
+def test_a_failed_shadow_is_logged_without_scores(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    store.write_policy_scores("e1", [make_shadow(error="TimeoutError: 5s")], CANDIDATE_IDS)
+    counts = store.counts()
+    assert (counts.policy_runs, counts.tip_scores) == (1, 0)
+    assert raw_sql(store_settings, "SELECT error FROM policy_runs") == [("TimeoutError: 5s",)]
+
+
+def test_scores_must_align_with_candidates(store: DecisionStore) -> None:
+    with pytest.raises(ValueError, match="expected 2 scores"):
+        store.write_policy_scores("e1", [make_shadow()], ["c0", "c1"])
+    assert store.counts().policy_runs == 0
+
+
+# --- feedback ----------------------------------------------------------------------------------
+
+
+def test_the_first_feedback_wins(store: DecisionStore) -> None:
+    store.write_decisions([make_decision("e1")])
+    first = make_feedback("e1", "snooze", 0.25)
+
+    outcome = store.record_feedback(first)
+    assert outcome.created is True
+    assert outcome.record == first
+
+    retry = store.record_feedback(make_feedback("e1", "dismiss", 0.0, at=T0 + timedelta(hours=1)))
+    assert retry.created is False
+    assert retry.record == first
+    assert store.counts().feedback == 1
+
+
+def test_feedback_is_validated(store: DecisionStore) -> None:
+    with pytest.raises(ValueError, match="reaction must be one of"):
+        store.record_feedback(make_feedback("e1", "love"))
+    naive = replace(make_feedback("e1"), received_at=datetime(2024, 5, 1))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        store.record_feedback(naive)
+    assert store.counts().feedback == 0
+
+
+def test_training_events_follow_feedback_order(store: DecisionStore) -> None:
+    store.write_decisions([make_decision(f"e{i}", chosen=i % 3) for i in range(4)])
+    # Feedback in another order than the decisions; e9 has no decision and cannot train.
+    for event_id, reward in [("e2", 1.0), ("e9", 1.0), ("e0", 0.0), ("e3", 0.25), ("e1", 1.0)]:
+        assert store.record_feedback(make_feedback(event_id, reward=reward)).created
+
+    events = store.training_events()
+    assert [e.event_id for e in events] == ["e2", "e0", "e3", "e1"]
+    assert [e.reward for e in events] == [1.0, 0.0, 0.25, 1.0]
+    assert [e.features for e in events] == [FEATURES[2], FEATURES[0], FEATURES[0], FEATURES[1]]
+    ids = [e.feedback_id for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+
+    assert [e.event_id for e in store.training_events(after_feedback_id=ids[1])] == ["e3", "e1"]
+    assert store.training_events(after_feedback_id=ids[-1]) == []
+
+
+# --- user history ------------------------------------------------------------------------------
+
+
+def test_user_history_is_newest_first_and_per_user(store: DecisionStore) -> None:
+    decisions = [
+        make_decision("a-old", created_at=T0, chosen=0),
+        make_decision("a-mid", created_at=T0 + timedelta(hours=1), chosen=1),
+        make_decision("a-new", created_at=T0 + timedelta(hours=2), chosen=2),
+        make_decision("a-unanswered", created_at=T0 + timedelta(hours=3)),
+        make_decision("b-newest", user_key="user-b", created_at=T0 + timedelta(hours=4)),
+    ]
+    store.write_decisions(decisions)
+    # Feedback arrives out of order: history is ordered by when the tip was shown.
+    for event_id, reaction, reward in [
+        ("a-mid", "snooze", 0.25),
+        ("b-newest", "done", 1.0),
+        ("a-new", "dismiss", 0.0),
+        ("a-old", "done", 1.0),
+    ]:
+        store.record_feedback(make_feedback(event_id, reaction, reward))
+
+    history = store.user_history("user-a", limit=2)
+    assert [(h.kind, h.reaction, h.reward) for h in history] == [
+        ("plan", "dismiss", 0.0),
+        ("break", "snooze", 0.25),
+    ]
+    assert [h.shown_at for h in history] == [T0 + timedelta(hours=2), T0 + timedelta(hours=1)]
+    assert [h.kind for h in store.user_history("user-a", limit=10)] == ["plan", "break", "focus"]
+    assert [h.kind for h in store.user_history("user-b", limit=10)] == ["break"]
+    assert store.user_history("user-a", limit=0) == []
+    assert store.user_history("nobody", limit=10) == []
+    with pytest.raises(ValueError, match="limit"):
+        store.user_history("user-a", limit=-1)
+
+
+# --- text and time -----------------------------------------------------------------------------
+
+
+def test_unicode_round_trips(store: DecisionStore, store_settings: StoreSettings) -> None:
+    text = 'Trink Wasser 💧 — 休憩しよう · اشرب الماء · e\u0301 ‘quotes’ "double" ; -- ?'
+    user = "usér-ß-😀"
+    store.write_decisions([make_decision("évent-🎯", user_key=user, content=text)])
+    store.record_feedback(make_feedback("évent-🎯"))
+
+    stored = store.get_decision("évent-🎯")
+    assert stored is not None and stored.user_key == user
+    assert [h.reaction for h in store.user_history(user, limit=5)] == ["done"]
+    assert raw_sql(store_settings, "SELECT content FROM candidates ORDER BY position") == [
+        (f"{text} #{i}",) for i in range(3)
+    ]
+
+
+def test_datetimes_come_back_aware_utc_and_equal(store: DecisionStore) -> None:
+    shown = datetime(2024, 12, 31, 23, 30, 0, 1, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    reacted = datetime(2024, 12, 31, 10, 15, tzinfo=timezone(timedelta(hours=-8)))
+    store.write_decisions([make_decision("e1", created_at=shown)])
+    outcome = store.record_feedback(
+        FeedbackRecord("e1", "done", 0.9, 0.9, reacted_at=reacted, received_at=reacted)
+    )
+
+    stored = store.get_decision("e1")
+    assert stored is not None
+    values = [
+        (stored.created_at, shown),
+        (store.user_history("user-a", 1)[0].shown_at, shown),
+        (outcome.record.reacted_at, reacted),
+        (outcome.record.received_at, reacted),
+    ]
+    for got, sent in values:
+        assert got == sent
+        assert got.utcoffset() == timedelta(0)
+        assert got.tzinfo is not None and got.tzname() == "UTC"
+    assert outcome.record.value == 0.9
+
+
+# --- lifecycle and configuration ---------------------------------------------------------------
+
+
+def test_a_closed_store_refuses_work(store_settings: StoreSettings) -> None:
+    store = make_store(store_settings)
+    with pytest.raises(StoreError, match="not open"):
+        store.get_decision("e1")
+    with store:
+        store.write_decisions([make_decision("e1")])
+    store.close()  # closing twice is fine
+    with pytest.raises(StoreError, match="not open"):
+        store.counts()
+    with open_store(store_settings) as reopened:
+        assert reopened.counts().decisions == 1
+
+
+def test_make_store_dispatches_on_the_url_scheme(tmp_path: Path) -> None:
+    sqlite_store = make_store(StoreSettings(url=f"sqlite:///{tmp_path}/a.db"))
+    assert isinstance(sqlite_store, SQLiteStore)
+    assert sqlite_store.path == f"{tmp_path}/a.db"
+    for url in ("postgresql://u@h/db", "postgres://u@h/db"):
+        pg_store = make_store(StoreSettings(url=url, pg_schema="s", pool_max_size=7))
+        assert isinstance(pg_store, PostgresStore)
+        assert (pg_store.schema, pg_store.min_size, pg_store.max_size) == ("s", 1, 7)
+    assert not (tmp_path / "a.db").exists()  # make_store does not connect
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///var/tipgraph.db", "var/tipgraph.db"),
+        ("sqlite:////tmp/x/tipgraph.db", "/tmp/x/tipgraph.db"),
+        ("sqlite:///:memory:", ":memory:"),
+    ],
+)
+def test_sqlite_urls(url: str, path: str) -> None:
+    assert sqlite_path(url) == path
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite://host/db", "file:x.db"])
+def test_bad_sqlite_urls_are_rejected(url: str) -> None:
+    with pytest.raises(ValueError, match="SQLite URL"):
+        SQLiteStore(url)
+
+
+def test_sqlite_in_memory_works() -> None:
+    with SQLiteStore("sqlite:///:memory:") as store:
+        store.write_decisions([make_decision("e1")])
+        assert store.counts().decisions == 1
+
+
+def test_an_unreachable_postgres_raises_store_unavailable() -> None:
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/test", min_size=1, timeout=2.0)
+    with pytest.raises(StoreUnavailable):
+        store.open()
+    with pytest.raises(StoreError, match="not open"):
+        store.counts()
+
+
+# --- several writers on one SQLite file --------------------------------------------------------
+
+
+def write_batch(url: str, prefix: str, count: int, start_at: float = 0.0) -> None:
+    """Open a store on ``url`` and log ``count`` decisions with feedback, one at a time.
+
+    Also the body of the child processes in the multi-process test.
+    """
+    time.sleep(max(0.0, start_at - time.time()))
+    with SQLiteStore(url) as store:
+        for i in range(count):
+            event_id = f"{prefix}-{i}"
+            store.write_decisions([make_decision(event_id, user_key=prefix)])
+            store.write_policy_scores(event_id, [make_shadow()], CANDIDATE_IDS)
+            assert store.record_feedback(make_feedback(event_id)).created
+
+
+def _assert_all_written(url: str, prefixes: list[str], count: int) -> None:
+    with SQLiteStore(url) as store:
+        counts = store.counts()
+        total = len(prefixes) * count
+        assert (counts.decisions, counts.candidates, counts.feedback) == (total, 3 * total, total)
+        assert counts.by_role == {"served": total, "shadow": total}
+        assert len({e.feedback_id for e in store.training_events()}) == total
+        for prefix in prefixes:
+            assert len(store.user_history(prefix, limit=count + 1)) == count
+
+
+def test_two_sqlite_stores_on_one_file_lose_nothing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    stores = [SQLiteStore(url), SQLiteStore(url)]
+    for store in stores:
+        store.open()
+    prefixes = [f"t{n}" for n in range(4)]
+    count = 25
+    barrier = threading.Barrier(len(prefixes))
+    errors: list[BaseException] = []
+
+    def work(store: DecisionStore, prefix: str) -> None:
+        try:
+            barrier.wait()
+            for i in range(count):
+                event_id = f"{prefix}-{i}"
+                store.write_decisions([make_decision(event_id, user_key=prefix)])
+                store.write_policy_scores(event_id, [make_shadow()], CANDIDATE_IDS)
+                store.record_feedback(make_feedback(event_id))
+        except BaseException as err:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(err)
+
+    threads = [
+        threading.Thread(target=work, args=(stores[n % 2], prefix))
+        for n, prefix in enumerate(prefixes)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for store in stores:
+        store.close()
+    assert errors == []
+    _assert_all_written(url, prefixes, count)
+
+
+def test_sqlite_processes_can_create_and_share_one_file(tmp_path: Path) -> None:
+    """Like Ray replicas: several processes open a file that does not exist yet, at once."""
+    url = f"sqlite:///{tmp_path}/fresh/shared.db"
+    prefixes = [f"p{n}" for n in range(3)]
+    count = 15
+    start_at = time.time() + 2.0
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from test_store import write_batch; "
+        "write_batch(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))"
+    )
+    tests_dir = str(Path(__file__).parent)
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, tests_dir, url, prefix, str(count), str(start_at)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for prefix in prefixes
+    ]
+    outputs = [child.communicate(timeout=120) for child in children]
+    failures = [err for child, (_, err) in zip(children, outputs, strict=True) if child.returncode]
+    assert failures == []
+    _assert_all_written(url, prefixes, count)

@@ -1,0 +1,67 @@
+"""Every stage in one process, no Ray: the single-process baseline and the test double.
+
+Implements :class:`tipgraph.service.Stages` with the same plain-Python code the Serve
+deployments wrap, so a difference between the two is the cost of the graph itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+import numpy as np
+
+from tipgraph.candidates import Candidate, task_candidates
+from tipgraph.contracts import TipRequest
+from tipgraph.features import FEATURE_SPEC, UserContext, build_context
+from tipgraph.policies import make_policy
+from tipgraph.scoring import PolicyScore, PolicyService
+from tipgraph.settings import FaultSettings, TipgraphSettings
+from tipgraph.store import DecisionStore
+
+
+class LocalStages:
+    def __init__(self, settings: TipgraphSettings, store: DecisionStore) -> None:
+        self._settings = settings
+        self._store = store
+        events = store.training_events()
+        self.served = PolicyService(make_policy(settings.policy, FEATURE_SPEC.dim))
+        self.served.rebuild(events)
+        self.shadows: dict[str, tuple[PolicyService, FaultSettings]] = {}
+        for shadow in settings.shadows:
+            service = PolicyService(make_policy(shadow.policy, FEATURE_SPEC.dim))
+            service.rebuild(events)
+            self.shadows[shadow.policy.name] = (service, shadow.fault)
+
+    async def context(self, request: TipRequest, user_key: str) -> UserContext:
+        history = await asyncio.to_thread(
+            self._store.user_history, user_key, self._settings.features.history_limit
+        )
+        return build_context(request, history, self._settings.rewards)
+
+    async def candidates(
+        self, request: TipRequest, context: UserContext, n: int
+    ) -> list[Candidate]:
+        return task_candidates(request, context, n)
+
+    async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
+        return self.served.score(X, event_id)
+
+    def shadow_scores(
+        self, X: np.ndarray, event_id: str
+    ) -> list[tuple[str, Awaitable[PolicyScore]]]:
+        return [
+            (name, service.score_with_faults(X, event_id, fault))
+            for name, (service, fault) in self.shadows.items()
+        ]
+
+    async def learn(self, event_id: str, features: list[float], reward: float) -> None:
+        self.served.learn(event_id, features, reward)
+
+    def learn_shadows(
+        self, event_id: str, features: list[float], reward: float
+    ) -> list[Awaitable[object]]:
+        return [
+            asyncio.to_thread(service.learn, event_id, features, reward)
+            for service, _ in self.shadows.values()
+        ]

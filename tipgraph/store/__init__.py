@@ -1,0 +1,71 @@
+"""The decision log: decisions, per-policy scores and feedback, in SQLite or Postgres.
+
+Callers depend on :class:`DecisionStore` and get one from :func:`make_store` /
+:func:`open_store`, which pick the backend from ``store.url``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tipgraph.store.base import DecisionStore, MigrationError, StoreError, StoreUnavailable
+from tipgraph.store.postgres import PostgresStore
+from tipgraph.store.records import (
+    CandidateRecord,
+    DecisionRecord,
+    FeedbackOutcome,
+    FeedbackRecord,
+    PolicyRole,
+    PolicyScoresRecord,
+    ReactionHistoryItem,
+    StoreCounts,
+    StoredDecision,
+    TrainingEvent,
+)
+from tipgraph.store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from tipgraph.settings import StoreSettings
+
+__all__ = [
+    "CandidateRecord",
+    "DecisionRecord",
+    "DecisionStore",
+    "FeedbackOutcome",
+    "FeedbackRecord",
+    "MigrationError",
+    "PolicyRole",
+    "PolicyScoresRecord",
+    "PostgresStore",
+    "ReactionHistoryItem",
+    "SQLiteStore",
+    "StoreCounts",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredDecision",
+    "TrainingEvent",
+    "make_store",
+    "open_store",
+]
+
+
+def make_store(settings: StoreSettings) -> DecisionStore:
+    """The backend ``settings.url`` names, configured but not connected yet."""
+    scheme = settings.url.partition(":")[0]
+    if scheme == "sqlite":
+        return SQLiteStore(settings.url)
+    if scheme in ("postgresql", "postgres"):
+        return PostgresStore(
+            settings.url,
+            schema=settings.pg_schema,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+        )
+    raise ValueError(f"store.url must start with sqlite:// or postgresql://, got {settings.url!r}")
+
+
+def open_store(settings: StoreSettings) -> DecisionStore:
+    """:func:`make_store`, connected and migrated; the caller closes it."""
+    store = make_store(settings)
+    store.open()
+    return store

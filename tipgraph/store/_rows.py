@@ -1,0 +1,266 @@
+"""Record <-> row conversion shared by both backends.
+
+Both databases receive the same Python values: timestamps as fixed-width ISO-8601 UTC text
+(SQLite keeps it as TEXT, Postgres casts it to TIMESTAMPTZ) and float lists as JSON text
+(TEXT / JSONB).  Reading back, each helper accepts either driver's native type, so the
+backends differ only in how they connect, not in what they store.
+
+The column order of every tuple here is the column order of the matching statement in
+:mod:`tipgraph.store._sql`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, get_args
+
+from tipgraph.settings import Reaction
+from tipgraph.store.records import (
+    DecisionRecord,
+    FeedbackRecord,
+    PolicyRole,
+    PolicyScoresRecord,
+    ReactionHistoryItem,
+    StoreCounts,
+    StoredDecision,
+    TrainingEvent,
+)
+
+Row = Sequence[Any]
+Params = tuple[Any, ...]
+
+LATENCY_STAGES = ("context", "generation", "scoring", "total")
+"""Keys of ``DecisionRecord.latency_ms`` that have a column; a missing key is stored as NULL."""
+
+REACTIONS: frozenset[str] = frozenset(get_args(Reaction))
+POLICY_ROLES: frozenset[str] = frozenset(get_args(PolicyRole))
+
+
+def db_timestamp(value: datetime, *, what: str) -> str:
+    """Aware datetime -> ISO-8601 UTC text of fixed width, so text order is time order."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what} must be timezone-aware, got naive {value.isoformat()}")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def utc_datetime(raw: datetime | str) -> datetime:
+    """What either driver returns for a timestamp -> aware UTC datetime."""
+    value = datetime.fromisoformat(raw) if isinstance(raw, str) else raw
+    if value.tzinfo is None:
+        # Only written by hand outside the store; every value we write carries an offset.
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def db_floats(values: Sequence[float], *, what: str) -> str:
+    """Float list -> JSON text. ``repr``-exact, so the floats read back are the floats written."""
+    floats = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in floats):
+        raise ValueError(f"{what} must be finite floats, got {floats!r}")
+    return json.dumps(floats)
+
+
+def float_list(raw: str | Sequence[Any]) -> list[float]:
+    """JSON text (SQLite) or an already-decoded JSONB list (Postgres) -> ``list[float]``.
+
+    JSONB keeps numbers as ``numeric`` and prints 1e300 as an integer, hence the ``float()``.
+    """
+    values = json.loads(raw) if isinstance(raw, str) else raw
+    return [float(v) for v in values]
+
+
+def _latencies(latency_ms: dict[str, float]) -> tuple[float | None, ...]:
+    return tuple(
+        float(latency_ms[stage]) if stage in latency_ms else None for stage in LATENCY_STAGES
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRows:
+    """Every row one batch of decisions writes, grouped by table for ``executemany``."""
+
+    decisions: list[Params]
+    candidates: list[Params]
+    policy_runs: list[Params]
+    tip_scores: list[Params]
+
+
+def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
+    """Validate a batch and flatten it into rows; raises ValueError before anything is written."""
+    rows = DecisionRows([], [], [], [])
+    for decision in decisions:
+        created_at = db_timestamp(decision.created_at, what=f"{decision.event_id}: created_at")
+        candidates = sorted(decision.candidates, key=lambda c: c.position)
+        candidate_ids = [c.candidate_id for c in candidates]
+        if len(set(candidate_ids)) != len(candidate_ids):
+            raise ValueError(f"{decision.event_id}: duplicate candidate ids {candidate_ids}")
+        if decision.chosen_candidate_id not in candidate_ids:
+            raise ValueError(
+                f"{decision.event_id}: chosen_candidate_id {decision.chosen_candidate_id!r} "
+                f"is not one of the candidates {candidate_ids}"
+            )
+        served = decision.served
+        if served.role != "served" or served.policy_name != decision.policy_name:
+            raise ValueError(
+                f"{decision.event_id}: served must be the run of policy "
+                f"{decision.policy_name!r} with role 'served', got {served.policy_name!r} "
+                f"with role {served.role!r}"
+            )
+        rows.decisions.append(
+            (
+                decision.event_id,
+                decision.user_key,
+                created_at,
+                decision.policy_name,
+                decision.policy_version,
+                decision.feature_version,
+                decision.prompt_version,
+                decision.generation_source,
+                decision.chosen_candidate_id,
+                decision.chosen_kind,
+                float(decision.chosen_probability),
+                *_latencies(decision.latency_ms),
+                db_floats(decision.context_features, what=f"{decision.event_id}: context"),
+            )
+        )
+        rows.candidates.extend(
+            (
+                decision.event_id,
+                c.candidate_id,
+                c.position,
+                c.kind,
+                c.source,
+                c.content,
+                c.task_ref,
+                c.model,
+                c.prompt_version,
+                db_floats(c.features, what=f"{decision.event_id}/{c.candidate_id}: features"),
+            )
+            for c in candidates
+        )
+        run, scores = policy_run_rows(decision.event_id, served, candidate_ids, created_at)
+        rows.policy_runs.append(run)
+        rows.tip_scores.extend(scores)
+    return rows
+
+
+def policy_run_rows(
+    event_id: str, run: PolicyScoresRecord, candidate_ids: Sequence[str], created_at: str
+) -> tuple[Params, list[Params]]:
+    """One ``policy_runs`` row and its ``tip_scores`` rows.
+
+    A run that failed may carry no scores at all; otherwise there is one score and one
+    probability per candidate, in ``candidate_ids`` order.
+    """
+    if run.role not in POLICY_ROLES:
+        raise ValueError(
+            f"{event_id}/{run.policy_name}: role must be one of {sorted(POLICY_ROLES)}, "
+            f"got {run.role!r}"
+        )
+    if len(run.scores) != len(run.probabilities) or (
+        run.scores and len(run.scores) != len(candidate_ids)
+    ):
+        raise ValueError(
+            f"{event_id}/{run.policy_name}: expected {len(candidate_ids)} scores and "
+            f"probabilities (one per candidate) or none, got {len(run.scores)} scores and "
+            f"{len(run.probabilities)} probabilities"
+        )
+    row = (
+        event_id,
+        run.policy_name,
+        run.policy_version,
+        run.role,
+        run.chosen_candidate_id,
+        None if run.chosen_probability is None else float(run.chosen_probability),
+        float(run.latency_ms),
+        run.error,
+        created_at,
+    )
+    scores = (
+        [
+            (event_id, run.policy_name, candidate_id, float(score), float(probability))
+            for candidate_id, score, probability in zip(
+                candidate_ids, run.scores, run.probabilities, strict=True
+            )
+        ]
+        if run.scores
+        else []
+    )
+    return row, scores
+
+
+def stored_decision(row: Row) -> StoredDecision:
+    (event_id, user_key, created_at, policy_name, policy_version, chosen_candidate_id,
+     chosen_kind, chosen_probability, features) = row  # fmt: skip
+    return StoredDecision(
+        event_id=event_id,
+        user_key=user_key,
+        created_at=utc_datetime(created_at),
+        policy_name=policy_name,
+        policy_version=policy_version,
+        chosen_candidate_id=chosen_candidate_id,
+        chosen_kind=chosen_kind,
+        chosen_probability=float(chosen_probability),
+        chosen_features=float_list(features),
+    )
+
+
+def feedback_params(feedback: FeedbackRecord) -> Params:
+    if feedback.reaction not in REACTIONS:
+        raise ValueError(
+            f"{feedback.event_id}: reaction must be one of {sorted(REACTIONS)}, "
+            f"got {feedback.reaction!r}"
+        )
+    return (
+        feedback.event_id,
+        feedback.reaction,
+        None if feedback.value is None else float(feedback.value),
+        float(feedback.reward),
+        db_timestamp(feedback.reacted_at, what=f"{feedback.event_id}: reacted_at"),
+        db_timestamp(feedback.received_at, what=f"{feedback.event_id}: received_at"),
+    )
+
+
+def feedback_record(row: Row) -> FeedbackRecord:
+    event_id, reaction, value, reward, reacted_at, received_at = row
+    return FeedbackRecord(
+        event_id=event_id,
+        reaction=reaction,
+        value=None if value is None else float(value),
+        reward=float(reward),
+        reacted_at=utc_datetime(reacted_at),
+        received_at=utc_datetime(received_at),
+    )
+
+
+def training_event(row: Row) -> TrainingEvent:
+    feedback_id, event_id, features, reward = row
+    return TrainingEvent(
+        feedback_id=int(feedback_id),
+        event_id=event_id,
+        features=float_list(features),
+        reward=float(reward),
+    )
+
+
+def history_item(row: Row) -> ReactionHistoryItem:
+    kind, reaction, reward, shown_at = row
+    return ReactionHistoryItem(
+        kind=kind, reaction=reaction, reward=float(reward), shown_at=utc_datetime(shown_at)
+    )
+
+
+def store_counts(row: Row) -> StoreCounts:
+    decisions, candidates, policy_runs, tip_scores, feedback, served, shadow = map(int, row)
+    return StoreCounts(
+        decisions=decisions,
+        candidates=candidates,
+        policy_runs=policy_runs,
+        tip_scores=tip_scores,
+        feedback=feedback,
+        by_role={"served": served, "shadow": shadow},
+    )

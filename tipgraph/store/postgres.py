@@ -1,0 +1,114 @@
+"""Postgres backend: psycopg 3 with a connection pool, optionally confined to one schema."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements
+from tipgraph.store.base import StoreError, StoreUnavailable
+from tipgraph.store.migrate import migrate
+
+logger = logging.getLogger(__name__)
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+def _pyformat(statement: str) -> str:
+    """Shared qmark SQL -> psycopg's ``%s``; a literal ``%`` would need escaping, so refuse it."""
+    if "%" in statement:
+        raise ValueError(f"shared SQL must not contain '%': {statement!r}")
+    return statement.replace("?", "%s")
+
+
+POSTGRES_STATEMENTS: Statements = QMARK_STATEMENTS.translated(_pyformat)
+
+
+def _search_path(schema: str) -> Callable[[Connection], None]:
+    """Pool ``configure`` hook: new connections see the store's schema first."""
+
+    def configure(conn: Connection) -> None:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.commit()  # the pool wants connections handed over idle
+
+    return configure
+
+
+class PostgresStore(SQLDecisionStore):
+    """Decision store in Postgres.
+
+    With ``schema`` every table lives in that schema (created on open): each pooled
+    connection gets it as its ``search_path``, so the SQL stays unqualified.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        min_size: int = 1,
+        max_size: int = 4,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(POSTGRES_STATEMENTS)
+        self.url = url
+        self.schema = schema
+        self.min_size = min_size
+        self.max_size = max_size
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool[Connection] | None = None
+
+    def open(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                return
+            # A closed pool cannot be reopened, so each open() builds a fresh one.
+            pool: ConnectionPool[Connection] = ConnectionPool(
+                self.url,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                open=False,
+                configure=None if self.schema is None else _search_path(self.schema),
+                check=ConnectionPool.check_connection,
+                timeout=self.timeout,
+                name="tipgraph-store",
+            )
+            self._pool = pool
+            try:
+                try:
+                    pool.open(wait=True, timeout=self.timeout)
+                except psycopg.OperationalError as err:
+                    raise StoreUnavailable(f"cannot connect to Postgres: {err}") from err
+                migrate(lambda: self._transaction(write=True), "postgres", pg_schema=self.schema)
+            except BaseException:
+                self._pool = None
+                pool.close()
+                raise
+            logger.info("opened Postgres store (schema %s)", self.schema or "default")
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[Cursor]:
+        # Every block is one Postgres transaction, reads included; ``write`` changes nothing.
+        pool = self._pool
+        if pool is None:
+            raise StoreError("the Postgres store is not open; call open() first")
+        try:
+            with pool.connection() as conn, conn.cursor() as cur:
+                yield cur
+        except psycopg.OperationalError as err:
+            # Includes PoolTimeout and PoolClosed (a close() racing this call).
+            raise StoreUnavailable(f"Postgres is unavailable: {err}") from err
