@@ -95,6 +95,18 @@ class Stages(Protocol):
     ) -> list[Awaitable[object]]: ...
 
 
+def describe_error(err: BaseException) -> str:
+    """One line naming the root error; a remote error's traceback stays in the logs.
+
+    A replica's exception reaches the caller as a RayTaskError whose text is the remote
+    traceback; its last line is the original ``Type: message``.
+    """
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[-1].strip()[:500]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]
+
+
 def _ms(start: float) -> float:
     return (time.perf_counter() - start) * 1000.0
 
@@ -200,7 +212,7 @@ class TipService:
         try:
             result = await asyncio.wait_for(pending, timeout=SHADOW_TIMEOUT_S)
         except Exception as err:  # a shadow may fail in any way; it must only be logged
-            logger.warning("shadow %s failed for event %s: %s", name, event_id, err)
+            logger.warning("shadow %s failed for event %s: %s", name, event_id, describe_error(err))
             run = PolicyScoresRecord(
                 policy_name=name,
                 policy_version="",
@@ -210,7 +222,7 @@ class TipService:
                 chosen_candidate_id=None,
                 chosen_probability=None,
                 latency_ms=_ms(start),
-                error=f"{type(err).__name__}: {err}"[:500],
+                error=describe_error(err),
             )
         else:
             run = PolicyScoresRecord(
@@ -221,7 +233,8 @@ class TipService:
                 probabilities=result.probabilities,
                 chosen_candidate_id=candidate_ids[result.chosen],
                 chosen_probability=result.chosen_probability,
-                latency_ms=result.latency_ms,
+                # Round trip as the ingress saw it, like the served policy's row.
+                latency_ms=_ms(start),
             )
         self.log.submit_policy_scores(event_id, [run], candidate_ids)
 

@@ -1,0 +1,348 @@
+"""End to end: the real Serve graph over real HTTP, logging to the real Postgres.
+
+One local Ray cluster serves two applications side by side: ``main`` with healthy shadows
+and ``faulty`` whose shadows sleep or raise.  Same code, same config apart from the shadows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from graphs.tipgraph import PROJECT_ROOT, build_app, build_graph
+from tests.factories import tip_body
+from tipgraph.cli import main as cli_main
+from tipgraph.contracts import TipRequest
+from tipgraph.decision_log import DecisionLog
+from tipgraph.local import LocalStages
+from tipgraph.service import TipService
+from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings
+from tipgraph.store import open_store
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+
+HEALTHY_SHADOWS = [
+    {"policy": {"name": "egreedy", "kind": "egreedy"}, "deployment": {"num_cpus": 0.05}},
+    {"policy": {"name": "uniform", "kind": "uniform"}, "deployment": {"num_cpus": 0.05}},
+]
+SHADOW_DELAY_S = 3.0
+FAULTY_SHADOWS = [
+    {
+        "policy": {"name": "slow", "kind": "egreedy"},
+        "deployment": {"num_cpus": 0.05},
+        "fault": {"delay_s": SHADOW_DELAY_S},
+    },
+    {
+        "policy": {"name": "broken", "kind": "uniform"},
+        "deployment": {"num_cpus": 0.05},
+        "fault": {"fail": True},
+    },
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_for(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+class App:
+    def __init__(self, name: str, url: str, settings: TipgraphSettings, postgres_url: str):
+        self.name = name
+        self.client = httpx.Client(base_url=url, timeout=30)
+        self.settings = settings
+        self.postgres_url = postgres_url
+
+    def query(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        schema = self.settings.store.pg_schema
+        with psycopg.connect(self.postgres_url, options=f"-c search_path={schema}") as conn:
+            return conn.execute(query, params).fetchall()
+
+    def scoring_snapshot(self, deployment: str = "scoring") -> dict[str, Any]:
+        from ray import serve
+
+        handle = serve.get_deployment_handle(deployment, app_name=self.name)
+        snapshot: dict[str, Any] = handle.snapshot.remote().result(timeout_s=30)
+        return snapshot
+
+
+@pytest.fixture(scope="module")
+def serve_apps(postgres_url: str) -> Iterator[dict[str, App]]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    base = load_settings(PROJECT_ROOT / "configs" / "tipgraph.yaml")
+    port = _free_port()
+    schemas = {name: f"e2e_{name}_{uuid.uuid4().hex[:10]}" for name in ("main", "faulty")}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    apps: dict[str, App] = {}
+    try:
+        for name, shadows in (("main", HEALTHY_SHADOWS), ("faulty", FAULTY_SHADOWS)):
+            settings = TipgraphSettings(
+                **{
+                    **base.model_dump(exclude={"shadows", "store", "serve"}),
+                    "serve": {"app_name": name, "route_prefix": f"/{name}", "port": port},
+                    "store": {"url": postgres_url, "pg_schema": schemas[name]},
+                    "shadows": shadows,
+                }
+            )
+            serve.run(build_graph(settings), name=name, route_prefix=f"/{name}")
+            apps[name] = App(name, f"http://127.0.0.1:{port}/{name}", settings, postgres_url)
+        yield apps
+    finally:
+        for app in apps.values():
+            app.client.close()
+        serve.shutdown()
+        ray.shutdown()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            for schema in schemas.values():
+                conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+                )
+
+
+def test_health_and_readiness(serve_apps: dict[str, App]) -> None:
+    client = serve_apps["main"].client
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["schema_version"] == 1
+    assert "/v1/tips" in client.get("/openapi.json").json()["paths"]
+
+
+def test_tip_decision_shadows_and_feedback_are_logged_and_learned(
+    serve_apps: dict[str, App],
+) -> None:
+    app = serve_apps["main"]
+    before = app.scoring_snapshot()
+    response = app.client.post("/v1/tips", json=tip_body(user_id="e2e-user"))
+    assert response.status_code == 200, response.text
+    tip = response.json()
+    event_id = tip["event_id"]
+    assert tip["policy"]["name"] == "linucb"
+    assert sum(r["probability"] for r in tip["ranking"]) == pytest.approx(1.0)
+    assert set(tip["latency_ms"]) == {"context", "generation", "scoring", "total"}
+
+    # decision, candidates and every policy's scores land in Postgres off the hot path
+    _wait_for(
+        lambda: len(app.query("SELECT 1 FROM policy_runs WHERE event_id = %s", event_id)) == 3
+    )
+    (decision,) = app.query(
+        "SELECT user_key, policy_name, feature_version, chosen_candidate_id, chosen_probability,"
+        " latency_total_ms FROM decisions WHERE event_id = %s",
+        event_id,
+    )
+    assert decision[0] != "e2e-user"  # pseudonymised
+    assert decision[1:4] == ("linucb", decision[2], tip["tip"]["candidate_id"])
+    assert decision[2].startswith("v1-")
+    assert decision[4] == pytest.approx(tip["probability"])
+    assert decision[5] > 0
+    runs = dict(
+        app.query("SELECT policy_name, role FROM policy_runs WHERE event_id = %s", event_id)
+    )
+    assert runs == {"linucb": "served", "egreedy": "shadow", "uniform": "shadow"}
+    (n_scores,) = app.query("SELECT count(*) FROM tip_scores WHERE event_id = %s", event_id)
+    assert n_scores[0] == 3 * len(tip["ranking"])
+    (n_candidates,) = app.query("SELECT count(*) FROM candidates WHERE event_id = %s", event_id)
+    assert n_candidates[0] == len(tip["ranking"])
+
+    feedback = app.client.post("/v1/feedback", json={"event_id": event_id, "reaction": "done"})
+    assert feedback.status_code == 200, feedback.text
+    assert feedback.json()["reward"] == 1.0
+    again = app.client.post("/v1/feedback", json={"event_id": event_id, "reaction": "done"})
+    assert again.status_code == 200 and again.json() == feedback.json()
+    assert app.query("SELECT reaction, reward FROM feedback WHERE event_id = %s", event_id) == [
+        ("done", 1.0)
+    ]
+
+    after = app.scoring_snapshot()
+    assert after["n_updates"] == before["n_updates"] + 1
+    assert after["b"] != before["b"]
+    _wait_for(lambda: app.scoring_snapshot("shadow_egreedy")["n_updates"] == after["n_updates"])
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v1/tips", {"user_id": "u", "tasks": []}, 422, "tasks: List should have at least 1"),
+        ("/v1/tips", tip_body(timezone="Nowhere/City"), 422, "unknown IANA timezone"),
+        (
+            "/v1/tips",
+            {"user_id": "u", "tasks": [{"id": "a", "content": "x", "priority": 9}]},
+            422,
+            "tasks[0].priority: Input should be less than or equal to 4",
+        ),
+        ("/v1/feedback", {"event_id": "missing", "reaction": "done"}, 404, "not a known"),
+        ("/v1/feedback", {"event_id": "e", "reaction": "meh"}, 422, "reaction: Input should be"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(
+    serve_apps: dict[str, App], path: str, body: dict[str, Any], status: int, message: str
+) -> None:
+    response = serve_apps["main"].client.post(path, json=body)
+    assert response.status_code == status
+    assert message in response.json()["detail"]
+
+
+def test_malformed_json_and_oversized_body(serve_apps: dict[str, App]) -> None:
+    client = serve_apps["main"].client
+    broken = client.post(
+        "/v1/tips", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 422 and "JSON" in broken.json()["detail"]
+    huge = client.post(
+        "/v1/tips", content=b"x" * 2_000_000, headers={"content-type": "application/json"}
+    )
+    assert huge.status_code == 413 and "limit is 1000000" in huge.json()["detail"]
+
+
+def test_failing_and_slow_shadows_change_neither_response_nor_latency(
+    serve_apps: dict[str, App],
+) -> None:
+    main, faulty = serve_apps["main"], serve_apps["faulty"]
+    # The faulty app never gets feedback, so its served policy is untrained: it must rank
+    # exactly like an in-process graph with the same policy and no shadows at all.
+    body = tip_body(user_id="shadow-check")
+    answer = faulty.client.post("/v1/tips", json=body)
+    assert answer.status_code == 200, answer.text
+    served = [(r["candidate_id"], r["probability"]) for r in answer.json()["ranking"]]
+    reference = asyncio.run(_reference_ranking(faulty.settings, body))
+    assert [c for c, _ in served] == [c for c, _ in reference]
+    assert [p for _, p in served] == pytest.approx([p for _, p in reference], abs=1e-12)
+
+    timings: dict[str, list[float]] = {"main": [], "faulty": []}
+    last_event = ""
+    for _ in range(15):
+        for name, app in (("main", main), ("faulty", faulty)):
+            start = time.perf_counter()
+            answer = app.client.post("/v1/tips", json=body)
+            timings[name].append(time.perf_counter() - start)
+            assert answer.status_code == 200
+            last_event = answer.json()["event_id"] if name == "faulty" else last_event
+    # The slow shadow sleeps 3 s: had it been awaited, every faulty request would take 3 s.
+    assert max(timings["faulty"]) < SHADOW_DELAY_S / 2
+    assert statistics.median(timings["faulty"]) < statistics.median(timings["main"]) + 0.1
+
+    # Both shadows were still called and logged: the slow one late, the broken one as error.
+    _wait_for(
+        lambda: len(faulty.query("SELECT 1 FROM policy_runs WHERE event_id = %s", last_event)) == 3,
+        timeout_s=20,
+    )
+    runs = {
+        name: (error, latency)
+        for name, error, latency in faulty.query(
+            "SELECT policy_name, error, latency_ms FROM policy_runs WHERE event_id = %s", last_event
+        )
+    }
+    assert runs["slow"][0] is None and runs["slow"][1] >= SHADOW_DELAY_S * 1000 * 0.9
+    assert "injected fault" in runs["broken"][0]
+
+
+async def _reference_ranking(
+    settings: TipgraphSettings, body: dict[str, Any]
+) -> list[tuple[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = settings.model_copy(
+            update={"shadows": [], "store": StoreSettings(url=f"sqlite:///{tmp}/ref.db")}
+        )
+        with open_store(alone.store) as store:
+            service = TipService(alone, LocalStages(alone, store), store, DecisionLog(store))
+            response = await service.tip(TipRequest.model_validate(body))
+            await service.close()
+    return [(r.candidate_id, r.probability) for r in response.ranking]
+
+
+def test_simulator_drives_the_graph(serve_apps: dict[str, App]) -> None:
+    url = str(serve_apps["main"].client.base_url)
+    assert (
+        cli_main(
+            [
+                "simulate",
+                "--url",
+                url,
+                "--users",
+                "5",
+                "--decisions",
+                "40",
+                "--block",
+                "20",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    (count,) = serve_apps["main"].query("SELECT count(*) FROM feedback")
+    assert count[0] >= 40
+
+
+def test_serve_config_file_is_a_valid_serve_config_that_builds() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config)
+    (application,) = schema.applications
+    assert application.import_path == "graphs.tipgraph:build_app"
+    app = build_app(application.args)
+    assert type(app).__name__ == "Application"
+
+
+def test_clean_shutdown_writes_every_buffered_decision(
+    serve_apps: dict[str, App], postgres_url: str
+) -> None:
+    from ray import serve
+
+    main = serve_apps["main"]
+    schema = f"e2e_flush_{uuid.uuid4().hex[:10]}"
+    # The writer would wait a minute before writing: only the shutdown flush can land rows.
+    settings = main.settings.model_copy(
+        update={
+            "serve": main.settings.serve.model_copy(
+                update={"app_name": "flush", "route_prefix": "/flush"}
+            ),
+            "store": StoreSettings(
+                url=postgres_url, pg_schema=schema, flush_interval_s=60, batch_size=10_000
+            ),
+            "shadows": [],
+        }
+    )
+    serve.run(build_graph(settings), name="flush", route_prefix="/flush")
+    app = App("flush", str(main.client.base_url).replace("/main", "/flush"), settings, postgres_url)
+    try:
+        served = set()
+        for i in range(20):
+            answer = app.client.post("/v1/tips", json=tip_body(user_id=f"flush-{i}"))
+            assert answer.status_code == 200, answer.text
+            served.add(answer.json()["event_id"])
+        assert app.query("SELECT count(*) FROM decisions") == [(0,)]  # still buffered
+        serve.delete("flush")  # graceful: the ingress replica's destructor drains the log
+        logged = {row[0] for row in app.query("SELECT event_id FROM decisions")}
+        assert logged == served
+    finally:
+        app.client.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
