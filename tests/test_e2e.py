@@ -7,13 +7,16 @@ and ``faulty`` whose shadows sleep or raise.  Same code, same config apart from 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -346,3 +349,30 @@ def test_clean_shutdown_writes_every_buffered_decision(
         app.client.close()
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _readme_curl_block() -> str:
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    after_marker = readme.split("<!-- readme-curl-examples", 1)[1]
+    return after_marker.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_curl_examples_work(serve_apps: dict[str, App], tmp_path: Path) -> None:
+    app = serve_apps["main"]
+    base_url = str(app.client.base_url).rstrip("/")
+    script = _readme_curl_block().replace("http://127.0.0.1:8000", base_url)
+    script = script.replace("/tmp/tip.json", str(tmp_path / "tip.json"))
+    result = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    tip = json.loads((tmp_path / "tip.json").read_text())
+    assert tip["tip"]["task_id"] in {"t1", "t2", "t3", "t4", None}
+    assert '"reaction":"done"' in result.stdout and '"status":"ready"' in result.stdout
+    assert app.query("SELECT reaction FROM feedback WHERE event_id = %s", tip["event_id"]) == [
+        ("done",)
+    ]

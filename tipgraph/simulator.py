@@ -10,6 +10,7 @@ uniform policy only earns the average.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 from tipgraph.candidates import task_candidates
 from tipgraph.contracts import MAX_CANDIDATES, TIP_KINDS, TipRequest
 from tipgraph.features import build_context, part_of_day
-from tipgraph.settings import RewardSettings
+from tipgraph.settings import RewardSettings, TipgraphSettings
 
 BASE_LOGIT = -1.6
 FAVOURITE_BONUS = 2.6
@@ -217,6 +218,53 @@ def run_http(
                 on_block=on_block,
             )
         )
+
+
+def run_local(
+    settings: TipgraphSettings,
+    *,
+    users: int,
+    decisions: int,
+    seed: int,
+    block: int = 500,
+    on_block: Callable[[Block], None] | None = None,
+) -> list[Block]:
+    """The same loop with every stage in this process (no Ray, no HTTP)."""
+    from tipgraph.contracts import FeedbackRequest
+    from tipgraph.decision_log import DecisionLog
+    from tipgraph.local import LocalStages
+    from tipgraph.service import TipService
+    from tipgraph.store import open_store
+
+    loop = asyncio.new_event_loop()
+    store = open_store(settings.store)
+    service = TipService(settings, LocalStages(settings, store), store, DecisionLog(store))
+    try:
+
+        def tip(body: dict[str, Any]) -> dict[str, Any]:
+            answer = loop.run_until_complete(service.tip(TipRequest.model_validate(body)))
+            return answer.model_dump(mode="json")
+
+        def feedback(event_id: str, reaction: str) -> None:
+            request = FeedbackRequest.model_validate({"event_id": event_id, "reaction": reaction})
+            loop.run_until_complete(service.feedback(request))
+
+        return list(
+            _loop(
+                tip,
+                feedback,
+                users=users,
+                decisions=decisions,
+                seed=seed,
+                block=block,
+                rewards=settings.rewards,
+                on_block=on_block,
+            )
+        )
+    finally:
+        loop.run_until_complete(service.close())
+        loop.close()
+        store.close()
 
 
 def _loop(
