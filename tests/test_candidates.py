@@ -50,3 +50,10 @@ def test_everything_excluded_gives_no_candidates() -> None:
 
 def test_n_caps_the_count() -> None:
     assert len(candidates_for(n=3)) == 3
+
+
+def test_exclude_ids_also_removes_tips_already_shown() -> None:
+    shown = candidates_for(n=2)
+    rest = candidates_for(n=50, exclude_ids=[c.candidate_id for c in shown])
+    assert not {c.candidate_id for c in shown} & {c.candidate_id for c in rest}
+    assert len(rest) == 5

@@ -148,7 +148,7 @@ async def test_all_tasks_excluded_is_a_clear_client_error(
     settings: TipgraphSettings, store: DecisionStore
 ) -> None:
     service = make_service(settings, store)
-    with pytest.raises(InvalidRequest, match="every task is in exclude_ids"):
+    with pytest.raises(InvalidRequest, match="exclude_ids rules out every task"):
         await service.tip(request(exclude_ids=["t1", "t2", "t3", "t4", "t5", "t6"]))
 
 

@@ -115,8 +115,15 @@ def _by_kind(request: TipRequest, context: UserContext) -> dict[str, list[Candid
 
 
 def task_candidates(request: TipRequest, context: UserContext, n: int) -> list[Candidate]:
-    """Up to ``n`` candidates, taken round-robin across kinds so the policy sees variety."""
-    groups = [group for group in _by_kind(request, context).values() if group]
+    """Up to ``n`` candidates, taken round-robin across kinds so the policy sees variety.
+
+    ``exclude_ids`` may name tasks (no tip about them) or candidate ids (tips already shown).
+    """
+    excluded = set(request.exclude_ids)
+    groups = [
+        [c for c in group if c.candidate_id not in excluded]
+        for group in _by_kind(request, context).values()
+    ]
     chosen: list[Candidate] = []
     seen: set[str] = set()
     depth = 0

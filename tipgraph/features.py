@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import numpy as np
@@ -111,7 +111,6 @@ class UserContext:
     high_priority: int
     prompt: str = ""
     history_size: int = 0
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def part_of_day(hour: int) -> str:

@@ -147,7 +147,9 @@ class TipService:
         candidates = await self.stages.candidates(request, context, n)
         generation_ms = _ms(t)
         if not candidates:
-            raise InvalidRequest("no candidate tip can be made: every task is in exclude_ids")
+            raise InvalidRequest(
+                "no candidate tip can be made: exclude_ids rules out every task and tip"
+            )
 
         X = candidate_matrix(context, [c.view for c in candidates])
         t = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,7 +92,7 @@ class SQLiteStore(SQLDecisionStore):
         except (OSError, sqlite3.OperationalError) as err:
             raise StoreUnavailable(f"cannot open SQLite database {self.path}: {err}") from err
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(conn)
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as err:
             conn.close()
@@ -121,3 +122,24 @@ class SQLiteStore(SQLDecisionStore):
                 raise
             finally:
                 cur.close()
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL once, tolerating other processes doing the same.
+
+    Changing the journal mode needs an exclusive lock and SQLite reports SQLITE_BUSY for it
+    without consulting the busy timeout, so replicas opening a new file together retry.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.01
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if not _is_transient(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
