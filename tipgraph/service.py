@@ -39,6 +39,7 @@ from tipgraph.store.records import (
     CandidateRecord,
     DecisionRecord,
     FeedbackRecord,
+    PolicyRole,
     PolicyScoresRecord,
 )
 
@@ -105,6 +106,22 @@ def describe_error(err: BaseException) -> str:
     if len(lines) > 1:
         return lines[-1].strip()[:500]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def policy_run(
+    result: PolicyScore, role: PolicyRole, candidate_ids: Sequence[str], latency_ms: float
+) -> PolicyScoresRecord:
+    """The log row of one policy's answer for one event."""
+    return PolicyScoresRecord(
+        policy_name=result.policy_name,
+        policy_version=result.policy_version,
+        role=role,
+        scores=result.scores,
+        probabilities=result.probabilities,
+        chosen_candidate_id=candidate_ids[result.chosen],
+        chosen_probability=result.chosen_probability,
+        latency_ms=latency_ms,
+    )
 
 
 def _ms(start: float) -> float:
@@ -227,17 +244,8 @@ class TipService:
                 error=describe_error(err),
             )
         else:
-            run = PolicyScoresRecord(
-                policy_name=result.policy_name,
-                policy_version=result.policy_version,
-                role="shadow",
-                scores=result.scores,
-                probabilities=result.probabilities,
-                chosen_candidate_id=candidate_ids[result.chosen],
-                chosen_probability=result.chosen_probability,
-                # Round trip as the ingress saw it, like the served policy's row.
-                latency_ms=_ms(start),
-            )
+            # Round trip as the ingress saw it, like the served policy's row.
+            run = policy_run(result, "shadow", candidate_ids, _ms(start))
         self.log.submit_policy_scores(event_id, [run], candidate_ids)
 
     def _decision_record(
@@ -282,15 +290,8 @@ class TipService:
             latency_ms=latency.model_dump(),
             context_features=list(context.vector),
             candidates=records,
-            served=PolicyScoresRecord(
-                policy_name=result.policy_name,
-                policy_version=result.policy_version,
-                role="served",
-                scores=result.scores,
-                probabilities=result.probabilities,
-                chosen_candidate_id=chosen.candidate_id,
-                chosen_probability=result.chosen_probability,
-                latency_ms=latency.scoring,
+            served=policy_run(
+                result, "served", [c.candidate_id for c in candidates], latency.scoring
             ),
         )
 
