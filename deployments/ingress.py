@@ -22,6 +22,7 @@ from tipgraph.contracts import (
 )
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import UserContext
+from tipgraph.periodic import Periodic
 from tipgraph.scoring import PolicyScore
 from tipgraph.service import TipgraphError, TipService
 from tipgraph.settings import TipgraphSettings
@@ -117,16 +118,15 @@ class HandleStages:
     ) -> list[tuple[str, Awaitable[PolicyScore]]]:
         return [(name, handle.score.remote(X, event_id)) for name, handle in self._shadows.items()]
 
-    async def learn(self, event_id: str, features: list[float], reward: float) -> None:
-        # Every live replica must learn, not just the one the router would pick.
-        await self._scoring.broadcast("learn", event_id, features, reward).results_async()
+    async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
+        # One replica learns now; the others apply it from the rewards log at their sync.
+        await self._scoring.learn.remote(reward_id, features, reward)
 
     def learn_shadows(
-        self, event_id: str, features: list[float], reward: float
+        self, reward_id: int, features: list[float], reward: float
     ) -> list[Awaitable[object]]:
         return [
-            handle.broadcast("learn", event_id, features, reward).results_async()
-            for handle in self._shadows.values()
+            handle.learn.remote(reward_id, features, reward) for handle in self._shadows.values()
         ]
 
 
@@ -151,6 +151,11 @@ class Ingress:
         )
         stages = HandleStages(context, generation, scoring, shadows)
         self._service = TipService(settings, stages, self._store, log)
+        self._defaults = Periodic(
+            settings.learning.default_reward_check_s,
+            self._service.apply_default_rewards,
+            name="default-rewards",
+        ).start()
 
     @api.post("/v1/tips", response_model=TipResponse, responses=ERRORS)
     async def tips(self, body: TipRequest) -> TipResponse:
@@ -184,5 +189,6 @@ class Ingress:
 
     async def __del__(self) -> None:
         # Graceful shutdown (SIGTERM, scale-down): write every buffered decision first.
+        self._defaults.stop()
         await self._service.close()
         self._store.close()

@@ -1,7 +1,8 @@
 """Scoring and shadow stages: one deployment class, bound once per policy.
 
 The served policy and every shadow run this same shell; a shadow only differs in its
-name, its policy settings and (for chaos tests) injected faults.
+name, its policy settings and (for chaos tests) injected faults.  Replicas of one
+deployment stay identical through :meth:`PolicyService.sync` (see tipgraph.scoring).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from ray import serve
 
 from tipgraph.features import FEATURE_SPEC
+from tipgraph.periodic import Periodic
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
@@ -29,20 +31,29 @@ class PolicyScorer:
         fault: FaultSettings | None = None,
     ) -> None:
         self._fault = fault or FaultSettings()
-        self._service = PolicyService(make_policy(policy, FEATURE_SPEC.dim))
+        self._service = PolicyService(
+            make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
+        )
+        self._store = open_store(settings.store)
         # A new or restarted replica starts from everything the log has learned so far.
-        store = open_store(settings.store)
-        try:
-            replayed = self._service.rebuild(store.training_events())
-        finally:
-            store.close()
+        replayed = self._service.sync(self._store)
         logger.info("policy %s rebuilt from %d logged rewards", policy.name, replayed)
+        self._syncer = Periodic(
+            settings.learning.sync_interval_s, self.sync, name=f"sync-{policy.name}"
+        ).start()
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
         return await self._service.score_with_faults(X, event_id, self._fault)
 
-    def learn(self, event_id: str, features: list[float], reward: float) -> bool:
-        return self._service.learn(event_id, features, reward)
+    def learn(self, reward_id: int, features: list[float], reward: float) -> bool:
+        return self._service.learn(reward_id, features, reward)
+
+    def sync(self) -> int:
+        return self._service.sync(self._store)
 
     def snapshot(self) -> dict[str, object]:
         return self._service.snapshot()
+
+    def __del__(self) -> None:
+        self._syncer.stop()
+        self._store.close()

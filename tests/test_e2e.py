@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import psycopg
 import pytest
 import yaml
@@ -376,3 +377,74 @@ def test_readme_curl_examples_work(serve_apps: dict[str, App], tmp_path: Path) -
     assert app.query("SELECT reaction FROM feedback WHERE event_id = %s", tip["event_id"]) == [
         ("done",)
     ]
+
+
+def test_every_replica_holds_the_model_trained_on_all_feedback(
+    serve_apps: dict[str, App], postgres_url: str
+) -> None:
+    from ray import serve
+
+    from tipgraph.features import FEATURE_SPEC
+    from tipgraph.policies import make_policy
+    from tipgraph.settings import DeploymentSettings, LearningSettings, ShadowSettings
+
+    main = serve_apps["main"]
+    schema = f"e2e_replicas_{uuid.uuid4().hex[:10]}"
+    two = DeploymentSettings(num_cpus=0.1, autoscaling={"min_replicas": 2, "max_replicas": 2})
+    sync_s = 0.5
+    settings = main.settings.model_copy(
+        update={
+            "serve": main.settings.serve.model_copy(
+                update={"app_name": "replicas", "route_prefix": "/replicas"}
+            ),
+            "store": StoreSettings(url=postgres_url, pg_schema=schema),
+            "learning": LearningSettings(sync_interval_s=sync_s),
+            "deployments": {**main.settings.deployments, "scoring": two},
+            "shadows": [
+                ShadowSettings(policy={"name": "egreedy", "kind": "egreedy"}, deployment=two)
+            ],
+        }
+    )
+    serve.run(build_graph(settings), name="replicas", route_prefix="/replicas")
+    app = App(
+        "replicas", str(main.client.base_url).replace("/main", "/replicas"), settings, postgres_url
+    )
+    try:
+        for i in range(40):
+            tip = app.client.post("/v1/tips", json=tip_body(user_id=f"replica-{i % 7}"))
+            assert tip.status_code == 200, tip.text
+            reaction = ("done", "snooze", "dismiss")[i % 3]
+            answer = app.client.post(
+                "/v1/feedback", json={"event_id": tip.json()["event_id"], "reaction": reaction}
+            )
+            assert answer.status_code == 200 and answer.json()["learned"] is True
+
+        with open_store(settings.store) as store:
+            events = store.training_events()
+        assert len(events) == 40
+        time.sleep(3 * sync_s)  # one sync interval (with margin) after the last feedback
+
+        for deployment, policy_settings in (
+            ("scoring", settings.policy),
+            ("shadow_egreedy", settings.shadows[0].policy),
+        ):
+            truth = make_policy(
+                policy_settings, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version
+            )
+            for event in events:
+                truth.update(event.features, event.reward)
+            handle = serve.get_deployment_handle(deployment, app_name="replicas")
+            snapshots = handle.broadcast("snapshot").results(timeout_s=30)
+            assert len(snapshots) == 2, f"{deployment} should run 2 replicas"
+            for snapshot in snapshots:
+                assert snapshot["n_updates"] == 40
+                np.testing.assert_allclose(snapshot["gram"], truth.stats_.gram_, atol=1e-9)
+                np.testing.assert_allclose(snapshot["b"], truth.stats_.b_, atol=1e-9)
+            # The router really split the feedback, so the sync did real work.
+            assert all(s["learned_directly"] > 0 for s in snapshots), deployment
+            assert sum(s["learned_directly"] for s in snapshots) == 40
+    finally:
+        serve.delete("replicas")
+        app.client.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

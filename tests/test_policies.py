@@ -1,86 +1,182 @@
+"""Invariants every policy must keep, checked across all of them at once."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from tipgraph.policies import (
     POLICY_CLASSES,
-    EpsilonGreedy,
     LinUCB,
+    Policy,
     PolicyInputError,
+    PolicyStateError,
+    SquareCB,
     make_policy,
+    policy_from_bytes,
 )
 from tipgraph.settings import PolicySettings
 
 DIM = 6
+KINDS = sorted(POLICY_CLASSES)
+LEARNERS = ["linucb", "lints", "egreedy", "softmax", "squarecb"]
 
 
-def policy(kind: str, **params: float) -> object:
-    return make_policy(PolicySettings(name=f"p_{kind}", kind=kind, **params), DIM)
+def make(kind: str, **params: float) -> Policy:
+    return make_policy(
+        PolicySettings(name=f"p_{kind}", kind=kind, **params), DIM, spec_version="spec-a"
+    )
 
 
-@pytest.mark.parametrize("kind", sorted(POLICY_CLASSES))
-def test_every_policy_gives_a_valid_distribution(kind: str) -> None:
-    rng = np.random.default_rng(0)
-    p = make_policy(PolicySettings(name="p", kind=kind, epsilon=0.1), DIM)
-    for _ in range(20):
-        X = rng.normal(size=(int(rng.integers(1, 30)), DIM)) * rng.uniform(0.1, 100)
-        p.update(X[0], float(rng.uniform()))
-        probs = p.distribution(X)
-        assert probs.shape == (len(X),)
-        assert np.all(probs >= 0)
-        assert probs.sum() == pytest.approx(1.0)
-        if kind != "uniform":
-            assert probs.min() >= 0.1 / len(X) - 1e-12  # documented exploration floor
+def trained(kind: str, n: int = 200, seed: int = 0, **params: float) -> Policy:
+    rng = np.random.default_rng(seed)
+    policy = make(kind, **params)
+    for _ in range(n):
+        policy.update(rng.normal(size=DIM), float(rng.uniform()))
+    return policy
 
 
-@pytest.mark.parametrize("kind", sorted(POLICY_CLASSES))
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=60, deadline=None)
+@given(
+    X=arrays(np.float64, st.tuples(st.integers(1, 40), st.just(DIM)), elements=finite),
+    epsilon=st.floats(0.0, 1.0),
+    event=st.text(max_size=12),
+)
+def test_probabilities_are_valid_for_any_input(
+    kind: str, X: np.ndarray, epsilon: float, event: str
+) -> None:
+    policy = trained(kind, n=20, epsilon=epsilon)
+    decision = policy.decide(X, event)
+    p = decision.probabilities
+    assert p.shape == (len(X),)
+    assert np.all(p >= 0)
+    assert p.sum() == pytest.approx(1.0)
+    assert 0 <= decision.chosen < len(X) and p[decision.chosen] > 0
+    if kind != "uniform":  # the documented exploration floor
+        assert p.min() >= epsilon / len(X) - 1e-9
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_same_event_replays_the_same_decision(kind: str) -> None:
     X = np.random.default_rng(1).normal(size=(10, DIM))
-    a = make_policy(PolicySettings(name="p", kind=kind), DIM)
-    b = make_policy(PolicySettings(name="p", kind=kind), DIM)
-    picks = [a.decide(X, f"event-{i}").chosen for i in range(50)]
-    assert picks == [b.decide(X, f"event-{i}").chosen for i in range(50)]
-    assert len(set(picks)) > 1  # the seed really varies with the event
+    a, b = trained(kind, epsilon=0.3), trained(kind, epsilon=0.3)
+    picks = [a.decide(X, f"event-{i}") for i in range(60)]
+    again = [b.decide(X, f"event-{i}") for i in range(60)]
+    assert [d.chosen for d in picks] == [d.chosen for d in again]
+    assert all(
+        np.array_equal(x.probabilities, y.probabilities) for x, y in zip(picks, again, strict=True)
+    )
+    assert len({d.chosen for d in picks}) > 1  # the seed really varies with the event
 
 
-def test_sherman_morrison_inverse_matches_numpy() -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_equals_training_on_the_union(kind: str) -> None:
     rng = np.random.default_rng(2)
-    p = LinUCB(PolicySettings(name="p", kind="linucb", ridge=0.5), DIM)
-    for _ in range(10_000):
-        p.update(rng.normal(size=DIM), float(rng.uniform()))
-    np.testing.assert_allclose(p.stats_.A_inv_, np.linalg.inv(p.stats_.A_), atol=1e-9)
+    data = [(rng.normal(size=DIM), float(rng.uniform())) for _ in range(300)]
+    a, b, union = make(kind), make(kind), make(kind)
+    for i, (x, r) in enumerate(data):
+        (a if i % 3 else b).update(x, r)
+        union.update(x, r)
+    a.merge(b)
+    assert a.n_updates == union.n_updates == 300
+    np.testing.assert_allclose(a.stats_.gram_, union.stats_.gram_, atol=1e-9)
+    np.testing.assert_allclose(a.stats_.b_, union.stats_.b_, atol=1e-9)
+    X = rng.normal(size=(8, DIM))
+    np.testing.assert_allclose(a.distribution(X, "e"), union.distribution(X, "e"), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["linucb", "egreedy"])
-def test_learning_policies_find_the_better_arm(kind: str) -> None:
-    rng = np.random.default_rng(3)
+def test_merge_refuses_other_features() -> None:
+    other = make_policy(PolicySettings(name="x", kind="linucb"), DIM, spec_version="spec-b")
+    with pytest.raises(PolicyStateError, match="features spec-b"):
+        make("linucb").merge(other)
+
+
+@pytest.mark.parametrize("refresh_every", [1_000_000, 1024])
+def test_sherman_morrison_inverse_matches_numpy_after_10000_updates(refresh_every: int) -> None:
+    policy = trained("linucb", n=10_000, seed=3, ridge=0.5, refresh_every=refresh_every)
+    np.testing.assert_allclose(policy.stats_.A_inv_, np.linalg.inv(policy.stats_.A), atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_round_trips_through_bytes(kind: str) -> None:
+    policy = trained(kind, epsilon=0.2)
+    loaded = policy_from_bytes(policy.to_bytes(), expected_spec_version="spec-a")
+    assert type(loaded) is type(policy) and loaded.settings == policy.settings
+    assert loaded.n_updates == policy.n_updates and loaded.version == policy.version
+    X = np.random.default_rng(4).normal(size=(7, DIM))
+    np.testing.assert_allclose(loaded.distribution(X, "e"), policy.distribution(X, "e"), atol=1e-9)
+
+
+def test_loading_refuses_other_features_and_garbage() -> None:
+    data = trained("linucb").to_bytes()
+    with pytest.raises(PolicyStateError, match=r"learned on features spec-a.*uses spec-z"):
+        policy_from_bytes(data, expected_spec_version="spec-z")
+    with pytest.raises(PolicyStateError, match="bad magic"):
+        policy_from_bytes(b"pickle?")
+    with pytest.raises(PolicyStateError, match="values, expected"):
+        policy_from_bytes(data[:-8])
+
+
+@pytest.mark.parametrize("kind", LEARNERS)
+def test_each_learning_policy_learns_a_simple_problem(kind: str) -> None:
+    rng = np.random.default_rng(5)
     theta = np.array([1.0, -1.0, 0.5, 0.0, 0.0, 0.0])
-    p = make_policy(PolicySettings(name="p", kind=kind, epsilon=0.05, alpha=0.2), DIM)
-    rewards = []
+    policy = make(kind, epsilon=0.05, alpha=0.3, temperature=0.05, gamma=100.0, v=0.1)
+    gained, best, average = [], [], []
     for i in range(3000):
         X = rng.normal(size=(5, DIM))
-        d = p.decide(X, f"e{i}")
-        reward = float(X[d.chosen] @ theta + rng.normal(scale=0.1))
-        p.update(X[d.chosen], reward)
-        rewards.append(reward)
-    draws = [rng.normal(size=(5, DIM)) @ theta for _ in range(3000)]
-    best_possible, uniform = np.mean([d.max() for d in draws]), np.mean([d.mean() for d in draws])
-    assert np.mean(rewards[-500:]) > 0.8 * best_possible
-    assert abs(uniform) < 0.1 < best_possible
+        expected = X @ theta
+        d = policy.decide(X, f"e{i}")
+        policy.update(X[d.chosen], float(expected[d.chosen] + rng.normal(scale=0.1)))
+        if i >= 2000:
+            gained.append(expected[d.chosen])
+            best.append(expected.max())
+            average.append(expected.mean())
+    assert np.mean(gained) > 0.85 * np.mean(best)
+    assert abs(np.mean(average)) < 0.1 < np.mean(best)
 
 
-def test_linucb_explores_the_uncertain_candidate() -> None:
-    p = LinUCB(PolicySettings(name="p", kind="linucb", alpha=1.0, temperature=0.1), 2)
+def test_uniform_and_baseline_do_not_use_what_they_learn() -> None:
+    X = np.random.default_rng(6).normal(size=(4, DIM))
+    np.testing.assert_allclose(trained("uniform").distribution(X), [0.25] * 4)
+    base = trained("baseline", epsilon=0.2).distribution(X)
+    np.testing.assert_allclose(base, [0.85, 0.05, 0.05, 0.05])
+
+
+def test_linucb_prefers_the_uncertain_direction() -> None:
+    policy = LinUCB(PolicySettings(name="p", kind="linucb", alpha=1.0), 2)
     for _ in range(50):
-        p.update([1.0, 0.0], 0.5)
-    scores = p.scores([[1.0, 0.0], [0.0, 1.0]])
-    assert scores[1] > scores[0]  # never-seen direction gets the larger bonus
+        policy.update([1.0, 0.0], 0.5)
+    scores = policy.scores([[1.0, 0.0], [0.0, 1.0]])
+    assert scores[1] > scores[0]
 
 
-def test_egreedy_splits_ties() -> None:
-    p = EpsilonGreedy(PolicySettings(name="p", kind="egreedy", epsilon=0.0), 2)
-    np.testing.assert_allclose(p.distribution([[1, 0], [0, 1], [1, 1]]), [1 / 3] * 3)
+def test_squarecb_matches_its_closed_form() -> None:
+    policy = SquareCB(PolicySettings(name="p", kind="squarecb", gamma=10.0, epsilon=0.0), 2)
+    policy.stats_.add(np.eye(2) * 1e9, np.array([0.5e9, 0.2e9]), 1)  # θ ≈ (0.5, 0.2)
+    X = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    p = policy.distribution(X)
+    yhat = np.array([0.5, 0.2, 0.0])
+    expected_others = 1 / (3 + 10 * (0.5 - yhat[1:]))
+    np.testing.assert_allclose(p[1:], expected_others, rtol=1e-6)
+    assert p[0] == pytest.approx(1 - expected_others.sum())
+
+
+def test_thompson_probabilities_follow_the_posterior() -> None:
+    policy = make("lints", v=1.0, ts_draws=4000, epsilon=0.0)
+    X = np.array([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]])
+    np.testing.assert_allclose(policy.distribution(X, "e"), [0.5, 0.5], atol=0.05)
+    for _ in range(500):
+        policy.update(X[0], 1.0)
+        policy.update(X[1], 0.0)
+    assert policy.distribution(X, "e")[0] > 0.99
 
 
 @pytest.mark.parametrize(
@@ -90,24 +186,30 @@ def test_egreedy_splits_ties() -> None:
         (np.ones(DIM), "shape"),
         (np.ones((0, DIM)), "shape"),
         (np.full((2, DIM), np.nan), "NaN or infinite"),
+        (np.full((2, DIM), np.inf), "NaN or infinite"),
     ],
 )
 def test_bad_inputs_are_rejected_at_the_boundary(X: np.ndarray, match: str) -> None:
     with pytest.raises(PolicyInputError, match=match):
-        policy("linucb").distribution(X)  # type: ignore[attr-defined]
+        make("linucb").distribution(X)
 
 
 def test_update_rejects_bad_reward_and_vector() -> None:
-    p = policy("linucb")
+    policy = make("linucb")
     with pytest.raises(PolicyInputError, match="reward must be finite"):
-        p.update(np.ones(DIM), float("nan"))  # type: ignore[attr-defined]
+        policy.update(np.ones(DIM), float("nan"))
     with pytest.raises(PolicyInputError, match="shape"):
-        p.update(np.ones(DIM + 1), 1.0)  # type: ignore[attr-defined]
+        policy.update(np.ones(DIM + 1), 1.0)
 
 
 def test_version_changes_with_updates_and_hyperparameters() -> None:
-    a, b = policy("linucb", alpha=0.5), policy("linucb", alpha=1.0)
-    assert a.version != b.version  # type: ignore[attr-defined]
-    before = a.version  # type: ignore[attr-defined]
-    a.update(np.ones(DIM), 1.0)  # type: ignore[attr-defined]
-    assert a.version != before and a.version.endswith(".1")  # type: ignore[attr-defined]
+    a, b = make("linucb", alpha=0.5), make("linucb", alpha=1.0)
+    assert a.version != b.version
+    before = a.version
+    a.update(np.ones(DIM), 1.0)
+    assert a.version != before and a.version.endswith(".1")
+
+
+def test_settings_and_class_must_agree() -> None:
+    with pytest.raises(ValueError, match="needs kind 'linucb'"):
+        LinUCB(PolicySettings(name="p", kind="uniform"), DIM)

@@ -162,3 +162,65 @@ async def test_learned_history_changes_the_next_context(
     assert context.history_size == 1
     assert context.kind_stats[response.tip.kind].shown == 1
     await service.close()
+
+
+async def test_feedback_after_the_reward_wait_is_stored_not_learned(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    impatient = settings.model_copy(
+        update={"learning": settings.learning.model_copy(update={"reward_wait_s": 1e-6})}
+    )
+    service = make_service(impatient, store)
+    response = await service.tip(request())
+    answer = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
+    assert answer.learned is False and answer.reward == 1.0
+    stages = service.stages
+    assert isinstance(stages, LocalStages)
+    assert stages.served.policy.n_updates == 0
+    assert store.counts().feedback == 1
+    again = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
+    assert again == answer
+    await service.close()
+
+
+async def test_silence_earns_the_default_reward_after_the_wait(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    quick = settings.model_copy(
+        update={
+            "learning": settings.learning.model_copy(
+                update={"reward_wait_s": 0.05, "default_reward": 0.1}
+            )
+        }
+    )
+    service = make_service(quick, store)
+    await service.tip(request())
+    await service.log.flush()
+    assert service.apply_default_rewards() == 0  # the wait has not run out yet
+    await asyncio.sleep(0.1)
+    assert service.apply_default_rewards() == 1
+    assert service.apply_default_rewards() == 0  # once only
+    stages = service.stages
+    assert isinstance(stages, LocalStages)
+    stages.sync()
+    assert stages.served.policy.n_updates == 1
+    assert stages.served.policy.stats_.b_.sum() > 0  # learned reward 0.1, not nothing
+    await service.close()
+
+
+async def test_default_reward_can_be_switched_off(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    off = settings.model_copy(
+        update={
+            "learning": settings.learning.model_copy(
+                update={"reward_wait_s": 0.01, "default_reward": None}
+            )
+        }
+    )
+    service = make_service(off, store)
+    await service.tip(request())
+    await service.log.flush()
+    await asyncio.sleep(0.05)
+    assert service.apply_default_rewards() == 0
+    await service.close()

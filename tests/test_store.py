@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import tipgraph.store.migrate as migrate_module
 from tipgraph.settings import StoreSettings
 from tipgraph.store import (
     CandidateRecord,
@@ -33,6 +35,7 @@ from tipgraph.store import (
     make_store,
     open_store,
 )
+from tipgraph.store._rows import utc_datetime
 from tipgraph.store.migrate import split_sqlite_script
 from tipgraph.store.sqlite import sqlite_path
 
@@ -143,6 +146,18 @@ def make_feedback(
     )
 
 
+def received(event_id: str, received_at: datetime, reward: float = 1.0) -> FeedbackRecord:
+    """Feedback received at an exact time, for tests of the reward wait."""
+    return FeedbackRecord(
+        event_id=event_id,
+        reaction="done",
+        value=None,
+        reward=reward,
+        reacted_at=received_at,
+        received_at=received_at,
+    )
+
+
 def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
     """Run SQL on the store's database directly, for columns the store API never returns."""
     if settings.url.startswith("sqlite"):
@@ -161,14 +176,70 @@ def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 1
+    assert store.schema_version() == 2
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 1
-    assert raw_sql(store_settings, "SELECT version, name FROM schema_migrations") == [
-        (1, "initial")
-    ]
+        assert again.schema_version() == 2
+    assert raw_sql(
+        store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
+    ) == [(1, "initial"), (2, "rewards")]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
+
+
+def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
+    store_settings: StoreSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = migrate_module.load_migrations
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda dialect: shipped(dialect)[:1])
+    with open_store(store_settings) as old:
+        assert old.schema_version() == 1
+        old.write_decisions([make_decision("e1", chosen=0), make_decision("e2", chosen=2)])
+    # What release 1 wrote: feedback rows only, in another order than the decisions, and
+    # one for an event whose decision was never logged.
+    times = {"e2": T0 + timedelta(minutes=1), "e9": T0 + timedelta(minutes=2)}
+    times["e1"] = T0 + timedelta(minutes=3)
+    for event_id, reward in [("e2", 0.25), ("e9", 1.0), ("e1", 0.0)]:
+        stamp = times[event_id].isoformat(timespec="microseconds")
+        raw_sql(
+            store_settings,
+            "INSERT INTO feedback (event_id, reaction, value, reward, reacted_at, received_at) "
+            f"VALUES ('{event_id}', 'done', NULL, {reward}, '{stamp}', '{stamp}')",
+        )
+    monkeypatch.undo()
+
+    with open_store(store_settings) as upgraded:
+        assert upgraded.schema_version() == 2
+        events = upgraded.training_events()
+        assert [(e.event_id, e.reward, e.source) for e in events] == [
+            ("e2", 0.25, "feedback"),
+            ("e1", 0.0, "feedback"),
+        ]
+        assert [e.features for e in events] == [FEATURES[2], FEATURES[0]]
+        assert events[0].reward_id < events[1].reward_id
+
+        rows = raw_sql(
+            store_settings, "SELECT event_id, created_at FROM rewards ORDER BY reward_id"
+        )
+        assert [(event_id, utc_datetime(at)) for event_id, at in rows] == [
+            ("e2", times["e2"]),
+            ("e1", times["e1"]),
+        ]
+        learned = raw_sql(
+            store_settings, "SELECT event_id, learned FROM feedback ORDER BY feedback_id"
+        )
+        assert [(event_id, bool(flag)) for event_id, flag in learned] == [
+            ("e2", True),
+            ("e9", False),  # no decision, so it could never train and has no reward
+            ("e1", True),
+        ]
+
+        retry = upgraded.record_feedback(make_feedback("e2", "dismiss", 0.0))
+        assert (retry.created, retry.learned, retry.reward_id) == (False, True, events[0].reward_id)
+        assert retry.record.reward == 0.25
+        orphan = upgraded.record_feedback(make_feedback("e9"))
+        assert (orphan.created, orphan.learned, orphan.reward_id) == (False, False, None)
+        counts = upgraded.counts()
+        assert (counts.feedback, counts.rewards, counts.default_rewards) == (3, 2, 0)
 
 
 def test_a_newer_schema_is_refused(store: DecisionStore, store_settings: StoreSettings) -> None:
@@ -317,11 +388,15 @@ def test_the_first_feedback_wins(store: DecisionStore) -> None:
     outcome = store.record_feedback(first)
     assert outcome.created is True
     assert outcome.record == first
+    assert outcome.learned is True and outcome.reward_id is not None
 
     retry = store.record_feedback(make_feedback("e1", "dismiss", 0.0, at=T0 + timedelta(hours=1)))
     assert retry.created is False
     assert retry.record == first
-    assert store.counts().feedback == 1
+    assert (retry.learned, retry.reward_id) == (True, outcome.reward_id)
+    counts = store.counts()
+    assert (counts.feedback, counts.rewards, counts.default_rewards) == (1, 1, 0)
+    assert [(e.reward_id, e.reward) for e in store.training_events()] == [(outcome.reward_id, 0.25)]
 
 
 def test_feedback_is_validated(store: DecisionStore) -> None:
@@ -333,21 +408,295 @@ def test_feedback_is_validated(store: DecisionStore) -> None:
     assert store.counts().feedback == 0
 
 
-def test_training_events_follow_feedback_order(store: DecisionStore) -> None:
+def test_training_events_follow_reward_order(store: DecisionStore) -> None:
     store.write_decisions([make_decision(f"e{i}", chosen=i % 3) for i in range(4)])
     # Feedback in another order than the decisions; e9 has no decision and cannot train.
-    for event_id, reward in [("e2", 1.0), ("e9", 1.0), ("e0", 0.0), ("e3", 0.25), ("e1", 1.0)]:
-        assert store.record_feedback(make_feedback(event_id, reward=reward)).created
+    outcomes = {
+        event_id: store.record_feedback(make_feedback(event_id, reward=reward))
+        for event_id, reward in [("e2", 1.0), ("e9", 1.0), ("e0", 0.0), ("e3", 0.25), ("e1", 1.0)]
+    }
+    assert all(outcome.created for outcome in outcomes.values())
+    assert (outcomes["e9"].learned, outcomes["e9"].reward_id) == (False, None)
 
     events = store.training_events()
     assert [e.event_id for e in events] == ["e2", "e0", "e3", "e1"]
     assert [e.reward for e in events] == [1.0, 0.0, 0.25, 1.0]
     assert [e.features for e in events] == [FEATURES[2], FEATURES[0], FEATURES[0], FEATURES[1]]
-    ids = [e.feedback_id for e in events]
+    assert {e.source for e in events} == {"feedback"}
+    ids = [e.reward_id for e in events]
     assert ids == sorted(ids) and len(set(ids)) == 4
+    assert ids == [outcomes[e.event_id].reward_id for e in events]
 
-    assert [e.event_id for e in store.training_events(after_feedback_id=ids[1])] == ["e3", "e1"]
-    assert store.training_events(after_feedback_id=ids[-1]) == []
+    assert [e.event_id for e in store.training_events(after_reward_id=ids[1])] == ["e3", "e1"]
+    assert store.training_events(after_reward_id=ids[-1]) == []
+
+
+# --- rewards -----------------------------------------------------------------------------------
+
+
+def test_feedback_within_the_wait_is_learned_once(store: DecisionStore) -> None:
+    store.write_decisions([make_decision("e1", chosen=2)])
+    # Exactly at the limit still counts as in time.
+    outcome = store.record_feedback(
+        received("e1", T0 + timedelta(seconds=60), reward=0.75), learn_within_s=60
+    )
+    assert (outcome.created, outcome.learned) == (True, True)
+    assert outcome.reward_id is not None
+
+    events = store.training_events()
+    assert [(e.reward_id, e.event_id, e.reward, e.source) for e in events] == [
+        (outcome.reward_id, "e1", 0.75, "feedback")
+    ]
+    assert events[0].features == FEATURES[2]
+
+    before = store.counts()
+    retry = store.record_feedback(
+        received("e1", T0 + timedelta(seconds=61), reward=0.0), learn_within_s=60
+    )
+    assert retry == replace(outcome, created=False)
+    assert store.counts() == before
+    assert (before.feedback, before.rewards, before.default_rewards) == (1, 1, 0)
+    assert store.training_events() == events
+
+
+def test_feedback_after_the_wait_is_stored_but_not_learned(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    store.write_decisions([make_decision("e1")])
+    late = received("e1", T0 + timedelta(seconds=61))
+    outcome = store.record_feedback(late, learn_within_s=60)
+    assert (outcome.created, outcome.learned, outcome.reward_id) == (True, False, None)
+    assert outcome.record == late
+    assert store.training_events() == []
+    counts = store.counts()
+    assert (counts.feedback, counts.rewards) == (1, 0)
+    assert [bool(flag) for (flag,) in raw_sql(store_settings, "SELECT learned FROM feedback")] == [
+        False
+    ]
+    # A retry inside the wait does not turn the stored, late feedback into a reward.
+    retry = store.record_feedback(received("e1", T0), learn_within_s=60)
+    assert (retry.created, retry.learned, retry.reward_id) == (False, False, None)
+    assert store.counts().rewards == 0
+
+
+def test_feedback_without_a_decision_is_stored_but_not_learned(store: DecisionStore) -> None:
+    outcome = store.record_feedback(make_feedback("ghost"))
+    assert (outcome.created, outcome.learned, outcome.reward_id) == (True, False, None)
+    assert store.counts().feedback == 1 and store.training_events() == []
+
+
+@pytest.mark.parametrize("wait", [-1.0, math.nan])
+def test_learn_within_s_is_validated(store: DecisionStore, wait: float) -> None:
+    store.write_decisions([make_decision("e1")])
+    with pytest.raises(ValueError, match="learn_within_s"):
+        store.record_feedback(make_feedback("e1"), learn_within_s=wait)
+    assert store.counts().feedback == 0
+
+
+def test_default_rewards_go_to_old_unrewarded_decisions_oldest_first(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    # Written in another order than they were made: defaults follow created_at.
+    store.write_decisions(
+        [make_decision(f"d{i}", created_at=T0 + timedelta(minutes=i)) for i in (3, 0, 4, 1, 2)]
+        + [make_decision("fresh", created_at=T0 + timedelta(minutes=30))]
+    )
+    now = T0 + timedelta(hours=2)
+    cutoff = T0 + timedelta(minutes=30)  # strictly before: "fresh" is not old enough yet
+
+    assert store.apply_default_rewards(older_than=cutoff, reward=-0.5, now=now, limit=2) == 2
+    assert [e.event_id for e in store.training_events()] == ["d0", "d1"]
+    assert store.apply_default_rewards(older_than=cutoff, reward=-0.5, now=now, limit=0) == 0
+    assert store.apply_default_rewards(older_than=cutoff, reward=-0.5, now=now) == 3
+    assert store.apply_default_rewards(older_than=cutoff, reward=-0.5, now=now) == 0
+
+    events = store.training_events()
+    assert [e.event_id for e in events] == ["d0", "d1", "d2", "d3", "d4"]
+    assert {(e.source, e.reward) for e in events} == {("default", -0.5)}
+    assert [e.reward_id for e in events] == sorted(e.reward_id for e in events)
+    created = raw_sql(store_settings, "SELECT DISTINCT created_at FROM rewards")
+    assert [utc_datetime(at) for (at,) in created] == [now]
+    counts = store.counts()
+    assert (counts.rewards, counts.default_rewards, counts.feedback) == (5, 5, 0)
+
+
+def test_default_rewards_are_validated(store: DecisionStore) -> None:
+    store.write_decisions([make_decision("e1")])
+    later = T0 + timedelta(days=1)
+    with pytest.raises(ValueError, match="limit"):
+        store.apply_default_rewards(older_than=later, reward=0.0, now=later, limit=-1)
+    with pytest.raises(ValueError, match="reward"):
+        store.apply_default_rewards(older_than=later, reward=math.inf, now=later)
+    with pytest.raises(ValueError, match="older_than must be timezone-aware"):
+        store.apply_default_rewards(older_than=datetime(2024, 6, 1), reward=0.0, now=later)
+    assert store.counts().rewards == 0
+
+
+def test_default_rewards_skip_learned_feedback_but_cover_late_feedback(
+    store: DecisionStore,
+) -> None:
+    store.write_decisions([make_decision(e) for e in ("answered", "late", "silent")])
+    learned = store.record_feedback(
+        received("answered", T0 + timedelta(seconds=30)), learn_within_s=60
+    )
+    late = store.record_feedback(received("late", T0 + timedelta(seconds=61)), learn_within_s=60)
+    assert (learned.learned, late.learned) == (True, False)
+
+    later = T0 + timedelta(hours=1)
+    assert store.apply_default_rewards(older_than=later, reward=0.0, now=later) == 2
+    events = store.training_events()
+    assert [(e.event_id, e.source, e.reward) for e in events] == [
+        ("answered", "feedback", 1.0),
+        ("late", "default", 0.0),
+        ("silent", "default", 0.0),
+    ]
+    # The late feedback stays what the user said, and stays unlearned.
+    again = store.record_feedback(received("late", T0), learn_within_s=60)
+    assert (again.created, again.learned, again.reward_id) == (False, False, None)
+    counts = store.counts()
+    assert (counts.feedback, counts.rewards, counts.default_rewards) == (2, 3, 2)
+
+
+def test_feedback_after_a_default_reward_is_stored_but_not_learned(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    store.write_decisions([make_decision("e1")])
+    later = T0 + timedelta(hours=1)
+    assert store.apply_default_rewards(older_than=later, reward=-0.25, now=later) == 1
+
+    # No wait given, so only the default reward already there keeps this from being learned.
+    outcome = store.record_feedback(make_feedback("e1", reward=1.0))
+    assert (outcome.created, outcome.learned, outcome.reward_id) == (True, False, None)
+    assert outcome.record.reward == 1.0
+    assert [bool(flag) for (flag,) in raw_sql(store_settings, "SELECT learned FROM feedback")] == [
+        False
+    ]
+    assert [(e.source, e.reward) for e in store.training_events()] == [("default", -0.25)]
+    retry = store.record_feedback(make_feedback("e1"))
+    assert retry == replace(outcome, created=False)
+    counts = store.counts()
+    assert (counts.feedback, counts.rewards, counts.default_rewards) == (1, 1, 1)
+
+
+def test_training_events_resume_after_a_watermark(store: DecisionStore) -> None:
+    store.write_decisions(
+        [
+            make_decision(f"e{i}", created_at=T0 + timedelta(minutes=i), chosen=i % 3)
+            for i in range(6)
+        ]
+    )
+    later = T0 + timedelta(hours=1)
+    store.record_feedback(make_feedback("e2", reward=1.0))
+    assert store.apply_default_rewards(older_than=later, reward=0.0, now=later, limit=2) == 2
+    store.record_feedback(make_feedback("e4", reward=0.25))
+    assert store.apply_default_rewards(older_than=later, reward=0.0, now=later) == 2
+
+    events = store.training_events()
+    assert [(e.event_id, e.source, e.reward) for e in events] == [
+        ("e2", "feedback", 1.0),
+        ("e0", "default", 0.0),
+        ("e1", "default", 0.0),
+        ("e4", "feedback", 0.25),
+        ("e3", "default", 0.0),
+        ("e5", "default", 0.0),
+    ]
+    assert [e.features for e in events] == [FEATURES[i % 3] for i in (2, 0, 1, 4, 3, 5)]
+    ids = [e.reward_id for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == 6
+
+    # Page through the log the way a trainer would: the pages add up to the whole log.
+    paged: list[int] = []
+    watermark = 0
+    while page := store.training_events(after_reward_id=watermark, limit=4):
+        assert len(page) <= 4
+        paged.extend(e.reward_id for e in page)
+        watermark = page[-1].reward_id
+    assert paged == ids
+
+    assert store.training_events(after_reward_id=ids[2], limit=1) == [events[3]]
+    assert store.training_events(after_reward_id=ids[2]) == events[3:]
+    assert store.training_events(limit=0) == []
+    assert store.training_events(after_reward_id=ids[-1]) == []
+    with pytest.raises(ValueError, match="limit"):
+        store.training_events(limit=-1)
+
+
+def test_a_watermark_reader_sees_every_reward_once_despite_concurrent_writers(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    """Several processes' worth of writers, each with its own store (its own pool), and a
+    trainer polling ``training_events(after_reward_id=W)``: if a lower reward id could
+    commit after a higher one was read, the reader would skip it forever."""
+    writers, per_writer, silent = 4, 50, 40
+    store.write_decisions(
+        [make_decision(f"w{w}-{i}") for w in range(writers) for i in range(per_writer)]
+        + [make_decision(f"s{i}", created_at=T0 - timedelta(days=1)) for i in range(silent)]
+    )
+    cutoff, now = T0 - timedelta(hours=1), T0 + timedelta(hours=1)
+    defaulters = 2
+    barrier = threading.Barrier(writers + defaulters + 1, timeout=60)
+    writing_done = threading.Event()
+    errors: list[BaseException] = []
+    seen: list[int] = []
+    defaults_applied: list[int] = []
+
+    def write(w: int) -> None:
+        with make_store(store_settings) as mine:
+            barrier.wait()
+            for i in range(per_writer):
+                outcome = mine.record_feedback(make_feedback(f"w{w}-{i}"))
+                assert outcome.learned and outcome.reward_id is not None
+
+    def apply_defaults() -> None:
+        with make_store(store_settings) as mine:
+            barrier.wait()
+            # Small batches, racing each other and the feedback writers.
+            while n := mine.apply_default_rewards(older_than=cutoff, reward=0.0, now=now, limit=3):
+                defaults_applied.append(n)
+
+    def read() -> None:
+        watermark = 0
+        barrier.wait()
+        while True:
+            final = writing_done.is_set()  # read before polling: the last poll sees it all
+            batch = store.training_events(after_reward_id=watermark)
+            ids = [e.reward_id for e in batch]
+            assert ids == sorted(ids) and (not ids or ids[0] > watermark)
+            seen.extend(ids)
+            if ids:
+                watermark = ids[-1]
+            elif final:
+                return
+
+    def guarded(target: Any, *args: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                target(*args)
+            except BaseException as err:  # surfaced below; a thread's exception is otherwise lost
+                errors.append(err)
+                barrier.abort()
+
+        return threading.Thread(target=run)
+
+    reader = guarded(read)
+    workers = [guarded(write, w) for w in range(writers)]
+    workers += [guarded(apply_defaults) for _ in range(defaulters)]
+    for thread in [reader, *workers]:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=120)
+    writing_done.set()
+    reader.join(timeout=60)
+    assert errors == []
+    assert not reader.is_alive() and not any(thread.is_alive() for thread in workers)
+
+    all_ids = [row[0] for row in raw_sql(store_settings, "SELECT reward_id FROM rewards")]
+    assert len(all_ids) == writers * per_writer + silent
+    assert sum(defaults_applied) == silent
+    assert len(seen) == len(set(seen)), "the reader saw a reward twice"
+    assert set(seen) == set(all_ids), "the reader skipped a reward"
+    counts = store.counts()
+    assert (counts.rewards, counts.default_rewards) == (writers * per_writer + silent, silent)
 
 
 # --- user history ------------------------------------------------------------------------------
@@ -507,7 +856,7 @@ def _assert_all_written(url: str, prefixes: list[str], count: int) -> None:
         total = len(prefixes) * count
         assert (counts.decisions, counts.candidates, counts.feedback) == (total, 3 * total, total)
         assert counts.by_role == {"served": total, "shadow": total}
-        assert len({e.feedback_id for e in store.training_events()}) == total
+        assert len({e.reward_id for e in store.training_events()}) == total
         for prefix in prefixes:
             assert len(store.user_history(prefix, limit=count + 1)) == count
 

@@ -10,8 +10,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tipgraph.settings import load_settings, resolve_paths
+
+if TYPE_CHECKING:
+    from tipgraph.simulator import Block
 
 logger = logging.getLogger("tipgraph")
 
@@ -56,25 +60,74 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from tipgraph.simulator import format_block, run_http, summarise
+    from tipgraph.simulator import format_block, run_http, run_local, summarise
 
     settings = load_settings(args.config)
+    where = "in process (no Ray, no HTTP)" if args.in_process else f"against {args.url}"
     print(
-        f"simulating {args.users} users, {args.decisions} decisions against {args.url} "
-        f"(seed {args.seed})",
+        f"simulating {args.users} users, {args.decisions} decisions {where} (seed {args.seed})",
         flush=True,
     )
-    blocks = run_http(
-        args.url,
-        users=args.users,
-        decisions=args.decisions,
-        seed=args.seed,
-        block=args.block,
-        rewards=settings.rewards,
-        on_block=lambda block: print(format_block(block), flush=True),
-    )
+
+    def show(block: Block) -> None:
+        print(format_block(block), flush=True)
+
+    if args.in_process:
+        if args.store_url:
+            store = settings.store.model_copy(update={"url": args.store_url})
+            settings = settings.model_copy(update={"store": store})
+        blocks = run_local(
+            resolve_paths(settings, Path.cwd()),
+            users=args.users,
+            decisions=args.decisions,
+            seed=args.seed,
+            block=args.block,
+            on_block=show,
+        )
+    else:
+        blocks = run_http(
+            args.url,
+            users=args.users,
+            decisions=args.decisions,
+            seed=args.seed,
+            block=args.block,
+            rewards=settings.rewards,
+            on_block=show,
+        )
     print(summarise(blocks))
     return EXIT_OK if all(block.errors == 0 for block in blocks) else EXIT_ERROR
+
+
+def _compare_policies(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tipgraph.policy_comparison import compare, format_table
+    from tipgraph.settings import PolicySettings
+
+    with open(args.policies, encoding="utf-8") as handle:
+        entries = (yaml.safe_load(handle) or {}).get("policies", [])
+    policies = [PolicySettings(**entry) for entry in entries]
+    if args.only:
+        policies = [p for p in policies if p.name in set(args.only.split(","))]
+    if not policies:
+        print(f"tipgraph: error: no policies selected from {args.policies}", file=sys.stderr)
+        return EXIT_USAGE
+    seeds = list(range(args.seeds))
+    print(
+        f"comparing {len(policies)} policies over seeds {seeds}, {args.decisions} decisions "
+        f"each ({args.workers} worker processes)...",
+        flush=True,
+    )
+    rows = compare(
+        policies,
+        seeds,
+        users=args.users,
+        decisions=args.decisions,
+        last=args.last,
+        workers=args.workers,
+    )
+    print(format_table(rows, seeds=len(seeds), decisions=args.decisions, last=args.last))
+    return EXIT_OK
 
 
 def _render_serve_config(args: argparse.Namespace) -> int:
@@ -121,7 +174,31 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--block", type=int, default=500, help="print the mean reward every BLOCK decisions"
     )
+    simulate.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every stage in this process (no Ray, no HTTP) instead of calling --url",
+    )
+    simulate.add_argument(
+        "--store-url",
+        default=None,
+        help="with --in-process: decision log URL (default: the config's store.url)",
+    )
     simulate.set_defaults(func=_simulate)
+
+    comparison = commands.add_parser(
+        "compare-policies", help="every policy on the simulator over several seeds (in process)"
+    )
+    comparison.add_argument("--policies", default="configs/policies.yaml")
+    comparison.add_argument("--only", default=None, help="comma-separated policy names")
+    comparison.add_argument("--seeds", type=int, default=5)
+    comparison.add_argument("--users", type=int, default=50)
+    comparison.add_argument("--decisions", type=int, default=20_000)
+    comparison.add_argument(
+        "--last", type=int, default=5_000, help="average over the last LAST decisions"
+    )
+    comparison.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    comparison.set_defaults(func=_compare_policies)
 
     render = commands.add_parser(
         "render-serve-config", help="write serve_config.yaml from the config"
@@ -146,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for name in ("users", "decisions", "block"):
+    for name in ("users", "decisions", "block", "seeds", "last", "workers"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be >= 1")
     try:

@@ -166,6 +166,9 @@ class FeedbackResponse(BaseModel):
     reaction: str
     reward: float
     reacted_at: datetime
+    learned: bool = Field(
+        description="False when the feedback came after the reward wait: stored, not learned"
+    )
 
 
 class ErrorResponse(BaseModel):

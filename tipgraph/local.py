@@ -16,7 +16,7 @@ from tipgraph.contracts import TipRequest
 from tipgraph.features import FEATURE_SPEC, UserContext, build_context
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService
-from tipgraph.settings import FaultSettings, TipgraphSettings
+from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
 from tipgraph.store import DecisionStore
 
 
@@ -24,14 +24,11 @@ class LocalStages:
     def __init__(self, settings: TipgraphSettings, store: DecisionStore) -> None:
         self._settings = settings
         self._store = store
-        events = store.training_events()
-        self.served = PolicyService(make_policy(settings.policy, FEATURE_SPEC.dim))
-        self.served.rebuild(events)
-        self.shadows: dict[str, tuple[PolicyService, FaultSettings]] = {}
-        for shadow in settings.shadows:
-            service = PolicyService(make_policy(shadow.policy, FEATURE_SPEC.dim))
-            service.rebuild(events)
-            self.shadows[shadow.policy.name] = (service, shadow.fault)
+        self.served = _service(settings.policy, store)
+        self.shadows: dict[str, tuple[PolicyService, FaultSettings]] = {
+            shadow.policy.name: (_service(shadow.policy, store), shadow.fault)
+            for shadow in settings.shadows
+        }
 
     async def context(self, request: TipRequest, user_key: str) -> UserContext:
         history = await asyncio.to_thread(
@@ -55,13 +52,26 @@ class LocalStages:
             for name, (service, fault) in self.shadows.items()
         ]
 
-    async def learn(self, event_id: str, features: list[float], reward: float) -> None:
-        self.served.learn(event_id, features, reward)
+    async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
+        self.served.learn(reward_id, features, reward)
 
     def learn_shadows(
-        self, event_id: str, features: list[float], reward: float
+        self, reward_id: int, features: list[float], reward: float
     ) -> list[Awaitable[object]]:
         return [
-            asyncio.to_thread(service.learn, event_id, features, reward)
+            asyncio.to_thread(service.learn, reward_id, features, reward)
             for service, _ in self.shadows.values()
         ]
+
+    def sync(self) -> None:
+        """Apply rewards logged by others (default rewards, other processes)."""
+        for service in (self.served, *(service for service, _ in self.shadows.values())):
+            service.sync(self._store)
+
+
+def _service(policy: PolicySettings, store: DecisionStore) -> PolicyService:
+    service = PolicyService(
+        make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
+    )
+    service.sync(store)  # rebuild from the log
+    return service

@@ -1,15 +1,20 @@
 """Contextual-bandit policies over joint candidate features (plain numpy, no Ray).
 
-Every policy answers with a probability for *every* candidate, so each logged decision
-carries the propensities that off-policy evaluation needs.  Sampling uses a generator
-seeded from the event id, so a decision can be replayed exactly from the log.
+Candidates change with every request, so every policy here shares one linear model over
+the joint vector x of a candidate (see :mod:`tipgraph.features`), like Vowpal Wabbit's
+action-dependent features.  The learned state is the additive sufficient statistics of
+ridge regression (:class:`RidgeStats`), so two models trained on disjoint data merge
+exactly: ``merge(A, B)`` equals training one model on the union.
 
-API, scikit-learn style: configure in the constructor, learn with :meth:`update`
-(returns ``self``), ask with :meth:`distribution` / :meth:`decide`.  Inputs are checked
-once in :func:`check_matrix` / :func:`check_vector`.
+Every policy answers with a probability for *every* candidate (non-negative, summing to
+one), so each logged decision carries the propensities off-policy evaluation needs.  All
+but ``uniform`` mix in an exploration floor: p ← (1 − ε) p + ε / K, so every candidate has
+probability at least ε / K.  The draw uses a generator seeded from the event id and the
+policy name: the same event replays the same decision.
 
-Reference for LinUCB: Li, Chu, Langford, Schapire (2010), "A contextual-bandit approach to
-personalized news article recommendation", WWW.
+API, scikit-learn style: configure in the constructor, learn with :meth:`Policy.update`
+(returns ``self``), ask with :meth:`Policy.distribution` / :meth:`Policy.decide`.  Inputs
+are checked once, by :func:`check_matrix` / :func:`check_vector`.
 """
 
 from __future__ import annotations
@@ -17,18 +22,29 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from tipgraph.settings import PolicySettings
+
+FORMAT_MAGIC = b"TGPOLICY"
+FORMAT_VERSION = 1
+UNSPECIFIED_SPEC = "unspecified"
 
 
 class PolicyInputError(ValueError):
     """Features of the wrong shape or with NaN / infinite values."""
 
 
+class PolicyStateError(ValueError):
+    """A serialised state that cannot be used: corrupt, or made for other features."""
+
+
 def check_matrix(X: object, dim: int) -> np.ndarray:
+    """X as a float array of shape (n_candidates >= 1, dim) with finite values."""
     arr = np.asarray(X, dtype=np.float64)
     if arr.ndim != 2 or arr.shape[1] != dim or arr.shape[0] == 0:
         raise PolicyInputError(
@@ -40,6 +56,7 @@ def check_matrix(X: object, dim: int) -> np.ndarray:
 
 
 def check_vector(x: object, dim: int) -> np.ndarray:
+    """x as a float array of shape (dim,) with finite values."""
     arr = np.asarray(x, dtype=np.float64)
     if arr.shape != (dim,):
         raise PolicyInputError(f"x must be an array of shape ({dim},), got {arr.shape}")
@@ -55,9 +72,14 @@ def event_rng(event_id: str, policy_name: str) -> np.random.Generator:
 
 
 def softmax(z: np.ndarray, temperature: float) -> np.ndarray:
-    shifted = (z - z.max()) / temperature
-    e = np.exp(shifted)
+    e = np.exp((z - z.max()) / temperature)
     return e / e.sum()
+
+
+def argmax_mass(scores: np.ndarray) -> np.ndarray:
+    """All probability on the best score; exact ties share it, so the answer is defined."""
+    best = scores >= scores.max() - 1e-12
+    return best / best.sum()
 
 
 def with_floor(p: np.ndarray, epsilon: float) -> np.ndarray:
@@ -77,39 +99,87 @@ class Decision:
 
 
 class RidgeStats:
-    """Additive sufficient statistics of ridge regression: A = λI + Σ xxᵀ, b = Σ r x.
+    """Sufficient statistics of ridge regression, additive across data shards.
 
-    ``A_inv`` is kept current by Sherman–Morrison rank-one updates, O(d²) per update
-    instead of O(d³) for a fresh inverse.
+    ``gram_`` = Σ xxᵀ and ``b_`` = Σ r x (the prior λI is kept out of them, so merging
+    never counts it twice); A = λI + gram.  ``A_inv_`` follows each update by the
+    Sherman–Morrison identity, (A + xxᵀ)⁻¹ = A⁻¹ − A⁻¹xxᵀA⁻¹ / (1 + xᵀA⁻¹x), in O(d²)
+    instead of O(d³), and is recomputed exactly after a merge and every
+    ``refresh_every`` updates so rounding never accumulates.
     """
 
-    def __init__(self, dim: int, ridge: float) -> None:
+    def __init__(self, dim: int, ridge: float, refresh_every: int = 1024) -> None:
         self.dim = dim
         self.ridge = ridge
-        self.A_ = ridge * np.eye(dim)
+        self.refresh_every = refresh_every
+        self.gram_ = np.zeros((dim, dim))
         self.b_ = np.zeros(dim)
+        self.n_ = 0
         self.A_inv_ = np.eye(dim) / ridge
-        self.n_updates_ = 0
+        self._theta: np.ndarray | None = None
+        self._since_refresh = 0
 
-    def update(self, x: np.ndarray, reward: float) -> None:
-        self.A_ += np.outer(x, x)
-        self.b_ += reward * x
-        Ax = self.A_inv_ @ x
-        self.A_inv_ -= np.outer(Ax, Ax) / (1.0 + x @ Ax)
-        self.n_updates_ += 1
+    @property
+    def A(self) -> np.ndarray:
+        return self.gram_ + self.ridge * np.eye(self.dim)
 
     @property
     def theta(self) -> np.ndarray:
-        return self.A_inv_ @ self.b_
+        """Ridge estimate A⁻¹b, cached until the next update."""
+        if self._theta is None:
+            self._theta = self.A_inv_ @ self.b_
+        return self._theta
+
+    def update(self, x: np.ndarray, reward: float) -> None:
+        self.gram_ += np.outer(x, x)
+        self.b_ += reward * x
+        self.n_ += 1
+        self._theta = None
+        self._since_refresh += 1
+        if self._since_refresh >= self.refresh_every:
+            self.refresh()
+            return
+        Ax = self.A_inv_ @ x
+        self.A_inv_ -= np.outer(Ax, Ax) / (1.0 + x @ Ax)
+
+    def add(self, gram: np.ndarray, b: np.ndarray, n: int) -> None:
+        """Add another shard's statistics; the merged model is exact, not approximate."""
+        self.gram_ += gram
+        self.b_ += b
+        self.n_ += n
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.A_inv_ = np.linalg.inv(self.A)
+        self._theta = None
+        self._since_refresh = 0
+
+    def copy(self) -> RidgeStats:
+        other = RidgeStats(self.dim, self.ridge, self.refresh_every)
+        other.add(self.gram_.copy(), self.b_.copy(), self.n_)
+        return other
 
 
 class Policy(abc.ABC):
-    """A contextual-bandit policy over joint candidate features of dimension ``dim``."""
+    """A contextual-bandit policy over joint candidate features of dimension ``dim``.
 
-    def __init__(self, settings: PolicySettings, dim: int) -> None:
+    ``spec_version`` names the feature layout the state was learned on; a state is never
+    loaded into or merged with a policy of another layout.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(
+        self, settings: PolicySettings, dim: int, *, spec_version: str = UNSPECIFIED_SPEC
+    ) -> None:
+        if settings.kind != self.kind:
+            raise ValueError(
+                f"{type(self).__name__} needs kind {self.kind!r}, got {settings.kind!r}"
+            )
         self.settings = settings
         self.dim = dim
-        self.stats_ = RidgeStats(dim, settings.ridge)
+        self.spec_version = spec_version
+        self.stats_ = RidgeStats(dim, settings.ridge, settings.refresh_every)
 
     @property
     def name(self) -> str:
@@ -117,33 +187,45 @@ class Policy(abc.ABC):
 
     @property
     def n_updates(self) -> int:
-        return self.stats_.n_updates_
+        return self.stats_.n_
 
     @property
     def version(self) -> str:
         """Hyperparameters + number of updates: identifies the model that decided."""
         params = json.dumps(self.settings.model_dump(mode="json"), sort_keys=True)
-        digest = hashlib.sha256(f"{params}|{self.dim}".encode()).hexdigest()[:8]
-        return f"{self.settings.kind}-{digest}.{self.n_updates}"
+        digest = hashlib.sha256(f"{params}|{self.dim}|{self.spec_version}".encode()).hexdigest()
+        return f"{self.kind}-{digest[:8]}.{self.n_updates}"
+
+    # -- what each policy defines -----------------------------------------------------------
+    @abc.abstractmethod
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        """Array of shape (n_candidates,): higher is better."""
 
     @abc.abstractmethod
-    def _scores(self, X: np.ndarray) -> np.ndarray: ...
+    def _greedy_distribution(
+        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        """The distribution before the exploration floor is mixed in."""
 
-    @abc.abstractmethod
-    def _distribution(self, scores: np.ndarray) -> np.ndarray: ...
-
+    # -- public API ---------------------------------------------------------------------------
     def scores(self, X: object) -> np.ndarray:
         return self._scores(check_matrix(X, self.dim))
 
-    def distribution(self, X: object) -> np.ndarray:
+    def distribution(self, X: object, event_id: str = "") -> np.ndarray:
         """Probability of choosing each candidate, array of shape (n_candidates,)."""
-        return self._distribution(self.scores(X))
+        return self._decide(check_matrix(X, self.dim), event_id).probabilities
 
     def decide(self, X: object, event_id: str) -> Decision:
-        scores = self.scores(X)
-        probabilities = self._distribution(scores)
-        chosen = int(event_rng(event_id, self.name).choice(len(probabilities), p=probabilities))
-        return Decision(scores, probabilities, chosen)
+        """Scores, probabilities, and one candidate drawn from them, replayable per event."""
+        return self._decide(check_matrix(X, self.dim), event_id)
+
+    def _decide(self, X: np.ndarray, event_id: str) -> Decision:
+        rng = event_rng(event_id, self.name)
+        scores = self._scores(X)
+        p = with_floor(self._greedy_distribution(X, scores, rng), self.settings.epsilon)
+        p = np.clip(p, 0.0, None)
+        p /= p.sum()
+        return Decision(scores, p, int(rng.choice(len(p), p=p)))
 
     def update(self, x: object, reward: float) -> Policy:
         if not np.isfinite(reward):
@@ -151,54 +233,201 @@ class Policy(abc.ABC):
         self.stats_.update(check_vector(x, self.dim), float(reward))
         return self
 
+    def merge(self, other: Policy) -> Policy:
+        """Add ``other``'s learned statistics to this policy's (any kind, same features)."""
+        if (other.dim, other.spec_version) != (self.dim, self.spec_version):
+            raise PolicyStateError(
+                f"cannot merge a state of dim {other.dim} / features {other.spec_version} "
+                f"into dim {self.dim} / features {self.spec_version}"
+            )
+        self.stats_.add(other.stats_.gram_, other.stats_.b_, other.stats_.n_)
+        return self
+
+    def to_bytes(self) -> bytes:
+        """Statistics + hyperparameters + feature-spec version; no pickle, safe to load."""
+        header = json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "settings": self.settings.model_dump(mode="json"),
+                "dim": self.dim,
+                "spec_version": self.spec_version,
+                "n": self.stats_.n_,
+            },
+            sort_keys=True,
+        ).encode()
+        body = self.stats_.gram_.astype("<f8").tobytes() + self.stats_.b_.astype("<f8").tobytes()
+        return FORMAT_MAGIC + struct.pack("<I", len(header)) + header + body
+
 
 class LinUCB(Policy):
-    """Upper confidence bound on a shared ridge model, softened into probabilities.
+    """Optimism under uncertainty on the shared ridge model.
 
-    score_i = θᵀx_i + α √(x_iᵀ A⁻¹ x_i);  p = (1 − ε) softmax(score / τ) + ε / K.
-    The softmax (instead of argmax) and the ε floor keep every propensity > 0, so the log
-    supports unbiased off-policy evaluation.
+    score_i = θᵀx_i + α √(x_iᵀ A⁻¹ x_i); all mass on the best score, then the ε floor.
+    Li, Chu, Langford, Schapire (2010), "A contextual-bandit approach to personalized news
+    article recommendation", WWW.
     """
+
+    kind = "linucb"
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
-        mean = X @ self.stats_.theta
-        width = np.sqrt(np.einsum("ij,jk,ik->i", X, self.stats_.A_inv_, X).clip(min=0.0))
-        return mean + self.settings.alpha * width
+        width = np.einsum("ij,ij->i", X @ self.stats_.A_inv_, X)
+        return X @ self.stats_.theta + self.settings.alpha * np.sqrt(np.maximum(width, 0.0))
 
-    def _distribution(self, scores: np.ndarray) -> np.ndarray:
-        return with_floor(softmax(scores, self.settings.temperature), self.settings.epsilon)
+    def _greedy_distribution(
+        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        return argmax_mass(scores)
 
 
-class EpsilonGreedy(Policy):
-    """Greedy on the ridge estimate θᵀx with probability 1 − ε, uniform otherwise.
+class LinearThompson(Policy):
+    """Thompson sampling from the Gaussian posterior θ̃ ~ N(θ̂, v² A⁻¹).
 
-    Ties at the maximum share the greedy mass, so the distribution is well defined.
+    The probability of each candidate is estimated by ``ts_draws`` posterior draws (the
+    share of draws in which it is best), and the served candidate is drawn from that
+    estimate, so the logged propensity is exactly the probability it was served with.
+    Agrawal & Goyal (2013), "Thompson sampling for contextual bandits with linear
+    payoffs", ICML.
     """
+
+    kind = "lints"
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return X @ self.stats_.theta
 
-    def _distribution(self, scores: np.ndarray) -> np.ndarray:
-        best = np.isclose(scores, scores.max(), rtol=0.0, atol=1e-12)
-        return with_floor(best / best.sum(), self.settings.epsilon)
+    def _greedy_distribution(
+        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        cov = (self.settings.v**2) * self.stats_.A_inv_
+        chol = np.linalg.cholesky((cov + cov.T) / 2 + 1e-12 * np.eye(self.dim))
+        draws = self.stats_.theta + rng.standard_normal((self.settings.ts_draws, self.dim)) @ chol.T
+        winners = np.argmax(draws @ X.T, axis=1)
+        return np.bincount(winners, minlength=len(X)) / self.settings.ts_draws
+
+
+class EpsilonGreedy(Policy):
+    """Greedy on the ridge estimate θᵀx; exploration is the ε floor alone."""
+
+    kind = "egreedy"
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.stats_.theta
+
+    def _greedy_distribution(
+        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        return argmax_mass(scores)
+
+
+class Softmax(Policy):
+    """Boltzmann exploration: p ∝ exp(θᵀx / τ), then the ε floor."""
+
+    kind = "softmax"
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.stats_.theta
+
+    def _greedy_distribution(
+        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        return softmax(scores, self.settings.temperature)
+
+
+class SquareCB(Policy):
+    """Inverse-gap weighting over predicted rewards ŷ = θᵀx, in closed form.
+
+    With b the best candidate and K candidates: p_a = 1 / (K + γ (ŷ_b − ŷ_a)) for a ≠ b,
+    and p_b = 1 − Σ_{a≠b} p_a.  Foster & Rakhlin (2020), "Beyond UCB: optimal and efficient
+    contextual bandits with regression oracles", ICML.
+    """
+
+    kind = "squarecb"
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.stats_.theta
+
+    def _greedy_distribution(
+        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        best = int(np.argmax(scores))
+        p = 1.0 / (len(scores) + self.settings.gamma * (scores[best] - scores))
+        p[best] = 0.0
+        p[best] = 1.0 - p.sum()
+        return p
 
 
 class Uniform(Policy):
-    """Every candidate equally likely; the reference any learner must beat."""
+    """Every candidate equally likely: the logging policy that makes replay evaluation
+    unbiased, and the reference every learner must beat.  No floor needed."""
+
+    kind = "uniform"
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return np.zeros(len(X))
 
-    def _distribution(self, scores: np.ndarray) -> np.ndarray:
-        return np.full(len(scores), 1.0 / len(scores))
+    def _greedy_distribution(
+        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        return np.full(len(X), 1.0 / len(X))
+
+
+class FixedOrder(Policy):
+    """The rule-based baseline: the candidate generation put first, plus the ε floor.
+
+    It learns statistics (so it can be merged and compared) but never uses them.
+    """
+
+    kind = "baseline"
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return -np.arange(len(X), dtype=np.float64)
+
+    def _greedy_distribution(
+        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        p = np.zeros(len(X))
+        p[0] = 1.0
+        return p
 
 
 POLICY_CLASSES: dict[str, type[Policy]] = {
-    "linucb": LinUCB,
-    "egreedy": EpsilonGreedy,
-    "uniform": Uniform,
+    cls.kind: cls
+    for cls in (LinUCB, LinearThompson, EpsilonGreedy, Softmax, SquareCB, Uniform, FixedOrder)
 }
 
 
-def make_policy(settings: PolicySettings, dim: int) -> Policy:
-    return POLICY_CLASSES[settings.kind](settings, dim)
+def make_policy(
+    settings: PolicySettings, dim: int, *, spec_version: str = UNSPECIFIED_SPEC
+) -> Policy:
+    return POLICY_CLASSES[settings.kind](settings, dim, spec_version=spec_version)
+
+
+def policy_from_bytes(data: bytes, *, expected_spec_version: str | None = None) -> Policy:
+    """Load :meth:`Policy.to_bytes` output; refuse a state learned on other features."""
+    if not data.startswith(FORMAT_MAGIC) or len(data) < len(FORMAT_MAGIC) + 4:
+        raise PolicyStateError("not a tipgraph policy state (bad magic)")
+    offset = len(FORMAT_MAGIC)
+    (header_len,) = struct.unpack("<I", data[offset : offset + 4])
+    offset += 4
+    try:
+        header = json.loads(data[offset : offset + header_len])
+    except ValueError as err:
+        raise PolicyStateError("policy state header is not valid JSON") from err
+    if header.get("format") != FORMAT_VERSION:
+        raise PolicyStateError(f"unsupported policy state format {header.get('format')!r}")
+    spec = header["spec_version"]
+    if expected_spec_version is not None and spec != expected_spec_version:
+        raise PolicyStateError(
+            f"policy state was learned on features {spec}, but this server uses "
+            f"{expected_spec_version}; retrain or register a model for these features"
+        )
+    dim = int(header["dim"])
+    body = np.frombuffer(data[offset + header_len :], dtype="<f8")
+    if body.size != dim * dim + dim:
+        raise PolicyStateError(
+            f"policy state body has {body.size} values, expected {dim * dim + dim}"
+        )
+    policy = make_policy(PolicySettings(**header["settings"]), dim, spec_version=spec)
+    policy.stats_.add(
+        body[: dim * dim].reshape(dim, dim).copy(), body[dim * dim :].copy(), int(header["n"])
+    )
+    return policy

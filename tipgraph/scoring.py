@@ -1,11 +1,26 @@
-"""A policy as a service: score candidates, learn each feedback once, rebuild from the log.
+"""A policy as a service: score candidates, learn each reward exactly once, stay in sync.
 
-The scoring and shadow deployments are thin shells around :class:`PolicyService`.
+Many replicas, one model.  A policy's state is additive (Σxxᵀ, Σrx, n), and every reward
+logged in the store's ``rewards`` table is a rank-one delta of it.  Each replica
+
+* applies the feedback routed to it at once (:meth:`PolicyService.learn`), and
+* every ``sync_interval_s`` reads the rewards logged after its watermark and applies
+  the ones it has not applied yet (:meth:`PolicyService.sync`): what other replicas
+  learned, and default rewards.
+
+Every reward id is applied once per replica, and addition commutes, so after one sync
+every replica holds exactly the model trained on all rewards, up to float rounding.  A
+replica that starts or restarts syncs from watermark 0, which rebuilds it from the log.
+The store hands out reward ids in commit order (see ``tipgraph.store``), so a watermark
+never skips a row that commits late.
+
+The scoring and shadow deployments are thin shells around this class.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,7 +29,10 @@ import numpy as np
 
 from tipgraph.policies import Policy
 from tipgraph.settings import FaultSettings
+from tipgraph.store import DecisionStore
 from tipgraph.store.records import TrainingEvent
+
+SYNC_BATCH = 10_000
 
 
 class InjectedFault(RuntimeError):
@@ -40,22 +58,21 @@ class PolicyScore:
 class PolicyService:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        # Event ids already learned from: a broadcast that races a rebuild is applied once.
-        self._learned: set[str] = set()
-
-    def rebuild(self, events: Iterable[TrainingEvent]) -> int:
-        """Learn every logged (features, reward) not yet applied; returns how many."""
-        applied = 0
-        for event in events:
-            applied += self.learn(event.event_id, event.features, event.reward)
-        return applied
+        self.watermark = 0  # every reward id <= watermark is applied
+        self._ahead: set[int] = set()  # reward ids > watermark applied by direct feedback
+        self.learned_directly = 0
+        self.learned_by_sync = 0
+        # Scoring runs on the event loop, syncing in a background thread: one lock.
+        self._lock = threading.Lock()
 
     def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
         start = time.perf_counter()
-        decision = self.policy.decide(X, event_id)
+        with self._lock:
+            decision = self.policy.decide(X, event_id)
+            version = self.policy.version
         return PolicyScore(
             policy_name=self.policy.name,
-            policy_version=self.policy.version,
+            policy_version=version,
             scores=decision.scores.tolist(),
             probabilities=decision.probabilities.tolist(),
             chosen=decision.chosen,
@@ -72,21 +89,55 @@ class PolicyService:
             raise InjectedFault(f"injected fault in policy {self.policy.name}")
         return self.score(X, event_id)
 
-    def learn(self, event_id: str, features: Iterable[float], reward: float) -> bool:
-        """Apply one feedback; False (and no change) if this event was learned already."""
-        if event_id in self._learned:
+    def learn(self, reward_id: int, features: Iterable[float], reward: float) -> bool:
+        """Apply one logged reward now; False (and no change) if it was applied already."""
+        x = np.fromiter(features, dtype=np.float64)
+        with self._lock:
+            if not self._apply(reward_id, x, reward):
+                return False
+            self.learned_directly += 1
+            return True
+
+    def sync(self, store: DecisionStore) -> int:
+        """Apply every logged reward after the watermark not applied yet; returns how many."""
+        applied = 0
+        while True:
+            events = store.training_events(after_reward_id=self.watermark, limit=SYNC_BATCH)
+            if not events:
+                return applied
+            applied += self._apply_events(events)
+            if len(events) < SYNC_BATCH:
+                return applied
+
+    def _apply_events(self, events: list[TrainingEvent]) -> int:
+        applied = 0
+        with self._lock:
+            for event in events:
+                x = np.asarray(event.features, dtype=np.float64)
+                applied += self._apply(event.reward_id, x, event.reward)
+            self.watermark = max(self.watermark, events[-1].reward_id)
+            self._ahead = {rid for rid in self._ahead if rid > self.watermark}
+            self.learned_by_sync += applied
+        return applied
+
+    def _apply(self, reward_id: int, x: np.ndarray, reward: float) -> bool:
+        if reward_id <= self.watermark or reward_id in self._ahead:
             return False
-        self.policy.update(np.fromiter(features, dtype=np.float64), reward)
-        self._learned.add(event_id)
+        self.policy.update(x, reward)
+        self._ahead.add(reward_id)
         return True
 
     def snapshot(self) -> dict[str, object]:
         """The learned state, for tests and status pages."""
-        stats = self.policy.stats_
-        return {
-            "policy_name": self.policy.name,
-            "policy_version": self.policy.version,
-            "n_updates": self.policy.n_updates,
-            "b": stats.b_.tolist(),
-            "A_trace": float(np.trace(stats.A_)),
-        }
+        with self._lock:
+            stats = self.policy.stats_
+            return {
+                "policy_name": self.policy.name,
+                "policy_version": self.policy.version,
+                "n_updates": self.policy.n_updates,
+                "watermark": self.watermark,
+                "learned_directly": self.learned_directly,
+                "learned_by_sync": self.learned_by_sync,
+                "gram": stats.gram_.tolist(),
+                "b": stats.b_.tolist(),
+            }

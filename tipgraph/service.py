@@ -8,11 +8,12 @@ deployment handles; a single-process baseline or a test can give it in-process s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import numpy as np
@@ -87,12 +88,12 @@ class Stages(Protocol):
         """Start every shadow on the candidates; the caller must not wait for them."""
         ...
 
-    async def learn(self, event_id: str, features: list[float], reward: float) -> None:
-        """Teach the served policy (every replica)."""
+    async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
+        """Teach one replica of the served policy now; the others catch up by syncing."""
         ...
 
     def learn_shadows(
-        self, event_id: str, features: list[float], reward: float
+        self, reward_id: int, features: list[float], reward: float
     ) -> list[Awaitable[object]]: ...
 
 
@@ -313,15 +314,18 @@ class TipService:
 
         now = datetime.now(UTC)
         outcome = await asyncio.to_thread(
-            self.store.record_feedback,
-            FeedbackRecord(
-                event_id=request.event_id,
-                reaction=request.reaction,
-                value=request.value,
-                reward=reward,
-                reacted_at=request.at or now,
-                received_at=now,
-            ),
+            functools.partial(
+                self.store.record_feedback,
+                FeedbackRecord(
+                    event_id=request.event_id,
+                    reaction=request.reaction,
+                    value=request.value,
+                    reward=reward,
+                    reacted_at=request.at or now,
+                    received_at=now,
+                ),
+                learn_within_s=self.settings.learning.reward_wait_s,
+            )
         )
         stored = outcome.record
         if not outcome.created and (stored.reaction, stored.reward) != (request.reaction, reward):
@@ -329,21 +333,38 @@ class TipService:
                 f"event {request.event_id!r} already has feedback "
                 f"{stored.reaction!r} (reward {stored.reward}); feedback is final"
             )
-        if outcome.created:
+        if outcome.created and outcome.reward_id is not None:
             features = decision.chosen_features
             try:
-                await self.stages.learn(request.event_id, features, reward)
+                await self.stages.learn(outcome.reward_id, features, reward)
             except Exception:
-                # The feedback is stored; a replica that missed it learns it on rebuild.
-                logger.exception("served policy did not learn event %s", request.event_id)
-            for pending in self.stages.learn_shadows(request.event_id, features, reward):
+                # The reward is logged; the replicas pick it up at their next sync.
+                logger.exception("served policy did not learn event %s now", request.event_id)
+            for pending in self.stages.learn_shadows(outcome.reward_id, features, reward):
                 self._spawn(self._quietly(pending, "shadow learn"))
         return FeedbackResponse(
             event_id=stored.event_id,
             reaction=stored.reaction,
             reward=stored.reward,
             reacted_at=stored.reacted_at,
+            learned=outcome.learned,
         )
+
+    def apply_default_rewards(self) -> int:
+        """Log the default reward for decisions whose feedback wait ran out; policies learn
+        it at their next sync.  Safe to run from every ingress replica at once."""
+        learning = self.settings.learning
+        if learning.default_reward is None:
+            return 0
+        now = datetime.now(UTC)
+        applied = self.store.apply_default_rewards(
+            older_than=now - timedelta(seconds=learning.reward_wait_s),
+            reward=learning.default_reward,
+            now=now,
+        )
+        if applied:
+            logger.info("applied the default reward to %d decisions", applied)
+        return applied
 
     @staticmethod
     async def _quietly(pending: Awaitable[object], what: str) -> None:

@@ -19,7 +19,7 @@ DEFAULT_CONFIG_PATH = Path("configs/tipgraph.yaml")
 CONFIG_ENV_VAR = "TIPGRAPH_CONFIG"
 
 Reaction = Literal["done", "snooze", "dismiss"]
-PolicyKind = Literal["linucb", "egreedy", "uniform"]
+PolicyKind = Literal["linucb", "lints", "egreedy", "softmax", "squarecb", "uniform", "baseline"]
 STAGES = ("ingress", "context", "generation", "scoring")
 
 
@@ -81,6 +81,25 @@ class RewardSettings(_Strict):
         return self
 
 
+class LearningSettings(_Strict):
+    """When feedback counts, what silence is worth, and how replicas share what they learn."""
+
+    reward_wait_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Feedback later than this after the decision is stored, not learned",
+    )
+    default_reward: float | None = Field(
+        0.0, description="Learned for a decision with no feedback within the wait; None = off"
+    )
+    default_reward_check_s: float = Field(
+        10.0, gt=0, description="How often the ingress applies default rewards"
+    )
+    sync_interval_s: float = Field(
+        1.0, gt=0, description="How often each policy replica applies rewards others learned"
+    )
+
+
 class LimitSettings(_Strict):
     max_tasks: int = Field(500, ge=1)
     max_content_chars: int = Field(2000, ge=1)
@@ -98,15 +117,25 @@ class FeatureSettings(_Strict):
 
 
 class PolicySettings(_Strict):
+    """One policy and its hyperparameters; each kind reads the ones it documents."""
+
     name: str = Field(..., pattern=r"^[a-z][a-z0-9_]{0,39}$")
     kind: PolicyKind
-    alpha: float = Field(1.0, ge=0, description="LinUCB width of the confidence bonus")
     ridge: float = Field(1.0, gt=0, description="Ridge prior lambda: A starts at lambda * I")
-    temperature: float = Field(
-        0.1, gt=0, description="Softmax temperature over the policy's scores"
-    )
     epsilon: float = Field(
         0.05, ge=0, le=1, description="Exploration floor: every candidate gets >= epsilon / K"
+    )
+    alpha: float = Field(1.0, ge=0, description="linucb: width of the confidence bonus")
+    v: float = Field(0.3, gt=0, description="lints: posterior scale, theta ~ N(mean, v^2 A^-1)")
+    ts_draws: int = Field(
+        128, ge=1, le=100_000, description="lints: posterior draws that estimate probabilities"
+    )
+    temperature: float = Field(0.1, gt=0, description="softmax: temperature over ridge scores")
+    gamma: float = Field(
+        300.0, gt=0, description="squarecb: learning rate of the inverse-gap weighting"
+    )
+    refresh_every: int = Field(
+        1024, ge=1, description="Exact inverse after this many Sherman-Morrison updates"
     )
 
 
@@ -170,6 +199,7 @@ class TipgraphSettings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     store: StoreSettings = StoreSettings()
     rewards: RewardSettings = RewardSettings()
+    learning: LearningSettings = LearningSettings()
     limits: LimitSettings = LimitSettings()
     features: FeatureSettings = FeatureSettings()
     privacy: PrivacySettings = PrivacySettings()
@@ -198,6 +228,14 @@ class TipgraphSettings(BaseSettings):
             raise ValueError(
                 f"deployments must have exactly {list(STAGES)}; "
                 f"missing {missing}, unknown {unknown}"
+            )
+        default = self.learning.default_reward
+        if default is not None and not (
+            self.rewards.min_reward <= default <= self.rewards.max_reward
+        ):
+            raise ValueError(
+                f"learning.default_reward={default} is outside "
+                f"[{self.rewards.min_reward}, {self.rewards.max_reward}]"
             )
         names = [self.policy.name] + [shadow.policy.name for shadow in self.shadows]
         if len(set(names)) != len(names):

@@ -78,6 +78,11 @@ class SimRequest:
     part: str
 
 
+def request_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """(requests, reactions) generators for one simulation seed."""
+    return np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
+
+
 def make_users(n: int, rng: np.random.Generator) -> list[SimUser]:
     users = []
     for i in range(n):
@@ -278,7 +283,9 @@ def _loop(
     rewards: RewardSettings,
     on_block: Callable[[Block], None] | None,
 ) -> Iterator[Block]:
-    rng = np.random.default_rng(seed)
+    # Requests and reactions draw from separate streams, so every policy run with the same
+    # seed meets exactly the same users, times and task lists.
+    rng, reaction_rng = request_streams(seed)
     population = make_users(users, rng)
     served: list[float] = []
     uniform: list[float] = []
@@ -292,7 +299,7 @@ def _loop(
             errors += 1
         else:
             tip_ = answer["tip"]
-            reaction = react(request, tip_["kind"], tip_.get("task_id"), rng)
+            reaction = react(request, tip_["kind"], tip_.get("task_id"), reaction_rng)
             feedback(answer["event_id"], reaction)
             served.append(rewards.reward_for(reaction))  # type: ignore[arg-type]
             truth = _candidate_truth(request, rewards)

@@ -21,10 +21,12 @@ from typing import Any, get_args
 from tipgraph.settings import Reaction
 from tipgraph.store.records import (
     DecisionRecord,
+    FeedbackOutcome,
     FeedbackRecord,
     PolicyRole,
     PolicyScoresRecord,
     ReactionHistoryItem,
+    RewardSource,
     StoreCounts,
     StoredDecision,
     TrainingEvent,
@@ -38,6 +40,7 @@ LATENCY_STAGES = ("context", "generation", "scoring", "total")
 
 REACTIONS: frozenset[str] = frozenset(get_args(Reaction))
 POLICY_ROLES: frozenset[str] = frozenset(get_args(PolicyRole))
+REWARD_SOURCES: frozenset[str] = frozenset(get_args(RewardSource))
 
 
 def db_timestamp(value: datetime, *, what: str) -> str:
@@ -209,7 +212,16 @@ def stored_decision(row: Row) -> StoredDecision:
     )
 
 
+def finite_float(value: float, *, what: str) -> float:
+    """A finite float, or ValueError naming ``what``: NaN or inf would poison every model."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
 def feedback_params(feedback: FeedbackRecord) -> Params:
+    """Validated feedback columns, without ``learned``: that is decided in the transaction."""
     if feedback.reaction not in REACTIONS:
         raise ValueError(
             f"{feedback.event_id}: reaction must be one of {sorted(REACTIONS)}, "
@@ -225,9 +237,13 @@ def feedback_params(feedback: FeedbackRecord) -> Params:
     )
 
 
-def feedback_record(row: Row) -> FeedbackRecord:
-    event_id, reaction, value, reward, reacted_at, received_at = row
-    return FeedbackRecord(
+def feedback_outcome(row: Row, *, created: bool) -> FeedbackOutcome:
+    """A stored feedback row with its ``learned`` flag and the reward it produced, if any.
+
+    SQLite hands ``learned`` back as 0/1, Postgres as a bool.
+    """
+    event_id, reaction, value, reward, reacted_at, received_at, learned, reward_id = row
+    record = FeedbackRecord(
         event_id=event_id,
         reaction=reaction,
         value=None if value is None else float(value),
@@ -235,15 +251,31 @@ def feedback_record(row: Row) -> FeedbackRecord:
         reacted_at=utc_datetime(reacted_at),
         received_at=utc_datetime(received_at),
     )
+    return FeedbackOutcome(
+        record=record,
+        created=created,
+        learned=bool(learned),
+        reward_id=None if reward_id is None else int(reward_id),
+    )
+
+
+def reward_source(raw: str) -> RewardSource:
+    """The ``source`` column, narrowed; the table's CHECK constraint allows nothing else."""
+    if raw == "feedback":
+        return "feedback"
+    if raw == "default":
+        return "default"
+    raise ValueError(f"reward source must be one of {sorted(REWARD_SOURCES)}, got {raw!r}")
 
 
 def training_event(row: Row) -> TrainingEvent:
-    feedback_id, event_id, features, reward = row
+    reward_id, event_id, features, reward, source = row
     return TrainingEvent(
-        feedback_id=int(feedback_id),
+        reward_id=int(reward_id),
         event_id=event_id,
         features=float_list(features),
         reward=float(reward),
+        source=reward_source(source),
     )
 
 
@@ -255,12 +287,15 @@ def history_item(row: Row) -> ReactionHistoryItem:
 
 
 def store_counts(row: Row) -> StoreCounts:
-    decisions, candidates, policy_runs, tip_scores, feedback, served, shadow = map(int, row)
+    (decisions, candidates, policy_runs, tip_scores, feedback, rewards, default_rewards,
+     served, shadow) = map(int, row)  # fmt: skip
     return StoreCounts(
         decisions=decisions,
         candidates=candidates,
         policy_runs=policy_runs,
         tip_scores=tip_scores,
         feedback=feedback,
+        rewards=rewards,
+        default_rewards=default_rewards,
         by_role={"served": served, "shadow": shadow},
     )

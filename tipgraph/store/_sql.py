@@ -3,7 +3,9 @@
 SQLite (3.35+) and Postgres agree on everything the store needs (``ON CONFLICT DO
 NOTHING``, ``RETURNING``, scalar subqueries), so the statements are shared and written
 with DB-API ``qmark`` placeholders; the Postgres backend rewrites them to ``%s`` once, at
-import.  What remains per backend is how to connect and how a transaction starts.
+import.  What remains per backend is how to connect, how a transaction starts, and how a
+transaction that inserts rewards keeps reward ids in commit order
+(:meth:`SQLDecisionStore._serialize_reward_writes`).
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ class Statements:
     insert_policy_run: str
     insert_tip_score: str
     select_decision: str
+    select_decision_created_at: str
     insert_feedback: str
     select_feedback: str
+    insert_feedback_reward: str
+    mark_feedback_unlearned: str
+    insert_default_rewards: str
     select_training_events: str
+    select_training_events_page: str
     select_user_history: str
     select_counts: str
 
@@ -63,6 +70,16 @@ class Statements:
             **{f.name: rewrite(getattr(self, f.name)) for f in dataclasses.fields(self)}
         )
 
+
+_TRAINING_EVENTS = """
+        SELECT r.reward_id, r.event_id, c.features, r.reward, r.source
+        FROM rewards AS r
+        JOIN decisions AS d ON d.event_id = r.event_id
+        JOIN candidates AS c
+          ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
+        WHERE r.reward_id > ?
+        ORDER BY r.reward_id
+"""
 
 QMARK_STATEMENTS = Statements(
     schema_version="SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
@@ -102,26 +119,48 @@ QMARK_STATEMENTS = Statements(
           ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
         WHERE d.event_id = ?
     """,
+    select_decision_created_at="SELECT created_at FROM decisions WHERE event_id = ?",
     insert_feedback="""
-        INSERT INTO feedback (event_id, reaction, value, reward, reacted_at, received_at)
-        VALUES (?, ?, ?, ?, ?, ?)
+        INSERT INTO feedback (
+            event_id, reaction, value, reward, reacted_at, received_at, learned
+        ) VALUES (?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT (event_id) DO NOTHING
         RETURNING feedback_id
     """,
+    # The reward a feedback produced, if any: a 'default' reward for the same event is
+    # not this feedback's.
     select_feedback="""
-        SELECT event_id, reaction, value, reward, reacted_at, received_at
-        FROM feedback
-        WHERE event_id = ?
-    """,
-    select_training_events="""
-        SELECT f.feedback_id, f.event_id, c.features, f.reward
+        SELECT f.event_id, f.reaction, f.value, f.reward, f.reacted_at, f.received_at,
+               f.learned, r.reward_id
         FROM feedback AS f
-        JOIN decisions AS d ON d.event_id = f.event_id
-        JOIN candidates AS c
-          ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
-        WHERE f.feedback_id > ?
-        ORDER BY f.feedback_id
+        LEFT JOIN rewards AS r ON r.event_id = f.event_id AND r.source = 'feedback'
+        WHERE f.event_id = ?
     """,
+    insert_feedback_reward="""
+        INSERT INTO rewards (event_id, reward, source, created_at)
+        VALUES (?, ?, 'feedback', ?)
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING reward_id
+    """,
+    mark_feedback_unlearned="UPDATE feedback SET learned = FALSE WHERE event_id = ?",
+    # ON CONFLICT keeps concurrent runs (and a feedback reward committed in between) from
+    # ever giving an event a second reward; the NOT EXISTS only keeps LIMIT from being
+    # spent on decisions that already have one.  SQLite needs the WHERE clause to parse
+    # the upsert after a SELECT.
+    insert_default_rewards="""
+        INSERT INTO rewards (event_id, reward, source, created_at)
+        SELECT d.event_id, ?, 'default', ?
+        FROM decisions AS d
+        WHERE d.created_at < ?
+          AND NOT EXISTS (SELECT 1 FROM rewards AS r WHERE r.event_id = d.event_id)
+        ORDER BY d.created_at, d.event_id
+        LIMIT ?
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING reward_id
+    """,
+    select_training_events=_TRAINING_EVENTS,
+    # Separate statement: "no limit" is LIMIT -1 in SQLite but an error in Postgres.
+    select_training_events_page=_TRAINING_EVENTS + " LIMIT ?",
     select_user_history="""
         SELECT d.chosen_kind, f.reaction, f.reward, d.created_at
         FROM decisions AS d
@@ -137,6 +176,8 @@ QMARK_STATEMENTS = Statements(
                (SELECT COUNT(*) FROM policy_runs),
                (SELECT COUNT(*) FROM tip_scores),
                (SELECT COUNT(*) FROM feedback),
+               (SELECT COUNT(*) FROM rewards),
+               (SELECT COUNT(*) FROM rewards WHERE source = 'default'),
                (SELECT COUNT(*) FROM policy_runs WHERE role = 'served'),
                (SELECT COUNT(*) FROM policy_runs WHERE role = 'shadow')
     """,
@@ -164,6 +205,17 @@ class SQLDecisionStore(DecisionStore):
 
         ``write=True`` promises the block writes, so a backend that must take its write
         lock up front (SQLite) can do so before the first read.
+        """
+
+    def _serialize_reward_writes(self, cur: Cursor) -> None:
+        """Called in a write transaction right before it inserts into ``rewards``.
+
+        ``training_events`` readers keep a watermark (the largest ``reward_id`` seen), so
+        rewards must become visible in id order: a lower id committing after a higher one
+        was read would be skipped forever.  Ids are drawn at INSERT, so the backend must
+        make "draw an id .. commit" one critical section across all processes.  SQLite
+        already does: ``write=True`` transactions are ``BEGIN IMMEDIATE`` and hold the
+        database's single write lock until they end.  Postgres overrides this.
         """
 
     def schema_version(self) -> int:
@@ -203,19 +255,69 @@ class SQLDecisionStore(DecisionStore):
             row = cur.fetchone()
         return None if row is None else _rows.stored_decision(row)
 
-    def record_feedback(self, feedback: FeedbackRecord) -> FeedbackOutcome:
+    def record_feedback(
+        self, feedback: FeedbackRecord, *, learn_within_s: float | None = None
+    ) -> FeedbackOutcome:
+        if learn_within_s is not None and not learn_within_s >= 0:  # also refuses NaN
+            raise ValueError(f"learn_within_s must be >= 0 seconds or None, got {learn_within_s}")
         params = _rows.feedback_params(feedback)
+        received_at = _rows.db_timestamp(feedback.received_at, what="received_at")
         with self._transaction(write=True) as cur:
-            cur.execute(self._sql.insert_feedback, params)
+            cur.execute(self._sql.select_decision_created_at, (feedback.event_id,))
+            decision = cur.fetchone()
+            in_time = decision is not None and (
+                learn_within_s is None
+                or (feedback.received_at - _rows.utc_datetime(decision[0])).total_seconds()
+                <= learn_within_s
+            )
+            # Feedback first: its unique event_id decides which of two concurrent calls
+            # wins, and only the winner goes on to claim the event's reward.
+            cur.execute(self._sql.insert_feedback, (*params, in_time))
             created = cur.fetchone() is not None
+            if created and in_time:
+                self._serialize_reward_writes(cur)
+                cur.execute(
+                    self._sql.insert_feedback_reward,
+                    (feedback.event_id, float(feedback.reward), received_at),
+                )
+                if cur.fetchone() is None:
+                    # A default reward got there first; the event keeps that one.
+                    cur.execute(self._sql.mark_feedback_unlearned, (feedback.event_id,))
             # Read back rather than echo the argument: on a retry the first answer wins.
             cur.execute(self._sql.select_feedback, (feedback.event_id,))
             row = cur.fetchone()
-        return FeedbackOutcome(record=_rows.feedback_record(row), created=created)
+        return _rows.feedback_outcome(row, created=created)
 
-    def training_events(self, after_feedback_id: int = 0) -> list[TrainingEvent]:
+    def apply_default_rewards(
+        self, *, older_than: datetime, reward: float, now: datetime, limit: int = 10_000
+    ) -> int:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        params = (
+            _rows.finite_float(reward, what="reward"),
+            _rows.db_timestamp(now, what="now"),
+            _rows.db_timestamp(older_than, what="older_than"),
+            limit,
+        )
+        if limit == 0:
+            return 0
+        with self._transaction(write=True) as cur:
+            self._serialize_reward_writes(cur)
+            cur.execute(self._sql.insert_default_rewards, params)
+            return len(cur.fetchall())
+
+    def training_events(
+        self, after_reward_id: int = 0, limit: int | None = None
+    ) -> list[TrainingEvent]:
+        params: tuple[int, ...]
+        if limit is None:
+            statement, params = self._sql.select_training_events, (after_reward_id,)
+        elif limit >= 0:
+            statement, params = self._sql.select_training_events_page, (after_reward_id, limit)
+        else:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
         with self._transaction(write=False) as cur:
-            cur.execute(self._sql.select_training_events, (after_feedback_id,))
+            cur.execute(statement, params)
             rows = cur.fetchall()
         return [_rows.training_event(row) for row in rows]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from datetime import datetime
 
 from tipgraph.store.records import (
     DecisionRecord,
@@ -30,12 +31,17 @@ class MigrationError(StoreError):
 
 
 class DecisionStore(abc.ABC):
-    """Append-mostly log of decisions, per-policy scores and feedback.
+    """Append-mostly log of decisions, per-policy scores, feedback and rewards.
+
+    Feedback is what users said; rewards are what the policies learn from.  They differ
+    because feedback may come too late to learn from, and a decision nobody answers in
+    time gets a default reward instead.  Each decision has at most one reward, whichever
+    of its feedback or its default came first.
 
     Every write is idempotent on its natural key so a retry never duplicates a row:
-    decisions on ``event_id``, policy runs on ``(event_id, policy_name)``, feedback on
-    ``event_id``.  Implementations are thread-safe; callers in asyncio code run them in a
-    worker thread.
+    decisions on ``event_id``, policy runs on ``(event_id, policy_name)``, feedback and
+    rewards on ``event_id``.  Implementations are thread-safe and safe to share one
+    database between processes; callers in asyncio code run them in a worker thread.
     """
 
     @abc.abstractmethod
@@ -65,12 +71,46 @@ class DecisionStore(abc.ABC):
         """The decision with the chosen candidate's features, or None if unknown."""
 
     @abc.abstractmethod
-    def record_feedback(self, feedback: FeedbackRecord) -> FeedbackOutcome:
-        """Insert feedback unless this event already has some; return what is stored."""
+    def record_feedback(
+        self, feedback: FeedbackRecord, *, learn_within_s: float | None = None
+    ) -> FeedbackOutcome:
+        """Store feedback unless the event already has some, and learn from it if in time.
+
+        One transaction.  The first feedback for an event wins; a later call changes
+        nothing and returns the stored record with its stored ``learned`` flag and reward.
+        New feedback is learned (a ``'feedback'`` reward row with ``feedback.reward``,
+        created at ``received_at``) only if the decision is logged, no reward exists for it
+        yet (a default may have come first), and, with ``learn_within_s``, it was received
+        at most that many seconds after the decision: a policy that learns a reaction long
+        after the tip was shown would learn about a context that no longer holds.
+
+        Raises ValueError for a reaction the store does not know, naive datetimes, or a
+        negative ``learn_within_s``.
+        """
 
     @abc.abstractmethod
-    def training_events(self, after_feedback_id: int = 0) -> list[TrainingEvent]:
-        """Every (chosen features, reward) with ``feedback_id > after_feedback_id``, in order."""
+    def apply_default_rewards(
+        self, *, older_than: datetime, reward: float, now: datetime, limit: int = 10_000
+    ) -> int:
+        """Give each decision made before ``older_than`` that has no reward yet ``reward``.
+
+        Silence is information too: without it the policies only learn from users who
+        answer.  Feedback that arrived too late does not prevent a default.  Oldest decisions
+        first, at most ``limit`` per call (call again to catch up); the rewards are created
+        at ``now``.  Idempotent and safe to run from several processes at once: a decision
+        never gets a second reward.  Returns how many rewards were inserted.
+        """
+
+    @abc.abstractmethod
+    def training_events(
+        self, after_reward_id: int = 0, limit: int | None = None
+    ) -> list[TrainingEvent]:
+        """(chosen features, reward) for rewards with ``reward_id > after_reward_id``, in order.
+
+        At most ``limit`` of them (all with None).  Rewards become visible in ``reward_id``
+        order, so a reader that polls with ``after_reward_id`` set to the largest id it has
+        seen never skips one, however many processes write rewards.
+        """
 
     @abc.abstractmethod
     def user_history(self, user_key: str, limit: int) -> list[ReactionHistoryItem]:

@@ -30,6 +30,11 @@ def _pyformat(statement: str) -> str:
 
 POSTGRES_STATEMENTS: Statements = QMARK_STATEMENTS.translated(_pyformat)
 
+# Any fixed bigint works, as long as every tipgraph process agrees on it and it differs
+# from the migration lock (tipgraph.store.migrate.POSTGRES_LOCK_KEY).  ("tiprewrd")
+REWARDS_LOCK_KEY = 0x7469707265777264
+_LOCK_REWARDS = "SELECT pg_advisory_xact_lock(%s)"
+
 
 def _search_path(schema: str) -> Callable[[Connection], None]:
     """Pool ``configure`` hook: new connections see the store's schema first."""
@@ -99,6 +104,19 @@ class PostgresStore(SQLDecisionStore):
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
+
+    def _serialize_reward_writes(self, cur: Cursor) -> None:
+        """Take the rewards lock, held until this transaction commits or rolls back.
+
+        An identity value is drawn at INSERT but becomes visible at COMMIT, so without this
+        two writers could commit ids 8 and 7 in that order, and a reader that saw 8 first
+        would skip 7 forever.  With every reward-inserting transaction drawing its ids under
+        one lock, and Postgres marking a transaction committed before releasing its locks,
+        ids become visible in increasing order (gaps from rollbacks are never filled, which
+        a watermark reader does not mind).  The cost is that reward writes, which are one
+        or two short statements, run one at a time across all processes.
+        """
+        cur.execute(_LOCK_REWARDS, (REWARDS_LOCK_KEY,))
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Cursor]:

@@ -7,6 +7,8 @@ from datetime import datetime
 from typing import Literal
 
 PolicyRole = Literal["served", "shadow"]
+RewardSource = Literal["feedback", "default"]
+"""Where a reward came from: the user's feedback in time, or the default for silence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +75,19 @@ class FeedbackRecord:
 
 @dataclass(frozen=True, slots=True)
 class FeedbackOutcome:
-    """``record`` is what the store holds; ``created`` is False when it was already there."""
+    """What recording one piece of feedback did.
+
+    ``record`` is what the store holds and ``created`` is False when it was already there
+    (the first feedback wins).  ``learned`` says whether that stored feedback became the
+    event's reward, and ``reward_id`` is that reward row (None when not learned): feedback
+    that came too late, without a logged decision, or after a default reward is kept for
+    the record but the policies never learn from it.  A retry gets the first call's answer.
+    """
 
     record: FeedbackRecord
     created: bool
+    learned: bool
+    reward_id: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +107,17 @@ class StoredDecision:
 
 @dataclass(frozen=True, slots=True)
 class TrainingEvent:
-    """One (features of the shown tip, reward) pair, in feedback order."""
+    """One (features of the shown tip, reward) pair, in reward order.
 
-    feedback_id: int
+    ``reward_id`` increases in commit order, so a reader can resume after the largest one
+    it has seen (see :meth:`DecisionStore.training_events`).
+    """
+
+    reward_id: int
     event_id: str
     features: list[float]
     reward: float
+    source: RewardSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,4 +135,6 @@ class StoreCounts:
     policy_runs: int = 0
     tip_scores: int = 0
     feedback: int = 0
+    rewards: int = 0
+    default_rewards: int = 0
     by_role: dict[str, int] = field(default_factory=dict)

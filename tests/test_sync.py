@@ -1,0 +1,121 @@
+"""Many replicas, one model: PolicyService instances sharing a store, no Ray."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from tipgraph.features import FEATURE_SPEC
+from tipgraph.policies import make_policy
+from tipgraph.scoring import PolicyService
+from tipgraph.settings import PolicySettings
+from tipgraph.store import DecisionStore
+from tipgraph.store.records import (
+    CandidateRecord,
+    DecisionRecord,
+    FeedbackRecord,
+    PolicyScoresRecord,
+)
+
+DIM = FEATURE_SPEC.dim
+T0 = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)
+
+
+def replica(kind: str = "linucb") -> PolicyService:
+    settings = PolicySettings(name="served", kind=kind)
+    return PolicyService(make_policy(settings, DIM, spec_version=FEATURE_SPEC.version))
+
+
+def log_decision(store: DecisionStore, event_id: str, x: np.ndarray, at: datetime) -> None:
+    candidate = CandidateRecord(
+        event_id + "-c", 0, "focus", "tasks", "tip", None, None, None, x.tolist()
+    )
+    served = PolicyScoresRecord(
+        "served", "v", "served", [0.0], [1.0], candidate.candidate_id, 1.0, 1.0
+    )
+    store.write_decisions(
+        [
+            DecisionRecord(
+                event_id,
+                "user",
+                at,
+                "served",
+                "v",
+                FEATURE_SPEC.version,
+                None,
+                "tasks",
+                candidate.candidate_id,
+                "focus",
+                1.0,
+                {"total": 1.0},
+                [1.0],
+                [candidate],
+                served,
+            )
+        ]
+    )
+
+
+def give_feedback(
+    store: DecisionStore, event_id: str, reward: float, at: datetime, wait_s: float = 3600.0
+):  # type: ignore[no-untyped-def]
+    return store.record_feedback(
+        FeedbackRecord(event_id, "done", reward, reward, at, at), learn_within_s=wait_s
+    )
+
+
+def test_replicas_converge_to_the_model_trained_on_everything(store: DecisionStore) -> None:
+    rng = np.random.default_rng(0)
+    a, b = replica(), replica()
+    truth = make_policy(
+        PolicySettings(name="served", kind="linucb"), DIM, spec_version=FEATURE_SPEC.version
+    )
+    for i in range(60):
+        x, r = rng.normal(size=DIM), float(rng.uniform())
+        log_decision(store, f"e{i}", x, T0)
+        outcome = give_feedback(store, f"e{i}", r, T0 + timedelta(seconds=5))
+        assert outcome.learned and outcome.reward_id is not None
+        # The router sends each feedback to one replica, which learns it at once.
+        (a if i % 3 else b).learn(outcome.reward_id, x, r)
+        truth.update(x, r)
+        if i == 30:
+            a.sync(store)  # a sync halfway must not double count what a learned itself
+    assert a.policy.n_updates != b.policy.n_updates  # diverged before syncing
+    a.sync(store)
+    b.sync(store)
+    for service in (a, b):
+        assert service.policy.n_updates == 60
+        np.testing.assert_allclose(service.policy.stats_.gram_, truth.stats_.gram_, atol=1e-9)
+        np.testing.assert_allclose(service.policy.stats_.b_, truth.stats_.b_, atol=1e-9)
+    assert a.learned_directly + b.learned_directly == 60
+    assert a.sync(store) == 0 and b.sync(store) == 0  # idempotent
+    late = replica()  # a replica that starts now rebuilds everything from the log
+    assert late.sync(store) == 60
+    np.testing.assert_allclose(late.policy.stats_.b_, truth.stats_.b_, atol=1e-9)
+
+
+def test_direct_learn_of_an_already_synced_reward_is_ignored(store: DecisionStore) -> None:
+    service = replica()
+    log_decision(store, "e", np.ones(DIM), T0)
+    outcome = give_feedback(store, "e", 1.0, T0)
+    assert outcome.reward_id is not None
+    assert service.sync(store) == 1
+    assert service.learn(outcome.reward_id, np.ones(DIM), 1.0) is False
+    assert service.policy.n_updates == 1
+
+
+def test_late_feedback_is_stored_but_not_learned_and_defaults_are(store: DecisionStore) -> None:
+    service = replica()
+    for event in ("quick", "late", "silent"):
+        log_decision(store, event, np.ones(DIM), T0)
+    assert give_feedback(store, "quick", 1.0, T0 + timedelta(seconds=30), wait_s=60).learned
+    late = give_feedback(store, "late", 1.0, T0 + timedelta(seconds=61), wait_s=60)
+    assert late.created and not late.learned and late.reward_id is None
+    applied = store.apply_default_rewards(
+        older_than=T0 + timedelta(seconds=1), reward=0.0, now=T0 + timedelta(seconds=70)
+    )
+    assert applied == 2  # "late" (its feedback came too late) and "silent"
+    assert service.sync(store) == 3
+    assert service.policy.stats_.b_.sum() == pytest.approx(DIM * 1.0)  # only "quick" paid 1
