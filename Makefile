@@ -6,7 +6,8 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config clean
+.PHONY: install run test unit lint postgres lock render-serve-config bench-policies \
+	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,15 @@ postgres:
 ## lock: re-resolve requirements.lock from pyproject.toml (pinned versions)
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+## bench-policies: policy throughput vs MABWiser, scoring latency, state memory
+bench-policies: install
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -r bench/requirements.txt
+	$(BIN)/python bench/bench_policies.py
+
+## compare-policies: every policy on the simulator, 20,000 decisions x 5 seeds
+compare-policies: install
+	$(BIN)/tipgraph compare-policies --seeds 5 --decisions 20000
 
 render-serve-config: install
 	$(BIN)/tipgraph render-serve-config

@@ -35,6 +35,7 @@ from tipgraph.local import LocalStages
 from tipgraph.service import TipService
 from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings
 from tipgraph.store import open_store
+from tipgraph.store.migrate import load_migrations
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -134,7 +135,8 @@ def test_health_and_readiness(serve_apps: dict[str, App]) -> None:
     client = serve_apps["main"].client
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["schema_version"] == 1
+    latest = load_migrations("postgres")[-1].version
+    assert ready.status_code == 200 and ready.json()["schema_version"] == latest
     assert "/v1/tips" in client.get("/openapi.json").json()["paths"]
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import math
 import struct
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -65,10 +65,23 @@ def check_vector(x: object, dim: int) -> np.ndarray:
     return arr
 
 
-def event_rng(event_id: str, policy_name: str) -> np.random.Generator:
-    """A generator determined by (event, policy): the same decision replays identically."""
+def event_seed(event_id: str, policy_name: str) -> int:
+    """A 64-bit seed determined by (event, policy): the same decision replays identically."""
     digest = hashlib.sha256(f"{event_id}\x1f{policy_name}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return int.from_bytes(digest[:8], "little")
+
+
+def draw(p: np.ndarray, seed: int) -> int:
+    """Inverse-CDF draw from ``p`` with the uniform number ``seed / 2**64``.
+
+    One number is all a draw needs; building a numpy Generator per event would cost more
+    than scoring the candidates.  Candidates with probability 0 are never drawn.
+    """
+    cdf = p.cumsum()
+    index = int(cdf.searchsorted(seed * (cdf[-1] / 2.0**64), "right"))
+    if index >= len(p) or p[index] <= 0:  # only reachable through float rounding at the top
+        index = int(np.flatnonzero(p > 0)[-1])
+    return index
 
 
 def softmax(z: np.ndarray, temperature: float) -> np.ndarray:
@@ -78,17 +91,26 @@ def softmax(z: np.ndarray, temperature: float) -> np.ndarray:
 
 def argmax_mass(scores: np.ndarray) -> np.ndarray:
     """All probability on the best score; exact ties share it, so the answer is defined."""
-    best = scores >= scores.max() - 1e-12
-    return best / best.sum()
+    best = int(scores.argmax())
+    ties = scores >= scores[best] - 1e-12
+    n_ties = int(np.count_nonzero(ties))
+    if n_ties > 1:
+        return ties / n_ties
+    p = np.zeros(len(scores))
+    p[best] = 1.0
+    return p
 
 
 def with_floor(p: np.ndarray, epsilon: float) -> np.ndarray:
-    """Mix with uniform so every candidate keeps probability >= epsilon / K."""
-    return (1.0 - epsilon) * p + epsilon / len(p)
+    """Mix with uniform so every candidate keeps probability >= epsilon / K (in place)."""
+    p *= 1.0 - epsilon
+    p += epsilon / len(p)
+    return p
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """Scores and probabilities, arrays of shape (n_candidates,), and the drawn index."""
+
     scores: np.ndarray
     probabilities: np.ndarray
     chosen: int
@@ -106,18 +128,30 @@ class RidgeStats:
     Sherman–Morrison identity, (A + xxᵀ)⁻¹ = A⁻¹ − A⁻¹xxᵀA⁻¹ / (1 + xᵀA⁻¹x), in O(d²)
     instead of O(d³), and is recomputed exactly after a merge and every
     ``refresh_every`` updates so rounding never accumulates.
+
+    Decisions need only A⁻¹ and b, so the xxᵀ of recent updates are folded into ``gram_``
+    in one matrix product when it is read, not one outer product per update.
     """
 
     def __init__(self, dim: int, ridge: float, refresh_every: int = 1024) -> None:
         self.dim = dim
         self.ridge = ridge
         self.refresh_every = refresh_every
-        self.gram_ = np.zeros((dim, dim))
+        self._gram = np.zeros((dim, dim))
+        self._unfolded: list[np.ndarray] = []
         self.b_ = np.zeros(dim)
         self.n_ = 0
         self.A_inv_ = np.eye(dim) / ridge
         self._theta: np.ndarray | None = None
         self._since_refresh = 0
+
+    @property
+    def gram_(self) -> np.ndarray:
+        if self._unfolded:
+            rows = np.asarray(self._unfolded)
+            self._gram += rows.T @ rows
+            self._unfolded.clear()
+        return self._gram
 
     @property
     def A(self) -> np.ndarray:
@@ -131,7 +165,7 @@ class RidgeStats:
         return self._theta
 
     def update(self, x: np.ndarray, reward: float) -> None:
-        self.gram_ += np.outer(x, x)
+        self._unfolded.append(x.copy())  # the caller may reuse its array
         self.b_ += reward * x
         self.n_ += 1
         self._theta = None
@@ -140,11 +174,12 @@ class RidgeStats:
             self.refresh()
             return
         Ax = self.A_inv_ @ x
-        self.A_inv_ -= np.outer(Ax, Ax) / (1.0 + x @ Ax)
+        # Scale the vector, not the d x d outer product: one matrix pass fewer.
+        self.A_inv_ -= np.outer(Ax, Ax / (1.0 + x @ Ax))
 
     def add(self, gram: np.ndarray, b: np.ndarray, n: int) -> None:
         """Add another shard's statistics; the merged model is exact, not approximate."""
-        self.gram_ += gram
+        self._gram = self.gram_ + gram
         self.b_ += b
         self.n_ += n
         self.refresh()
@@ -153,11 +188,6 @@ class RidgeStats:
         self.A_inv_ = np.linalg.inv(self.A)
         self._theta = None
         self._since_refresh = 0
-
-    def copy(self) -> RidgeStats:
-        other = RidgeStats(self.dim, self.ridge, self.refresh_every)
-        other.add(self.gram_.copy(), self.b_.copy(), self.n_)
-        return other
 
 
 class Policy(abc.ABC):
@@ -202,10 +232,9 @@ class Policy(abc.ABC):
         """Array of shape (n_candidates,): higher is better."""
 
     @abc.abstractmethod
-    def _greedy_distribution(
-        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
-        """The distribution before the exploration floor is mixed in."""
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
+        """The distribution before the exploration floor is mixed in; ``seed`` is the
+        event's, for policies whose distribution is itself estimated by sampling."""
 
     # -- public API ---------------------------------------------------------------------------
     def scores(self, X: object) -> np.ndarray:
@@ -220,15 +249,15 @@ class Policy(abc.ABC):
         return self._decide(check_matrix(X, self.dim), event_id)
 
     def _decide(self, X: np.ndarray, event_id: str) -> Decision:
-        rng = event_rng(event_id, self.name)
+        seed = event_seed(event_id, self.name)
         scores = self._scores(X)
-        p = with_floor(self._greedy_distribution(X, scores, rng), self.settings.epsilon)
-        p = np.clip(p, 0.0, None)
-        p /= p.sum()
-        return Decision(scores, p, int(rng.choice(len(p), p=p)))
+        p = self._greedy_distribution(X, scores, seed)
+        if self.settings.epsilon:
+            p = with_floor(p, self.settings.epsilon)
+        return Decision(scores, p, draw(p, seed))
 
     def update(self, x: object, reward: float) -> Policy:
-        if not np.isfinite(reward):
+        if not math.isfinite(reward):
             raise PolicyInputError(f"reward must be finite, got {reward}")
         self.stats_.update(check_vector(x, self.dim), float(reward))
         return self
@@ -270,12 +299,13 @@ class LinUCB(Policy):
     kind = "linucb"
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
-        width = np.einsum("ij,ij->i", X @ self.stats_.A_inv_, X)
-        return X @ self.stats_.theta + self.settings.alpha * np.sqrt(np.maximum(width, 0.0))
+        XA = X @ self.stats_.A_inv_
+        # θ̂ᵀx = xᵀA⁻¹b: reuse X A⁻¹, which the width needs anyway.
+        mean = XA @ self.stats_.b_
+        width = np.einsum("ij,ij->i", XA, X)
+        return mean + self.settings.alpha * np.sqrt(np.maximum(width, 0.0))
 
-    def _greedy_distribution(
-        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         return argmax_mass(scores)
 
 
@@ -294,9 +324,9 @@ class LinearThompson(Policy):
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return X @ self.stats_.theta
 
-    def _greedy_distribution(
-        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
+        # Its own stream: the draw of the served tip uses the seed directly.
+        rng = np.random.default_rng([seed, 1])
         cov = (self.settings.v**2) * self.stats_.A_inv_
         chol = np.linalg.cholesky((cov + cov.T) / 2 + 1e-12 * np.eye(self.dim))
         draws = self.stats_.theta + rng.standard_normal((self.settings.ts_draws, self.dim)) @ chol.T
@@ -312,9 +342,7 @@ class EpsilonGreedy(Policy):
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return X @ self.stats_.theta
 
-    def _greedy_distribution(
-        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         return argmax_mass(scores)
 
 
@@ -326,9 +354,7 @@ class Softmax(Policy):
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return X @ self.stats_.theta
 
-    def _greedy_distribution(
-        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         return softmax(scores, self.settings.temperature)
 
 
@@ -345,9 +371,7 @@ class SquareCB(Policy):
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return X @ self.stats_.theta
 
-    def _greedy_distribution(
-        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         best = int(np.argmax(scores))
         p = 1.0 / (len(scores) + self.settings.gamma * (scores[best] - scores))
         p[best] = 0.0
@@ -364,9 +388,7 @@ class Uniform(Policy):
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return np.zeros(len(X))
 
-    def _greedy_distribution(
-        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         return np.full(len(X), 1.0 / len(X))
 
 
@@ -381,9 +403,7 @@ class FixedOrder(Policy):
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return -np.arange(len(X), dtype=np.float64)
 
-    def _greedy_distribution(
-        self, X: np.ndarray, scores: np.ndarray, rng: np.random.Generator
-    ) -> np.ndarray:
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         p = np.zeros(len(X))
         p[0] = 1.0
         return p
