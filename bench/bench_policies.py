@@ -64,8 +64,10 @@ def scoring_latency_us(n_candidates: int, dim: int, calls: int = 20_000) -> dict
         policy.update(rng.normal(size=dim), float(rng.uniform()))
     X = rng.normal(size=(n_candidates, dim))
     results = {}
-    for name, call in (("decide", lambda i: policy.decide(X, str(i))),
-                       ("scores", lambda i: policy.scores(X))):
+    for name, call in (
+        ("decide", lambda i: policy.decide(X, str(i))),
+        ("scores", lambda i: policy.scores(X)),
+    ):
         for i in range(500):
             call(i)  # warm up caches
         samples = []
@@ -86,8 +88,11 @@ def state_memory(dim: int) -> dict[str, float]:
     tracemalloc.stop()
     allocated = sum(s.size_diff for s in after.compare_to(before, "filename"))
     arrays = policy.stats_.gram_.nbytes + policy.stats_.b_.nbytes + policy.stats_.A_inv_.nbytes
-    return {"arrays_kib": arrays / 1024, "traced_kib": allocated / 1024,
-            "serialised_kib": len(policy.to_bytes()) / 1024}
+    return {
+        "arrays_kib": arrays / 1024,
+        "traced_kib": allocated / 1024,
+        "serialised_kib": len(policy.to_bytes()) / 1024,
+    }
 
 
 def main() -> None:
@@ -96,11 +101,14 @@ def main() -> None:
     parser.add_argument("--mabwiser-events", type=int, default=2_000)
     args = parser.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
-    print(f"## Policy benchmarks — {datetime.now(UTC):%Y-%m-%d}, commit {commit}, "
-          f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-          f"numpy {np.__version__}")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    print(
+        f"## Policy benchmarks — {datetime.now(UTC):%Y-%m-%d}, commit {commit}, "
+        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"numpy {np.__version__}"
+    )
     print()
     ours = tipgraph_loop(args.events, n_arms=20, dim=32)
     theirs = mabwiser_loop(args.mabwiser_events, n_arms=20, dim=32)
@@ -120,8 +128,10 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for dim in (64, 256):
         mem = state_memory(dim)
-        print(f"| d = {dim} | {mem['arrays_kib']:.0f} KiB | {mem['traced_kib']:.0f} KiB "
-              f"| {mem['serialised_kib']:.0f} KiB |")
+        print(
+            f"| d = {dim} | {mem['arrays_kib']:.0f} KiB | {mem['traced_kib']:.0f} KiB "
+            f"| {mem['serialised_kib']:.0f} KiB |"
+        )
 
 
 if __name__ == "__main__":
