@@ -213,3 +213,11 @@ def test_version_changes_with_updates_and_hyperparameters() -> None:
 def test_settings_and_class_must_agree() -> None:
     with pytest.raises(ValueError, match="needs kind 'linucb'"):
         LinUCB(PolicySettings(name="p", kind="uniform"), DIM)
+
+
+def test_from_bytes_on_a_class_checks_the_kind() -> None:
+    data = trained("squarecb").to_bytes()
+    assert isinstance(Policy.from_bytes(data), SquareCB)
+    assert isinstance(SquareCB.from_bytes(data, expected_spec_version="spec-a"), SquareCB)
+    with pytest.raises(PolicyStateError, match="holds a 'squarecb' policy, not 'linucb'"):
+        LinUCB.from_bytes(data)

@@ -287,6 +287,14 @@ class Policy(abc.ABC):
         body = self.stats_.gram_.astype("<f8").tobytes() + self.stats_.b_.astype("<f8").tobytes()
         return FORMAT_MAGIC + struct.pack("<I", len(header)) + header + body
 
+    @classmethod
+    def from_bytes(cls, data: bytes, *, expected_spec_version: str | None = None) -> Policy:
+        """The inverse of :meth:`to_bytes`; see :func:`policy_from_bytes`."""
+        policy = policy_from_bytes(data, expected_spec_version=expected_spec_version)
+        if cls is not Policy and not isinstance(policy, cls):
+            raise PolicyStateError(f"state holds a {policy.kind!r} policy, not {cls.kind!r}")
+        return policy
+
 
 class LinUCB(Policy):
     """Optimism under uncertainty on the shared ridge model.
