@@ -58,3 +58,68 @@ def test_policy_learns_in_process_and_uniform_does_not(
         assert last.served > blocks[0].served
     else:
         assert abs(last.served - last.uniform) < 0.06
+
+
+def test_cli_in_process_simulation_and_policy_comparison(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tipgraph.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    assert (
+        main(
+            [
+                "--config",
+                str(root / "configs" / "tipgraph.yaml"),
+                "simulate",
+                "--in-process",
+                "--store-url",
+                f"sqlite:///{tmp_path}/sim.db",
+                "--users",
+                "3",
+                "--decisions",
+                "20",
+                "--block",
+                "10",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "in process" in out and "decisions     11-20" in out
+
+    assert (
+        main(
+            [
+                "compare-policies",
+                "--policies",
+                str(root / "configs" / "policies.yaml"),
+                "--only",
+                "linucb,uniform",
+                "--seeds",
+                "2",
+                "--decisions",
+                "300",
+                "--last",
+                "100",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")}
+    assert {"oracle", "uniform (expected)", "linucb", "uniform"} <= rows
+    assert (
+        main(
+            [
+                "compare-policies",
+                "--policies",
+                str(root / "configs" / "policies.yaml"),
+                "--only",
+                "nope",
+            ]
+        )
+        == 2
+    )
