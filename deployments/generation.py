@@ -1,21 +1,28 @@
-"""Generation stage: candidate tips. Task mode now; LLM mode plugs in as another source."""
+"""Generation stage: candidate tips from the tasks, an LLM, or both (tipgraph.generation)."""
 
 from __future__ import annotations
 
 from ray import serve
 
-from tipgraph.candidates import Candidate, CandidateSource, task_candidates
 from tipgraph.contracts import TipRequest
 from tipgraph.features import UserContext
+from tipgraph.generation import GenerationResult, TipGenerator
 from tipgraph.settings import TipgraphSettings
 
 
 @serve.deployment(name="generation")
 class CandidateGenerator:
     def __init__(self, settings: TipgraphSettings) -> None:
-        self._settings = settings
-        # Task mode is the embedded default; an LLM source slots in here.
-        self._source: CandidateSource = task_candidates
+        # Imported here: LiteLLM loads only in the replicas that call an LLM.
+        from tipgraph.generation.litellm_client import build_tip_generator
 
-    def generate(self, request: TipRequest, context: UserContext, n: int) -> list[Candidate]:
-        return list(self._source(request, context, n))
+        self._generator: TipGenerator = build_tip_generator(settings.generation)
+
+    async def generate(
+        self, request: TipRequest, context: UserContext, event_id: str, n: int
+    ) -> GenerationResult:
+        return await self._generator.generate(request, context, event_id, n)
+
+    def breaker_state(self) -> dict[str, object]:
+        breaker = self._generator.breaker
+        return {"state": breaker.state, "times_opened": breaker.times_opened}

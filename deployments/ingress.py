@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from tipgraph.candidates import Candidate
 from tipgraph.contracts import (
     ErrorResponse,
     FeedbackRequest,
@@ -22,6 +21,7 @@ from tipgraph.contracts import (
 )
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import UserContext
+from tipgraph.generation import GenerationResult
 from tipgraph.periodic import Periodic
 from tipgraph.scoring import PolicyScore
 from tipgraph.service import TipgraphError, TipService
@@ -104,9 +104,11 @@ class HandleStages:
         return result
 
     async def candidates(
-        self, request: TipRequest, context: UserContext, n: int
-    ) -> list[Candidate]:
-        result: list[Candidate] = await self._generation.generate.remote(request, context, n)
+        self, request: TipRequest, context: UserContext, event_id: str, n: int
+    ) -> GenerationResult:
+        result: GenerationResult = await self._generation.generate.remote(
+            request, context, event_id, n
+        )
         return result
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:

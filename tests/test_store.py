@@ -176,13 +176,13 @@ def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 2
+        assert again.schema_version() == 3
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
-    ) == [(1, "initial"), (2, "rewards")]
+    ) == [(1, "initial"), (2, "rewards"), (3, "generation")]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
 
@@ -193,7 +193,13 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.setattr(migrate_module, "load_migrations", lambda dialect: shipped(dialect)[:1])
     with open_store(store_settings) as old:
         assert old.schema_version() == 1
+        # Today's writer also fills migration 0003's columns: add them for this write and
+        # drop them again, so the rows are exactly what release 1 stored.
+        for column in ("generation_reason", "llm_model"):
+            raw_sql(store_settings, f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
         old.write_decisions([make_decision("e1", chosen=0), make_decision("e2", chosen=2)])
+        for column in ("generation_reason", "llm_model"):
+            raw_sql(store_settings, f"ALTER TABLE decisions DROP COLUMN {column}")
     # What release 1 wrote: feedback rows only, in another order than the decisions, and
     # one for an event whose decision was never logged.
     times = {"e2": T0 + timedelta(minutes=1), "e9": T0 + timedelta(minutes=2)}
@@ -208,7 +214,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 2
+        assert upgraded.schema_version() == 3
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),

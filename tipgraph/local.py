@@ -11,9 +11,10 @@ from collections.abc import Awaitable
 
 import numpy as np
 
-from tipgraph.candidates import Candidate, task_candidates
 from tipgraph.contracts import TipRequest
 from tipgraph.features import FEATURE_SPEC, UserContext, build_context
+from tipgraph.generation import Completer, GenerationResult
+from tipgraph.generation.litellm_client import build_tip_generator
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
@@ -21,9 +22,16 @@ from tipgraph.store import DecisionStore
 
 
 class LocalStages:
-    def __init__(self, settings: TipgraphSettings, store: DecisionStore) -> None:
+    def __init__(
+        self,
+        settings: TipgraphSettings,
+        store: DecisionStore,
+        *,
+        completer: Completer | None = None,
+    ) -> None:
         self._settings = settings
         self._store = store
+        self.generator = build_tip_generator(settings.generation, completer=completer)
         self.served = _service(settings.policy, store)
         self.shadows: dict[str, tuple[PolicyService, FaultSettings]] = {
             shadow.policy.name: (_service(shadow.policy, store), shadow.fault)
@@ -37,9 +45,9 @@ class LocalStages:
         return build_context(request, history, self._settings.rewards)
 
     async def candidates(
-        self, request: TipRequest, context: UserContext, n: int
-    ) -> list[Candidate]:
-        return task_candidates(request, context, n)
+        self, request: TipRequest, context: UserContext, event_id: str, n: int
+    ) -> GenerationResult:
+        return await self.generator.generate(request, context, event_id, n)
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
         return self.served.score(X, event_id)

@@ -18,7 +18,6 @@ from typing import Protocol
 
 import numpy as np
 
-from tipgraph.candidates import Candidate
 from tipgraph.contracts import (
     FeedbackRequest,
     FeedbackResponse,
@@ -32,6 +31,7 @@ from tipgraph.contracts import (
 )
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import UserContext, candidate_matrix
+from tipgraph.generation import GenerationResult
 from tipgraph.privacy import pseudonymise
 from tipgraph.scoring import PolicyScore
 from tipgraph.settings import TipgraphSettings
@@ -77,8 +77,10 @@ class Stages(Protocol):
     async def context(self, request: TipRequest, user_key: str) -> UserContext: ...
 
     async def candidates(
-        self, request: TipRequest, context: UserContext, n: int
-    ) -> list[Candidate]: ...
+        self, request: TipRequest, context: UserContext, event_id: str, n: int
+    ) -> GenerationResult:
+        """Candidates within the generation timeout, from task tips if the LLM fails."""
+        ...
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore: ...
 
@@ -162,7 +164,8 @@ class TipService:
 
         t = time.perf_counter()
         n = request.n_candidates or self.settings.limits.default_candidates
-        candidates = await self.stages.candidates(request, context, n)
+        generation = await self.stages.candidates(request, context, event_id, n)
+        candidates = generation.candidates
         generation_ms = _ms(t)
         if not candidates:
             raise InvalidRequest(
@@ -181,7 +184,7 @@ class TipService:
             context=context_ms, generation=generation_ms, scoring=scoring_ms, total=_ms(start)
         )
         self.log.submit(
-            self._decision_record(event_id, user_key, context, candidates, X, result, latency)
+            self._decision_record(event_id, user_key, context, generation, X, result, latency)
         )
         return TipResponse(
             event_id=event_id,
@@ -254,11 +257,12 @@ class TipService:
         event_id: str,
         user_key: str,
         context: UserContext,
-        candidates: Sequence[Candidate],
+        generation: GenerationResult,
         X: np.ndarray,
         result: PolicyScore,
         latency: StageLatency,
     ) -> DecisionRecord:
+        candidates = generation.candidates
         chosen = candidates[result.chosen]
         records = [
             CandidateRecord(
@@ -283,8 +287,10 @@ class TipService:
             policy_name=result.policy_name,
             policy_version=result.policy_version,
             feature_version=context.feature_version,
-            prompt_version=chosen.prompt_version,
-            generation_source=chosen.source,
+            prompt_version=generation.prompt_version,
+            generation_source=generation.source,
+            generation_reason=generation.reason,
+            llm_model=generation.model,
             chosen_candidate_id=chosen.candidate_id,
             chosen_kind=chosen.kind,
             chosen_probability=result.chosen_probability,

@@ -100,6 +100,44 @@ class LearningSettings(_Strict):
     )
 
 
+class PromptShare(_Strict):
+    """One prompt template in the A/B split and its share of the traffic."""
+
+    template: str = Field(..., pattern=r"^[a-z0-9_\-]+$", description="configs/prompts/<name>.md")
+    share: float = Field(1.0, gt=0)
+
+
+class BreakerSettings(_Strict):
+    failure_threshold: int = Field(
+        3, ge=1, description="Consecutive LLM failures that open the circuit"
+    )
+    reset_after_s: float = Field(
+        30.0, gt=0, description="How long the circuit stays open before one trial call"
+    )
+
+
+class GenerationSettings(_Strict):
+    """Where candidate tips come from; see docs/generation.md."""
+
+    source: Literal["tasks", "llm", "mixed"] = "tasks"
+    llm_config: str = Field("configs/llm.yaml", description="LiteLLM model_list file")
+    prompts_dir: str = "configs/prompts"
+    model_alias: str = "tip-generator"
+    timeout_s: float = Field(
+        2.5, gt=0, description="Generation answers within this, from task tips if need be"
+    )
+    max_llm_candidates: int = Field(6, ge=1, description="mixed/llm: LLM tips per request")
+    max_task_candidates: int = Field(4, ge=0, description="mixed: task tips per request")
+    max_tip_chars: int = Field(280, ge=20)
+    send_task_text: bool = Field(
+        False, description="Privacy: may raw task text go to the LLM? Else a redacted form"
+    )
+    prompts: list[PromptShare] = Field(
+        default_factory=lambda: [PromptShare(template="tips_v1", share=1.0)], min_length=1
+    )
+    breaker: BreakerSettings = BreakerSettings()
+
+
 class LimitSettings(_Strict):
     max_tasks: int = Field(500, ge=1)
     max_content_chars: int = Field(2000, ge=1)
@@ -200,6 +238,7 @@ class TipgraphSettings(BaseSettings):
     store: StoreSettings = StoreSettings()
     rewards: RewardSettings = RewardSettings()
     learning: LearningSettings = LearningSettings()
+    generation: GenerationSettings = GenerationSettings()
     limits: LimitSettings = LimitSettings()
     features: FeatureSettings = FeatureSettings()
     privacy: PrivacySettings = PrivacySettings()
@@ -266,13 +305,22 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> TipgraphSetting
 
 
 def resolve_paths(settings: TipgraphSettings, base: Path) -> TipgraphSettings:
-    """Make a relative SQLite path absolute, so every Ray worker opens the same file."""
+    """Make relative file paths absolute (SQLite file, LLM config, prompts), so every Ray
+    worker opens the same files whatever its working directory."""
+
+    def absolute(path: str) -> str:
+        return path if Path(path).is_absolute() else str((base / path).resolve())
+
+    generation = settings.generation.model_copy(
+        update={
+            "llm_config": absolute(settings.generation.llm_config),
+            "prompts_dir": absolute(settings.generation.prompts_dir),
+        }
+    )
+    settings = settings.model_copy(update={"generation": generation})
     prefix = "sqlite:///"
     url = settings.store.url
     if not url.startswith(prefix) or url == f"{prefix}:memory:":
         return settings
-    path = Path(url[len(prefix) :])
-    if path.is_absolute():
-        return settings
-    store = settings.store.model_copy(update={"url": f"{prefix}{(base / path).resolve()}"})
+    store = settings.store.model_copy(update={"url": prefix + absolute(url[len(prefix) :])})
     return settings.model_copy(update={"store": store})

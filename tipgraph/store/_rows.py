@@ -128,6 +128,8 @@ def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
                 float(decision.chosen_probability),
                 *_latencies(decision.latency_ms),
                 db_floats(decision.context_features, what=f"{decision.event_id}: context"),
+                decision.generation_reason,
+                decision.llm_model,
             )
         )
         rows.candidates.extend(

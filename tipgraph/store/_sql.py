@@ -88,8 +88,9 @@ QMARK_STATEMENTS = Statements(
             event_id, user_key, created_at, policy_name, policy_version, feature_version,
             prompt_version, generation_source, chosen_candidate_id, chosen_kind,
             chosen_probability, latency_context_ms, latency_generation_ms,
-            latency_scoring_ms, latency_total_ms, context_features
-        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            latency_scoring_ms, latency_total_ms, context_features, generation_reason,
+            llm_model
+        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT (event_id) DO NOTHING
     """,
     insert_candidate="""

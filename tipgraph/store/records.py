@@ -61,6 +61,8 @@ class DecisionRecord:
     context_features: list[float]
     candidates: list[CandidateRecord]
     served: PolicyScoresRecord
+    generation_reason: str | None = None
+    llm_model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,33 @@
+"""Candidate generation: task tips, LLM tips through LiteLLM aliases, and safe fallbacks."""
+
+from tipgraph.generation.breaker import CircuitBreaker
+from tipgraph.generation.llm_config import LLMConfig, LLMConfigError, load_llm_config
+from tipgraph.generation.parsing import LLMTip, MalformedAnswer, ParsedTips, parse_tips
+from tipgraph.generation.prompts import PromptSplit, PromptTemplate, load_split, task_lines
+from tipgraph.generation.source import (
+    Completer,
+    Completion,
+    GenerationResult,
+    LLMUnavailable,
+    TipGenerator,
+)
+
+__all__ = [
+    "CircuitBreaker",
+    "Completer",
+    "Completion",
+    "GenerationResult",
+    "LLMConfig",
+    "LLMConfigError",
+    "LLMTip",
+    "LLMUnavailable",
+    "MalformedAnswer",
+    "ParsedTips",
+    "PromptSplit",
+    "PromptTemplate",
+    "TipGenerator",
+    "load_llm_config",
+    "load_split",
+    "parse_tips",
+    "task_lines",
+]

@@ -1,0 +1,59 @@
+"""The one place that talks to LiteLLM. Import it only where the LLM is really used:
+``import litellm`` is slow and, without LITELLM_LOCAL_MODEL_COST_MAP, reaches the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from tipgraph.generation.breaker import CircuitBreaker
+from tipgraph.generation.llm_config import LLMConfig, load_llm_config
+from tipgraph.generation.prompts import load_split
+from tipgraph.generation.source import Completion, LLMUnavailable, TipGenerator
+from tipgraph.settings import GenerationSettings
+
+
+class LiteLLMCompleter:
+    """Calls a model alias through LiteLLM's async Router (timeouts, retries, fallbacks)."""
+
+    def __init__(self, config: LLMConfig) -> None:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        import litellm
+
+        self.config = config
+        self._router: Any = litellm.Router(**config.router_kwargs())
+
+    async def __call__(
+        self, alias: str, messages: list[dict[str, str]], timeout_s: float
+    ) -> Completion:
+        try:
+            response = await self._router.acompletion(
+                model=alias,
+                messages=messages,
+                timeout=timeout_s,
+                response_format={"type": "json_object"},
+            )
+        except Exception as err:
+            # LiteLLM's exceptions do not pickle: only a message may leave this process.
+            raise LLMUnavailable(f"{type(err).__name__}: {str(err)[:300]}") from None
+        text = response.choices[0].message.content or ""
+        return Completion(text=text, model=self._model_of(response, alias))
+
+    def _model_of(self, response: Any, alias: str) -> str:
+        """The provider model that answered (after any fallback), e.g. ollama_chat/llama3.2:3b."""
+        hidden = getattr(response, "_hidden_params", None) or {}
+        answered = hidden.get("model_group") or alias
+        target = self.config.target(answered)
+        return target or str(getattr(response, "model", None) or answered)
+
+
+def build_tip_generator(settings: GenerationSettings, *, completer: Any = None) -> TipGenerator:
+    """The generator the configuration asks for; LiteLLM only when the LLM is used."""
+    if settings.source == "tasks":
+        return TipGenerator(settings)
+    split = load_split(Path(settings.prompts_dir), settings.prompts)
+    if completer is None:
+        completer = LiteLLMCompleter(load_llm_config(settings.llm_config))
+    breaker = CircuitBreaker(settings.breaker.failure_threshold, settings.breaker.reset_after_s)
+    return TipGenerator(settings, split=split, completer=completer, breaker=breaker)

@@ -1,0 +1,211 @@
+"""Candidate generation: task tips, LLM tips, or both, always answering in time.
+
+:class:`TipGenerator` asks the LLM (through a :class:`Completer`, in practice LiteLLM) for
+tips, validates them, and falls back to task-mode candidates when the LLM is slow, down,
+or talks nonsense, so a request is always served within ``generation.timeout_s``.  A
+circuit breaker stops paying the timeout on every request while the LLM stays down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tipgraph.candidates import Candidate, task_candidates
+from tipgraph.contracts import TipRequest
+from tipgraph.features import UserContext
+from tipgraph.generation.breaker import CircuitBreaker
+from tipgraph.generation.parsing import MalformedAnswer, ParsedTips, parse_tips
+from tipgraph.generation.prompts import PromptSplit, PromptTemplate
+from tipgraph.settings import GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = "You write short, concrete productivity tips. Answer with JSON only."
+# Time kept back from the budget to build the fallback and answer.
+FALLBACK_MARGIN_S = 0.05
+
+
+class LLMUnavailable(Exception):
+    """The LLM call failed. Carries only a message: it must cross Ray boundaries."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    model: str
+
+
+class Completer(Protocol):
+    def __call__(
+        self, alias: str, messages: list[dict[str, str]], timeout_s: float
+    ) -> Awaitable[Completion]: ...
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    candidates: list[Candidate]
+    source: str  # "tasks", "llm", "mixed" or "fallback"
+    reason: str | None = None  # why a fallback happened
+    model: str | None = None
+    prompt_version: str | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    llm_ms: float | None = None
+
+
+def _llm_candidate(
+    tip_content: str, kind: str, task_id: str | None, model: str, prompt_version: str
+) -> Candidate:
+    digest = hashlib.sha256(f"{kind}\x1f{tip_content}".encode()).hexdigest()[:12]
+    return Candidate(
+        candidate_id=f"{kind}-llm{digest}",
+        kind=kind,
+        content=tip_content,
+        source="llm",
+        task_ids=(task_id,) if task_id else (),
+        model=model,
+        prompt_version=prompt_version,
+    )
+
+
+class TipGenerator:
+    def __init__(
+        self,
+        settings: GenerationSettings,
+        *,
+        split: PromptSplit | None = None,
+        completer: Completer | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        if settings.source != "tasks" and (split is None or completer is None):
+            raise ValueError(f"generation.source={settings.source!r} needs prompts and an LLM")
+        self.settings = settings
+        self.split = split
+        self.completer = completer
+        self.breaker = breaker or CircuitBreaker(
+            settings.breaker.failure_threshold, settings.breaker.reset_after_s
+        )
+
+    async def generate(
+        self, request: TipRequest, context: UserContext, event_id: str, n: int
+    ) -> GenerationResult:
+        if self.settings.source == "tasks":
+            return GenerationResult(task_candidates(request, context, n), source="tasks")
+        assert self.split is not None and self.completer is not None  # checked in __init__
+        template = self.split.choose(event_id)
+        if not self.breaker.allow():
+            return self._fallback(request, context, n, template, "circuit open", None)
+        start = time.perf_counter()
+        budget = max(self.settings.timeout_s - FALLBACK_MARGIN_S, 0.01)
+        n_llm = min(n, self.settings.max_llm_candidates)
+        try:
+            completion = await asyncio.wait_for(
+                self.completer(
+                    self.settings.model_alias,
+                    self._messages(template, request, context, n_llm),
+                    budget,
+                ),
+                timeout=budget,
+            )
+            parsed = parse_tips(
+                completion.text,
+                task_ids={t.id for t in request.tasks},
+                max_chars=self.settings.max_tip_chars,
+            )
+        except TimeoutError:
+            return self._failed(
+                request, context, n, template, f"timeout after {budget:.2f}s", start
+            )
+        except LLMUnavailable as err:
+            return self._failed(request, context, n, template, f"llm error: {err}", start)
+        except MalformedAnswer as err:
+            return self._failed(request, context, n, template, f"malformed answer: {err}", start)
+        if not parsed.tips:
+            return self._failed(
+                request,
+                context,
+                n,
+                template,
+                f"no valid tips (dropped {dict(parsed.dropped)})",
+                start,
+            )
+        self.breaker.record_success()
+        return self._served(request, context, n, n_llm, template, completion, parsed, start)
+
+    def _messages(
+        self, template: PromptTemplate, request: TipRequest, context: UserContext, n: int
+    ) -> list[dict[str, str]]:
+        prompt = template.render(
+            request,
+            context,
+            n=n,
+            max_chars=self.settings.max_tip_chars,
+            send_task_text=self.settings.send_task_text,
+        )
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
+
+    def _served(
+        self,
+        request: TipRequest,
+        context: UserContext,
+        n: int,
+        n_llm: int,
+        template: PromptTemplate,
+        completion: Completion,
+        parsed: ParsedTips,
+        start: float,
+    ) -> GenerationResult:
+        excluded = set(request.exclude_ids)
+        llm = [
+            _llm_candidate(t.content, t.kind, t.task_id, completion.model, template.version)
+            for t in parsed.tips
+            if t.task_id not in excluded
+        ][:n_llm]
+        candidates = list(llm)
+        if self.settings.source == "mixed":
+            room = min(self.settings.max_task_candidates, n - len(llm))
+            candidates += task_candidates(request, context, room) if room > 0 else []
+        return GenerationResult(
+            candidates,
+            source=self.settings.source,
+            model=completion.model,
+            prompt_version=template.version,
+            dropped=dict(parsed.dropped),
+            llm_ms=(time.perf_counter() - start) * 1000,
+        )
+
+    def _failed(
+        self,
+        request: TipRequest,
+        context: UserContext,
+        n: int,
+        template: PromptTemplate,
+        reason: str,
+        start: float,
+    ) -> GenerationResult:
+        self.breaker.record_failure()
+        logger.warning("LLM generation failed, serving task tips: %s", reason)
+        return self._fallback(request, context, n, template, reason, start)
+
+    def _fallback(
+        self,
+        request: TipRequest,
+        context: UserContext,
+        n: int,
+        template: PromptTemplate,
+        reason: str,
+        start: float | None,
+    ) -> GenerationResult:
+        # The prompt arm is still recorded: A/B value per prompt_version counts its fallbacks.
+        return GenerationResult(
+            task_candidates(request, context, n),
+            source="fallback",
+            reason=reason,
+            prompt_version=template.version,
+            llm_ms=(time.perf_counter() - start) * 1000 if start is not None else None,
+        )
