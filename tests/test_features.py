@@ -100,3 +100,9 @@ def test_candidate_matrix_places_context_in_the_kind_block() -> None:
     assert tail["task_due_today"] == 1.0 and tail["task_overdue"] == 0.0
     assert X[1, n_ctx * n_kinds + FEATURE_SPEC.candidate.index("has_task")] == 0.0
     assert np.isfinite(X).all()
+
+
+def test_context_prompt_never_contains_task_text() -> None:
+    request, context = context_for()
+    for one in request.tasks:
+        assert one.content not in context.prompt  # type: ignore[attr-defined]

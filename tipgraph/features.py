@@ -211,18 +211,17 @@ def build_context(
     return _with_prompt(context, request)
 
 
-def _with_prompt(context: UserContext, request: TipRequest, max_tasks: int = 20) -> UserContext:
-    """The LLM prompt body: counts and time always; task lines for the generation stage."""
-    ranked = sorted(request.tasks, key=lambda t: (-t.priority, t.due is None, t.due or 0))
+def _with_prompt(context: UserContext, request: TipRequest) -> UserContext:
+    """The prompt's context section: time and counts only, never task text.
+
+    The task list is rendered by the generation stage, which knows whether raw task text
+    may be sent to the LLM (``generation.send_task_text``).
+    """
     lines = [
         f"Local time: {context.local_hour:02d}:00, weekday {context.weekday} (0 = Monday).",
         f"Open tasks: {len(request.tasks)}; overdue {context.overdue}, due today "
         f"{context.due_today}, high priority {context.high_priority}.",
-        "Tasks (priority 4 = urgent):",
     ]
-    for task in ranked[:max_tasks]:
-        due = f", due {task.due.date().isoformat()}" if task.due else ""
-        lines.append(f"- [p{task.priority}{due}] {task.content[:200]}")
     return replace(context, prompt="\n".join(lines))
 
 

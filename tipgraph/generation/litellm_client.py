@@ -13,6 +13,9 @@ from tipgraph.generation.prompts import load_split
 from tipgraph.generation.source import Completion, LLMUnavailable, TipGenerator
 from tipgraph.settings import GenerationSettings
 
+LOCAL_PROVIDERS = {"ollama", "ollama_chat"}
+MODES = {"ollama": "embedding"}  # ollama/... is used for the embedder alias
+
 
 class LiteLLMCompleter:
     """Calls a model alias through LiteLLM's async Router (timeouts, retries, fallbacks)."""
@@ -21,6 +24,22 @@ class LiteLLMCompleter:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm
 
+        # A Router asks an Ollama server about every model missing from LiteLLM's price
+        # map (a blocking call to localhost:11434, whatever api_base says). Local models
+        # cost nothing, so say so up front and start without touching the network.
+        for entry in config.model_list:
+            model = str(entry["litellm_params"]["model"])
+            provider = model.split("/", 1)[0]
+            if provider in LOCAL_PROVIDERS:
+                litellm.model_cost.setdefault(
+                    model,
+                    {
+                        "input_cost_per_token": 0.0,
+                        "output_cost_per_token": 0.0,
+                        "litellm_provider": provider,
+                        "mode": MODES.get(provider, "chat"),
+                    },
+                )
         self.config = config
         self._router: Any = litellm.Router(**config.router_kwargs())
 
@@ -38,14 +57,10 @@ class LiteLLMCompleter:
             # LiteLLM's exceptions do not pickle: only a message may leave this process.
             raise LLMUnavailable(f"{type(err).__name__}: {str(err)[:300]}") from None
         text = response.choices[0].message.content or ""
-        return Completion(text=text, model=self._model_of(response, alias))
-
-    def _model_of(self, response: Any, alias: str) -> str:
-        """The provider model that answered (after any fallback), e.g. ollama_chat/llama3.2:3b."""
-        hidden = getattr(response, "_hidden_params", None) or {}
-        answered = hidden.get("model_group") or alias
-        target = self.config.target(answered)
-        return target or str(getattr(response, "model", None) or answered)
+        # response.model is the deployment that answered (after any fallback), e.g.
+        # "ollama_chat/llama3.2:3b", not the alias.
+        model = getattr(response, "model", None) or self.config.target(alias) or alias
+        return Completion(text=text, model=str(model))
 
 
 def build_tip_generator(settings: GenerationSettings, *, completer: Any = None) -> TipGenerator:
