@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -73,3 +73,41 @@ def store(store_settings: StoreSettings) -> Iterator[DecisionStore]:
     opened = open_store(store_settings)
     yield opened
     opened.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Serve: one local cluster for every end-to-end module (starting one takes ~10 s).
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def serve_port() -> Iterator[int]:
+    """A local Ray cluster with Serve's HTTP proxy on a free loopback port."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    # Logical CPUs: the deployments ask fractions, and several test apps run side by side.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def drop_schemas(postgres_url: str, schemas: Iterable[str]) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for schema in schemas:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

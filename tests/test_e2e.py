@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -27,6 +25,7 @@ import yaml
 from psycopg import sql
 
 from graphs.tipgraph import PROJECT_ROOT, build_app, build_graph
+from tests.conftest import drop_schemas
 from tests.factories import tip_body
 from tipgraph.cli import main as cli_main
 from tipgraph.contracts import TipRequest
@@ -56,13 +55,6 @@ FAULTY_SHADOWS = [
         "fault": {"fail": True},
     },
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _wait_for(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -95,40 +87,30 @@ class App:
 
 
 @pytest.fixture(scope="module")
-def serve_apps(postgres_url: str) -> Iterator[dict[str, App]]:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
+def serve_apps(serve_port: int, postgres_url: str) -> Iterator[dict[str, App]]:
     from ray import serve
 
     base = load_settings(PROJECT_ROOT / "configs" / "tipgraph.yaml")
-    port = _free_port()
     schemas = {name: f"e2e_{name}_{uuid.uuid4().hex[:10]}" for name in ("main", "faulty")}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     apps: dict[str, App] = {}
     try:
         for name, shadows in (("main", HEALTHY_SHADOWS), ("faulty", FAULTY_SHADOWS)):
             settings = TipgraphSettings(
                 **{
                     **base.model_dump(exclude={"shadows", "store", "serve"}),
-                    "serve": {"app_name": name, "route_prefix": f"/{name}", "port": port},
+                    "serve": {"app_name": name, "route_prefix": f"/{name}", "port": serve_port},
                     "store": {"url": postgres_url, "pg_schema": schemas[name]},
                     "shadows": shadows,
                 }
             )
             serve.run(build_graph(settings), name=name, route_prefix=f"/{name}")
-            apps[name] = App(name, f"http://127.0.0.1:{port}/{name}", settings, postgres_url)
+            apps[name] = App(name, f"http://127.0.0.1:{serve_port}/{name}", settings, postgres_url)
         yield apps
     finally:
-        for app in apps.values():
+        for name, app in apps.items():
             app.client.close()
-        serve.shutdown()
-        ray.shutdown()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            for schema in schemas.values():
-                conn.execute(
-                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
-                )
+            serve.delete(name)
+        drop_schemas(postgres_url, schemas.values())
 
 
 def test_health_and_readiness(serve_apps: dict[str, App]) -> None:

@@ -30,7 +30,7 @@ from tipgraph.settings import GenerationSettings, RewardSettings
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = TipRequest.model_validate(tip_body())
 CONTEXT = build_context(REQUEST, [], RewardSettings())
-TIMEOUT_S = 0.6
+TIMEOUT_S = 1.5  # generous: LiteLLM's first call in a process is slow on a busy machine
 
 
 # --- configs/llm.yaml ----------------------------------------------------------------------
