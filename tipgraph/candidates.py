@@ -1,8 +1,8 @@
 """Candidate tips made from the user's own tasks (task mode: the embedded default, no LLM).
 
 Deterministic: the same tasks at the same local time give the same candidates in the same
-order, so decisions can be replayed.  LLM mode plugs in beside :func:`task_candidates` as
-another :class:`CandidateSource`; both return :class:`Candidate` lists.
+order, so decisions can be replayed.  LLM tips (``tipgraph.generation``) are
+:class:`Candidate` objects too, with ``source="llm"``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from tipgraph.contracts import Task, TipRequest
 from tipgraph.features import CandidateView, UserContext
@@ -37,12 +36,6 @@ class Candidate:
     @property
     def task_id(self) -> str | None:
         return self.task_ids[0] if self.task_ids else None
-
-
-class CandidateSource(Protocol):
-    def __call__(
-        self, request: TipRequest, context: UserContext, n: int
-    ) -> Sequence[Candidate]: ...
 
 
 def _short(text: str) -> str:
