@@ -210,6 +210,11 @@ class Policy(abc.ABC):
         self.dim = dim
         self.spec_version = spec_version
         self.stats_ = RidgeStats(dim, settings.ridge, settings.refresh_every)
+        # Settings are frozen: hash them once, not on every decision.
+        params = json.dumps(settings.model_dump(mode="json"), sort_keys=True)
+        self._params_digest = hashlib.sha256(f"{params}|{dim}|{spec_version}".encode()).hexdigest()[
+            :8
+        ]
 
     @property
     def name(self) -> str:
@@ -222,9 +227,7 @@ class Policy(abc.ABC):
     @property
     def version(self) -> str:
         """Hyperparameters + number of updates: identifies the model that decided."""
-        params = json.dumps(self.settings.model_dump(mode="json"), sort_keys=True)
-        digest = hashlib.sha256(f"{params}|{self.dim}|{self.spec_version}".encode()).hexdigest()
-        return f"{self.kind}-{digest[:8]}.{self.n_updates}"
+        return f"{self.kind}-{self._params_digest}.{self.n_updates}"
 
     # -- what each policy defines -----------------------------------------------------------
     @abc.abstractmethod
