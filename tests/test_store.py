@@ -925,3 +925,58 @@ def test_sqlite_processes_can_create_and_share_one_file(tmp_path: Path) -> None:
     failures = [err for child, (_, err) in zip(children, outputs, strict=True) if child.returncode]
     assert failures == []
     _assert_all_written(url, prefixes, count)
+
+
+# --- logged events for off-policy evaluation ---------------------------------------------------
+
+
+def test_logged_events_carry_every_candidate_in_time_order(store: DecisionStore) -> None:
+    from dataclasses import replace
+
+    later = make_decision("late", created_at=T0 + timedelta(hours=2), chosen=2)
+    other_prompt = replace(
+        make_decision("v2", created_at=T0 + timedelta(hours=1), chosen=0), prompt_version="p4"
+    )
+    store.write_decisions(
+        [
+            later,
+            make_decision("early", chosen=1),
+            other_prompt,
+            make_decision("silent", created_at=T0 + timedelta(hours=3)),
+        ]
+    )
+    store.write_policy_scores("early", [make_shadow()], ["c0", "c1", "c2"])  # not the logger
+    for event_id, reward in (("late", 0.25), ("early", 1.0), ("v2", 0.0)):
+        assert store.record_feedback(make_feedback(event_id, reward=reward)).learned
+
+    events = store.logged_events()
+    assert [e.event_id for e in events] == ["early", "v2", "late"]  # "silent" has no reward
+    early = events[0]
+    assert early.features == [list(f) for f in FEATURES]
+    assert early.probabilities == [0.1, 0.7, 0.2]  # the served policy's, not the shadow's
+    assert (early.chosen, early.reward, early.reward_source) == (1, 1.0, "feedback")
+    assert early.created_at == T0 and early.policy_name == "linucb"
+    assert events[2].chosen == 2 and events[2].reward == 0.25
+
+    assert [e.event_id for e in store.logged_events(prompt_version="p4")] == ["v2"]
+    assert [e.event_id for e in store.logged_events(policy_name="nope")] == []
+    window = store.logged_events(since=T0 + timedelta(minutes=30), until=T0 + timedelta(hours=2))
+    assert [e.event_id for e in window] == ["v2"]  # since inclusive, until exclusive
+    assert [
+        e.event_id
+        for e in store.logged_events(
+            prompt_version="p3", policy_name="linucb", since=T0 + timedelta(hours=2)
+        )
+    ] == ["late"]
+
+
+def test_logged_events_include_default_rewards(store: DecisionStore) -> None:
+    store.write_decisions([make_decision("quiet")])
+    assert (
+        store.apply_default_rewards(
+            older_than=T0 + timedelta(hours=1), reward=0.1, now=T0 + timedelta(hours=1)
+        )
+        == 1
+    )
+    (event,) = store.logged_events()
+    assert (event.event_id, event.reward, event.reward_source) == ("quiet", 0.1, "default")

@@ -23,6 +23,7 @@ from tipgraph.store.records import (
     DecisionRecord,
     FeedbackOutcome,
     FeedbackRecord,
+    LoggedEvent,
     PolicyRole,
     PolicyScoresRecord,
     ReactionHistoryItem,
@@ -278,6 +279,38 @@ def training_event(row: Row) -> TrainingEvent:
         features=float_list(features),
         reward=float(reward),
         source=reward_source(source),
+    )
+
+
+def logged_events(rows: Sequence[Row]) -> list[LoggedEvent]:
+    """Rows of one candidate each (grouped by event, in position order) -> events."""
+    events: list[LoggedEvent] = []
+    current: list[Row] = []
+    for row in rows:
+        if current and row[0] != current[0][0]:
+            events.append(_logged_event(current))
+            current = []
+        current.append(row)
+    if current:
+        events.append(_logged_event(current))
+    return events
+
+
+def _logged_event(rows: Sequence[Row]) -> LoggedEvent:
+    event_id, created_at, policy_name, prompt_version, chosen_id, reward, source = rows[0][:7]
+    candidate_ids = [row[7] for row in rows]
+    if chosen_id not in candidate_ids:
+        raise ValueError(f"{event_id}: chosen candidate {chosen_id!r} has no logged scores")
+    return LoggedEvent(
+        event_id=event_id,
+        created_at=utc_datetime(created_at),
+        policy_name=policy_name,
+        prompt_version=prompt_version,
+        features=[float_list(row[8]) for row in rows],
+        probabilities=[float(row[9]) for row in rows],
+        chosen=candidate_ids.index(chosen_id),
+        reward=float(reward),
+        reward_source=reward_source(source),
     )
 
 

@@ -23,12 +23,17 @@ from tipgraph.store.records import (
     DecisionRecord,
     FeedbackOutcome,
     FeedbackRecord,
+    LoggedEvent,
     PolicyScoresRecord,
     ReactionHistoryItem,
     StoreCounts,
     StoredDecision,
     TrainingEvent,
 )
+
+# Bounds used when logged_events is asked for "everything".
+LOG_START = datetime(1970, 1, 1, tzinfo=UTC)
+LOG_END = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 class Cursor(Protocol):
@@ -63,6 +68,10 @@ class Statements:
     select_training_events_page: str
     select_user_history: str
     select_counts: str
+    select_logged: str
+    select_logged_by_prompt: str
+    select_logged_by_policy: str
+    select_logged_by_prompt_and_policy: str
 
     def translated(self, rewrite: Callable[[str], str]) -> Statements:
         """The same statements for a driver with another placeholder style."""
@@ -80,6 +89,28 @@ _TRAINING_EVENTS = """
         WHERE r.reward_id > ?
         ORDER BY r.reward_id
 """
+
+
+def _logged_events(*filters: str) -> str:
+    """Every learned decision with each candidate's features and logged probability.
+
+    Ordered by time, then event, then candidate position, so rows group by event.
+    """
+    extra = "".join(f" AND {condition} = ?" for condition in filters)
+    return f"""
+        SELECT d.event_id, d.created_at, d.policy_name, d.prompt_version,
+               d.chosen_candidate_id, r.reward, r.source, c.candidate_id, c.features,
+               s.probability
+        FROM decisions AS d
+        JOIN rewards AS r ON r.event_id = d.event_id
+        JOIN candidates AS c ON c.event_id = d.event_id
+        JOIN tip_scores AS s
+          ON s.event_id = d.event_id AND s.policy_name = d.policy_name
+         AND s.candidate_id = c.candidate_id
+        WHERE d.created_at >= ? AND d.created_at < ?{extra}
+        ORDER BY d.created_at, d.event_id, c.position
+    """
+
 
 QMARK_STATEMENTS = Statements(
     schema_version="SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
@@ -170,6 +201,10 @@ QMARK_STATEMENTS = Statements(
         ORDER BY d.created_at DESC, f.feedback_id DESC
         LIMIT ?
     """,
+    select_logged=_logged_events(),
+    select_logged_by_prompt=_logged_events("d.prompt_version"),
+    select_logged_by_policy=_logged_events("d.policy_name"),
+    select_logged_by_prompt_and_policy=_logged_events("d.prompt_version", "d.policy_name"),
     # One statement, so the numbers come from one snapshot on both backends.
     select_counts="""
         SELECT (SELECT COUNT(*) FROM decisions),
@@ -306,6 +341,34 @@ class SQLDecisionStore(DecisionStore):
             self._serialize_reward_writes(cur)
             cur.execute(self._sql.insert_default_rewards, params)
             return len(cur.fetchall())
+
+    def logged_events(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        prompt_version: str | None = None,
+        policy_name: str | None = None,
+    ) -> list[LoggedEvent]:
+        params: list[object] = [
+            _rows.db_timestamp(since or LOG_START, what="since"),
+            _rows.db_timestamp(until or LOG_END, what="until"),
+        ]
+        if prompt_version is not None and policy_name is not None:
+            statement = self._sql.select_logged_by_prompt_and_policy
+            params += [prompt_version, policy_name]
+        elif prompt_version is not None:
+            statement = self._sql.select_logged_by_prompt
+            params.append(prompt_version)
+        elif policy_name is not None:
+            statement = self._sql.select_logged_by_policy
+            params.append(policy_name)
+        else:
+            statement = self._sql.select_logged
+        with self._transaction(write=False) as cur:
+            cur.execute(statement, tuple(params))
+            rows = cur.fetchall()
+        return _rows.logged_events(rows)
 
     def training_events(
         self, after_reward_id: int = 0, limit: int | None = None

@@ -10,6 +10,7 @@ from tipgraph.store.records import (
     DecisionRecord,
     FeedbackOutcome,
     FeedbackRecord,
+    LoggedEvent,
     PolicyScoresRecord,
     ReactionHistoryItem,
     StoreCounts,
@@ -111,6 +112,19 @@ class DecisionStore(abc.ABC):
         order, so a reader that polls with ``after_reward_id`` set to the largest id it has
         seen never skips one, however many processes write rewards.
         """
+
+    @abc.abstractmethod
+    def logged_events(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        prompt_version: str | None = None,
+        policy_name: str | None = None,
+    ) -> list[LoggedEvent]:
+        """Every decision with a learned reward, time-ordered, for off-policy evaluation:
+        each candidate's features and served probability, the chosen index, the reward.
+        ``since`` is inclusive and ``until`` exclusive; None means unbounded."""
 
     @abc.abstractmethod
     def user_history(self, user_key: str, limit: int) -> list[ReactionHistoryItem]:

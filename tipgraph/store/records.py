@@ -123,6 +123,25 @@ class TrainingEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """One learned decision as off-policy evaluation needs it.
+
+    ``features`` and ``probabilities`` list every candidate in generation order; the
+    probabilities are the logging (served) policy's; ``chosen`` indexes both.
+    """
+
+    event_id: str
+    created_at: datetime
+    policy_name: str
+    prompt_version: str | None
+    features: list[list[float]]
+    probabilities: list[float]
+    chosen: int
+    reward: float
+    reward_source: RewardSource
+
+
+@dataclass(frozen=True, slots=True)
 class ReactionHistoryItem:
     kind: str
     reaction: str
