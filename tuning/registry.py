@@ -21,6 +21,7 @@ import mlflow.pyfunc
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel
 
 from tipgraph.policies import Policy, policy_from_bytes
 
@@ -35,7 +36,7 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done (missing alias, failed gate, ...)."""
 
 
-class PolicyModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class PolicyModel(PythonModel):
     """pyfunc: ``predict`` takes one event's candidate features, array of shape (K, d),
     and returns the policy's probability for every candidate, shape (K,)."""
 
