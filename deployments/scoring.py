@@ -12,6 +12,7 @@ import logging
 import numpy as np
 from ray import serve
 
+from tipgraph.champion import ChampionFollower
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.periodic import Periodic
 from tipgraph.policies import make_policy
@@ -29,18 +30,31 @@ class PolicyScorer:
         settings: TipgraphSettings,
         policy: PolicySettings,
         fault: FaultSettings | None = None,
+        *,
+        follow_registry: bool = False,
     ) -> None:
         self._fault = fault or FaultSettings()
         self._service = PolicyService(
             make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
         )
         self._store = open_store(settings.store)
+        self._follower: ChampionFollower | None = None
+        if follow_registry and settings.registry.serve_alias:
+            self._follower = ChampionFollower(settings, self._service, self._store)
+            self._follower.check()
         # A new or restarted replica starts from everything the log has learned so far.
         replayed = self._service.sync(self._store)
         logger.info("policy %s rebuilt from %d logged rewards", policy.name, replayed)
         self._syncer = Periodic(
             settings.learning.sync_interval_s, self.sync, name=f"sync-{policy.name}"
         ).start()
+        self._watcher = (
+            Periodic(
+                settings.registry.check_interval_s, self._follower.check, name="champion-watch"
+            ).start()
+            if self._follower is not None
+            else None
+        )
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
         return await self._service.score_with_faults(X, event_id, self._fault)
@@ -55,5 +69,7 @@ class PolicyScorer:
         return self._service.snapshot()
 
     def __del__(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
         self._syncer.stop()
         self._store.close()

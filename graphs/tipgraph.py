@@ -31,7 +31,9 @@ def build_graph(settings: TipgraphSettings) -> Application:
     scorer = _deployment(PolicyScorer)
     context = _deployment(ContextBuilder).options(**options["context"]).bind(settings)
     generation = _deployment(CandidateGenerator).options(**options["generation"]).bind(settings)
-    scoring = scorer.options(**options["scoring"]).bind(settings, settings.policy)
+    scoring = scorer.options(**options["scoring"]).bind(
+        settings, settings.policy, follow_registry=True
+    )
     shadows = {
         shadow.policy.name: scorer.options(
             name=shadow.deployment_name, **options[shadow.deployment_name]

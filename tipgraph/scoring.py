@@ -56,9 +56,10 @@ class PolicyScore:
 
 
 class PolicyService:
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, *, model_ref: str | None = None, watermark: int = 0) -> None:
         self.policy = policy
-        self.watermark = 0  # every reward id <= watermark is applied
+        self.model_ref = model_ref  # "tip-policy/3" when the policy came from the registry
+        self.watermark = watermark  # every reward id <= watermark is applied
         self._ahead: set[int] = set()  # reward ids > watermark applied by direct feedback
         self.learned_directly = 0
         self.learned_by_sync = 0
@@ -70,6 +71,8 @@ class PolicyService:
         with self._lock:
             decision = self.policy.decide(X, event_id)
             version = self.policy.version
+            if self.model_ref is not None:
+                version = f"{self.model_ref}+{version}"
         return PolicyScore(
             policy_name=self.policy.name,
             policy_version=version,
@@ -127,6 +130,14 @@ class PolicyService:
         self._ahead.add(reward_id)
         return True
 
+    def swap(self, other: PolicyService) -> None:
+        """Serve ``other``'s model from now on (a new champion), atomically."""
+        with self._lock:
+            self.policy = other.policy
+            self.model_ref = other.model_ref
+            self.watermark = other.watermark
+            self._ahead = set(other._ahead)
+
     def snapshot(self) -> dict[str, object]:
         """The learned state, for tests and status pages."""
         with self._lock:
@@ -134,6 +145,7 @@ class PolicyService:
             return {
                 "policy_name": self.policy.name,
                 "policy_version": self.policy.version,
+                "model_ref": self.model_ref,
                 "n_updates": self.policy.n_updates,
                 "watermark": self.watermark,
                 "learned_directly": self.learned_directly,

@@ -138,6 +138,21 @@ class GenerationSettings(_Strict):
     breaker: BreakerSettings = BreakerSettings()
 
 
+class RegistrySettings(_Strict):
+    """Where tuned policies live (MLflow) and whether serving follows them."""
+
+    tracking_uri: str = Field(
+        "sqlite:///mlflow.db", description="MLflow tracking + registry URI (MLFLOW_TRACKING_URI)"
+    )
+    model_name: str = "tip-policy"
+    serve_alias: str | None = Field(
+        None, description="Serve this alias (e.g. champion) instead of policy:; None = off"
+    )
+    check_interval_s: float = Field(
+        30.0, gt=0, description="How often scoring replicas look for a new alias target"
+    )
+
+
 class LimitSettings(_Strict):
     max_tasks: int = Field(500, ge=1)
     max_content_chars: int = Field(2000, ge=1)
@@ -239,6 +254,7 @@ class TipgraphSettings(BaseSettings):
     rewards: RewardSettings = RewardSettings()
     learning: LearningSettings = LearningSettings()
     generation: GenerationSettings = GenerationSettings()
+    registry: RegistrySettings = RegistrySettings()
     limits: LimitSettings = LimitSettings()
     features: FeatureSettings = FeatureSettings()
     privacy: PrivacySettings = PrivacySettings()

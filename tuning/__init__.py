@@ -1,1 +1,33 @@
 """Offline policy tuning (Ray Tune + off-policy evaluation + MLflow). Arrives with issue 5."""
+
+from tuning.logged import LoggedBandit, LogValidationError
+from tuning.ope import (
+    DM,
+    DR,
+    IPS,
+    SNIPS,
+    Estimate,
+    Estimator,
+    EstimatorError,
+    Replay,
+    progressive,
+    target_distribution,
+)
+from tuning.simulated_log import simulate_log, true_value
+
+__all__ = [
+    "DM",
+    "DR",
+    "IPS",
+    "SNIPS",
+    "Estimate",
+    "Estimator",
+    "EstimatorError",
+    "LogValidationError",
+    "LoggedBandit",
+    "Replay",
+    "progressive",
+    "simulate_log",
+    "target_distribution",
+    "true_value",
+]

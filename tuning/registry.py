@@ -79,13 +79,35 @@ class RegisteredPolicy:
     name: str
     version: str
     policy: Policy
+    # Rewards with ids up to this one are already in the policy's statistics.
+    trained_through_reward_id: int = 0
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
 
 
 class PolicyRegistry:
-    def __init__(self, tracking_uri: str, *, model_name: str = MODEL_NAME) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        model_name: str = MODEL_NAME,
+        artifact_root: str | None = None,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
+        self.artifact_root = artifact_root or _default_artifact_root(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return str(found.experiment_id)
+        # An explicit artifact root: MLflow's default is relative to the working directory,
+        # which differs between the CLI, Ray workers and tests.
+        location = f"{self.artifact_root}/{name}" if self.artifact_root else None
+        return str(self.client.create_experiment(name, artifact_location=location))
 
     def register(
         self,
@@ -93,6 +115,7 @@ class PolicyRegistry:
         evidence: OffPolicyEvidence,
         *,
         champion_on_same_data: OffPolicyEvidence | None = None,
+        trained_through_reward_id: int = 0,
         run_id: str | None = None,
         experiment: str = "tipgraph-tuning",
     ) -> str:
@@ -106,9 +129,8 @@ class PolicyRegistry:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp) / STATE_ARTIFACT
             state.write_bytes(policy.to_bytes())
-            if run_id is None:
-                mlflow.set_experiment(experiment)
-            with mlflow.start_run(run_id=run_id):
+            experiment_id = None if run_id is not None else self._experiment(experiment)
+            with mlflow.start_run(run_id=run_id, experiment_id=experiment_id):
                 info = mlflow.pyfunc.log_model(
                     name="policy",
                     python_model=PolicyModel(),
@@ -123,6 +145,7 @@ class PolicyRegistry:
             "feature_spec": policy.spec_version,
             "policy_kind": policy.kind,
             "policy_version": policy.version,
+            "trained_through_reward_id": str(trained_through_reward_id),
             **evidence.tags(),
         }
         if champion_on_same_data is not None:
@@ -160,7 +183,8 @@ class PolicyRegistry:
         policy = policy_from_bytes(
             Path(path).read_bytes(), expected_spec_version=expected_spec_version
         )
-        return RegisteredPolicy(self.model_name, version, policy)
+        through = int(self.tags_of(version).get("trained_through_reward_id", "0"))
+        return RegisteredPolicy(self.model_name, version, policy, through)
 
     def promote(self, *, force: bool = False, by: str = "tipgraph promote") -> str:
         """Move ``champion`` to the challenger if the evidence says so; returns why.
@@ -224,3 +248,11 @@ class PolicyRegistry:
         )
         self.client.set_registered_model_alias(self.model_name, CHAMPION, version)
         logger.info("%s champion -> version %s: %s", self.model_name, version, reason)
+
+
+def _default_artifact_root(tracking_uri: str) -> str | None:
+    """``sqlite:///dir/mlflow.db`` -> ``dir/mlartifacts`` (absolute); servers decide their own."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return str(Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts")
