@@ -435,3 +435,76 @@ def test_every_replica_holds_the_model_trained_on_all_feedback(
         app.client.close()
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_serving_switches_to_a_promoted_champion_under_load(
+    serve_apps: dict[str, App], postgres_url: str, tmp_path: Path
+) -> None:
+    import threading
+
+    from ray import serve
+
+    from tipgraph.features import FEATURE_SPEC
+    from tipgraph.policies import make_policy
+    from tipgraph.settings import PolicySettings, RegistrySettings
+    from tuning.registry import OffPolicyEvidence, PolicyRegistry
+
+    main = serve_apps["main"]
+    schema = f"e2e_champion_{uuid.uuid4().hex[:10]}"
+    registry_settings = RegistrySettings(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        serve_alias="champion",
+        check_interval_s=0.5,
+    )
+    settings = main.settings.model_copy(
+        update={
+            "serve": main.settings.serve.model_copy(
+                update={"app_name": "champion", "route_prefix": "/champion"}
+            ),
+            "store": StoreSettings(url=postgres_url, pg_schema=schema),
+            "registry": registry_settings,
+            "shadows": [],
+        }
+    )
+    serve.run(build_graph(settings), name="champion", route_prefix="/champion")
+    app = App(
+        "champion", str(main.client.base_url).replace("/main", "/champion"), settings, postgres_url
+    )
+    versions: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=str(app.client.base_url), timeout=30) as client:
+            while not stop.is_set():
+                response = client.post("/v1/tips", json=tip_body(user_id="load"))
+                if response.status_code != 200:
+                    failures.append(response.text)
+                else:
+                    versions.append(response.json()["policy"]["version"])
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        time.sleep(1.0)
+        tuned = make_policy(
+            PolicySettings(name="linucb", kind="squarecb"),
+            FEATURE_SPEC.dim,
+            spec_version=FEATURE_SPEC.version,
+        )
+        registry = PolicyRegistry(registry_settings.tracking_uri)
+        registry.register(tuned, OffPolicyEvidence("dr", 0.8, 0.78, 0.82, 100))
+        registry.promote()
+        _wait_for(lambda: bool(versions) and versions[-1].startswith("tip-policy/1+"), 30)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        loader.join(30)
+        serve.delete("champion")
+        app.client.close()
+        drop_schemas(postgres_url, [schema])
+    assert failures == []
+    assert versions[0].startswith("linucb-")  # the configured policy before any champion
+    switched = [v.startswith("tip-policy/1+squarecb-") for v in versions]
+    assert switched[-1] and not switched[0]
+    assert switched == sorted(switched), "once switched, every later decision uses the champion"

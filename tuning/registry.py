@@ -176,9 +176,11 @@ class PolicyRegistry:
         )
         if version is None:
             raise RegistryError(f"{self.model_name}{alias_or_version} does not exist")
-        uri = f"models:/{self.model_name}/{version}"
+        # The version's concrete location, asked through this client: a models:/ URI
+        # would be resolved through MLflow's process-global registry URI instead.
+        location = self.client.get_model_version_download_uri(self.model_name, version)
         path = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{uri}/artifacts/{STATE_ARTIFACT}", tracking_uri=self.tracking_uri
+            artifact_uri=f"{location.rstrip('/')}/artifacts/{STATE_ARTIFACT}"
         )
         policy = policy_from_bytes(
             Path(path).read_bytes(), expected_spec_version=expected_spec_version
