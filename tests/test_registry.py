@@ -102,3 +102,22 @@ def test_nothing_to_promote_or_roll_back(registry: PolicyRegistry) -> None:
         registry.promote()
     with pytest.raises(RegistryError, match="no previous champion"):
         registry.rollback()
+
+
+def test_promote_and_rollback_commands(
+    registry: PolicyRegistry, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tipgraph.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+    config = str(Path(__file__).resolve().parent.parent / "configs" / "tipgraph.yaml")
+    first = registry.register(trained("linucb", 0), evidence(0.7))
+    assert main(["--config", config, "promote", "--who", "tester"]) == 0
+    assert f"tip-policy@champion -> version {first}: first champion" in capsys.readouterr().out
+    registry.register(trained("egreedy", 1), evidence(0.71), champion_on_same_data=evidence(0.70))
+    assert main(["--config", config, "promote"]) == 1
+    assert "does not beat" in capsys.readouterr().err
+    assert main(["--config", config, "promote", "--force", "--who", "tester"]) == 0
+    assert "forced by tipgraph promote (tester)" in capsys.readouterr().out
+    assert main(["--config", config, "rollback"]) == 0
+    assert registry.version_of(CHAMPION) == first

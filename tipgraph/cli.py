@@ -130,6 +130,39 @@ def _compare_policies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from tuning.registry import PolicyRegistry
+
+    settings = load_settings(args.config).registry
+    return PolicyRegistry(settings.tracking_uri, model_name=settings.model_name)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from tuning.registry import CHAMPION, RegistryError
+
+    registry = _registry(args)
+    try:
+        reason = registry.promote(force=args.force, by=f"tipgraph promote ({args.who})")
+    except RegistryError as err:
+        print(f"tipgraph: not promoted: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{registry.model_name}@{CHAMPION} -> version {registry.version_of(CHAMPION)}: {reason}")
+    return EXIT_OK
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from tuning.registry import CHAMPION, RegistryError
+
+    registry = _registry(args)
+    try:
+        reason = registry.rollback(by=f"tipgraph rollback ({args.who})")
+    except RegistryError as err:
+        print(f"tipgraph: not rolled back: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{registry.model_name}@{CHAMPION} -> version {registry.version_of(CHAMPION)}: {reason}")
+    return EXIT_OK
+
+
 def _render_serve_config(args: argparse.Namespace) -> int:
     from tipgraph.serve_config import render_serve_config_text
 
@@ -199,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comparison.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     comparison.set_defaults(func=_compare_policies)
+
+    who = os.environ.get("USER", "unknown")
+    promote = commands.add_parser(
+        "promote", help="move the champion alias to the challenger if the evidence says so"
+    )
+    promote.add_argument(
+        "--force", action="store_true", help="skip the evidence gate (recorded as forced)"
+    )
+    promote.add_argument("--who", default=who, help="recorded with the promotion")
+    promote.set_defaults(func=_promote)
+    rollback = commands.add_parser("rollback", help="point the champion back at the previous one")
+    rollback.add_argument("--who", default=who, help="recorded with the rollback")
+    rollback.set_defaults(func=_rollback)
 
     render = commands.add_parser(
         "render-serve-config", help="write serve_config.yaml from the config"

@@ -142,7 +142,8 @@ class RegistrySettings(_Strict):
     """Where tuned policies live (MLflow) and whether serving follows them."""
 
     tracking_uri: str = Field(
-        "sqlite:///mlflow.db", description="MLflow tracking + registry URI (MLFLOW_TRACKING_URI)"
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        description="MLflow tracking + registry URI; default $MLFLOW_TRACKING_URI, else local",
     )
     model_name: str = "tip-policy"
     serve_alias: str | None = Field(
