@@ -67,7 +67,7 @@ def check_distribution(p: np.ndarray, offsets: np.ndarray, name: str) -> np.ndar
         event = _first(off)
         raise LogValidationError(
             f"{name} of event {event} must sum to 1 (within {PROBABILITY_TOLERANCE}), "
-            f"got {totals[event]!r}"
+            f"got {float(totals[event])}"
         )
     return arr
 
@@ -138,7 +138,9 @@ def _check_event_id(event_id: np.ndarray, n_events: int) -> np.ndarray:
         repeated = np.ones(n_events, dtype=bool)
         repeated[first_index] = False
         event = _first(repeated)
-        raise LogValidationError(f"event_id of event {event} repeats an earlier id {arr[event]!r}")
+        raise LogValidationError(
+            f"event_id of event {event} repeats an earlier id {str(arr[event])!r}"
+        )
     return arr
 
 

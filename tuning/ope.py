@@ -7,9 +7,10 @@ Notation, for a :class:`~tuning.logged.LoggedBandit` with n events and N candida
 * w_i = π(a_i | x_i) / μ(a_i | x_i), the importance weight of the logged action.
 * V(π) = (1/n) Σ_i Σ_a π(a | x_i) E[r | x_i, a], the value on the logged contexts.
 
-Every estimator returns an :class:`Estimate` with a 95% interval.  Most intervals are the
-normal approximation over per-event terms t_i, V̂ = mean(t) ± z · sd(t) / √n; ratio
-estimators use the delta method.  When clipping (or a target's mass on candidates the
+Every estimator returns an :class:`Estimate` with a 95% interval: the normal approximation
+over per-event terms t_i, V̂ = mean(t) ± z · sd(t) / √n (ratio estimators: over their
+delta-method influence terms), widened on the side the terms are skewed to
+(:func:`skew_aware_interval`).  When clipping (or a target's mass on candidates the
 logger never offers) biases an estimate, the interval is widened by an exact bound of
 that bias, computed from all logged propensities and the reward range; the point value
 stays the usual estimator.
@@ -56,24 +57,54 @@ class Estimate:
         return self.lower <= truth <= self.upper
 
 
+def skew_aware_interval(
+    value: float,
+    influence: np.ndarray,
+    name: str,
+    bias: tuple[float, float] = (0.0, 0.0),
+) -> Estimate:
+    """``value`` ± z·se from centred influence terms ψ of shape (n,), se = sd(ψ)/√n.
+
+    Importance weights make ψ skewed (rare large weights), and the Wald interval then
+    misses mostly on one side.  For the studentised mean, P(T ≤ x) ≈ Φ(x) + γ (2x² + 1)
+    φ(x) / (6√n), with γ the skewness of ψ (Hall 1992, "The Bootstrap and Edgeworth
+    Expansion", §2.6; Johnson 1978, JASA 73, "Modified t tests and confidence intervals for
+    asymmetrical populations").  The side the skew points to is widened by
+    c = |γ̂| (2z² + 1) / (6√n) standard errors; the other side keeps z, because γ̂ is itself
+    noisy when large weights are rare, so the correction only ever widens the interval.
+
+    ``bias`` = (b_lo, b_hi) bounds V − E[value]; it is added to the two ends.  With fewer
+    than two terms the interval is unbounded.
+    """
+    n = len(influence)
+    if n < 2:
+        return Estimate(value, -math.inf, math.inf, n, name)
+    sd = float(influence.std(ddof=1))
+    se = sd / math.sqrt(n)
+    skew = float(np.mean(influence**3)) / sd**3 if sd > 0 else 0.0
+    c = skew * (2 * Z_95**2 + 1) / (6 * math.sqrt(n))
+    lower = value - se * (Z_95 + max(-c, 0.0)) + bias[0]
+    upper = value + se * (Z_95 + max(c, 0.0)) + bias[1]
+    return Estimate(value, lower, upper, n, name)
+
+
 def normal_estimate(
     terms: np.ndarray, name: str, bias: tuple[float, float] = (0.0, 0.0)
 ) -> Estimate:
-    """mean(t) with mean(t) ± z·sd(t)/√n, terms of shape (n,), widened by a known bias range.
+    """V̂ = mean(t) over per-event terms of shape (n,), interval from :func:`skew_aware_interval`.
 
-    ``bias`` = (b_lo, b_hi) bounds V − E[mean(t)]; the interval becomes
-    [mean − z·se + b_lo, mean + z·se + b_hi].  With one term the interval is unbounded.
+    Per-event terms are martingale differences around V(π) even for an adaptive logger (the
+    logged μ is the probability the action was drawn with), so their spread gives the se.
     """
-    n = len(terms)
     value = float(terms.mean())
-    half = Z_95 * float(terms.std(ddof=1)) / math.sqrt(n) if n > 1 else math.inf
-    return Estimate(value, value - half + bias[0], value + half + bias[1], n, name)
+    return skew_aware_interval(value, terms - value, name, bias)
 
 
 def ratio_estimate(weights: np.ndarray, reward: np.ndarray, name: str) -> Estimate:
     """V̂ = Σ w r / Σ w over arrays of shape (n,), with a delta-method interval.
 
-    Linearising the ratio around V̂ gives se = √(n / (n − 1)) · √(Σ w_i² (r_i − V̂)²) / Σ w_i.
+    Linearising the ratio around V̂ gives the influence terms ψ_i = w_i (r_i − V̂) / w̄, so
+    se = sd(ψ)/√n; the interval is :func:`skew_aware_interval` over ψ.
     """
     total = float(weights.sum())
     if total <= 0.0:
@@ -81,12 +112,9 @@ def ratio_estimate(weights: np.ndarray, reward: np.ndarray, name: str) -> Estima
             f"{name}: the target gives probability 0 to every logged action; "
             f"a self-normalised estimate is undefined"
         )
-    n = len(weights)
     value = float(weights @ reward) / total
-    if n < 2:
-        return Estimate(value, -math.inf, math.inf, n, name)
-    se = math.sqrt(n / (n - 1) * float(np.sum((weights * (reward - value)) ** 2))) / total
-    return Estimate(value, value - Z_95 * se, value + Z_95 * se, n, name)
+    influence = weights * (reward - value) * (len(weights) / total)
+    return skew_aware_interval(value, influence, name)
 
 
 # -- reward models: ridge regression r̂(x) = θᵀx on the chosen candidates --------------------
@@ -242,10 +270,11 @@ class Estimator(abc.ABC):
 class IPS(Estimator):
     """Inverse propensity scoring, optionally clipped.
 
-    V̂ = (1/n) Σ_i min(w_i, c) r_i, w_i = π(a_i|x_i) / μ(a_i|x_i).  Unbiased without
-    clipping when μ covers π; clipping at c trades that bias for variance, and the
-    interval is widened by the exact range of the bias, (1/n) Σ_i Σ_a (π − cμ)₊ ·
-    [r_min, r_max], using every logged propensity (see :func:`weighted_estimate`).
+    V̂ = (1/n) Σ_i min(w_i, c) r_i, w_i = π(a_i|x_i) / μ(a_i|x_i), with the interval of
+    :func:`normal_estimate` over the terms.  Unbiased without clipping when μ covers π;
+    clipping at c trades that for variance, and the interval is widened by the exact range
+    of the bias, (1/n) Σ_i Σ_a (π − cμ)₊ · [r_min, r_max], from every logged propensity
+    (:func:`weighted_estimate`); ``reward_bounds`` = (r_min, r_max) is only used then.
     Horvitz & Thompson (1952); Strehl, Langford, Li, Kakade (2010), "Learning from logged
     implicit exploration data", NeurIPS.
     """
@@ -326,7 +355,7 @@ class DR(Estimator):
     """Doubly robust: the direct method plus an importance-weighted correction.
 
     t_i = Σ_a π(a|x_i) r̂(x_{i,a}) + min(w_i, c) (r_i − r̂(x_{i,a_i})), V̂ = mean(t),
-    normal interval over t, widened by the exact bias range of clipping (see
+    :func:`normal_estimate` over t, widened by the exact bias range of clipping (see
     :func:`weighted_estimate`).  r̂ is the ridge model of :class:`DM`, cross-fitted over
     ``folds`` interleaved folds (event i in fold i mod folds is scored by a model fitted
     on the others), so no event's correction uses a model that saw its own reward;
@@ -367,10 +396,10 @@ class Replay(Estimator):
     Li et al. keep the events where the target's choice equals the logged one and average
     their rewards.  Here event i counts with its expected number of matches under a
     uniform logger, m_i = π(a_i|x_i) · K_i, so no random draw adds noise:
-    V̂ = Σ_i m_i r_i / Σ_i m_i.  For a deterministic target and equal K this is exactly the
-    mean reward over the matched events, and the delta-method interval
-    (:func:`ratio_estimate`) reduces to the usual one over those events.  Raises if any
-    event's ``pscore`` is not 1 / K_i.
+    V̂ = Σ_i m_i r_i / Σ_i m_i (SNIPS with μ = 1/K_i).  For a deterministic target and equal
+    K this is exactly the mean reward over the matched events, and the delta-method
+    interval (:func:`ratio_estimate`) is the normal one over the matched rewards, up to
+    the skew widening.  Raises if any event's ``pscore`` is not 1 / K_i.
     Li, Chu, Langford, Wang (2011), "Unbiased offline evaluation of contextual-bandit-based
     news article recommendation algorithms", WSDM.
     """
