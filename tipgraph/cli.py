@@ -137,30 +137,29 @@ def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return PolicyRegistry(settings.tracking_uri, model_name=settings.model_name)
 
 
-def _promote(args: argparse.Namespace) -> int:
+def _move_champion(args: argparse.Namespace, action: str) -> int:
+    """``promote`` or ``rollback``: both move the champion alias and say why."""
     from tuning.registry import CHAMPION, RegistryError
 
     registry = _registry(args)
     try:
-        reason = registry.promote(force=args.force, by=f"tipgraph promote ({args.who})")
+        if action == "promote":
+            reason = registry.promote(force=args.force, by=f"tipgraph promote ({args.who})")
+        else:
+            reason = registry.rollback(by=f"tipgraph rollback ({args.who})")
     except RegistryError as err:
-        print(f"tipgraph: not promoted: {err}", file=sys.stderr)
+        print(f"tipgraph: {action} refused: {err}", file=sys.stderr)
         return EXIT_ERROR
     print(f"{registry.model_name}@{CHAMPION} -> version {registry.version_of(CHAMPION)}: {reason}")
     return EXIT_OK
+
+
+def _promote(args: argparse.Namespace) -> int:
+    return _move_champion(args, "promote")
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from tuning.registry import CHAMPION, RegistryError
-
-    registry = _registry(args)
-    try:
-        reason = registry.rollback(by=f"tipgraph rollback ({args.who})")
-    except RegistryError as err:
-        print(f"tipgraph: not rolled back: {err}", file=sys.stderr)
-        return EXIT_ERROR
-    print(f"{registry.model_name}@{CHAMPION} -> version {registry.version_of(CHAMPION)}: {reason}")
-    return EXIT_OK
+    return _move_champion(args, "rollback")
 
 
 def _render_serve_config(args: argparse.Namespace) -> int:
