@@ -9,7 +9,7 @@ reactions, as they do in production.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,7 +19,7 @@ import numpy as np
 from tipgraph.candidates import task_candidates
 from tipgraph.contracts import TipRequest
 from tipgraph.features import FEATURE_SPEC, build_context, candidate_matrix
-from tipgraph.policies import make_policy
+from tipgraph.policies import Decision, make_policy
 from tipgraph.settings import PolicySettings, RewardSettings
 from tipgraph.simulator import (
     expected_reward,
@@ -42,7 +42,17 @@ class RunResult:
     uniform: np.ndarray  # mean expected reward on offer, per decision
 
 
-def run_policy(
+@dataclass(frozen=True)
+class SimulatedDecision:
+    """One in-process decision: what was offered, decided and earned."""
+
+    X: np.ndarray  # joint features of the candidates, shape (K, d)
+    decision: Decision
+    values: np.ndarray  # hidden expected reward of every candidate, shape (K,)
+    reward: float  # the sampled reward of the served tip
+
+
+def simulate_decisions(
     policy_settings: PolicySettings,
     *,
     seed: int,
@@ -51,13 +61,17 @@ def run_policy(
     history_limit: int = 200,
     rewards: RewardSettings | None = None,
     n_candidates: int = 8,
-) -> RunResult:
+    learn: bool = True,
+) -> Iterator[SimulatedDecision]:
+    """The policy deciding on the simulator's request stream, event ids ``{seed}-{i}``.
+
+    With ``learn`` the policy learns every sampled reward, as in production.
+    """
     rewards = rewards or RewardSettings()
     policy = make_policy(policy_settings, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
     rng, reaction_rng = request_streams(seed)
     population = make_users(users, rng)
     history: dict[str, list[ReactionHistoryItem]] = {u.user_id: [] for u in population}
-    served, oracle, uniform = np.empty(decisions), np.empty(decisions), np.empty(decisions)
     for i in range(decisions):
         sim = make_request(population[int(rng.integers(users))], i, rng)
         request = TipRequest.model_validate(sim.body)
@@ -70,10 +84,41 @@ def run_policy(
         chosen = candidates[decision.chosen]
         reaction = react(sim, chosen.kind, chosen.task_id, reaction_rng)
         reward = rewards.reward_for(reaction)  # type: ignore[arg-type]
-        policy.update(X[decision.chosen], reward)
+        if learn:
+            policy.update(X[decision.chosen], reward)
         shown_at = request.local_now() + timedelta(seconds=1)
         past.insert(0, ReactionHistoryItem(chosen.kind, reaction, reward, shown_at))
-        served[i], oracle[i], uniform[i] = values[decision.chosen], values.max(), values.mean()
+        yield SimulatedDecision(X, decision, values, reward)
+
+
+def run_policy(
+    policy_settings: PolicySettings,
+    *,
+    seed: int,
+    users: int = 50,
+    decisions: int = 20_000,
+    history_limit: int = 200,
+    rewards: RewardSettings | None = None,
+    n_candidates: int = 8,
+) -> RunResult:
+    served, oracle, uniform = np.empty(decisions), np.empty(decisions), np.empty(decisions)
+    for i, step in enumerate(
+        simulate_decisions(
+            policy_settings,
+            seed=seed,
+            users=users,
+            decisions=decisions,
+            history_limit=history_limit,
+            rewards=rewards,
+            n_candidates=n_candidates,
+        )
+    ):
+        values = step.values
+        served[i], oracle[i], uniform[i] = (
+            values[step.decision.chosen],
+            values.max(),
+            values.mean(),
+        )
     return RunResult(policy_settings.name, seed, served, oracle, uniform)
 
 

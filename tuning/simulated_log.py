@@ -1,10 +1,10 @@
 """Bandit logs from the synthetic users, with the hidden truth that off-policy estimates
 are checked against.
 
-The loop is the one of :func:`tipgraph.policy_comparison.run_policy` (same request
-streams, context features, task-mode candidates and event ids, so the same seed and
-policy make the same decisions), but it records what a decision log holds: every
-candidate's features and logging probability, the chosen index and the sampled reward.
+The decisions come from :func:`tipgraph.policy_comparison.simulate_decisions`, the loop
+behind the policy table (so the same seed and policy make the same decisions); this
+module records what a decision log holds: every candidate's features and logging
+probability, the chosen index and the sampled reward.
 """
 
 from __future__ import annotations
@@ -13,20 +13,11 @@ from datetime import timedelta
 
 import numpy as np
 
-from tipgraph.candidates import task_candidates
-from tipgraph.contracts import TipRequest
-from tipgraph.features import FEATURE_SPEC, build_context, candidate_matrix
-from tipgraph.policies import make_policy
-from tipgraph.settings import PolicySettings, RewardSettings
+from tipgraph.policy_comparison import simulate_decisions
+from tipgraph.settings import PolicySettings
 from tipgraph.simulator import (
     START,
-    expected_reward,
-    make_request,
-    make_users,
-    react,
-    request_streams,
 )
-from tipgraph.store.records import ReactionHistoryItem
 from tuning.logged import LoggedBandit, check_distribution
 
 HISTORY_LIMIT = 200
@@ -53,39 +44,27 @@ def simulate_log(
     for name, count in (("n_events", n_events), ("users", users), ("n_candidates", n_candidates)):
         if count < 1:
             raise ValueError(f"{name} must be >= 1, got {count}")
-    rewards = RewardSettings()
-    policy = make_policy(logging, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
-    rng, reaction_rng = request_streams(seed)
-    population = make_users(users, rng)
-    history: dict[str, list[ReactionHistoryItem]] = {u.user_id: [] for u in population}
     features: list[np.ndarray] = []
     pscore: list[np.ndarray] = []
     expected: list[np.ndarray] = []
     sizes = np.empty(n_events, dtype=np.int64)
     chosen = np.empty(n_events, dtype=np.int64)
     reward = np.empty(n_events)
-    event_ids = [f"{seed}-{i}" for i in range(n_events)]
-    for i, event_id in enumerate(event_ids):
-        sim = make_request(population[int(rng.integers(users))], i, rng)
-        request = TipRequest.model_validate(sim.body)
-        past = history[sim.user.user_id]
-        context = build_context(request, past[:HISTORY_LIMIT], rewards)
-        candidates = task_candidates(request, context, n_candidates)
-        X = candidate_matrix(context, [c.view for c in candidates])
-        decision = policy.decide(X, event_id)
-        picked = candidates[decision.chosen]
-        reaction = react(sim, picked.kind, picked.task_id, reaction_rng)
-        value = rewards.reward_for(reaction)  # type: ignore[arg-type]
-        if learn:
-            policy.update(X[decision.chosen], value)
-        shown_at = request.local_now() + timedelta(seconds=1)
-        past.insert(0, ReactionHistoryItem(picked.kind, reaction, value, shown_at))
-        features.append(X)
-        pscore.append(decision.probabilities)
-        expected.append(
-            np.array([expected_reward(sim, c.kind, c.task_id, rewards) for c in candidates])
-        )
-        sizes[i], chosen[i], reward[i] = len(candidates), decision.chosen, value
+    steps = simulate_decisions(
+        logging,
+        seed=seed,
+        users=users,
+        decisions=n_events,
+        history_limit=HISTORY_LIMIT,
+        n_candidates=n_candidates,
+        learn=learn,
+    )
+    for i, step in enumerate(steps):
+        features.append(step.X)
+        pscore.append(step.decision.probabilities)
+        expected.append(step.values)
+        sizes[i], chosen[i], reward[i] = len(step.X), step.decision.chosen, step.reward
+    event_ids = [f"{seed}-{i}" for i in range(n_events)]  # as simulate_decisions names them
     start = np.datetime64(START.replace(tzinfo=None), "us")
     log = LoggedBandit(
         X=np.concatenate(features),
