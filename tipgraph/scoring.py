@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -48,7 +47,6 @@ class PolicyScore:
     scores: list[float]
     probabilities: list[float]
     chosen: int
-    latency_ms: float
 
     @property
     def chosen_probability(self) -> float:
@@ -67,7 +65,6 @@ class PolicyService:
         self._lock = threading.Lock()
 
     def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
-        start = time.perf_counter()
         with self._lock:
             decision = self.policy.decide(X, event_id)
             version = self.policy.version
@@ -79,7 +76,6 @@ class PolicyService:
             scores=decision.scores.tolist(),
             probabilities=decision.probabilities.tolist(),
             chosen=decision.chosen,
-            latency_ms=(time.perf_counter() - start) * 1000.0,
         )
 
     async def score_with_faults(
