@@ -22,7 +22,6 @@ import numpy as np
 import psycopg
 import pytest
 import yaml
-from psycopg import sql
 
 from graphs.tipgraph import PROJECT_ROOT, build_app, build_graph
 from tests.conftest import drop_schemas
@@ -332,8 +331,7 @@ def test_clean_shutdown_writes_every_buffered_decision(
         assert logged == served
     finally:
         app.client.close()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        drop_schemas(postgres_url, [schema])
 
 
 def _readme_curl_block() -> str:
@@ -433,8 +431,7 @@ def test_every_replica_holds_the_model_trained_on_all_feedback(
     finally:
         serve.delete("replicas")
         app.client.close()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+        drop_schemas(postgres_url, [schema])
 
 
 def test_serving_switches_to_a_promoted_champion_under_load(
