@@ -90,21 +90,30 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_port() -> Iterator[int]:
-    """A local Ray cluster with Serve's HTTP proxy on a free loopback port."""
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster for every test that needs Ray (Serve apps, Tune sweeps)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+
+    # Logical CPUs: the deployments ask fractions, and several test apps run side by side.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster: None) -> Iterator[int]:
+    """Serve's HTTP proxy on a free loopback port of the shared cluster."""
     from ray import serve
 
     port = _free_port()
-    # Logical CPUs: the deployments ask fractions, and several test apps run side by side.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield port
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def drop_schemas(postgres_url: str, schemas: Iterable[str]) -> None:

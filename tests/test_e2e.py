@@ -441,10 +441,9 @@ def test_serving_switches_to_a_promoted_champion_under_load(
 
     from ray import serve
 
-    from tipgraph.features import FEATURE_SPEC
-    from tipgraph.policies import make_policy
-    from tipgraph.settings import PolicySettings, RegistrySettings
-    from tuning.registry import OffPolicyEvidence, PolicyRegistry
+    from tipgraph.settings import RegistrySettings
+    from tuning.registry import PolicyRegistry
+    from tuning.sweep import TuningSettings, run_sweep
 
     main = serve_apps["main"]
     schema = f"e2e_champion_{uuid.uuid4().hex[:10]}"
@@ -484,13 +483,17 @@ def test_serving_switches_to_a_promoted_champion_under_load(
     loader.start()
     try:
         time.sleep(1.0)
-        tuned = make_policy(
-            PolicySettings(name="linucb", kind="squarecb"),
-            FEATURE_SPEC.dim,
-            spec_version=FEATURE_SPEC.version,
+        # The real tuning job registers the challenger (a small simulated log, for speed).
+        tuning = TuningSettings(
+            log={"source": "simulator", "events": 400, "seed": 5},
+            search="random",
+            num_samples=2,
+            space={"kinds": ["squarecb"]},
+            storage_path=str(tmp_path / "tune"),
         )
+        swept = run_sweep(tuning, settings, out=lambda _: None)
         registry = PolicyRegistry(registry_settings.tracking_uri)
-        registry.register(tuned, OffPolicyEvidence("dr", 0.8, 0.78, 0.82, 100))
+        assert swept.registered_version == "1"
         registry.promote()
         _wait_for(lambda: bool(versions) and versions[-1].startswith("tip-policy/1+"), 30)
         time.sleep(0.5)

@@ -1,4 +1,5 @@
-"""``tipgraph`` command line: serve, simulate, render-serve-config."""
+"""``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
+render-serve-config."""
 
 from __future__ import annotations
 
@@ -130,6 +131,12 @@ def _compare_policies(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from tuning.sweep import run_from_args
+
+    return run_from_args(args, tipgraph_config=args.config)
+
+
 def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from tuning.registry import PolicyRegistry
 
@@ -231,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comparison.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     comparison.set_defaults(func=_compare_policies)
+
+    from tuning.sweep import add_arguments as add_tune_arguments
+
+    tune = commands.add_parser(
+        "tune", help="Ray Tune sweep on the logged rewards; registers the winner as challenger"
+    )
+    add_tune_arguments(tune)
+    tune.set_defaults(func=_tune)
 
     who = os.environ.get("USER", "unknown")
     promote = commands.add_parser(

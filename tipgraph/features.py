@@ -24,7 +24,7 @@ from datetime import datetime
 import numpy as np
 
 from tipgraph.contracts import TIP_KINDS, RecentReaction, Task, TipRequest
-from tipgraph.settings import RewardSettings
+from tipgraph.settings import FeatureGroup, RewardSettings
 from tipgraph.store.records import ReactionHistoryItem
 
 CONTEXT_FEATURES: tuple[str, ...] = (
@@ -49,6 +49,15 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "task_log_age_days",
     "n_tasks_covered",
 )
+# The groups a policy can be restricted to (PolicySettings.features).  Context groups cover
+# their features crossed with every kind.
+FEATURE_GROUPS: dict[FeatureGroup, tuple[str, ...]] = {
+    "kind": CONTEXT_FEATURES[:1],  # bias x kind: a per-kind intercept
+    "time": CONTEXT_FEATURES[1:6],
+    "workload": CONTEXT_FEATURES[6:],
+    "history": CANDIDATE_FEATURES[:2],
+    "task": CANDIDATE_FEATURES[2:],
+}
 # Smoothing: a kind the user never saw is assumed to earn PRIOR_REWARD, worth PRIOR_WEIGHT views.
 PRIOR_REWARD = 0.3
 PRIOR_WEIGHT = 2.0
@@ -69,6 +78,17 @@ class FeatureSpec:
     @property
     def dim(self) -> int:
         return len(self.context) * len(self.kinds) + len(self.candidate)
+
+    def mask(self, groups: Iterable[FeatureGroup]) -> np.ndarray:
+        """0/1 array of shape (dim,) that keeps the joint features of ``groups``.
+
+        Zeroing a column is the same as dropping it for ridge-based policies: its row and
+        column of A stay λI, its coefficient stays 0 and it adds nothing to any bonus.
+        """
+        keep = {name for group in groups for name in FEATURE_GROUPS[group]}
+        context = [c in keep for c in self.context for _ in self.kinds]
+        candidate = [c in keep for c in self.candidate]
+        return np.array(context + candidate, dtype=np.float64)
 
     @property
     def version(self) -> str:

@@ -28,6 +28,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from tipgraph.features import FEATURE_SPEC
 from tipgraph.settings import PolicySettings
 
 FORMAT_MAGIC = b"TGPOLICY"
@@ -210,6 +211,14 @@ class Policy(abc.ABC):
         self.dim = dim
         self.spec_version = spec_version
         self.stats_ = RidgeStats(dim, settings.ridge, settings.refresh_every)
+        self._mask: np.ndarray | None = None
+        if settings.features is not None:
+            if dim != FEATURE_SPEC.dim:
+                raise ValueError(
+                    f"features {list(settings.features)} name groups of tipgraph's own feature "
+                    f"layout (dim {FEATURE_SPEC.dim}); this policy has dim {dim}"
+                )
+            self._mask = FEATURE_SPEC.mask(settings.features)
         # Settings are frozen: hash them once, not on every decision.
         params = json.dumps(settings.model_dump(mode="json"), sort_keys=True)
         self._params_digest = hashlib.sha256(f"{params}|{dim}|{spec_version}".encode()).hexdigest()[
@@ -240,16 +249,19 @@ class Policy(abc.ABC):
         event's, for policies whose distribution is itself estimated by sampling."""
 
     # -- public API ---------------------------------------------------------------------------
+    def _features(self, X: np.ndarray) -> np.ndarray:
+        return X if self._mask is None else X * self._mask
+
     def scores(self, X: object) -> np.ndarray:
-        return self._scores(check_matrix(X, self.dim))
+        return self._scores(self._features(check_matrix(X, self.dim)))
 
     def distribution(self, X: object, event_id: str = "") -> np.ndarray:
         """Probability of choosing each candidate, array of shape (n_candidates,)."""
-        return self._decide(check_matrix(X, self.dim), event_id).probabilities
+        return self._decide(self._features(check_matrix(X, self.dim)), event_id).probabilities
 
     def decide(self, X: object, event_id: str) -> Decision:
         """Scores, probabilities, and one candidate drawn from them, replayable per event."""
-        return self._decide(check_matrix(X, self.dim), event_id)
+        return self._decide(self._features(check_matrix(X, self.dim)), event_id)
 
     def _decide(self, X: np.ndarray, event_id: str) -> Decision:
         seed = event_seed(event_id, self.name)
@@ -262,7 +274,7 @@ class Policy(abc.ABC):
     def update(self, x: object, reward: float) -> Policy:
         if not math.isfinite(reward):
             raise PolicyInputError(f"reward must be finite, got {reward}")
-        self.stats_.update(check_vector(x, self.dim), float(reward))
+        self.stats_.update(self._features(check_vector(x, self.dim)), float(reward))
         return self
 
     def merge(self, other: Policy) -> Policy:

@@ -20,6 +20,8 @@ CONFIG_ENV_VAR = "TIPGRAPH_CONFIG"
 
 Reaction = Literal["done", "snooze", "dismiss"]
 PolicyKind = Literal["linucb", "lints", "egreedy", "softmax", "squarecb", "uniform", "baseline"]
+FeatureGroup = Literal["kind", "time", "workload", "history", "task"]
+"""Blocks of the joint feature vector a policy may be restricted to (tipgraph.features)."""
 STAGES = ("ingress", "context", "generation", "scoring")
 
 
@@ -191,6 +193,22 @@ class PolicySettings(_Strict):
     refresh_every: int = Field(
         1024, ge=1, description="Exact inverse after this many Sherman-Morrison updates"
     )
+    features: tuple[FeatureGroup, ...] | None = Field(
+        None,
+        description="Feature groups the policy learns on (None = all); the others are zeroed",
+    )
+
+    @field_validator("features")
+    @classmethod
+    def _some_features(
+        cls, groups: tuple[FeatureGroup, ...] | None
+    ) -> tuple[FeatureGroup, ...] | None:
+        if groups is None:
+            return None
+        if not groups:
+            raise ValueError("features must name at least one group, or be null for all")
+        # One spelling per subset, so equal subsets hash (and version) equally.
+        return tuple(sorted(set(groups)))
 
 
 class AutoscalingSettings(_Strict):

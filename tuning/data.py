@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -10,6 +12,21 @@ import numpy as np
 from tipgraph.store import DecisionStore
 from tipgraph.store.records import LoggedEvent
 from tuning.logged import LoggedBandit
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingLog:
+    """A log to tune on, with what a registered model must remember about it."""
+
+    log: LoggedBandit
+    spec_version: str
+    """The feature layout of ``log.X``; a policy tuned on it is refused on any other."""
+    trained_through_reward_id: int
+    """Largest reward id in the log (0 for logs from outside the decision log): serving
+    catches a registered model up on the rewards after it."""
+    source: str
 
 
 def from_events(events: Sequence[LoggedEvent]) -> LoggedBandit:
@@ -44,4 +61,34 @@ def load_log(
         store.logged_events(
             since=since, until=until, prompt_version=prompt_version, policy_name=policy_name
         )
+    )
+
+
+def load_training_log(
+    store: DecisionStore,
+    *,
+    feature_version: str,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    prompt_version: str | None = None,
+    policy_name: str | None = None,
+    source: str = "decision log",
+) -> TrainingLog:
+    """Like :func:`load_log`, keeping only decisions made on ``feature_version``'s layout."""
+    events = store.logged_events(
+        since=since, until=until, prompt_version=prompt_version, policy_name=policy_name
+    )
+    kept = [e for e in events if e.feature_version == feature_version]
+    if len(kept) < len(events):
+        logger.warning(
+            "skipped %d of %d logged decisions made on other feature layouts than %s",
+            len(events) - len(kept),
+            len(events),
+            feature_version,
+        )
+    return TrainingLog(
+        log=from_events(kept),
+        spec_version=feature_version,
+        trained_through_reward_id=max((e.reward_id for e in kept), default=0),
+        source=source,
     )

@@ -100,7 +100,8 @@ class PolicyRegistry:
         self.artifact_root = artifact_root or _default_artifact_root(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
-    def _experiment(self, name: str) -> str:
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``, created (with our artifact root) if missing."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return str(found.experiment_id)
@@ -129,7 +130,7 @@ class PolicyRegistry:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp) / STATE_ARTIFACT
             state.write_bytes(policy.to_bytes())
-            experiment_id = None if run_id is not None else self._experiment(experiment)
+            experiment_id = None if run_id is not None else self.experiment_id(experiment)
             with mlflow.start_run(run_id=run_id, experiment_id=experiment_id):
                 info = mlflow.pyfunc.log_model(
                     name="policy",

@@ -311,6 +311,8 @@ def _logged_event(rows: Sequence[Row]) -> LoggedEvent:
         chosen=candidate_ids.index(chosen_id),
         reward=float(reward),
         reward_source=reward_source(source),
+        reward_id=int(rows[0][10]),
+        feature_version=str(rows[0][11]),
     )
 
 

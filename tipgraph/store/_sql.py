@@ -100,7 +100,7 @@ def _logged_events(*filters: str) -> str:
     return f"""
         SELECT d.event_id, d.created_at, d.policy_name, d.prompt_version,
                d.chosen_candidate_id, r.reward, r.source, c.candidate_id, c.features,
-               s.probability
+               s.probability, r.reward_id, d.feature_version
         FROM decisions AS d
         JOIN rewards AS r ON r.event_id = d.event_id
         JOIN candidates AS c ON c.event_id = d.event_id

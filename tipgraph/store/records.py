@@ -139,6 +139,8 @@ class LoggedEvent:
     chosen: int
     reward: float
     reward_source: RewardSource
+    reward_id: int
+    feature_version: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,663 @@
+"""The tuning job: a Ray Tune sweep over policy kinds and hyperparameters, scored off-policy.
+
+Every trial replays one policy configuration over the logged events in time order
+(:func:`tuning.ope.progressive`): the policy's probability for each logged action is taken
+before it learns from that event, so the estimate is what the configuration would have
+earned had it been serving while the log was collected.  The metric the search maximises is
+the estimate's 95% *lower* bound, so a configuration that looks good only by luck on a few
+heavily weighted events does not win.
+
+The winner is replayed once more in the driver, which leaves it warm-started on the whole
+log, and registered as ``tip-policy@challenger`` together with the estimate of the current
+champion (or, before there is one, of the served policy) on the same log, so that
+``tipgraph promote`` can judge it.  Every trial is an MLflow run nested under the sweep's run.
+
+Run it as ``tipgraph tune --config configs/tuning.yaml`` or ``python -m tuning.sweep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tipgraph.features import FEATURE_SPEC
+from tipgraph.policies import Policy, PolicyStateError, make_policy
+from tipgraph.settings import (
+    FeatureGroup,
+    PolicyKind,
+    PolicySettings,
+    TipgraphSettings,
+    load_settings,
+    resolve_paths,
+)
+from tuning.data import TrainingLog
+from tuning.ope import Estimate, progressive
+
+if TYPE_CHECKING:
+    from tuning.registry import OffPolicyEvidence, PolicyRegistry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TUNING_CONFIG = Path("configs/tuning.yaml")
+METRIC = "lower"
+ALL_FEATURES = "all"
+KIND_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "linucb": ("ridge", "epsilon", "alpha"),
+    "lints": ("ridge", "epsilon", "v"),
+    "egreedy": ("ridge", "epsilon"),
+    "softmax": ("ridge", "epsilon", "temperature"),
+    "squarecb": ("ridge", "epsilon", "gamma"),
+    "baseline": ("epsilon",),
+    "uniform": (),
+}
+"""The hyperparameters each kind reads; a trial logs (and is built from) only these."""
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot run or produced no usable trial."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Range(_Strict):
+    """A continuous hyperparameter range; ``log`` samples it on a log scale."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} exceeds high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, got {self.low}")
+        return self
+
+
+class SearchSpace(_Strict):
+    kinds: tuple[PolicyKind, ...] = Field(
+        ("linucb", "lints", "egreedy", "softmax", "squarecb"), min_length=1
+    )
+    ridge: Range = Range(low=0.1, high=10.0, log=True)
+    epsilon: Range = Range(low=0.0, high=0.2)
+    alpha: Range = Range(low=0.01, high=3.0, log=True)
+    v: Range = Range(low=0.01, high=1.0, log=True)
+    temperature: Range = Range(low=0.01, high=1.0, log=True)
+    gamma: Range = Range(low=10.0, high=3000.0, log=True)
+    ts_draws: int = Field(64, ge=1, description="lints: fixed, it sets cost more than quality")
+    feature_subsets: tuple[tuple[FeatureGroup, ...] | None, ...] = Field(
+        (None,), min_length=1, description="Feature-group subsets to try; null = all features"
+    )
+
+
+class LogSource(_Strict):
+    """Where the logged events come from."""
+
+    source: Literal["store", "file", "simulator"] = "store"
+    store_url: str | None = Field(None, description="store: default the tipgraph config's")
+    path: str | None = Field(None, description="file: a CSV or Parquet log (docs/tuning.md)")
+    since: datetime | None = None
+    until: datetime | None = None
+    prompt_version: str | None = None
+    policy_name: str | None = None
+    events: int = Field(20_000, ge=1, description="simulator: number of logged decisions")
+    seed: int = 0
+    users: int = Field(50, ge=1)
+    logging_policy: PolicySettings = PolicySettings(name="egreedy", kind="egreedy", epsilon=0.2)
+
+    @model_validator(mode="after")
+    def _has_path(self) -> LogSource:
+        if self.source == "file" and not self.path:
+            raise ValueError("log.source 'file' needs log.path")
+        return self
+
+
+class EvaluationSettings(_Strict):
+    estimator: Literal["dr", "snips"] = "dr"
+    clip: float | None = Field(None, gt=0, description="dr: clip importance weights at this")
+    reward_model_ridge: float = Field(1.0, gt=0)
+    reward_bounds: tuple[float, float] = (0.0, 1.0)
+
+
+class TuningSettings(_Strict):
+    tipgraph_config: str | None = Field(
+        None, description="Store, registry and served policy (default: configs/tipgraph.yaml)"
+    )
+    log: LogSource = LogSource()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    search: Literal["optuna", "random"] = "optuna"
+    num_samples: int = Field(32, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: one per CPU")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all)")
+    seed: int = 0
+    space: SearchSpace = SearchSpace()
+    experiment: str = "tipgraph-tuning"
+    register_winner: bool = Field(True, alias="register")
+    storage_path: str = "var/tune"
+
+
+def load_tuning_settings(path: str | os.PathLike[str] | None = None) -> TuningSettings:
+    path = Path(path) if path is not None else DEFAULT_TUNING_CONFIG
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return TuningSettings(**data)
+
+
+# -- the search space ----------------------------------------------------------------------------
+def feature_label(groups: tuple[FeatureGroup, ...] | None) -> str:
+    return ALL_FEATURES if groups is None else "+".join(groups)
+
+
+def param_space(space: SearchSpace) -> dict[str, Any]:
+    """Tune's flat space: every kind's parameters; a trial reads its kind's (KIND_PARAMETERS)."""
+    from ray import tune
+
+    def sample(r: Range) -> Any:
+        if r.low == r.high:
+            return r.low
+        return tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high)
+
+    # Categorical values must be primitives for Optuna: feature subsets travel as labels.
+    return {
+        "kind": tune.choice(list(space.kinds)),
+        "features": tune.choice([feature_label(s) for s in space.feature_subsets]),
+        **{
+            name: sample(getattr(space, name))
+            for name in ("ridge", "epsilon", "alpha", "v", "temperature", "gamma")
+        },
+    }
+
+
+def policy_settings(config: Mapping[str, Any], *, ts_draws: int = 64) -> PolicySettings:
+    """The policy a trial's sampled ``config`` describes (its kind's parameters only)."""
+    kind = str(config["kind"])
+    fields: dict[str, Any] = {name: config[name] for name in KIND_PARAMETERS[kind]}
+    if kind == "lints":
+        fields["ts_draws"] = ts_draws
+    if kind not in ("uniform", "baseline"):
+        label = str(config.get("features", ALL_FEATURES))
+        fields["features"] = None if label == ALL_FEATURES else tuple(label.split("+"))
+    if kind == "uniform":
+        fields["epsilon"] = 0.0
+    return PolicySettings(name=kind, kind=kind, **fields)
+
+
+def trial_params(settings: PolicySettings) -> dict[str, str]:
+    """What a trial's MLflow run records as params: its kind and the values it used."""
+    params: dict[str, str] = {"kind": settings.kind}
+    for name in KIND_PARAMETERS[settings.kind]:
+        params[name] = f"{getattr(settings, name):.6g}"
+    if settings.kind == "lints":
+        params["ts_draws"] = str(settings.ts_draws)
+    if settings.kind not in ("uniform", "baseline"):
+        params["features"] = feature_label(settings.features)
+    return params
+
+
+def describe(settings: PolicySettings) -> str:
+    return " ".join(f"{k}={v}" for k, v in trial_params(settings).items() if k != "kind")
+
+
+# -- one trial (plain Python: the Ray trainable is a thin shell around it) -----------------------
+def evaluate(
+    settings: PolicySettings, training: TrainingLog, evaluation: EvaluationSettings
+) -> tuple[Policy, Estimate]:
+    """Replay ``settings`` progressively over the log; the policy ends warm-started on it."""
+    policy = make_policy(settings, training.log.dim, spec_version=training.spec_version)
+    estimate = progressive(
+        policy,
+        training.log,
+        estimator=evaluation.estimator,
+        clip=evaluation.clip,
+        ridge=evaluation.reward_model_ridge,
+        reward_bounds=evaluation.reward_bounds,
+    )
+    # The exact inverse, as a loaded copy computes it: the registered model then answers
+    # bit for bit like this one, not within Sherman–Morrison's rounding.
+    policy.stats_.refresh()
+    return policy, estimate
+
+
+def run_trial(
+    config: dict[str, Any],
+    training: TrainingLog,
+    evaluation: EvaluationSettings,
+    ts_draws: int,
+) -> dict[str, float]:
+    """The Tune trainable: one configuration, one progressive replay, one result."""
+    started = time.perf_counter()
+    _, estimate = evaluate(policy_settings(config, ts_draws=ts_draws), training, evaluation)
+    elapsed = time.perf_counter() - started
+    return {
+        "value": estimate.value,
+        "lower": estimate.lower,
+        "upper": estimate.upper,
+        "n_events": float(estimate.n_events),
+        "replay_s": elapsed,
+        "events_per_s": estimate.n_events / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+# -- the log ---------------------------------------------------------------------------------------
+def read_training_log(log: LogSource, settings: TipgraphSettings) -> TrainingLog:
+    if log.source == "file":
+        from tuning.importer import import_log
+
+        assert log.path is not None  # validated by LogSource
+        imported = import_log(log.path)
+        data = imported.log
+        if log.since is not None or log.until is not None:
+            data = _time_window(data, log.since, log.until)
+        return TrainingLog(data, imported.spec_version, 0, f"file {log.path}")
+    if log.source == "simulator":
+        from tuning.simulated_log import simulate_log
+
+        simulated, _ = simulate_log(
+            log.logging_policy, n_events=log.events, seed=log.seed, users=log.users
+        )
+        return TrainingLog(
+            simulated,
+            FEATURE_SPEC.version,
+            0,
+            f"simulator ({log.events} events, seed {log.seed}, logged by "
+            f"{log.logging_policy.kind})",
+        )
+    from tipgraph.store import open_store
+    from tuning.data import load_training_log
+
+    store_settings = settings.store
+    if log.store_url is not None:
+        store_settings = store_settings.model_copy(update={"url": log.store_url})
+    with open_store(store_settings) as store:
+        return load_training_log(
+            store,
+            feature_version=FEATURE_SPEC.version,
+            since=log.since,
+            until=log.until,
+            prompt_version=log.prompt_version,
+            policy_name=log.policy_name,
+            source=f"decision log {_redacted(store_settings.url)}",
+        )
+
+
+def _redacted(url: str) -> str:
+    """A store URL without its password, for logs and MLflow tags."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    return f"{scheme}{sep}{credentials.split(':')[0]}@{host}"
+
+
+def _time_window(data: Any, since: datetime | None, until: datetime | None) -> Any:
+    import numpy as np
+
+    stamps = data.timestamp
+    keep = np.ones(data.n_events, dtype=bool)
+    if since is not None:
+        keep &= stamps >= np.datetime64(since.replace(tzinfo=None), "us")
+    if until is not None:
+        keep &= stamps < np.datetime64(until.replace(tzinfo=None), "us")
+    return data.subset(keep)
+
+
+# -- the sweep ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrialOutcome:
+    number: int
+    settings: PolicySettings
+    estimate: Estimate | None
+    error: str | None
+    run_id: str | None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    sweep_run_id: str
+    sweep_run_name: str
+    experiment: str
+    trials: list[TrialOutcome]
+    winner: TrialOutcome
+    winner_policy: Policy
+    baseline_name: str
+    baseline: Estimate
+    registered_version: str | None
+    wall_s: float
+
+
+class MlflowTrialLogger:
+    """Logs every finished trial as an MLflow run nested under the sweep's, and prints it."""
+
+    def __init__(
+        self,
+        registry: PolicyRegistry,
+        experiment_id: str,
+        parent_run_id: str,
+        ts_draws: int,
+        total: int,
+        out: Callable[[str], None],
+    ) -> None:
+        self.registry = registry
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.ts_draws = ts_draws
+        self.total = total
+        self.out = out
+        self.outcomes: list[TrialOutcome] = []
+
+    def record(
+        self, config: Mapping[str, Any], metrics: Mapping[str, Any] | None, error: str | None
+    ) -> None:
+        from mlflow.entities import Metric, Param
+
+        settings = policy_settings(config, ts_draws=self.ts_draws)
+        number = len(self.outcomes) + 1
+        client = self.registry.client
+        run = client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{number:03d}-{settings.kind}",
+            tags={"mlflow.parentRunId": self.parent_run_id, "tipgraph.role": "trial"},
+        )
+        run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        estimate = None
+        logged = [Param(k, v) for k, v in trial_params(settings).items()]
+        if metrics is not None and error is None:
+            estimate = Estimate(
+                value=float(metrics["value"]),
+                lower=float(metrics["lower"]),
+                upper=float(metrics["upper"]),
+                n_events=int(metrics["n_events"]),
+                name="progressive",
+            )
+            values = {
+                k: float(metrics[k])
+                for k in ("value", "lower", "upper", "n_events", "replay_s", "events_per_s")
+            }
+            client.log_batch(
+                run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()], params=logged
+            )
+            client.set_terminated(run_id, "FINISHED")
+            line = (
+                f"{settings.kind:<8} {estimate.value:.4f} "
+                f"[{estimate.lower:.4f}, {estimate.upper:.4f}]  {describe(settings)}"
+            )
+        else:
+            client.log_batch(run_id, params=logged)
+            client.set_tag(run_id, "error", (error or "no result")[:500])
+            client.set_terminated(run_id, "FAILED")
+            line = f"{settings.kind:<8} FAILED: {(error or 'no result').splitlines()[-1]}"
+        self.outcomes.append(TrialOutcome(number, settings, estimate, error, run_id))
+        self.out(f"[{number:>3}/{self.total}] {line}")
+
+
+def _tune_callback(logger_: MlflowTrialLogger) -> Any:
+    from ray.tune import Callback
+
+    class _Forward(Callback):
+        # Runs in the driver as each trial ends, so progress and MLflow runs appear live.
+        def on_trial_complete(
+            self, iteration: int, trials: list[Any], trial: Any, **_: Any
+        ) -> None:
+            logger_.record(trial.config, trial.last_result, None)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **_: Any) -> None:
+            logger_.record(trial.config, None, _error_text(trial))
+
+    return _Forward()
+
+
+def _error_text(trial: Any) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        return Path(path).read_text(encoding="utf-8", errors="replace").strip() or "trial failed"
+    return "trial failed"
+
+
+def _baseline(
+    registry: PolicyRegistry | None, settings: TipgraphSettings, training: TrainingLog
+) -> tuple[str, PolicySettings]:
+    """What the winner must beat: the champion's configuration, else the served policy's."""
+    from tuning.registry import CHAMPION, RegistryError
+
+    if registry is not None and registry.version_of(CHAMPION) is not None:
+        try:
+            champion = registry.load(f"@{CHAMPION}", expected_spec_version=training.spec_version)
+        except (PolicyStateError, RegistryError) as err:
+            logger.warning("champion not comparable on this log (%s); using the served policy", err)
+        else:
+            return f"champion {champion.ref}", champion.policy.settings
+    return f"served policy {settings.policy.name}", settings.policy
+
+
+def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
+    from tuning.registry import OffPolicyEvidence
+
+    return OffPolicyEvidence(
+        estimator=f"progressive {estimator}",
+        value=estimate.value,
+        lower=estimate.lower,
+        upper=estimate.upper,
+        n_events=estimate.n_events,
+    )
+
+
+def run_sweep(
+    tuning: TuningSettings,
+    settings: TipgraphSettings | None = None,
+    *,
+    training: TrainingLog | None = None,
+    out: Callable[[str], None] = print,
+) -> SweepResult:
+    """Load the log, sweep, log every trial to MLflow, register the winner as challenger."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tuning.registry import PolicyRegistry
+
+    started = time.perf_counter()
+    if settings is None:
+        settings = resolve_paths(load_settings(tuning.tipgraph_config), Path.cwd())
+    if training is None:
+        training = read_training_log(tuning.log, settings)
+    log = training.log
+    if training.spec_version != FEATURE_SPEC.version and tuning.space.feature_subsets != (None,):
+        raise SweepError(
+            f"space.feature_subsets name tipgraph's feature groups, but this log has its own "
+            f"features ({training.spec_version}); set feature_subsets: [null]"
+        )
+    out(
+        f"tuning on {log.n_events} events ({log.n_rows} candidates, d={log.dim}) from "
+        f"{training.source}: {tuning.num_samples} trials, {tuning.search} search, metric = "
+        f"lower 95% bound of progressive {tuning.evaluation.estimator}"
+    )
+
+    registry = PolicyRegistry(
+        settings.registry.tracking_uri, model_name=settings.registry.model_name
+    )
+    experiment_id = registry.experiment_id(tuning.experiment)
+    sweep_name = f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
+    sweep_run = registry.client.create_run(
+        experiment_id,
+        run_name=sweep_name,
+        tags={
+            "tipgraph.role": "sweep",
+            "log.source": training.source,
+            "log.n_events": str(log.n_events),
+            "log.spec_version": training.spec_version,
+            "log.trained_through_reward_id": str(training.trained_through_reward_id),
+            "evaluation.estimator": tuning.evaluation.estimator,
+            "search": tuning.search,
+        },
+    )
+    parent_id = sweep_run.info.run_id
+    trial_logger = MlflowTrialLogger(
+        registry, experiment_id, parent_id, tuning.space.ts_draws, tuning.num_samples, out
+    )
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=tuning.num_cpus, include_dashboard=False, log_to_driver=False)
+    concurrency = tuning.max_concurrent_trials or max(1, int(ray.cluster_resources()["CPU"]))
+    search_alg: Any = (
+        OptunaSearch(seed=tuning.seed)
+        if tuning.search == "optuna"
+        else BasicVariantGenerator(random_state=tuning.seed)
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            training=training,
+            evaluation=tuning.evaluation,
+            ts_draws=tuning.space.ts_draws,
+        ),
+        {"cpu": 1},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(tuning.space),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=tuning.num_samples,
+            search_alg=search_alg,
+            max_concurrent_trials=concurrency,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_name,
+            storage_path=str(Path(tuning.storage_path).resolve()),
+            callbacks=[_tune_callback(trial_logger)],
+            verbose=0,
+        ),
+    )
+    out(f"running {concurrency} trials at a time; MLflow run {sweep_name} ({parent_id})")
+    tuner.fit()
+
+    finished = [t for t in trial_logger.outcomes if t.estimate is not None]
+    failed = len(trial_logger.outcomes) - len(finished)
+    if not finished:
+        registry.client.set_terminated(parent_id, "FAILED")
+        raise SweepError(f"all {len(trial_logger.outcomes)} trials failed; see the MLflow runs")
+    winner = max(finished, key=lambda t: t.estimate.lower if t.estimate else float("-inf"))
+    assert winner.estimate is not None
+
+    # Replay the winner here: deterministic, and it leaves the policy warm on the whole log.
+    policy, estimate = evaluate(winner.settings, training, tuning.evaluation)
+    baseline_name, baseline_settings = _baseline(registry, settings, training)
+    _, baseline = evaluate(baseline_settings, training, tuning.evaluation)
+    out(
+        f"winner: trial {winner.number} {winner.settings.kind} {describe(winner.settings)}: "
+        f"{estimate.value:.4f} [{estimate.lower:.4f}, {estimate.upper:.4f}]; "
+        f"{baseline_name} ({baseline_settings.kind}): {baseline.value:.4f} "
+        f"[{baseline.lower:.4f}, {baseline.upper:.4f}]"
+    )
+    client = registry.client
+    for key, value in {
+        "winner.value": estimate.value,
+        "winner.lower": estimate.lower,
+        "baseline.value": baseline.value,
+        "baseline.lower": baseline.lower,
+        "trials.failed": float(failed),
+    }.items():
+        client.log_metric(parent_id, key, value)
+    client.set_tag(parent_id, "winner.run_id", str(winner.run_id))
+    client.set_tag(parent_id, "baseline", baseline_name)
+
+    version = None
+    if tuning.register_winner:
+        version = registry.register(
+            policy,
+            _evidence(estimate, tuning.evaluation.estimator),
+            champion_on_same_data=_evidence(baseline, tuning.evaluation.estimator),
+            trained_through_reward_id=training.trained_through_reward_id,
+            run_id=winner.run_id,
+        )
+        client.set_tag(parent_id, "registered_version", version)
+        out(
+            f"registered {registry.model_name} version {version} as @challenger "
+            f"(trained through reward id {training.trained_through_reward_id}); "
+            f"`tipgraph promote` moves @champion to it if its lower bound beats "
+            f"{baseline.value:.4f}"
+        )
+    client.set_terminated(parent_id, "FINISHED")
+    return SweepResult(
+        sweep_run_id=parent_id,
+        sweep_run_name=sweep_name,
+        experiment=tuning.experiment,
+        trials=list(trial_logger.outcomes),
+        winner=winner,
+        winner_policy=policy,
+        baseline_name=baseline_name,
+        baseline=baseline,
+        registered_version=version,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        dest="tuning_config",
+        default=str(DEFAULT_TUNING_CONFIG),
+        help="tuning YAML (default: configs/tuning.yaml)",
+    )
+    parser.add_argument("--num-samples", type=int, default=None, help="override num_samples")
+    parser.add_argument(
+        "--no-register", action="store_true", help="sweep and report, register nothing"
+    )
+
+
+def run_from_args(args: argparse.Namespace, *, tipgraph_config: str | None = None) -> int:
+    tuning = load_tuning_settings(args.tuning_config)
+    overrides: dict[str, Any] = {}
+    if args.num_samples is not None:
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        overrides["num_samples"] = args.num_samples
+    if args.no_register:
+        overrides["register_winner"] = False
+    if tipgraph_config is not None:
+        overrides["tipgraph_config"] = tipgraph_config
+    tuning = tuning.model_copy(update=overrides)
+    try:
+        result = run_sweep(tuning)
+    except SweepError as err:
+        print(f"tune: error: {err}", file=sys.stderr)
+        return 1
+    print(f"done in {result.wall_s:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuning.sweep", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        return run_from_args(args)
+    except (OSError, ValueError) as err:
+        print(f"tune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
