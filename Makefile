@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config bench-policies \
+.PHONY: install run test unit lint postgres lock render-serve-config bench-policies bench-tuning tune \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -49,6 +49,14 @@ lock:
 bench-policies: install
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -r bench/requirements.txt
 	$(BIN)/python bench/bench_policies.py
+
+## bench-tuning: progressive replay throughput, and a 32-trial sweep over 100,000 events
+bench-tuning: install
+	$(BIN)/python bench/bench_tuning.py
+
+## tune: Ray Tune sweep on the decision log (configs/tuning.yaml); winner -> @challenger
+tune: install
+	$(BIN)/tipgraph tune --config configs/tuning.yaml
 
 ## compare-policies: every policy on the simulator, 20,000 decisions x 5 seeds
 compare-policies: install

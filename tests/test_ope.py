@@ -401,9 +401,9 @@ class RecordingPolicy(EpsilonGreedy):
         super().__init__(settings, dim)
         self.seen_at_decision: list[int] = []
 
-    def distribution(self, X: object, event_id: str = "") -> np.ndarray:
+    def _greedy_distribution(self, X: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         self.seen_at_decision.append(self.n_updates)
-        return super().distribution(X, event_id)
+        return super()._greedy_distribution(X, scores, seed)
 
 
 def test_progressive_asks_before_it_learns_and_matches_static_for_a_static_policy(

@@ -262,3 +262,34 @@ def test_a_feature_subset_needs_tipgraph_features() -> None:
         make_policy(PolicySettings(name="linucb", kind="linucb", features=("time",)), 5)
     with pytest.raises(ValueError, match="at least one group"):
         PolicySettings(name="linucb", kind="linucb", features=())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replay_equals_asking_then_learning_event_by_event(kind: str) -> None:
+    rng = np.random.default_rng(7)
+    d, sizes = DIM, rng.integers(1, 6, size=40)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    X = rng.normal(size=(offsets[-1], d))
+    rows = offsets[:-1] + rng.integers(0, sizes)
+    rewards = rng.random(40)
+    ids = [f"e{i}" for i in range(40)]
+    replayed, stepped = make(kind), make(kind)
+    pi = replayed.replay(X, offsets, rows, rewards, ids)
+    for i in range(40):
+        lo, hi = offsets[i], offsets[i + 1]
+        np.testing.assert_array_equal(pi[lo:hi], stepped.distribution(X[lo:hi], ids[i]))
+        stepped.update(X[rows[i]], rewards[i])
+    assert replayed.n_updates == stepped.n_updates == 40
+    np.testing.assert_array_equal(replayed.stats_.b_, stepped.stats_.b_)
+
+
+def test_replay_checks_its_log_once() -> None:
+    policy, X = make("linucb"), np.ones((4, DIM))
+    with pytest.raises(PolicyInputError, match="offsets"):
+        policy.replay(X, np.array([0, 3]), np.array([0]), np.array([1.0]), ["a"])
+    with pytest.raises(PolicyInputError, match="inside its own event"):
+        policy.replay(X, np.array([0, 2, 4]), np.array([2, 3]), np.array([1.0, 0.0]), ["a", "b"])
+    with pytest.raises(PolicyInputError, match="NaN"):
+        policy.replay(X, np.array([0, 4]), np.array([0]), np.array([np.nan]), ["a"])
+    with pytest.raises(PolicyInputError, match="2 entries"):
+        policy.replay(X, np.array([0, 2, 4]), np.array([0, 2]), np.array([1.0]), ["a", "b"])

@@ -466,8 +466,8 @@ def progressive(
     ``policy`` is updated in place.  Blum, Kalai, Langford (1999), "Beating the hold-out:
     bounds for k-fold and progressive cross-validation", COLT.
 
-    The loop does only what the policy itself must, one ``distribution`` and one
-    ``update`` per event; all estimator arithmetic is vectorised after it.
+    The loop (:meth:`Policy.replay`) does only what the policy itself must, one
+    distribution and one update per event; all estimator arithmetic is vectorised after it.
     """
     spec: Estimator
     if estimator == "ips":
@@ -482,14 +482,7 @@ def progressive(
         raise ValueError(f"estimator must be 'dr', 'ips' or 'snips', got {estimator!r}")
     _check_dim(policy, log)
 
-    pi = np.empty(log.n_rows)
-    bounds = log.offsets.tolist()
-    distribution, update, X = policy.distribution, policy.update, log.X
-    chosen_x, rewards = log.chosen_features(), log.reward.tolist()
-    for i, event_id in enumerate(log.event_id.tolist()):
-        lo, hi = bounds[i], bounds[i + 1]
-        pi[lo:hi] = distribution(X[lo:hi], event_id)
-        update(chosen_x[i], rewards[i])
+    pi = policy.replay(log.X, log.offsets, log.chosen_rows, log.reward, log.event_id.tolist())
 
     if isinstance(spec, DR):
         pi = check_distribution(pi, log.offsets, "action_dist")

@@ -550,7 +550,9 @@ def run_sweep(
         ),
     )
     out(f"running {concurrency} trials at a time; MLflow run {sweep_name} ({parent_id})")
+    fit_started = time.perf_counter()
     tuner.fit()
+    fit_s = time.perf_counter() - fit_started
 
     finished = [t for t in trial_logger.outcomes if t.estimate is not None]
     failed = len(trial_logger.outcomes) - len(finished)
@@ -599,6 +601,12 @@ def run_sweep(
             f"{baseline.value:.4f}"
         )
     client.set_terminated(parent_id, "FINISHED")
+    wall_s = time.perf_counter() - started
+    out(
+        f"done in {wall_s:.1f} s: {fit_s:.1f} s in trials, {fit_started - started:.1f} s "
+        f"before them (log, Ray, MLflow), {wall_s - fit_s - (fit_started - started):.1f} s "
+        "after (winner and baseline replays, registration)"
+    )
     return SweepResult(
         sweep_run_id=parent_id,
         sweep_run_name=sweep_name,
@@ -609,7 +617,7 @@ def run_sweep(
         baseline_name=baseline_name,
         baseline=baseline,
         registered_version=version,
-        wall_s=time.perf_counter() - started,
+        wall_s=wall_s,
     )
 
 
@@ -639,11 +647,10 @@ def run_from_args(args: argparse.Namespace, *, tipgraph_config: str | None = Non
         overrides["tipgraph_config"] = tipgraph_config
     tuning = tuning.model_copy(update=overrides)
     try:
-        result = run_sweep(tuning)
+        run_sweep(tuning)
     except SweepError as err:
         print(f"tune: error: {err}", file=sys.stderr)
         return 1
-    print(f"done in {result.wall_s:.1f} s")
     return 0
 
 
