@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config bench-policies bench-tuning tune \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench-policies bench-tuning tune \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -41,9 +41,11 @@ postgres:
 		for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done; \
 	fi
 
-## lock: re-resolve requirements.lock from pyproject.toml (pinned versions)
+## lock: re-resolve the lockfiles from pyproject.toml (dev + runtime, for the image)
 lock:
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 -c requirements.lock \
+		-o requirements-runtime.lock
 
 ## bench-policies: policy throughput vs MABWiser, scoring latency, state memory
 bench-policies: install
@@ -64,6 +66,10 @@ compare-policies: install
 
 render-serve-config: install
 	$(BIN)/tipgraph render-serve-config
+
+## render-k3s: the k3s overlays' serveConfigV2 patches, from configs/ (never edit them)
+render-k3s: install
+	$(BIN)/tipgraph render-k3s
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -48,9 +48,19 @@ def build_graph(settings: TipgraphSettings) -> Application:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Application builder for Serve config files: ``args: {config: configs/tipgraph.yaml}``."""
-    config = Path(args.get("config", "configs/tipgraph.yaml"))
-    if not config.is_absolute() and not config.exists():
-        # Serve may build the app from another working directory than the CLI's.
-        config = PROJECT_ROOT / config
-    return build_graph(resolve_paths(load_settings(config), PROJECT_ROOT))
+    """Application builder for Serve config files.
+
+    ``args: {config: configs/tipgraph.yaml, overlays: [configs/k3s/prod.yaml]}``; relative
+    paths are taken from the project root when they do not exist where Serve runs.
+    """
+    config = _project_path(str(args.get("config", "configs/tipgraph.yaml")))
+    overlays = [_project_path(str(o)) for o in args.get("overlays") or ()]
+    return build_graph(resolve_paths(load_settings(config, overlays), PROJECT_ROOT))
+
+
+def _project_path(path: str) -> Path:
+    # Serve may build the app from another working directory than the CLI's.
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        return PROJECT_ROOT / candidate
+    return candidate

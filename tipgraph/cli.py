@@ -1,5 +1,5 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
-render-serve-config."""
+render-serve-config, render-k3s."""
 
 from __future__ import annotations
 
@@ -189,6 +189,30 @@ def _render_serve_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _render_k3s(args: argparse.Namespace) -> int:
+    from tipgraph.k3s import generated_files
+
+    stale = []
+    for path, text in generated_files(Path(args.root)).items():
+        current = path.read_text(encoding="utf-8") if path.exists() else None
+        if current == text:
+            continue
+        if args.check:
+            stale.append(str(path))
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if stale:
+        print(
+            f"out of date with configs/: {', '.join(stale)}; run `tipgraph render-k3s`",
+            file=sys.stderr,
+        )
+        return EXIT_DRIFT
+    if args.check:
+        print("k3s serveConfigV2 patches match configs/")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tipgraph", description=__doc__)
     parser.add_argument(
@@ -273,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 3 if the file differs instead of writing it"
     )
     render.set_defaults(func=_render_serve_config)
+
+    k3s = commands.add_parser(
+        "render-k3s", help="write the RayService serveConfigV2 patches of the k3s overlays"
+    )
+    k3s.add_argument("--root", default=".", help="the repository root")
+    k3s.add_argument(
+        "--check", action="store_true", help="exit 3 if a patch differs instead of writing it"
+    )
+    k3s.set_defaults(func=_render_k3s)
     return parser
 
 

@@ -8,6 +8,7 @@ nested with ``__`` (``TIPGRAPH_STORE__URL=postgresql://...``).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -321,21 +322,38 @@ class TipgraphSettings(BaseSettings):
         return self.model_dump(mode="json")
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> TipgraphSettings:
-    """Read the YAML config (``path``, else ``$TIPGRAPH_CONFIG``, else the default if present)."""
+def _read_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        loaded = yaml.safe_load(handle) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def merge_overlay(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` on top of ``base``: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overlay(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    overlays: Sequence[str | os.PathLike[str]] = (),
+) -> TipgraphSettings:
+    """Read the YAML config (``path``, else ``$TIPGRAPH_CONFIG``, else the default if present),
+    then each overlay on top of it (``configs/k3s/prod.yaml`` on ``configs/tipgraph.yaml``)."""
     if path is None:
         path = os.environ.get(CONFIG_ENV_VAR) or (
             DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
         )
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(
-                f"{path}: the top level must be a mapping, got {type(loaded).__name__}"
-            )
-        data = loaded
+    data: dict[str, Any] = _read_mapping(path) if path is not None else {}
+    for overlay in overlays:
+        data = merge_overlay(data, _read_mapping(overlay))
     return TipgraphSettings(**data)
 
 

@@ -137,6 +137,9 @@ class TuningSettings(_Strict):
     tipgraph_config: str | None = Field(
         None, description="Store, registry and served policy (default: configs/tipgraph.yaml)"
     )
+    tipgraph_overlays: tuple[str, ...] = Field(
+        (), description="Overlays merged on tipgraph_config, e.g. configs/k3s/base.yaml"
+    )
     log: LogSource = LogSource()
     evaluation: EvaluationSettings = EvaluationSettings()
     search: Literal["optuna", "random"] = "optuna"
@@ -476,7 +479,9 @@ def run_sweep(
 
     started = time.perf_counter()
     if settings is None:
-        settings = resolve_paths(load_settings(tuning.tipgraph_config), Path.cwd())
+        settings = resolve_paths(
+            load_settings(tuning.tipgraph_config, tuning.tipgraph_overlays), Path.cwd()
+        )
     if training is None:
         training = read_training_log(tuning.log, settings)
     log = training.log
@@ -515,7 +520,10 @@ def run_sweep(
     )
 
     if not ray.is_initialized():
-        ray.init(num_cpus=tuning.num_cpus, include_dashboard=False, log_to_driver=False)
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()  # a RayJob's entrypoint: join its cluster, which sizes itself
+        else:
+            ray.init(num_cpus=tuning.num_cpus, include_dashboard=False, log_to_driver=False)
     concurrency = tuning.max_concurrent_trials or max(1, int(ray.cluster_resources()["CPU"]))
     search_alg: Any = (
         OptunaSearch(seed=tuning.seed)

@@ -1,0 +1,471 @@
+"""Offline validation of the k3s manifests (nothing here talks to a cluster).
+
+* ``ray.io`` kinds against the KubeRay v1.7.0 CRDs in ``../shared/k8s-schemas/kuberay/``,
+  made strict (unknown fields fail; see :func:`strict`);
+* core kinds with ``kubernetes-validate`` in strict mode for Kubernetes 1.34;
+* ``serveConfigV2`` as a Serve config whose import path imports, rendered from configs/;
+* the Python kustomize build against ``kubectl kustomize`` where kubectl exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tipgraph.k3s import (
+    OVERLAYS,
+    KustomizeError,
+    apply_json_patch,
+    generated_files,
+    kustomize_build,
+    overlay_settings,
+)
+from tipgraph.serve_config import all_deployment_options
+
+REPO = Path(__file__).resolve().parents[1]
+K3S = REPO / "k3s"
+SCHEMAS = REPO.parent / "shared" / "k8s-schemas" / "kuberay"
+KUBERNETES_VERSION = "1.34.0"  # a minor current k3s releases ship
+BUILDS = {
+    **{f"overlays/{env}": K3S / "overlays" / env for env in OVERLAYS},
+    "tune": K3S / "tune",
+}
+CRD_FILES = {
+    "RayService": "ray.io_rayservices.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayCluster": "ray.io_rayclusters.yaml",
+}
+
+
+# -- strict CRD schemas ------------------------------------------------------------------------
+def strict(schema: Any) -> Any:
+    """The CRD's openAPIV3Schema as a strict JSON schema.
+
+    Objects with ``properties`` get ``additionalProperties: false`` unless they carry
+    ``x-kubernetes-preserve-unknown-fields``; a field with a ``default`` is not required
+    (the API server fills it in); ``nullable`` admits null; ``x-kubernetes-int-or-string``
+    admits both.
+    """
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: strict(value) for key, value in schema.items()}
+    properties = out.get("properties")
+    if isinstance(properties, dict):
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+        if "required" in out:
+            out["required"] = [
+                name
+                for name in out["required"]
+                if not (isinstance(properties.get(name), dict) and "default" in properties[name])
+            ]
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if schema.get("nullable"):
+        out = {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+@cache
+def crd_validator(kind: str) -> jsonschema.protocols.Validator:
+    with open(SCHEMAS / CRD_FILES[kind], encoding="utf-8") as handle:
+        crd = yaml.safe_load(handle)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft202012Validator(schema)
+
+
+def without_nulls(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: without_nulls(v) for k, v in node.items() if v is not None}
+    if isinstance(node, list):
+        return [without_nulls(v) for v in node]
+    return node
+
+
+def crd_errors(document: dict[str, Any]) -> list[str]:
+    validator = crd_validator(document["kind"])
+    return [
+        f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in validator.iter_errors(without_nulls(document))
+    ]
+
+
+def core_errors(document: dict[str, Any]) -> list[str]:
+    try:
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        return [f"{'/'.join(map(str, err.path))}: {err.message}"]
+    return []
+
+
+@cache
+def build(name: str) -> tuple[dict[str, Any], ...]:
+    return tuple(kustomize_build(BUILDS[name]))
+
+
+def all_documents() -> list[tuple[str, dict[str, Any]]]:
+    return [(name, doc) for name in BUILDS for doc in build(name)]
+
+
+def one(name: str, kind: str, object_name: str | None = None) -> dict[str, Any]:
+    found = [
+        d for d in build(name) if d["kind"] == kind and object_name in (None, d["metadata"]["name"])
+    ]
+    assert len(found) == 1, (name, kind, object_name)
+    return copy.deepcopy(found[0])
+
+
+def pod_specs(document: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = document.get("spec", {})
+    if document["kind"] in ("Deployment", "StatefulSet"):
+        return [spec["template"]["spec"]]
+    cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
+    if cluster:
+        groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+        return [g["template"]["spec"] for g in groups]
+    return []
+
+
+# -- every file -----------------------------------------------------------------------------------
+def test_every_yaml_file_parses() -> None:
+    files = sorted([*K3S.rglob("*.yaml"), *(REPO / "configs" / "k3s").glob("*.yaml")])
+    assert len(files) >= 14
+    for path in files:
+        with open(path, encoding="utf-8") as handle:
+            assert [d for d in yaml.safe_load_all(handle) if d is not None], path
+
+
+def test_serve_config_patches_match_the_configs() -> None:
+    for path, text in generated_files(REPO).items():
+        assert path.read_text(encoding="utf-8") == text, f"{path}: run `make render-k3s`"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl's kustomize")
+@pytest.mark.parametrize("name", sorted(BUILDS))
+def test_the_python_build_equals_kubectl_kustomize(name: str) -> None:
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(BUILDS[name])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    def key(d: dict[str, Any]) -> tuple[str, str]:
+        return d["kind"], d["metadata"]["name"]
+
+    expected = sorted(yaml.safe_load_all(done.stdout), key=key)
+    assert sorted(build(name), key=key) == expected
+
+
+def test_the_builds_hold_every_piece() -> None:
+    for env in OVERLAYS:
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in build(f"overlays/{env}")}
+        assert {
+            ("Namespace", "tipgraph"),
+            ("StatefulSet", "postgres"),
+            ("Deployment", "mlflow"),
+            ("Deployment", "ollama"),
+            ("RayService", "tipgraph"),
+            ("Ingress", "tipgraph"),
+        } <= kinds
+        for _, doc in [(env, d) for d in build(f"overlays/{env}")]:
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"]["namespace"] == "tipgraph"
+    assert [d["kind"] for d in build("tune")] == ["RayJob"]
+
+
+# -- ray.io kinds against the KubeRay CRDs ---------------------------------------------------------
+def test_ray_objects_match_the_kuberay_crds() -> None:
+    checked = 0
+    for name, doc in all_documents():
+        if doc["apiVersion"].startswith("ray.io/"):
+            assert doc["apiVersion"] == "ray.io/v1"
+            assert crd_errors(doc) == [], (name, doc["kind"])
+            checked += 1
+    assert checked == len(OVERLAYS) + 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s["rayClusterConfig"].update(enableInTreeAutoScaling=True), "Additional"),
+        (lambda s: s["rayClusterConfig"]["workerGroupSpecs"][0].update(maxReplicas="8"), "'8'"),
+        (lambda s: s["rayClusterConfig"]["authOptions"].update(mode="password"), "password"),
+        (lambda s: s["rayClusterConfig"]["headGroupSpec"].pop("template"), "template"),
+        (lambda s: s.update(serveConfigV2={"applications": []}), "string"),
+        (
+            lambda s: s["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][
+                0
+            ].update(imagePullPolicy=3),
+            "3",
+        ),
+    ],
+)
+def test_a_wrong_ray_manifest_is_rejected(mutate: Any, message: str) -> None:
+    service = one("overlays/prod", "RayService")
+    mutate(service["spec"])
+    errors = crd_errors(service)
+    assert errors and any(message in e for e in errors), errors
+
+
+def test_strict_schemas_honour_defaults_nullable_and_preserved_fields() -> None:
+    schema = strict(
+        {
+            "type": "object",
+            "required": ["a", "b"],
+            "properties": {
+                "a": {"type": "string", "default": "x"},
+                "b": {"type": "string", "nullable": True},
+                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            },
+        }
+    )
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"b": None})  # a has a default; b may be null
+    assert not validator.is_valid({"a": "x"})  # b is still required
+    assert not validator.is_valid({"b": "y", "typo": 1})
+    assert validator.is_valid({"b": "y", "free": {"anything": {"goes": 1}}})
+
+
+# -- core kinds ------------------------------------------------------------------------------------
+def test_core_objects_are_valid_kubernetes_in_strict_mode() -> None:
+    checked = 0
+    for name, doc in all_documents():
+        if not doc["apiVersion"].startswith("ray.io/"):
+            assert core_errors(doc) == [], (name, doc["kind"], doc["metadata"]["name"])
+            checked += 1
+    assert (
+        checked == 2 * 11
+    )  # per overlay: Namespace, ConfigMap, 3 Services, StatefulSet, 2 PVCs, 2 Deployments, Ingress
+
+
+def test_a_wrong_core_manifest_is_rejected() -> None:
+    deployment = one("overlays/prod", "Deployment", "mlflow")
+    deployment["spec"]["replica"] = 1  # misspelled
+    assert any("replica" in e for e in core_errors(deployment))
+    deployment = one("overlays/prod", "Deployment", "mlflow")
+    deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "http"
+    assert core_errors(deployment)
+
+
+# -- serveConfigV2 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("env", sorted(OVERLAYS))
+def test_serve_config_v2_is_a_serve_config_from_the_same_source(env: str) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    text = one(f"overlays/{env}", "RayService")["spec"]["serveConfigV2"]
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    settings = overlay_settings(REPO, env)
+    (app,) = config.applications
+    module, _, attribute = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), attribute))
+    assert app.args == {"config": "configs/tipgraph.yaml", "overlays": list(OVERLAYS[env])}
+    options = all_deployment_options(settings)
+    assert (
+        {d.name for d in app.deployments}
+        == set(options)
+        >= {
+            "ingress",
+            "context",
+            "generation",
+            "scoring",
+        }
+    )
+    for deployment in app.deployments:
+        expected = options[deployment.name]
+        assert deployment.autoscaling_config == expected["autoscaling_config"]
+        actor_options = deployment.ray_actor_options
+        assert actor_options is not None
+        assert actor_options.model_dump(exclude_unset=True) == expected["ray_actor_options"]
+        assert deployment.max_ongoing_requests == expected["max_ongoing_requests"]
+    # What the app builder loads on the cluster is what the config says.
+    assert settings.store.url.startswith("postgresql://") and settings.serve.host == "0.0.0.0"
+    assert settings.registry.serve_alias == "champion"
+
+
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+@pytest.mark.parametrize("env", sorted(OVERLAYS))
+def test_every_stage_fits_the_worker_group_at_its_min_and_max(env: str) -> None:
+    service = one(f"overlays/{env}", "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # no replicas on head
+    (workers,) = cluster["workerGroupSpecs"]
+    cpus = _cpus(workers["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"])
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    deployments = config["applications"][0]["deployments"]
+
+    def need(bound: str) -> float:
+        return sum(
+            d["autoscaling_config"][bound] * d["ray_actor_options"]["num_cpus"] for d in deployments
+        )
+
+    assert need("min_replicas") <= workers["minReplicas"] * cpus
+    assert need("max_replicas") <= workers["maxReplicas"] * cpus
+    assert workers["minReplicas"] <= workers["replicas"] <= workers["maxReplicas"]
+
+
+# -- conventions ops rely on -----------------------------------------------------------------------
+def test_images_are_pinned_and_containers_have_requests_and_limits() -> None:
+    for name, doc in all_documents():
+        for spec in pod_specs(doc):
+            for container in spec["containers"]:
+                image = container["image"]
+                tag = image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else ""
+                assert tag and tag != "latest", (name, image)
+                resources = container["resources"]
+                assert {"cpu", "memory"} <= set(resources["requests"]), (name, container["name"])
+                assert {"cpu", "memory"} <= set(resources["limits"]), (name, container["name"])
+
+
+def test_services_kubernetes_runs_have_readiness_and_liveness_probes() -> None:
+    for env in OVERLAYS:
+        for kind, object_name in (
+            ("StatefulSet", "postgres"),
+            ("Deployment", "mlflow"),
+            ("Deployment", "ollama"),
+        ):
+            (container,) = pod_specs(one(f"overlays/{env}", kind, object_name))[0]["containers"]
+            assert "readinessProbe" in container and "livenessProbe" in container
+
+
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
+
+
+def test_secrets_only_through_secret_references() -> None:
+    documented = (K3S / "README.md").read_text(encoding="utf-8")
+    referenced: set[str] = set()
+    for name, doc in all_documents():
+        assert doc["kind"] != "Secret", f"{name}: no Secret values are committed"
+        for spec in pod_specs(doc):
+            for container in spec["containers"]:
+                for env in container.get("env", []):
+                    if SECRET_NAME.search(env["name"]):
+                        assert "value" not in env, (name, env["name"])
+                        referenced.add(env["valueFrom"]["secretKeyRef"]["name"])
+            for volume in spec.get("volumes", []):
+                if "secret" in volume:
+                    referenced.add(volume["secret"]["secretName"])
+    assert referenced == {"tipgraph-postgres", "tipgraph-app", "tipgraph-mlflow"}
+    for secret in referenced:
+        assert f"kubectl -n tipgraph create secret generic {secret}" in documented
+
+
+def test_the_ingress_routes_to_services_that_exist() -> None:
+    for env in OVERLAYS:
+        ingress = one(f"overlays/{env}", "Ingress")
+        assert ingress["spec"]["ingressClassName"] == "traefik"
+        routes = {
+            p["path"]: p["backend"]["service"]
+            for rule in ingress["spec"]["rules"]
+            for p in rule["http"]["paths"]
+        }
+        service = one(f"overlays/{env}", "RayService")
+        assert routes["/v1"] == {
+            "name": f"{service['metadata']['name']}-serve-svc",
+            "port": {"number": 8000},
+        }
+        mlflow = one(f"overlays/{env}", "Service", "mlflow")
+        assert routes["/mlflow"]["name"] == "mlflow"
+        assert routes["/mlflow"]["port"]["number"] in [p["port"] for p in mlflow["spec"]["ports"]]
+        args = pod_specs(one(f"overlays/{env}", "Deployment", "mlflow"))[0]["containers"][0]
+        assert "--static-prefix=/mlflow" in args["command"]
+        assert any(a.startswith("--allowed-hosts=") for a in args["command"])
+
+
+def test_the_tuning_job_runs_a_config_that_loads() -> None:
+    from tipgraph.settings import load_settings
+    from tuning.sweep import load_tuning_settings
+
+    job = one("tune", "RayJob")
+    entrypoint = job["spec"]["entrypoint"].split()
+    config = entrypoint[entrypoint.index("--config") + 1]
+    tuning = load_tuning_settings(REPO / config)
+    settings = load_settings(
+        REPO / str(tuning.tipgraph_config), [REPO / o for o in tuning.tipgraph_overlays]
+    )
+    assert tuning.log.source == "store" and settings.store.url.startswith("postgresql://")
+    assert settings.registry.tracking_uri == "http://mlflow:5000/mlflow"
+    images = {c["image"] for s in pod_specs(job) for c in s["containers"]}
+    service_images = {
+        c["image"] for s in pod_specs(one("overlays/prod", "RayService")) for c in s["containers"]
+    }
+    assert images == service_images  # the same image
+
+
+# -- the image -------------------------------------------------------------------------------------
+def test_everything_the_dockerfile_copies_exists() -> None:
+    lines = (REPO / "Dockerfile").read_text(encoding="utf-8").splitlines()
+    copies = [line.split()[1:-1] for line in lines if line.startswith("COPY ")]
+    assert copies
+    for sources in copies:
+        for source in sources:
+            assert (REPO / source).exists(), source
+    assert not any(":latest" in line for line in lines if line.startswith("FROM"))
+
+
+def test_the_runtime_lockfile_pins_what_the_dev_lockfile_pins() -> None:
+    def pins(name: str) -> dict[str, str]:
+        text = (REPO / name).read_text(encoding="utf-8")
+        return dict(re.findall(r"^([A-Za-z0-9_.\-\[\]]+)==(\S+)", text, re.MULTILINE))
+
+    runtime, dev = pins("requirements-runtime.lock"), pins("requirements.lock")
+    assert {"ray", "mlflow", "litellm", "psycopg"} <= set(runtime)
+    assert {name: dev.get(name) for name in runtime} == runtime
+    assert "pytest" not in runtime
+
+
+# -- the renderer itself ---------------------------------------------------------------------------
+def test_json_patches_add_replace_and_remove() -> None:
+    doc = {"a": {"b": [1, 2]}, "c": 1}
+    patched = apply_json_patch(
+        doc,
+        [
+            {"op": "add", "path": "/a/b/-", "value": 3},
+            {"op": "replace", "path": "/c", "value": 2},
+            {"op": "remove", "path": "/a/b/0"},
+            {"op": "add", "path": "/d~1e", "value": True},
+        ],
+    )
+    assert patched == {"a": {"b": [2, 3]}, "c": 2, "d/e": True}
+    assert doc == {"a": {"b": [1, 2]}, "c": 1}  # the input is untouched
+    with pytest.raises(KustomizeError, match="does not exist"):
+        apply_json_patch(doc, [{"op": "replace", "path": "/missing", "value": 1}])
+    with pytest.raises(KustomizeError, match="outside"):
+        apply_json_patch(doc, [{"op": "remove", "path": "/a/b/5"}])
+    with pytest.raises(KustomizeError, match="unsupported patch op"):
+        apply_json_patch(doc, [{"op": "move", "from": "/c", "path": "/d"}])
+
+
+def test_kustomize_features_it_does_not_implement_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: []\nconfigMapGenerator: [{name: x}]\n", encoding="utf-8"
+    )
+    with pytest.raises(KustomizeError, match="configMapGenerator"):
+        kustomize_build(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [a.yaml]\npatches: [{target: {kind: Service}, patch: 'metadata: {}'}]\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "a.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n")
+    with pytest.raises(KustomizeError, match="JSON 6902"):
+        kustomize_build(tmp_path)
