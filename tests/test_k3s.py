@@ -430,6 +430,9 @@ def test_the_runtime_lockfile_pins_what_the_dev_lockfile_pins() -> None:
 
     runtime, dev = pins("requirements-runtime.lock"), pins("requirements.lock")
     assert {"ray", "mlflow", "litellm", "psycopg"} <= set(runtime)
+    # The MLflow Deployment runs MLflow's basic-auth app, which needs mlflow[auth].
+    mlflow = pod_specs(one("overlays/prod", "Deployment", "mlflow"))[0]["containers"][0]
+    assert "--app-name=basic-auth" in mlflow["command"] and "flask-wtf" in runtime
     assert {name: dev.get(name) for name in runtime} == runtime
     assert "pytest" not in runtime
 
