@@ -276,6 +276,9 @@ def test_serve_config_v2_is_a_serve_config_from_the_same_source(env: str) -> Non
     module, _, attribute = app.import_path.partition(":")
     assert callable(getattr(importlib.import_module(module), attribute))
     assert app.args == {"config": "configs/tipgraph.yaml", "overlays": list(OVERLAYS[env])}
+    from ray.serve import Application
+
+    assert isinstance(getattr(importlib.import_module(module), attribute)(app.args), Application)
     options = all_deployment_options(settings)
     assert (
         {d.name for d in app.deployments}
