@@ -20,7 +20,7 @@ install: $(STAMP)
 
 ## run: serve the graph on http://127.0.0.1:8000 (SQLite decision log, task-mode tips)
 run: install
-	$(BIN)/tipgraph serve
+	TIPGRAPH_API_TOKEN=$${TIPGRAPH_API_TOKEN:-local-dev-token} $(BIN)/tipgraph serve
 
 ## test: lint, type-check and every test (needs the local Postgres; started if down)
 test: install postgres lint

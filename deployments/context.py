@@ -7,7 +7,7 @@ import asyncio
 from ray import serve
 
 from tipgraph.contracts import TipRequest
-from tipgraph.features import UserContext, build_context
+from tipgraph.features import UserContext, build_context, read_history
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
 
@@ -20,7 +20,7 @@ class ContextBuilder:
 
     async def build(self, request: TipRequest, user_key: str) -> UserContext:
         history = await asyncio.to_thread(
-            self._store.user_history, user_key, self._settings.features.history_limit
+            read_history, self._store, user_key, self._settings.features.history_limit
         )
         return build_context(request, history, self._settings.rewards)
 

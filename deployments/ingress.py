@@ -1,12 +1,15 @@
 """HTTP ingress: the FastAPI app the recommender calls. Orchestration lives in TipService."""
 
 import asyncio
+import hmac
 import logging
+import uuid
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -37,8 +40,9 @@ api = FastAPI(
     "from feedback.",
 )
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (404, 409, 413, 422, 503)
+    status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 422, 503)
 }
+PROTECTED_PREFIX = "/v1/"
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -46,6 +50,29 @@ def _field(loc: tuple[Any, ...]) -> str:
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path or "body"
+
+
+def _unauthorized(status: int, detail: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
+
+
+@api.middleware("http")
+async def _require_token(request: Request, call_next: Any) -> Any:
+    # Everything under /v1 needs the bearer token; health checks and the docs stay open.
+    root = request.scope.get("root_path", "")
+    path = request.url.path
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if not path.startswith(PROTECTED_PREFIX):
+        return await call_next(request)
+    expected: bytes = getattr(api.state, "api_token", b"")
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return _unauthorized(401, "missing bearer token: send 'Authorization: Bearer <token>'")
+    if not expected or not hmac.compare_digest(presented.strip().encode(), expected):
+        return _unauthorized(403, "the bearer token is not valid")
+    return await call_next(request)
 
 
 @api.middleware("http")
@@ -144,12 +171,21 @@ class Ingress:
         shadows: dict[str, DeploymentHandle],
     ) -> None:
         self._settings = settings
+        token = settings.auth.api_token
+        if token is None or not token.get_secret_value():
+            raise ValueError(
+                "no API token: set TIPGRAPH_API_TOKEN (k3s: from a Secret); /v1 is never open"
+            )
+        api.state.api_token = token.get_secret_value().encode()
         api.state.max_body_bytes = settings.limits.max_body_bytes
         self._store = open_store(settings.store)
         log = DecisionLog(
             self._store,
             flush_interval_s=settings.store.flush_interval_s,
             batch_size=settings.store.batch_size,
+            max_buffered=settings.store.max_buffered_rows,
+            # One file per replica: replicas never share (or truncate) each other's rows.
+            spill_path=Path(settings.store.spill_dir) / f"ingress-{uuid.uuid4().hex}.jsonl",
         )
         stages = HandleStages(context, generation, scoring, shadows)
         self._service = TipService(settings, stages, self._store, log)
@@ -165,9 +201,16 @@ class Ingress:
         return await self._service.tip(body)
 
     @api.post("/v1/feedback", response_model=FeedbackResponse, responses=ERRORS)
-    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
-        """The user's reaction to a tip; every policy learns from it exactly once."""
-        return await self._service.feedback(body)
+    async def feedback(self, body: FeedbackRequest, response: Response) -> FeedbackResponse:
+        """The user's reaction to a tip; every policy learns from it exactly once.
+
+        202 with ``status: pending`` when the decision cannot be read yet (still being
+        written, or the database is down): the feedback is held and applied once it can.
+        """
+        answer = await self._service.feedback(body)
+        if answer.status == "pending":
+            response.status_code = 202
+        return answer
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -186,6 +229,9 @@ class Ingress:
                 "schema_version": version,
                 "decision_log_backlog": self._service.log.backlog,
                 "shadows_shed": self._service.shadows_shed,
+                "decision_log_spilled": self._service.log.spilled,
+                "feedback_held": self._service.held_feedback,
+                "feedback_expired": self._service.feedback_expired,
             }
         )
 

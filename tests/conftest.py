@@ -18,6 +18,11 @@ from tipgraph.store import DecisionStore, open_store
 # Decision store: SQLite in tmp_path, and Postgres with one throw-away schema per test.
 # ---------------------------------------------------------------------------------------------
 
+# Every app the tests start requires this bearer token on /v1 (settings read it at load).
+TEST_API_TOKEN = "tipgraph-test-token"
+os.environ["TIPGRAPH_API_TOKEN"] = TEST_API_TOKEN
+AUTH_HEADERS = {"Authorization": f"Bearer {TEST_API_TOKEN}"}
+
 PG_URL_ENV = "TIPGRAPH_TEST_PG_URL"
 # The local test server trusts TCP connections from 127.0.0.1; "postgres" is its superuser.
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"

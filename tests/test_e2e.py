@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from graphs.tipgraph import PROJECT_ROOT, build_app, build_graph
-from tests.conftest import drop_schemas
+from tests.conftest import AUTH_HEADERS, drop_schemas
 from tests.factories import tip_body
 from tipgraph.cli import main as cli_main
 from tipgraph.contracts import TipRequest
@@ -68,7 +68,7 @@ def _wait_for(check: Callable[[], bool], timeout_s: float = 30.0) -> None:
 class App:
     def __init__(self, name: str, url: str, settings: TipgraphSettings, postgres_url: str):
         self.name = name
-        self.client = httpx.Client(base_url=url, timeout=30)
+        self.client = httpx.Client(base_url=url, timeout=30, headers=AUTH_HEADERS)
         self.settings = settings
         self.postgres_url = postgres_url
 
@@ -119,6 +119,28 @@ def test_health_and_readiness(serve_apps: dict[str, App]) -> None:
     latest = load_migrations("postgres")[-1].version
     assert ready.status_code == 200 and ready.json()["schema_version"] == latest
     assert "/v1/tips" in client.get("/openapi.json").json()["paths"]
+
+
+def test_v1_needs_the_bearer_token_and_health_does_not(serve_apps: dict[str, App]) -> None:
+    url = str(serve_apps["main"].client.base_url).rstrip("/")
+    body = tip_body(user_id="auth")
+    with httpx.Client(base_url=url, timeout=30) as anonymous:
+        missing = anonymous.post("/v1/tips", json=body)
+        assert missing.status_code == 401 and "bearer token" in missing.json()["detail"]
+        assert missing.headers["www-authenticate"] == "Bearer"
+        basic = anonymous.post("/v1/tips", json=body, headers={"Authorization": "Basic eDp5"})
+        assert basic.status_code == 401
+        wrong = anonymous.post(
+            "/v1/feedback",
+            json={"event_id": "x", "reaction": "done"},
+            headers={"Authorization": "Bearer not-the-token"},
+        )
+        assert wrong.status_code == 403 and wrong.json() == {
+            "detail": "the bearer token is not valid"
+        }
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/readyz").status_code == 200
+    assert serve_apps["main"].client.post("/v1/tips", json=body).status_code == 200
 
 
 def test_tip_decision_shadows_and_feedback_are_logged_and_learned(
@@ -183,7 +205,7 @@ def test_tip_decision_shadows_and_feedback_are_logged_and_learned(
             422,
             "tasks[0].priority: Input should be less than or equal to 4",
         ),
-        ("/v1/feedback", {"event_id": "missing", "reaction": "done"}, 404, "not a known"),
+        ("/v1/feedback", {"event_id": "missing", "reaction": "done"}, 404, "32 lowercase hex"),
         ("/v1/feedback", {"event_id": "e", "reaction": "meh"}, 422, "reaction: Input should be"),
     ],
 )
@@ -471,7 +493,9 @@ def test_serving_switches_to_a_promoted_champion_under_load(
     stop = threading.Event()
 
     def load() -> None:
-        with httpx.Client(base_url=str(app.client.base_url), timeout=30) as client:
+        with httpx.Client(
+            base_url=str(app.client.base_url), timeout=30, headers=AUTH_HEADERS
+        ) as client:
             while not stop.is_set():
                 response = client.post("/v1/tips", json=tip_body(user_id="load"))
                 if response.status_code != 200:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from graphs.tipgraph import PROJECT_ROOT, build_graph
-from tests.conftest import drop_schemas
+from tests.conftest import AUTH_HEADERS, drop_schemas
 from tests.factories import tip_body
 from tests.ollama_stub import OllamaStub
 from tipgraph.settings import TipgraphSettings, load_settings
@@ -34,7 +34,9 @@ class LLMApp:
         self.name = name
         self.settings = settings
         self.postgres_url = postgres_url
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}/{name}", timeout=30)
+        self.client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}/{name}", timeout=30, headers=AUTH_HEADERS
+        )
 
     def decision(self, event_id: str) -> tuple[Any, ...]:
         schema = self.settings.store.pg_schema

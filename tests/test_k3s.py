@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import importlib
 import re
 import shutil
@@ -35,7 +36,9 @@ from tipgraph.serve_config import all_deployment_options
 
 REPO = Path(__file__).resolve().parents[1]
 K3S = REPO / "k3s"
-SCHEMAS = REPO.parent / "shared" / "k8s-schemas" / "kuberay"
+# Vendored (gzipped, verbatim) so a clone validates anywhere; SOURCE.md says where from.
+SCHEMAS = K3S / "schemas" / "kuberay-v1.7.0"
+SHARED_SCHEMAS = REPO.parent / "shared" / "k8s-schemas" / "kuberay"
 KUBERNETES_VERSION = "1.34.0"  # a minor current k3s releases ship
 BUILDS = {
     **{f"overlays/{env}": K3S / "overlays" / env for env in OVERLAYS},
@@ -82,7 +85,7 @@ def strict(schema: Any) -> Any:
 
 @cache
 def crd_validator(kind: str) -> jsonschema.protocols.Validator:
-    with open(SCHEMAS / CRD_FILES[kind], encoding="utf-8") as handle:
+    with gzip.open(SCHEMAS / f"{CRD_FILES[kind]}.gz", "rt", encoding="utf-8") as handle:
         crd = yaml.safe_load(handle)
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = strict(version["schema"]["openAPIV3Schema"])
@@ -139,6 +142,13 @@ def pod_specs(document: dict[str, Any]) -> list[dict[str, Any]]:
         groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
         return [g["template"]["spec"] for g in groups]
     return []
+
+
+@pytest.mark.skipif(not SHARED_SCHEMAS.exists(), reason="no ../shared checkout beside the repo")
+def test_the_vendored_crds_are_the_shared_ones() -> None:
+    for name in CRD_FILES.values():
+        vendored = gzip.decompress((SCHEMAS / f"{name}.gz").read_bytes())
+        assert vendored == (SHARED_SCHEMAS / name).read_bytes(), name
 
 
 # -- every file -----------------------------------------------------------------------------------

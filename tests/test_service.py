@@ -14,7 +14,7 @@ from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
 from tipgraph.local import LocalStages
 from tipgraph.service import FeedbackConflict, InvalidRequest, TipService, UnknownEvent
-from tipgraph.settings import TipgraphSettings
+from tipgraph.settings import StoreSettings, TipgraphSettings
 from tipgraph.store import DecisionStore, open_store
 
 SHADOWS = [
@@ -107,14 +107,48 @@ async def test_feedback_teaches_served_and_shadow_policies_once(
     await service.close()
 
 
-async def test_feedback_for_unknown_event_or_out_of_range_value(
+async def test_feedback_for_an_unknown_event_is_held_and_out_of_range_is_refused(
     settings: TipgraphSettings, store: DecisionStore
 ) -> None:
     service = make_service(settings, store)
     with pytest.raises(UnknownEvent, match="not a known decision"):
         await service.feedback(FeedbackRequest(event_id="nope", reaction="done"))
+    unknown = "0" * 32  # well formed: it may be a decision another replica has not written
+    held = await service.feedback(FeedbackRequest(event_id=unknown, reaction="done"))
+    assert held.status == "pending" and not held.learned and service.held_feedback == 1
+    with pytest.raises(FeedbackConflict, match="waiting; feedback is final"):
+        await service.feedback(FeedbackRequest(event_id=unknown, reaction="dismiss"))
     with pytest.raises(InvalidRequest, match=r"value: must be within \[0.0, 1.0\], got 3.0"):
-        await service.feedback(FeedbackRequest(event_id="nope", reaction="done", value=3.0))
+        await service.feedback(FeedbackRequest(event_id=unknown, reaction="done", value=3.0))
+    # Feedback whose decision never appears expires after the reward wait.
+    await service._apply_held(expire_after_s=0.0)
+    assert service.held_feedback == 0 and service.feedback_expired == 1
+    await service.close()
+
+
+async def test_feedback_held_before_its_decision_lands_is_applied_exactly_once(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    """Another replica's decision, not yet written when its feedback arrives here."""
+    service = make_service(settings, store)
+    other = TipService(
+        settings, LocalStages(settings, store), store, DecisionLog(store, flush_interval_s=60)
+    )
+    response = await other.tip(request())
+    held = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
+    assert held.status == "pending" and store.counts().feedback == 0
+    await other.close()  # the other replica writes its decision
+    deadline = time.monotonic() + 10
+    while service.held_feedback and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert service.held_feedback == 0
+    counts = store.counts()
+    assert counts.feedback == 1 and counts.rewards == 1
+    assert isinstance(service.stages, LocalStages)
+    assert service.stages.served.policy.n_updates == 1  # learned once, right away
+    again = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
+    assert again.status == "applied" and store.counts().feedback == 1
+    await service.close()
 
 
 async def test_feedback_right_after_the_tip_finds_the_buffered_decision(
@@ -224,3 +258,27 @@ async def test_default_reward_can_be_switched_off(
     await asyncio.sleep(0.05)
     assert service.apply_default_rewards() == 0
     await service.close()
+
+
+async def test_the_writer_spills_past_its_bound_and_writes_everything_once(
+    tmp_path: Path,
+) -> None:
+    """Rows beyond max_buffered go to the spill file, come back intact, and land once."""
+    from tests.test_store import make_decision
+    from tipgraph.decision_log import _decode, _encode
+
+    with open_store(StoreSettings(url=f"sqlite:///{tmp_path}/log.db")) as store:
+        spill = tmp_path / "spill" / "ingress.jsonl"
+        log = DecisionLog(store, flush_interval_s=60, max_buffered=5, spill_path=spill)
+        records = [make_decision(f"e{i}", user_key=f"u{i % 3}") for i in range(23)]
+        # Spilled rows are bit-for-bit the rows (floats like 5e-324 and 1e300 included).
+        assert all(_decode(_encode(r)) == r for r in records)
+        for record in records:
+            log.submit(record)
+            log.submit_policy_scores(record.event_id, [record.served], ["c0", "c1", "c2"])
+        assert log.spilled == 2 * 23 - 5 and spill.exists()
+        assert log.backlog == 2 * 23
+        await log.close()
+        assert log.spilled == 0 and log.backlog == 0 and not spill.exists()
+        counts = store.counts()
+        assert counts.decisions == 23 and counts.policy_runs == 23

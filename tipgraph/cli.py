@@ -36,6 +36,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
     settings = settings.model_copy(update={"serve": serve_settings})
 
+    if settings.auth.api_token is None:
+        print(
+            "tipgraph: error: set TIPGRAPH_API_TOKEN: every /v1 request must carry it as a "
+            "bearer token (`make run` sets local-dev-token)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     ray.init(include_dashboard=False, num_cpus=args.num_cpus, log_to_driver=args.verbose)
     serve.start(http_options={"host": serve_settings.host, "port": serve_settings.port})
     serve.run(
@@ -94,6 +101,7 @@ def _simulate(args: argparse.Namespace) -> int:
             block=args.block,
             rewards=settings.rewards,
             on_block=show,
+            api_token=args.token,
         )
     print(summarise(blocks))
     return EXIT_OK if all(block.errors == 0 for block in blocks) else EXIT_ERROR
@@ -231,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="synthetic users against a running graph")
     simulate.add_argument("--url", default="http://127.0.0.1:8000")
+    simulate.add_argument(
+        "--token",
+        default=os.environ.get("TIPGRAPH_API_TOKEN", "local-dev-token"),
+        help="bearer token for /v1 (default: $TIPGRAPH_API_TOKEN, else make run's local-dev-token)",
+    )
     simulate.add_argument("--users", type=int, default=50)
     simulate.add_argument("--decisions", type=int, default=5000)
     simulate.add_argument("--seed", type=int, default=0)

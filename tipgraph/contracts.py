@@ -169,6 +169,11 @@ class FeedbackResponse(BaseModel):
     learned: bool = Field(
         description="False when the feedback came after the reward wait: stored, not learned"
     )
+    status: Literal["applied", "pending"] = Field(
+        "applied",
+        description="pending (HTTP 202): the decision is not readable yet (still being written, "
+        "or the database is down); the feedback is held and applied once it is",
+    )
 
 
 class ErrorResponse(BaseModel):

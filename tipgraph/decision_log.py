@@ -2,20 +2,29 @@
 
 The ingress hands each finished decision to :meth:`DecisionLog.submit` and answers at once;
 a background task writes what has accumulated every ``flush_interval_s``.  A failed write
-keeps its rows and is retried with backoff, so a database hiccup delays rows but never
-drops them.  :meth:`close` (called from the replica's graceful shutdown) drains everything.
+keeps its rows and is retried with backoff, so a database outage delays rows but never
+drops them.  Memory stays bounded during a long outage: past ``max_buffered`` rows, new rows
+are appended to a local spill file (JSON lines) and read back once the memory buffer has
+drained.  Every insert is idempotent (``ON CONFLICT DO NOTHING``), so a batch retried after
+a write whose acknowledgement was lost is still written exactly once.  :meth:`close`
+(called from the replica's graceful shutdown) drains memory and the spill file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from tipgraph.store import DecisionStore
-from tipgraph.store.records import DecisionRecord, PolicyScoresRecord
+from tipgraph.store.records import CandidateRecord, DecisionRecord, PolicyScoresRecord
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +38,80 @@ class _ShadowRows:
     candidate_ids: Sequence[str]
 
 
+Entry = DecisionRecord | _ShadowRows
+
+
+def _encode(entry: Entry) -> str:
+    kind = "decision" if isinstance(entry, DecisionRecord) else "shadows"
+    return json.dumps({"kind": kind, "row": dataclasses.asdict(entry)}, default=_json_default)
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot spill {type(value).__name__}")
+
+
+def _decode(line: str) -> Entry:
+    data = json.loads(line)
+    row: dict[str, Any] = data["row"]
+    if data["kind"] == "shadows":
+        runs = [PolicyScoresRecord(**run) for run in row["runs"]]
+        return _ShadowRows(row["event_id"], runs, row["candidate_ids"])
+    row["created_at"] = datetime.fromisoformat(row["created_at"])
+    row["candidates"] = [CandidateRecord(**c) for c in row["candidates"]]
+    row["served"] = PolicyScoresRecord(**row["served"])
+    return DecisionRecord(**row)
+
+
+class SpillFile:
+    """Append-only JSON lines, read back in order from a cursor; emptied once all is read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pending = 0
+        self._offset = 0
+
+    def append(self, entry: Entry) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(_encode(entry) + "\n")
+        self.pending += 1
+
+    def take(self, limit: int) -> list[Entry]:
+        """Up to ``limit`` entries after the cursor; the cursor moves past them."""
+        entries: list[Entry] = []
+        with open(self.path, encoding="utf-8") as handle:
+            handle.seek(self._offset)
+            while len(entries) < limit:
+                line = handle.readline()
+                if not line:
+                    break
+                entries.append(_decode(line))
+            self._offset = handle.tell()
+        self.pending -= len(entries)
+        if self.pending == 0:
+            self.path.unlink(missing_ok=True)
+            self._offset = 0
+        return entries
+
+
 class DecisionLog:
     def __init__(
-        self, store: DecisionStore, *, flush_interval_s: float = 0.05, batch_size: int = 256
+        self,
+        store: DecisionStore,
+        *,
+        flush_interval_s: float = 0.05,
+        batch_size: int = 256,
+        max_buffered: int = 10_000,
+        spill_path: Path | None = None,
     ) -> None:
         self._store = store
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
+        self._max_buffered = max_buffered
+        # Without a spill file, memory is the only place rows can wait: never drop them.
+        self._spill = SpillFile(spill_path) if spill_path is not None else None
         self._decisions: list[DecisionRecord] = []
         self._shadows: list[_ShadowRows] = []
         self._pending_ids: set[str] = set()
@@ -51,6 +127,20 @@ class DecisionLog:
         """Rows accepted but not yet in the database."""
         return self._submitted - self._written
 
+    @property
+    def spilled(self) -> int:
+        """Rows waiting in the spill file (not in memory)."""
+        return self._spill.pending if self._spill is not None else 0
+
+    def _buffered(self) -> int:
+        return len(self._decisions) + len(self._shadows)
+
+    def _overflowing(self) -> bool:
+        # Once anything waits on disk, later rows queue behind it there too.
+        return self._spill is not None and (
+            self._spill.pending > 0 or self._buffered() >= self._max_buffered
+        )
+
     def is_pending(self, event_id: str) -> bool:
         return event_id in self._pending_ids
 
@@ -63,9 +153,8 @@ class DecisionLog:
 
     def submit(self, decision: DecisionRecord) -> None:
         self._ensure_running()
-        self._decisions.append(decision)
+        self._enqueue(decision)
         self._pending_ids.add(decision.event_id)
-        self._submitted += 1
         if len(self._decisions) >= self._batch_size and self._wake is not None:
             self._wake.set()
 
@@ -73,8 +162,33 @@ class DecisionLog:
         self, event_id: str, runs: Sequence[PolicyScoresRecord], candidate_ids: Sequence[str]
     ) -> None:
         self._ensure_running()
-        self._shadows.append(_ShadowRows(event_id, runs, candidate_ids))
+        self._enqueue(_ShadowRows(event_id, runs, candidate_ids))
+
+    def _enqueue(self, entry: Entry) -> None:
+        if self._overflowing():
+            assert self._spill is not None
+            try:
+                self._spill.append(entry)
+            except OSError:
+                # A full or read-only disk must not lose the row: memory is the last resort.
+                logger.exception("cannot spill to %s; keeping the row in memory", self._spill.path)
+                self._keep(entry)
+        else:
+            self._keep(entry)
         self._submitted += 1
+
+    def _keep(self, entry: Entry) -> None:
+        if isinstance(entry, DecisionRecord):
+            self._decisions.append(entry)
+        else:
+            self._shadows.append(entry)
+
+    def _refill(self) -> None:
+        """Move spilled rows back into memory once memory has drained."""
+        if self._spill is None or self._spill.pending == 0 or self._buffered() > 0:
+            return
+        for entry in self._spill.take(min(self._batch_size, self._max_buffered)):
+            self._keep(entry)
 
     async def flush(self) -> None:
         """Return once everything submitted before the call is in the database."""
@@ -103,6 +217,7 @@ class DecisionLog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._flush_interval_s)
             self._wake.clear()
+            self._refill()
             decisions, shadows = self._decisions, self._shadows
             if not decisions and not shadows:
                 if self._closing:
@@ -128,6 +243,8 @@ class DecisionLog:
             async with self._progress:
                 self._written += len(decisions) + len(shadows)
                 self._progress.notify_all()
+            if self.spilled:
+                self._wake.set()  # drain the spill file without waiting a full interval
 
     def _write(self, decisions: list[DecisionRecord], shadows: list[_ShadowRows]) -> None:
         if decisions:

@@ -16,6 +16,7 @@ decision records it, so a model trained on one layout is never applied to anothe
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -25,7 +26,10 @@ import numpy as np
 
 from tipgraph.contracts import TIP_KINDS, RecentReaction, Task, TipRequest
 from tipgraph.settings import FeatureGroup, RewardSettings
+from tipgraph.store.base import DecisionStore, StoreError
 from tipgraph.store.records import ReactionHistoryItem
+
+logger = logging.getLogger(__name__)
 
 CONTEXT_FEATURES: tuple[str, ...] = (
     "bias",
@@ -131,6 +135,16 @@ class UserContext:
     high_priority: int
     prompt: str = ""
     history_size: int = 0
+
+
+def read_history(store: DecisionStore, user_key: str, limit: int) -> list[ReactionHistoryItem]:
+    """The user's logged reactions; none while the store is unreachable, so a database
+    outage costs personalisation, not the tip."""
+    try:
+        return store.user_history(user_key, limit)
+    except StoreError as err:
+        logger.warning("no history for this request, the store is unavailable: %s", err)
+        return []
 
 
 def part_of_day(hour: int) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Awaitable
 import numpy as np
 
 from tipgraph.contracts import TipRequest
-from tipgraph.features import FEATURE_SPEC, UserContext, build_context
+from tipgraph.features import FEATURE_SPEC, UserContext, build_context, read_history
 from tipgraph.generation import Completer, GenerationResult
 from tipgraph.generation.litellm_client import build_tip_generator
 from tipgraph.policies import make_policy
@@ -40,7 +40,7 @@ class LocalStages:
 
     async def context(self, request: TipRequest, user_key: str) -> UserContext:
         history = await asyncio.to_thread(
-            self._store.user_history, user_key, self._settings.features.history_limit
+            read_history, self._store, user_key, self._settings.features.history_limit
         )
         return build_context(request, history, self._settings.rewards)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -35,13 +37,14 @@ from tipgraph.generation import GenerationResult
 from tipgraph.privacy import pseudonymise
 from tipgraph.scoring import PolicyScore
 from tipgraph.settings import TipgraphSettings
-from tipgraph.store import DecisionStore
+from tipgraph.store import DecisionStore, StoreError
 from tipgraph.store.records import (
     CandidateRecord,
     DecisionRecord,
     FeedbackRecord,
     PolicyRole,
     PolicyScoresRecord,
+    StoredDecision,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,27 @@ class UnknownEvent(TipgraphError):
 
 class FeedbackConflict(TipgraphError):
     status_code = 409
+
+
+class Unavailable(TipgraphError):
+    status_code = 503
+
+
+EVENT_ID = re.compile(r"[0-9a-f]{32}")
+"""What ``tip`` issues (uuid4 hex): anything else cannot be a decision, now or later."""
+FLUSH_WAIT_S = 2.0
+"""How long feedback waits for its decision to leave this replica's writer before it is held."""
+HELD_RETRY_S = 0.5
+"""How often held feedback looks for its decision again."""
+
+
+@dataclass
+class HeldFeedback:
+    """Feedback accepted before its decision row could be read (not yet written, or the
+    database unreachable); applied by the retry loop once the row is there."""
+
+    record: FeedbackRecord
+    held_at: float
 
 
 class Stages(Protocol):
@@ -146,6 +170,9 @@ class TipService:
         self._secret = settings.privacy.user_key_secret.get_secret_value()
         self._background: set[asyncio.Task[None]] = set()
         self.shadows_shed = 0
+        self._held: dict[str, HeldFeedback] = {}
+        self._held_task: asyncio.Future[None] | None = None
+        self.feedback_expired = 0
 
     def user_key(self, user_id: str) -> str:
         return pseudonymise(self._secret, user_id, namespace="user")
@@ -311,42 +338,122 @@ class TipService:
             raise InvalidRequest(
                 f"value: must be within [{rewards.min_reward}, {rewards.max_reward}], got {reward}"
             )
-        decision = await asyncio.to_thread(self.store.get_decision, request.event_id)
-        if decision is None and self.log.is_pending(request.event_id):
-            await self.log.flush()
-            decision = await asyncio.to_thread(self.store.get_decision, request.event_id)
-        if decision is None:
-            raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision")
-
+        if not EVENT_ID.fullmatch(request.event_id):
+            raise UnknownEvent(
+                f"event_id {request.event_id!r} is not a known decision: tipgraph issues "
+                "32 lowercase hex characters"
+            )
         now = datetime.now(UTC)
+        record = FeedbackRecord(
+            event_id=request.event_id,
+            reaction=request.reaction,
+            value=request.value,
+            reward=reward,
+            reacted_at=request.at or now,
+            received_at=now,
+        )
+        decision = await self._find_decision(request.event_id)
+        if decision is None:
+            return self._hold(record)
+        return await self._apply(record, decision)
+
+    async def _find_decision(self, event_id: str) -> StoredDecision | None:
+        """The logged decision, or None when it is not readable yet (not written, or the
+        database is unreachable): such feedback is held, never rejected."""
+        try:
+            decision = await asyncio.to_thread(self.store.get_decision, event_id)
+            if decision is None and self.log.is_pending(event_id):
+                await asyncio.wait_for(self.log.flush(), timeout=FLUSH_WAIT_S)
+                decision = await asyncio.to_thread(self.store.get_decision, event_id)
+        except (StoreError, TimeoutError) as err:
+            logger.warning("decision %s not readable now (%s); holding its feedback", event_id, err)
+            return None
+        return decision
+
+    def _hold(self, record: FeedbackRecord) -> FeedbackResponse:
+        held = self._held.get(record.event_id)
+        if held is None:
+            if len(self._held) >= self.settings.store.max_buffered_rows:
+                raise Unavailable(
+                    f"{len(self._held)} feedback items are waiting for their decisions; retry"
+                )
+            held = self._held[record.event_id] = HeldFeedback(record, time.monotonic())
+            if self._held_task is None or self._held_task.done():
+                self._held_task = asyncio.ensure_future(self._retry_held())
+        elif (held.record.reaction, held.record.reward) != (record.reaction, record.reward):
+            raise FeedbackConflict(
+                f"event {record.event_id!r} already has feedback {held.record.reaction!r} "
+                f"(reward {held.record.reward}) waiting; feedback is final"
+            )
+        stored = held.record
+        return FeedbackResponse(
+            event_id=stored.event_id,
+            reaction=stored.reaction,
+            reward=stored.reward,
+            reacted_at=stored.reacted_at,
+            learned=False,
+            status="pending",
+        )
+
+    @property
+    def held_feedback(self) -> int:
+        return len(self._held)
+
+    async def _retry_held(self) -> None:
+        """Apply held feedback as its decisions become readable; drop what can never be
+        learned (older than the reward wait, so its decision will not come)."""
+        wait_s = self.settings.learning.reward_wait_s
+        while self._held:
+            await asyncio.sleep(HELD_RETRY_S)
+            await self._apply_held(expire_after_s=wait_s)
+
+    async def _apply_held(self, *, expire_after_s: float) -> None:
+        for event_id, held in list(self._held.items()):
+            try:
+                decision = await asyncio.to_thread(self.store.get_decision, event_id)
+                if decision is not None:
+                    await self._apply(held.record, decision)
+            except StoreError as err:
+                logger.warning("held feedback waits for the database: %s", err)
+                return
+            except FeedbackConflict as err:
+                # Another replica stored different feedback first: that one is final.
+                logger.warning("held feedback dropped: %s", err.message)
+                decision = None
+                self._held.pop(event_id, None)
+                continue
+            if decision is not None:
+                self._held.pop(event_id, None)
+            elif time.monotonic() - held.held_at > expire_after_s:
+                self._held.pop(event_id, None)
+                self.feedback_expired += 1
+                logger.warning("feedback for %s expired: its decision never appeared", event_id)
+
+    async def _apply(self, record: FeedbackRecord, decision: StoredDecision) -> FeedbackResponse:
         outcome = await asyncio.to_thread(
             functools.partial(
                 self.store.record_feedback,
-                FeedbackRecord(
-                    event_id=request.event_id,
-                    reaction=request.reaction,
-                    value=request.value,
-                    reward=reward,
-                    reacted_at=request.at or now,
-                    received_at=now,
-                ),
+                record,
                 learn_within_s=self.settings.learning.reward_wait_s,
             )
         )
         stored = outcome.record
-        if not outcome.created and (stored.reaction, stored.reward) != (request.reaction, reward):
+        if not outcome.created and (stored.reaction, stored.reward) != (
+            record.reaction,
+            record.reward,
+        ):
             raise FeedbackConflict(
-                f"event {request.event_id!r} already has feedback "
+                f"event {record.event_id!r} already has feedback "
                 f"{stored.reaction!r} (reward {stored.reward}); feedback is final"
             )
         if outcome.created and outcome.reward_id is not None:
             features = decision.chosen_features
             try:
-                await self.stages.learn(outcome.reward_id, features, reward)
+                await self.stages.learn(outcome.reward_id, features, record.reward)
             except Exception:
                 # The reward is logged; the replicas pick it up at their next sync.
-                logger.exception("served policy did not learn event %s now", request.event_id)
-            for pending in self.stages.learn_shadows(outcome.reward_id, features, reward):
+                logger.exception("served policy did not learn event %s now", record.event_id)
+            for pending in self.stages.learn_shadows(outcome.reward_id, features, record.reward):
                 self._spawn(self._quietly(pending, "shadow learn"))
         return FeedbackResponse(
             event_id=stored.event_id,
@@ -380,7 +487,14 @@ class TipService:
             logger.warning("%s failed: %s", what, err)
 
     async def close(self) -> None:
-        """Wait for shadow work in flight, then write everything still buffered."""
+        """Wait for shadow work in flight, write everything still buffered, then give held
+        feedback a last chance to find its decision."""
         if self._background:
             await asyncio.wait(set(self._background), timeout=SHADOW_TIMEOUT_S)
         await self.log.close()
+        if self._held:
+            await self._apply_held(expire_after_s=float("inf"))
+        if self._held:
+            logger.error("shutting down with %d feedback items still held", len(self._held))
+        if self._held_task is not None:
+            self._held_task.cancel()

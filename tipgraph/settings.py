@@ -52,6 +52,18 @@ class StoreSettings(_Strict):
         0.05, gt=0, description="How long the decision-log writer waits to batch rows"
     )
     batch_size: int = Field(256, ge=1)
+    timeout_s: float = Field(
+        3.0,
+        gt=0,
+        description="Longest wait for a pooled Postgres connection: during an outage a "
+        "request degrades (empty history, held feedback) after this, never hangs",
+    )
+    max_buffered_rows: int = Field(
+        10_000, ge=1, description="Rows the writer keeps in memory; more spill to spill_dir"
+    )
+    spill_dir: str = Field(
+        "var/spill", description="Where the writer spills rows during a long database outage"
+    )
 
     @field_validator("url")
     @classmethod
@@ -260,6 +272,19 @@ class PrivacySettings(_Strict):
     )
 
 
+API_TOKEN_ENV = "TIPGRAPH_API_TOKEN"
+
+
+class AuthSettings(_Strict):
+    api_token: SecretStr | None = Field(
+        default_factory=lambda: (
+            SecretStr(os.environ[API_TOKEN_ENV]) if os.environ.get(API_TOKEN_ENV) else None
+        ),
+        description="Bearer token every /v1 request must carry; default $TIPGRAPH_API_TOKEN. "
+        "The ingress refuses to start without one.",
+    )
+
+
 def _default_deployments() -> dict[str, DeploymentSettings]:
     return {stage: DeploymentSettings() for stage in STAGES}
 
@@ -278,6 +303,7 @@ class TipgraphSettings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     features: FeatureSettings = FeatureSettings()
     privacy: PrivacySettings = PrivacySettings()
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     policy: PolicySettings = PolicySettings(name="linucb", kind="linucb")
     shadows: list[ShadowSettings] = Field(default_factory=list)
     deployments: dict[str, DeploymentSettings] = Field(default_factory=_default_deployments)
@@ -371,6 +397,8 @@ def resolve_paths(settings: TipgraphSettings, base: Path) -> TipgraphSettings:
         }
     )
     settings = settings.model_copy(update={"generation": generation})
+    spill = settings.store.model_copy(update={"spill_dir": absolute(settings.store.spill_dir)})
+    settings = settings.model_copy(update={"store": spill})
     prefix = "sqlite:///"
     url = settings.store.url
     if not url.startswith(prefix) or url == f"{prefix}:memory:":

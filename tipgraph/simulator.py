@@ -193,12 +193,14 @@ def run_http(
     rewards: RewardSettings | None = None,
     timeout_s: float = 30.0,
     on_block: Callable[[Block], None] | None = None,
+    api_token: str | None = None,
 ) -> list[Block]:
     """Drive a running tipgraph over HTTP; returns the per-block mean rewards."""
     import httpx
 
     rewards = rewards or RewardSettings()
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) as client:
+    headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers) as client:
 
         def tip(body: dict[str, Any]) -> dict[str, Any]:
             response = client.post("/v1/tips", json=body)

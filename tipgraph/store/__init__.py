@@ -62,6 +62,7 @@ def make_store(settings: StoreSettings) -> DecisionStore:
             schema=settings.pg_schema,
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
+            timeout=settings.timeout_s,
         )
     raise ValueError(f"store.url must start with sqlite:// or postgresql://, got {settings.url!r}")
 
