@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import TypeAdapter, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -19,15 +20,17 @@ from tipgraph.contracts import (
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
+    Identifier,
     TipRequest,
     TipResponse,
+    UserErasure,
 )
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult
 from tipgraph.periodic import Periodic
 from tipgraph.scoring import PolicyScore
-from tipgraph.service import TipgraphError, TipService
+from tipgraph.service import InvalidRequest, TipgraphError, TipService
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
 
@@ -52,6 +55,14 @@ def _field(loc: tuple[Any, ...]) -> str:
     return path or "body"
 
 
+def _checked_user_id(user_id: str) -> str:
+    """The path's user id under the same rules as a request body's ``user_id``."""
+    try:
+        return TypeAdapter(Identifier).validate_python(user_id)
+    except ValidationError as err:
+        raise InvalidRequest(f"user_id: {err.errors()[0]['msg']}") from err
+
+
 def _unauthorized(status: int, detail: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
@@ -66,7 +77,9 @@ async def _require_token(request: Request, call_next: Any) -> Any:
         path = path[len(root) :]
     if not path.startswith(PROTECTED_PREFIX):
         return await call_next(request)
-    expected: bytes = getattr(api.state, "api_token", b"")
+    # request.app, not the module's `api`: Serve ships the app to the replica by value, so
+    # the module global there is another object than the one serving (and configured).
+    expected: bytes = getattr(request.app.state, "api_token", b"")
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         return _unauthorized(401, "missing bearer token: send 'Authorization: Bearer <token>'")
@@ -78,7 +91,7 @@ async def _require_token(request: Request, call_next: Any) -> Any:
 @api.middleware("http")
 async def _limit_body_size(request: Request, call_next: Any) -> Any:
     # Refuse oversized bodies before parsing them: a 10 MB task list is a client bug.
-    limit: int = getattr(api.state, "max_body_bytes", 1_000_000)
+    limit: int = getattr(request.app.state, "max_body_bytes", 1_000_000)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return JSONResponse(
@@ -211,6 +224,11 @@ class Ingress:
         if answer.status == "pending":
             response.status_code = 202
         return answer
+
+    @api.delete("/v1/users/{user_id}", response_model=UserErasure, responses=ERRORS)
+    async def erase_user(self, user_id: str) -> UserErasure:
+        """Erase the user's decisions and feedback; what the policies learned stays."""
+        return await self._service.erase_user(_checked_user_id(user_id))
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

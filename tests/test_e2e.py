@@ -143,6 +143,31 @@ def test_v1_needs_the_bearer_token_and_health_does_not(serve_apps: dict[str, App
     assert serve_apps["main"].client.post("/v1/tips", json=body).status_code == 200
 
 
+def test_a_user_can_be_erased_over_http(serve_apps: dict[str, App]) -> None:
+    app = serve_apps["main"]
+    user = f"erase-me-{uuid.uuid4().hex[:6]}"
+    events = []
+    for _ in range(2):
+        tip = app.client.post("/v1/tips", json=tip_body(user_id=user)).json()
+        events.append(tip["event_id"])
+        assert (
+            app.client.post(
+                "/v1/feedback", json={"event_id": tip["event_id"], "reaction": "done"}
+            ).status_code
+            == 200
+        )
+    rewards_before = app.query("SELECT COUNT(*) FROM rewards")[0][0]
+    url = str(app.client.base_url).rstrip("/")
+    assert httpx.delete(f"{url}/v1/users/{user}").status_code == 401
+    erased = app.client.delete(f"/v1/users/{user}")
+    assert erased.status_code == 200
+    assert erased.json() == {"decisions_erased": 2, "feedback_erased": 2}
+    assert app.query("SELECT COUNT(*) FROM decisions WHERE event_id = ANY(%s)", events) == [(0,)]
+    assert app.query("SELECT COUNT(*) FROM rewards")[0][0] == rewards_before
+    too_long = app.client.delete(f"/v1/users/{'x' * 300}")
+    assert too_long.status_code == 422 and "user_id" in too_long.json()["detail"]
+
+
 def test_tip_decision_shadows_and_feedback_are_logged_and_learned(
     serve_apps: dict[str, App],
 ) -> None:

@@ -282,3 +282,25 @@ async def test_the_writer_spills_past_its_bound_and_writes_everything_once(
         assert log.spilled == 0 and log.backlog == 0 and not spill.exists()
         counts = store.counts()
         assert counts.decisions == 23 and counts.policy_runs == 23
+
+
+async def test_erasing_a_user_removes_their_log_but_not_what_was_learned(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    for user in ("alice", "bob", "alice"):
+        tip = await service.tip(request(user_id=user))
+        await service.feedback(FeedbackRequest(event_id=tip.event_id, reaction="done"))
+    buffered = await service.tip(request(user_id="alice"))  # still in the writer's buffer
+    erased = await service.erase_user("alice")
+    assert (erased.decisions_erased, erased.feedback_erased) == (3, 2)
+    assert store.get_decision(buffered.event_id) is None
+    counts = store.counts()
+    assert (counts.decisions, counts.feedback, counts.rewards) == (1, 1, 3)
+    assert store.user_history(service.user_key("alice"), 10) == []
+    live = service.stages
+    assert isinstance(live, LocalStages)
+    rebuilt = LocalStages(settings, store)  # a replica starting after the erasure
+    assert rebuilt.served.policy.n_updates == live.served.policy.n_updates == 3
+    assert (rebuilt.served.policy.stats_.b_ == live.served.policy.stats_.b_).all()
+    await service.close()

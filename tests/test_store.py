@@ -176,13 +176,13 @@ def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 3
+        assert again.schema_version() == 4
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
-    ) == [(1, "initial"), (2, "rewards"), (3, "generation")]
+    ) == [(1, "initial"), (2, "rewards"), (3, "generation"), (4, "erasure")]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
 
@@ -214,7 +214,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 3
+        assert upgraded.schema_version() == 4
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),
@@ -980,3 +980,32 @@ def test_logged_events_include_default_rewards(store: DecisionStore) -> None:
     )
     (event,) = store.logged_events()
     assert (event.event_id, event.reward, event.reward_source) == ("quiet", 0.1, "default")
+
+
+def test_erasing_a_user_keeps_what_was_learned(store: DecisionStore) -> None:
+    store.write_decisions(
+        [
+            make_decision("a1", user_key="alice", chosen=0),
+            make_decision("b1", user_key="bob", chosen=1),
+            make_decision("a2", user_key="alice", chosen=2),
+        ]
+    )
+    for event_id in ("a1", "b1", "a2"):
+        store.record_feedback(make_feedback(event_id))
+    before = store.training_events()
+    assert [e.event_id for e in before] == ["a1", "b1", "a2"]
+
+    assert store.erase_user("alice") == (2, 2)
+    assert store.get_decision("a1") is None and store.get_decision("a2") is None
+    assert store.get_decision("b1") is not None
+    assert store.user_history("alice", 10) == []
+    counts = store.counts()
+    assert (counts.decisions, counts.candidates, counts.feedback) == (1, 3, 1)
+    assert counts.policy_runs == 1 and counts.rewards == 3
+    # A replica rebuilding from the rewards log learns exactly what it learned before.
+    after = store.training_events()
+    assert [(e.reward_id, e.features, e.reward) for e in after] == [
+        (e.reward_id, e.features, e.reward) for e in before
+    ]
+    assert [e.event_id for e in after] == ["", "b1", ""]
+    assert store.erase_user("alice") == (0, 0)  # idempotent

@@ -176,6 +176,13 @@ class FeedbackResponse(BaseModel):
     )
 
 
+class UserErasure(BaseModel):
+    """What ``DELETE /v1/users/{user_id}`` removed. Learned statistics are kept."""
+
+    decisions_erased: int
+    feedback_erased: int
+
+
 class ErrorResponse(BaseModel):
     detail: str
 

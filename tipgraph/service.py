@@ -29,6 +29,7 @@ from tipgraph.contracts import (
     Tip,
     TipRequest,
     TipResponse,
+    UserErasure,
     check_limits,
 )
 from tipgraph.decision_log import DecisionLog
@@ -297,7 +298,11 @@ class TipService:
                 position=i,
                 kind=c.kind,
                 source=c.source,
-                content=c.content,
+                # Task-mode tips quote the user's task: only the tip actually shown is kept,
+                # unless privacy.store_candidate_text says otherwise.
+                content=c.content
+                if i == result.chosen or self.settings.privacy.store_candidate_text
+                else "",
                 task_ref=pseudonymise(self._secret, c.task_id, namespace=user_key)
                 if c.task_id
                 else None,
@@ -462,6 +467,20 @@ class TipService:
             reacted_at=stored.reacted_at,
             learned=outcome.learned,
         )
+
+    async def erase_user(self, user_id: str) -> UserErasure:
+        """Delete the user's decisions and feedback; learned statistics stay (the rewards
+        keep their features).  Buffered decisions are written first, so none of this
+        user's lands after the erasure from this replica."""
+        await self.log.flush()
+        user_key = self.user_key(user_id)
+        for event_id in list(self._held):
+            decision = await asyncio.to_thread(self.store.get_decision, event_id)
+            if decision is not None and decision.user_key == user_key:
+                self._held.pop(event_id, None)
+        decisions, feedback = await asyncio.to_thread(self.store.erase_user, user_key)
+        logger.info("erased a user: %d decisions, %d feedback", decisions, feedback)
+        return UserErasure(decisions_erased=decisions, feedback_erased=feedback)
 
     def apply_default_rewards(self) -> int:
         """Log the default reward for decisions whose feedback wait ran out; policies learn

@@ -270,6 +270,11 @@ class PrivacySettings(_Strict):
         SecretStr("tipgraph-dev-only-secret"),
         description="HMAC key that pseudonymises user ids; set TIPGRAPH_PRIVACY__USER_KEY_SECRET",
     )
+    store_candidate_text: bool = Field(
+        False,
+        description="Persist the text of every candidate, not only of the tip shown "
+        "(task-mode tips quote the user's task)",
+    )
 
 
 API_TOKEN_ENV = "TIPGRAPH_API_TOKEN"

@@ -275,7 +275,7 @@ def training_event(row: Row) -> TrainingEvent:
     reward_id, event_id, features, reward, source = row
     return TrainingEvent(
         reward_id=int(reward_id),
-        event_id=event_id,
+        event_id=event_id or "",  # "" once the decision was erased
         features=float_list(features),
         reward=float(reward),
         source=reward_source(source),

@@ -47,6 +47,9 @@ class Cursor(Protocol):
 
     def fetchall(self) -> list[Any]: ...
 
+    @property
+    def rowcount(self) -> int: ...
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Statements:
@@ -72,6 +75,10 @@ class Statements:
     select_logged_by_prompt: str
     select_logged_by_policy: str
     select_logged_by_prompt_and_policy: str
+    keep_reward_features_of_user: str
+    delete_feedback_of_user: str
+    delete_policy_runs_of_user: str
+    delete_decisions_of_user: str
 
     def translated(self, rewrite: Callable[[str], str]) -> Statements:
         """The same statements for a driver with another placeholder style."""
@@ -80,13 +87,15 @@ class Statements:
         )
 
 
+# r.features is set once the decision was erased (see migration 0004); until then the
+# chosen candidate's row holds them.
 _TRAINING_EVENTS = """
-        SELECT r.reward_id, r.event_id, c.features, r.reward, r.source
+        SELECT r.reward_id, r.event_id, COALESCE(r.features, c.features), r.reward, r.source
         FROM rewards AS r
-        JOIN decisions AS d ON d.event_id = r.event_id
-        JOIN candidates AS c
+        LEFT JOIN decisions AS d ON d.event_id = r.event_id
+        LEFT JOIN candidates AS c
           ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
-        WHERE r.reward_id > ?
+        WHERE r.reward_id > ? AND COALESCE(r.features, c.features) IS NOT NULL
         ORDER BY r.reward_id
 """
 
@@ -205,6 +214,28 @@ QMARK_STATEMENTS = Statements(
     select_logged_by_prompt=_logged_events("d.prompt_version"),
     select_logged_by_policy=_logged_events("d.policy_name"),
     select_logged_by_prompt_and_policy=_logged_events("d.prompt_version", "d.policy_name"),
+    keep_reward_features_of_user="""
+        UPDATE rewards SET features = (
+            SELECT c.features
+            FROM decisions AS d
+            JOIN candidates AS c
+              ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
+            WHERE d.event_id = rewards.event_id
+        )
+        WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
+    """,
+    delete_feedback_of_user="""
+        DELETE FROM feedback
+        WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
+    """,
+    # Shadow runs may land before their decision, so policy_runs has no foreign key to it;
+    # tip_scores cascade from policy_runs.
+    delete_policy_runs_of_user="""
+        DELETE FROM policy_runs
+        WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
+    """,
+    # Cascades to candidates; rewards keep their features (event_id set to NULL).
+    delete_decisions_of_user="DELETE FROM decisions WHERE user_key = ?",
     # One statement, so the numbers come from one snapshot on both backends.
     select_counts="""
         SELECT (SELECT COUNT(*) FROM decisions),
@@ -392,6 +423,15 @@ class SQLDecisionStore(DecisionStore):
             cur.execute(self._sql.select_user_history, (user_key, limit))
             rows = cur.fetchall()
         return [_rows.history_item(row) for row in rows]
+
+    def erase_user(self, user_key: str) -> tuple[int, int]:
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.keep_reward_features_of_user, (user_key,))
+            cur.execute(self._sql.delete_feedback_of_user, (user_key,))
+            feedback = cur.rowcount
+            cur.execute(self._sql.delete_policy_runs_of_user, (user_key,))
+            cur.execute(self._sql.delete_decisions_of_user, (user_key,))
+            return cur.rowcount, feedback
 
     def counts(self) -> StoreCounts:
         with self._transaction(write=False) as cur:

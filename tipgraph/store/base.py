@@ -131,6 +131,12 @@ class DecisionStore(abc.ABC):
         """The user's most recent reactions with the kind of tip they reacted to, newest first."""
 
     @abc.abstractmethod
+    def erase_user(self, user_key: str) -> tuple[int, int]:
+        """Delete the user's decisions (with their candidates and scores) and feedback;
+        returns (decisions, feedback) deleted.  Rewards stay, with the features they
+        trained on, so learned statistics are unchanged and still rebuildable."""
+
+    @abc.abstractmethod
     def counts(self) -> StoreCounts:
         """Row counts, for status pages and tests."""
 
