@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
+import schemathesis
 import yaml
 
 from graphs.tipgraph import PROJECT_ROOT, build_app, build_graph
@@ -557,3 +558,49 @@ def test_serving_switches_to_a_promoted_champion_under_load(
     switched = [v.startswith("tip-policy/1+squarecb-") for v in versions]
     assert switched[-1] and not switched[0]
     assert switched == sorted(switched), "once switched, every later decision uses the champion"
+
+
+# -- schemathesis: generated requests against the live OpenAPI, never a 5xx ------------------
+SCHEMATHESIS_CASES = 40
+"""Generated cases per operation and mode (positive, negative): bounded, so the suite stays
+fast.  Driven from one test (schemathesis' own pytest loader does not run on pytest 9)."""
+
+
+def test_generated_requests_never_get_a_5xx(serve_apps: dict[str, App]) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.checks import not_a_server_error
+
+    base_url = str(serve_apps["main"].client.base_url).rstrip("/")
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    sent: dict[tuple[str, str], int] = {}
+    statuses: dict[int, int] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in schemathesis.GenerationMode:
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(
+                max_examples=SCHEMATHESIS_CASES,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            def run(case: Any) -> None:
+                response = case.call_and_validate(
+                    base_url=base_url, headers=AUTH_HEADERS, checks=[not_a_server_error]
+                )
+                key = (case.operation.label, case.meta.generation.mode.value if case.meta else "")
+                sent[key] = sent.get(key, 0) + 1
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+            try:
+                run()
+            except Unsatisfiable:
+                # An operation without inputs (GET /healthz) has no invalid request to make.
+                assert mode is schemathesis.GenerationMode.NEGATIVE, operation.label
+    labels = {label for label, _ in sent}
+    assert {"POST /v1/tips", "POST /v1/feedback", "DELETE /v1/users/{user_id}"} <= labels
+    assert not any(status >= 500 for status in statuses)
+    print(f"schemathesis: {sum(sent.values())} cases over {len(labels)} operations: {statuses}")
