@@ -243,6 +243,94 @@ def test_bad_input_gets_a_clear_4xx(
     assert message in response.json()["detail"]
 
 
+def _raw(text: str) -> tuple[bytes, dict[str, str]]:
+    return text.encode(), {"content-type": "application/json"}
+
+
+NAMED_BAD_INPUT = {
+    "NaN in feedback value": (
+        "/v1/feedback",
+        '{"event_id": "' + "a" * 32 + '", "reaction": "done", "value": NaN}',
+        422,
+        "value",
+    ),
+    "Infinity in a priority": (
+        "/v1/tips",
+        '{"user_id": "u", "tasks": [{"id": "a", "content": "x", "priority": Infinity}]}',
+        422,
+        "priority",
+    ),
+    "a string where a list goes": ("/v1/tips", '{"user_id": "u", "tasks": "t1"}', 422, "tasks"),
+    "unknown reaction": (
+        "/v1/feedback",
+        '{"event_id": "' + "a" * 32 + '", "reaction": "love"}',
+        422,
+        "reaction",
+    ),
+    "invalid timezone": (
+        "/v1/tips",
+        json.dumps(tip_body(timezone="Mars/Olympus_Mons")),
+        422,
+        "timezone",
+    ),
+    "a date out of range": (
+        "/v1/tips",
+        json.dumps(tip_body(now="9999-12-31T23:59:59+00:00")),
+        422,
+        "now",
+    ),
+    "an empty task list": ("/v1/tips", '{"user_id": "u", "tasks": []}', 422, "tasks"),
+    "10,000 tasks": (
+        "/v1/tips",
+        json.dumps(
+            {"user_id": "u", "tasks": [{"id": f"t{i}", "content": "x"} for i in range(10_000)]}
+        ),
+        422,
+        "tasks",
+    ),
+    "control characters in content": (
+        "/v1/tips",
+        json.dumps({"user_id": "u", "tasks": [{"id": "a", "content": "pay\u0000rent"}]}),
+        422,
+        "content",
+    ),
+    "reward value out of range": (
+        "/v1/feedback",
+        '{"event_id": "' + "a" * 32 + '", "reaction": "done", "value": 7}',
+        422,
+        "value",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_BAD_INPUT))
+def test_named_bad_input_gets_a_clear_4xx(serve_apps: dict[str, App], name: str) -> None:
+    path, text, status, field = NAMED_BAD_INPUT[name]
+    content, headers = _raw(text)
+    response = serve_apps["main"].client.post(path, content=content, headers=headers)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert field in detail and "Traceback" not in detail
+
+
+def test_unicode_content_is_served(serve_apps: dict[str, App]) -> None:
+    body = tip_body(
+        tasks=[
+            {"id": "ü", "content": "Řešit daně 📄 — 東京の会議", "priority": 4},
+            {"id": "t2", "content": "emoji only 🎉🎉", "priority": 1},
+        ]
+    )
+    response = serve_apps["main"].client.post("/v1/tips", json=body)
+    assert response.status_code == 200, response.text
+
+
+def test_a_10_mb_body_is_refused_before_parsing(serve_apps: dict[str, App]) -> None:
+    response = serve_apps["main"].client.post(
+        "/v1/tips", content=b"[" + b"1," * 5_000_000 + b"1]", headers=_raw("")[1]
+    )
+    assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+
 def test_malformed_json_and_oversized_body(serve_apps: dict[str, App]) -> None:
     client = serve_apps["main"].client
     broken = client.post(
