@@ -692,3 +692,63 @@ def test_generated_requests_never_get_a_5xx(serve_apps: dict[str, App]) -> None:
     assert {"POST /v1/tips", "POST /v1/feedback", "DELETE /v1/users/{user_id}"} <= labels
     assert not any(status >= 500 for status in statuses)
     print(f"schemathesis: {sum(sent.values())} cases over {len(labels)} operations: {statuses}")
+
+
+# -- bounded load: fixed count, fixed concurrency, stops by itself -----------------------------
+LOAD_TIPS = 300
+LOAD_CONCURRENCY = 8
+
+
+def test_bounded_load_has_no_errors_and_loses_no_decision(serve_apps: dict[str, App]) -> None:
+    app = serve_apps["main"]
+    base_url = str(app.client.base_url)
+    latencies: list[float] = []
+    errors: list[str] = []
+    served: list[str] = []
+    accepted: list[str] = []
+    remaining = iter(range(LOAD_TIPS))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for n in remaining:
+            started = time.perf_counter()
+            tip = await client.post("/v1/tips", json=tip_body(user_id=f"load-{n % 40}"))
+            latencies.append(time.perf_counter() - started)
+            if tip.status_code != 200:
+                errors.append(f"tip {tip.status_code}: {tip.text[:200]}")
+                continue
+            event_id = tip.json()["event_id"]
+            served.append(event_id)
+            if n % 2 == 0:
+                answer = await client.post(
+                    "/v1/feedback",
+                    json={"event_id": event_id, "reaction": ("done", "dismiss")[n % 4 // 2]},
+                )
+                if answer.status_code in (200, 202):
+                    accepted.append(event_id)
+                else:
+                    errors.append(f"feedback {answer.status_code}: {answer.text[:200]}")
+
+    async def load() -> float:
+        started = time.perf_counter()
+        limits = httpx.Limits(max_connections=LOAD_CONCURRENCY)
+        async with httpx.AsyncClient(
+            base_url=base_url, headers=AUTH_HEADERS, timeout=60, limits=limits
+        ) as client:
+            await asyncio.gather(*(worker(client) for _ in range(LOAD_CONCURRENCY)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(load())
+    assert errors == []
+    _wait_for(lambda: app.client.get("/readyz").json()["decision_log_backlog"] == 0, 60)
+    _wait_for(lambda: app.client.get("/readyz").json()["feedback_held"] == 0, 60)
+    logged = app.query("SELECT COUNT(*) FROM decisions WHERE event_id = ANY(%s)", served)
+    feedback = app.query("SELECT COUNT(*) FROM feedback WHERE event_id = ANY(%s)", accepted)
+    assert len(served) == LOAD_TIPS and logged == [(LOAD_TIPS,)]
+    assert feedback == [(len(accepted),)]
+    q = statistics.quantiles(latencies, n=100)
+    print(
+        f"load: {LOAD_TIPS} tips + {len(accepted)} feedback at concurrency {LOAD_CONCURRENCY} "
+        f"in {elapsed:.1f} s ({LOAD_TIPS / elapsed:.1f} tips/s); tip latency p50 "
+        f"{q[49] * 1000:.0f} ms, p95 {q[94] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms; "
+        f"0 errors; {logged[0][0]} decisions logged, {feedback[0][0]} feedback rows"
+    )

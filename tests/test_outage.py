@@ -110,3 +110,32 @@ async def test_an_outage_mid_load_loses_nothing_and_writes_nothing_twice(
         f"{len(stored)} feedback rows, {rewards[0]} rewards; up to {most_spilled} rows "
         f"spilled; {elapsed:.1f} s"
     )
+
+
+async def test_the_same_feedback_racing_on_two_replicas_is_applied_once(
+    postgres_url: str, pg_schema: str
+) -> None:
+    """Two ingress replicas (own services, own policies) get the same feedback at once."""
+    settings = TipgraphSettings(store={"url": postgres_url, "pg_schema": pg_schema}, shadows=[])
+    stores = [open_store(settings.store) for _ in range(2)]
+    services = [
+        TipService(settings, LocalStages(settings, s), s, DecisionLog(s)) for s in stores
+    ]
+    tips = [await services[0].tip(TipRequest(**tip_body(user_id=f"race-{i}"))) for i in range(20)]
+    await services[0].log.flush()
+    for tip in tips:
+        answers = await asyncio.gather(
+            *(
+                service.feedback(FeedbackRequest(event_id=tip.event_id, reaction="snooze"))
+                for service in services
+            )
+        )
+        assert answers[0] == answers[1] and answers[0].status == "applied"
+    counts = stores[0].counts()
+    assert (counts.feedback, counts.rewards) == (20, 20)
+    # Each reward was learned once in all: by exactly one of the two replicas right away.
+    learned = [s.stages.served.policy.n_updates for s in services]  # type: ignore[attr-defined]
+    assert sum(learned) == 20
+    for service, store in zip(services, stores, strict=True):
+        await service.close()
+        store.close()
