@@ -497,6 +497,34 @@ def test_readme_curl_examples_work(serve_apps: dict[str, App], tmp_path: Path) -
     ]
 
 
+SYNC_S = 0.5
+
+
+def _two_scoring_replicas(main: App, postgres_url: str, name: str, *, shadow: bool) -> App:
+    """An app of its own (own schema) whose scoring (and egreedy shadow) runs 2 replicas."""
+    from ray import serve
+
+    from tipgraph.settings import DeploymentSettings, LearningSettings, ShadowSettings
+
+    two = DeploymentSettings(num_cpus=0.1, autoscaling={"min_replicas": 2, "max_replicas": 2})
+    shadows = [ShadowSettings(policy={"name": "egreedy", "kind": "egreedy"}, deployment=two)]
+    settings = main.settings.model_copy(
+        update={
+            "serve": main.settings.serve.model_copy(
+                update={"app_name": name, "route_prefix": f"/{name}"}
+            ),
+            "store": StoreSettings(
+                url=postgres_url, pg_schema=f"e2e_{name}_{uuid.uuid4().hex[:10]}"
+            ),
+            "learning": LearningSettings(sync_interval_s=SYNC_S),
+            "deployments": {**main.settings.deployments, "scoring": two},
+            "shadows": shadows if shadow else [],
+        }
+    )
+    serve.run(build_graph(settings), name=name, route_prefix=f"/{name}")
+    return App(name, str(main.client.base_url).replace("/main", f"/{name}"), settings, postgres_url)
+
+
 def test_every_replica_holds_the_model_trained_on_all_feedback(
     serve_apps: dict[str, App], postgres_url: str
 ) -> None:
@@ -504,29 +532,9 @@ def test_every_replica_holds_the_model_trained_on_all_feedback(
 
     from tipgraph.features import FEATURE_SPEC
     from tipgraph.policies import make_policy
-    from tipgraph.settings import DeploymentSettings, LearningSettings, ShadowSettings
 
-    main = serve_apps["main"]
-    schema = f"e2e_replicas_{uuid.uuid4().hex[:10]}"
-    two = DeploymentSettings(num_cpus=0.1, autoscaling={"min_replicas": 2, "max_replicas": 2})
-    sync_s = 0.5
-    settings = main.settings.model_copy(
-        update={
-            "serve": main.settings.serve.model_copy(
-                update={"app_name": "replicas", "route_prefix": "/replicas"}
-            ),
-            "store": StoreSettings(url=postgres_url, pg_schema=schema),
-            "learning": LearningSettings(sync_interval_s=sync_s),
-            "deployments": {**main.settings.deployments, "scoring": two},
-            "shadows": [
-                ShadowSettings(policy={"name": "egreedy", "kind": "egreedy"}, deployment=two)
-            ],
-        }
-    )
-    serve.run(build_graph(settings), name="replicas", route_prefix="/replicas")
-    app = App(
-        "replicas", str(main.client.base_url).replace("/main", "/replicas"), settings, postgres_url
-    )
+    app = _two_scoring_replicas(serve_apps["main"], postgres_url, "replicas", shadow=True)
+    settings, sync_s = app.settings, SYNC_S
     try:
         for i in range(40):
             tip = app.client.post("/v1/tips", json=tip_body(user_id=f"replica-{i % 7}"))
@@ -567,7 +575,7 @@ def test_every_replica_holds_the_model_trained_on_all_feedback(
     finally:
         serve.delete("replicas")
         app.client.close()
-        drop_schemas(postgres_url, [schema])
+        drop_schemas(postgres_url, [str(settings.store.pg_schema)])
 
 
 def test_serving_switches_to_a_promoted_champion_under_load(
@@ -752,3 +760,96 @@ def test_bounded_load_has_no_errors_and_loses_no_decision(serve_apps: dict[str, 
         f"{q[49] * 1000:.0f} ms, p95 {q[94] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms; "
         f"0 errors; {logged[0][0]} decisions logged, {feedback[0][0]} feedback rows"
     )
+
+
+def test_a_killed_scoring_replica_is_replaced_and_rebuilt_from_the_store(
+    serve_apps: dict[str, App], postgres_url: str
+) -> None:
+    import threading
+
+    import ray
+    from ray import serve
+
+    app = _two_scoring_replicas(serve_apps["main"], postgres_url, "kill", shadow=False)
+    settings, sync_s = app.settings, SYNC_S
+    concurrency = 4
+    ok: list[float] = []
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with httpx.Client(base_url=str(app.client.base_url), timeout=60, headers=AUTH_HEADERS) as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                tip = c.post("/v1/tips", json=tip_body(user_id=f"kill-{worker}-{n % 5}"))
+                if tip.status_code != 200:
+                    failed.append(f"{tip.status_code} {tip.text[:120]}")
+                    continue
+                ok.append(time.monotonic())
+                c.post(
+                    "/v1/feedback", json={"event_id": tip.json()["event_id"], "reaction": "done"}
+                )
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(concurrency)]
+    try:
+        for thread in threads:
+            thread.start()
+        _wait_for(lambda: len(ok) >= 40, 60)
+        replicas = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::kill#scoring#")
+        ]
+        assert len(replicas) == 2
+        victim = replicas[0]
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        killed_at = time.monotonic()
+
+        def replaced() -> bool:
+            names = {
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::kill#scoring#")
+            }
+            return len(names) == 2 and victim["name"] not in names
+
+        _wait_for(replaced, 120)
+        replaced_after = time.monotonic() - killed_at
+        served_before = len(ok)
+        _wait_for(lambda: len(ok) >= served_before + 40, 120)  # the new replica serves too
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    try:
+
+        def settled() -> bool:
+            ready = app.client.get("/readyz").json()
+            return ready["decision_log_backlog"] == 0 and ready["feedback_held"] == 0
+
+        _wait_for(settled, 60)
+        with open_store(settings.store) as store:
+            rewards = len(store.training_events())
+        time.sleep(3 * sync_s)
+        handle = serve.get_deployment_handle("scoring", app_name="kill")
+        seen: list[int] = []
+
+        def both_replicas_answer() -> bool:
+            # A fresh handle learns the replica set asynchronously: ask until it has both.
+            seen[:] = [s["n_updates"] for s in handle.broadcast("snapshot").results(timeout_s=30)]
+            return len(seen) == 2
+
+        _wait_for(both_replicas_answer, 30)
+        # Both replicas, the new one included, hold every logged reward after one sync.
+        assert seen == [rewards, rewards]
+        assert len(failed) <= concurrency, failed  # at most the requests in flight
+        print(
+            f"replica kill: {len(ok)} tips served, {len(failed)} failed "
+            f"(<= {concurrency} in flight); replaced in {replaced_after:.1f} s; "
+            f"both replicas at {rewards} rewards after one sync interval ({sync_s} s)"
+        )
+    finally:
+        serve.delete("kill")
+        app.client.close()
+        drop_schemas(postgres_url, [str(settings.store.pg_schema)])

@@ -118,9 +118,7 @@ async def test_the_same_feedback_racing_on_two_replicas_is_applied_once(
     """Two ingress replicas (own services, own policies) get the same feedback at once."""
     settings = TipgraphSettings(store={"url": postgres_url, "pg_schema": pg_schema}, shadows=[])
     stores = [open_store(settings.store) for _ in range(2)]
-    services = [
-        TipService(settings, LocalStages(settings, s), s, DecisionLog(s)) for s in stores
-    ]
+    services = [TipService(settings, LocalStages(settings, s), s, DecisionLog(s)) for s in stores]
     tips = [await services[0].tip(TipRequest(**tip_body(user_id=f"race-{i}"))) for i in range(20)]
     await services[0].log.flush()
     for tip in tips:
