@@ -83,3 +83,24 @@ def test_relative_sqlite_path_is_made_absolute(tmp_path: Path) -> None:
     assert resolve_paths(settings, tmp_path).store.url == f"sqlite:///{tmp_path}/var/x.db"
     memory = TipgraphSettings(store={"url": "sqlite:///:memory:"})
     assert resolve_paths(memory, tmp_path).store.url == "sqlite:///:memory:"
+
+
+def test_serve_refuses_to_start_without_an_api_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tipgraph.cli import EXIT_USAGE, main
+
+    monkeypatch.delenv("TIPGRAPH_API_TOKEN", raising=False)
+    assert main(["serve"]) == EXIT_USAGE
+    assert "set TIPGRAPH_API_TOKEN" in capsys.readouterr().err
+
+
+def test_the_api_token_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tipgraph.settings import TipgraphSettings
+
+    monkeypatch.setenv("TIPGRAPH_API_TOKEN", "from-env")
+    token = TipgraphSettings().auth.api_token
+    assert token is not None and token.get_secret_value() == "from-env"
+    assert "from-env" not in repr(TipgraphSettings())  # never printed by accident
+    monkeypatch.delenv("TIPGRAPH_API_TOKEN")
+    assert TipgraphSettings().auth.api_token is None

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tipgraph")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
+LOCAL_DEV_TOKEN = "local-dev-token"  # what `make run` sets when TIPGRAPH_API_TOKEN is unset
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -51,9 +52,12 @@ def _serve(args: argparse.Namespace) -> int:
         route_prefix=serve_settings.route_prefix,
     )
     url = f"http://{serve_settings.host}:{serve_settings.port}"
+    token = settings.auth.api_token.get_secret_value()
+    # Only make run's well-known local token is ever printed; a real one stays secret.
+    shown = token if token == LOCAL_DEV_TOKEN else "$TIPGRAPH_API_TOKEN"
     print(
         f"tipgraph is serving on {url}  (API docs: {url}/docs; decision log: "
-        f"{settings.store.url}). Ctrl-C stops it.",
+        f"{settings.store.url}). /v1 needs 'Authorization: Bearer {shown}'. Ctrl-C stops it.",
         flush=True,
     )
 
@@ -241,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--url", default="http://127.0.0.1:8000")
     simulate.add_argument(
         "--token",
-        default=os.environ.get("TIPGRAPH_API_TOKEN", "local-dev-token"),
+        default=os.environ.get("TIPGRAPH_API_TOKEN", LOCAL_DEV_TOKEN),
         help="bearer token for /v1 (default: $TIPGRAPH_API_TOKEN, else make run's local-dev-token)",
     )
     simulate.add_argument("--users", type=int, default=50)
