@@ -293,3 +293,26 @@ def test_completer_errors_are_plain_and_picklable(tmp_path: Path, ollama_stub: O
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
     again = pickle.loads(pickle.dumps(caught.value))
     assert "InternalServerError" in str(again)
+
+
+async def test_breaker_under_concurrent_load_caps_calls_to_a_dead_llm(
+    tmp_path: Path, ollama_stub: OllamaStub
+) -> None:
+    """50 requests at once against a dead LLM: a handful reach it, every one gets tips."""
+    import asyncio
+
+    generator = generator_for(
+        tmp_path, ollama_stub, breaker={"failure_threshold": 3, "reset_after_s": 60}
+    )
+    ollama_stub.mode = "error"
+    first = await asyncio.gather(
+        *(generator.generate(REQUEST, CONTEXT, f"w{i}", 4) for i in range(10))
+    )
+    results = first + list(
+        await asyncio.gather(*(generator.generate(REQUEST, CONTEXT, f"l{i}", 4) for i in range(40)))
+    )
+    assert all(len(r.candidates) >= 1 for r in results)  # task tips, never an error
+    assert generator.breaker.state == "open"
+    # Only the first wave (in flight before the breaker opened) reached the LLM.
+    assert len(ollama_stub.requests) <= 10
+    assert all(r.reason == "circuit open" for r in results[10:])

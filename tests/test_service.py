@@ -304,3 +304,32 @@ async def test_erasing_a_user_removes_their_log_but_not_what_was_learned(
     assert rebuilt.served.policy.n_updates == live.served.policy.n_updates == 3
     assert (rebuilt.served.policy.stats_.b_ == live.served.policy.stats_.b_).all()
     await service.close()
+
+
+async def test_shadow_overload_is_shed_and_counted_never_queued(
+    settings: TipgraphSettings, store: DecisionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tipgraph.service as service_module
+
+    monkeypatch.setattr(service_module, "MAX_SHADOW_INFLIGHT", 4)
+    stuck = settings.model_copy(
+        update={
+            "shadows": [
+                {"policy": {"name": "stuck", "kind": "egreedy"}, "fault": {"delay_s": 30}}
+            ]
+        }
+    )
+    stuck = TipgraphSettings.model_validate(stuck.model_dump())
+    service = TipService(stuck, LocalStages(stuck, store), store, DecisionLog(store))
+    reference = make_service(settings, store)
+    started = time.perf_counter()
+    for _ in range(12):
+        answer = await service.tip(request(user_id="shed"))
+    elapsed = time.perf_counter() - started
+    assert elapsed < 5  # a 30 s shadow never delays the served answer
+    assert service.shadows_shed == 12 - 4  # bounded: 4 in flight, the rest shed and counted
+    expected = await reference.tip(request(user_id="shed"))
+    assert [r.candidate_id for r in answer.ranking] == [r.candidate_id for r in expected.ranking]
+    for task in list(service._background):
+        task.cancel()
+    await reference.close()
