@@ -314,9 +314,7 @@ async def test_shadow_overload_is_shed_and_counted_never_queued(
     monkeypatch.setattr(service_module, "MAX_SHADOW_INFLIGHT", 4)
     stuck = settings.model_copy(
         update={
-            "shadows": [
-                {"policy": {"name": "stuck", "kind": "egreedy"}, "fault": {"delay_s": 30}}
-            ]
+            "shadows": [{"policy": {"name": "stuck", "kind": "egreedy"}, "fault": {"delay_s": 30}}]
         }
     )
     stuck = TipgraphSettings.model_validate(stuck.model_dump())
@@ -333,3 +331,29 @@ async def test_shadow_overload_is_shed_and_counted_never_queued(
     for task in list(service._background):
         task.cancel()
     await reference.close()
+
+
+async def test_feedback_is_held_when_the_store_fails_after_finding_the_decision(
+    settings: TipgraphSettings, store: DecisionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tipgraph.store import StoreUnavailable
+
+    service = make_service(settings, store)
+    tip = await service.tip(request())
+    await service.log.flush()
+    real = store.record_feedback
+    calls = 0
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable("connection lost mid-write")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "record_feedback", flaky)
+    held = await service.feedback(FeedbackRequest(event_id=tip.event_id, reaction="done"))
+    assert held.status == "pending"
+    await service._apply_held(expire_after_s=60)
+    assert service.held_feedback == 0 and store.counts().feedback == 1 and calls == 2
+    await service.close()

@@ -360,7 +360,13 @@ class TipService:
         decision = await self._find_decision(request.event_id)
         if decision is None:
             return self._hold(record)
-        return await self._apply(record, decision)
+        try:
+            return await self._apply(record, decision)
+        except StoreError as err:
+            # The database went away between reading the decision and storing this: hold
+            # it. Retrying is safe, storing feedback is idempotent.
+            logger.warning("feedback for %s held, the store failed: %s", record.event_id, err)
+            return self._hold(record)
 
     async def _find_decision(self, event_id: str) -> StoredDecision | None:
         """The logged decision, or None when it is not readable yet (not written, or the
