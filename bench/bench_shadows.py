@@ -54,7 +54,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     timings: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, shadows) in enumerate(variants.items()):
+        for i, shadows in enumerate(variants.values()):
             settings = TipgraphSettings(
                 **{
                     **base.model_dump(exclude={"shadows", "store", "serve"}),
