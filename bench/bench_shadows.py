@@ -20,7 +20,7 @@ import httpx
 from tests.factories import tip_body
 from tipgraph.settings import TipgraphSettings, load_settings
 
-REQUESTS = 300
+REQUESTS = 600
 TOKEN = "bench-token"
 FAULTY = [
     {"policy": {"name": "slow", "kind": "egreedy"}, "fault": {"delay_s": 2.0}},

@@ -247,6 +247,7 @@ class Ingress:
                 "schema_version": version,
                 "decision_log_backlog": self._service.log.backlog,
                 "shadows_shed": self._service.shadows_shed,
+                "shadow_failures": self._service.shadow_failures,
                 "decision_log_spilled": self._service.log.spilled,
                 "feedback_held": self._service.held_feedback,
                 "feedback_expired": self._service.feedback_expired,

@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 # Shadow calls in flight beyond this are shed (skipped and counted), never queued behind.
 MAX_SHADOW_INFLIGHT = 512
 SHADOW_TIMEOUT_S = 30.0
+SHADOW_LOG_EVERY_S = 10.0
 
 
 class TipgraphError(Exception):
@@ -171,6 +172,8 @@ class TipService:
         self._secret = settings.privacy.user_key_secret.get_secret_value()
         self._background: set[asyncio.Task[None]] = set()
         self.shadows_shed = 0
+        self.shadow_failures: dict[str, int] = {}
+        self._shadow_logged_at: dict[str, float] = {}
         self._held: dict[str, HeldFeedback] = {}
         self._held_task: asyncio.Future[None] | None = None
         self.feedback_expired = 0
@@ -202,10 +205,11 @@ class TipService:
 
         X = candidate_matrix(context, [c.view for c in candidates])
         t = time.perf_counter()
-        served = self.stages.score(X, event_id)
-        self._start_shadows(X, event_id, [c.candidate_id for c in candidates])
-        result = await served
+        result = await self.stages.score(X, event_id)
         scoring_ms = _ms(t)
+        # Shadows start only once the served answer is in: on a busy node their scoring
+        # would otherwise compete with the served policy's for the same CPUs.
+        self._start_shadows(X, event_id, [c.candidate_id for c in candidates])
 
         chosen = candidates[result.chosen]
         latency = StageLatency(
@@ -263,7 +267,8 @@ class TipService:
         try:
             result = await asyncio.wait_for(pending, timeout=SHADOW_TIMEOUT_S)
         except Exception as err:  # a shadow may fail in any way; it must only be logged
-            logger.warning("shadow %s failed for event %s: %s", name, event_id, describe_error(err))
+            error = describe_error(err)
+            self._report_shadow_failure(name, error)
             run = PolicyScoresRecord(
                 policy_name=name,
                 policy_version="",
@@ -273,12 +278,26 @@ class TipService:
                 chosen_candidate_id=None,
                 chosen_probability=None,
                 latency_ms=_ms(start),
-                error=describe_error(err),
+                error=error,
             )
         else:
             # Round trip as the ingress saw it, like the served policy's row.
             run = policy_run(result, "shadow", candidate_ids, _ms(start))
         self.log.submit_policy_scores(event_id, [run], candidate_ids)
+
+    def _report_shadow_failure(self, name: str, error: str) -> None:
+        """Count every failure; log one line per shadow per SHADOW_LOG_EVERY_S, so a broken
+        shadow costs the serving event loop a counter increment, not a log write each time."""
+        self.shadow_failures[name] = self.shadow_failures.get(name, 0) + 1
+        now = time.monotonic()
+        if now - self._shadow_logged_at.get(name, float("-inf")) >= SHADOW_LOG_EVERY_S:
+            self._shadow_logged_at[name] = now
+            logger.warning(
+                "shadow %s failing (%d failures so far): %s",
+                name,
+                self.shadow_failures[name],
+                error,
+            )
 
     def _decision_record(
         self,
