@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench-policies bench-tuning bench-shadows tune \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-policies bench-tuning bench-shadows tune \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -55,6 +55,10 @@ bench-policies: install
 ## bench-tuning: progressive replay throughput, and a 32-trial sweep over 100,000 events
 bench-tuning: install
 	$(BIN)/python bench/bench_tuning.py
+
+## bench: the Serve graph vs a single-process baseline, same run (BENCHMARKS.md)
+bench: install
+	PYTHONPATH=. $(BIN)/python bench/bench_graph.py
 
 ## bench-shadows: what shadows add to the served p50, through Serve over HTTP
 bench-shadows: install
