@@ -96,9 +96,19 @@ async def drive(url: str, concurrency: int, requests: int) -> Run:
     return Run(concurrency, requests, seconds, latencies, errors)
 
 
-def start(kind: str, port: int, tmp: Path) -> subprocess.Popen[bytes]:
+LEVERS: dict[str, dict[str, str]] = {
+    "defaults": {},
+    # Ray 2.60: gRPC between replicas, direct ingress, user code on the main loop, GC freeze.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def start(
+    kind: str, port: int, tmp: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **(extra_env or {}),
         "TIPGRAPH_API_TOKEN": TOKEN,
         "TIPGRAPH_STORE__URL": f"sqlite:///{tmp}/{kind}.db",
         "TIPGRAPH_STORE__SPILL_DIR": str(tmp / "spill"),
@@ -121,9 +131,11 @@ def start(kind: str, port: int, tmp: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
 
 
-def measure(kind: str, requests: int, tmp: Path) -> list[Run]:
+def measure(
+    kind: str, requests: int, tmp: Path, extra_env: dict[str, str] | None = None
+) -> list[Run]:
     port = free_port()
-    process = start(kind, port, tmp)
+    process = start(kind, port, tmp, extra_env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
@@ -137,29 +149,35 @@ def measure(kind: str, requests: int, tmp: Path) -> list[Run]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument(
+        "--levers", action="store_true", help="also measure the graph under each lever"
+    )
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
+    levers = LEVERS if args.levers else {"defaults": {}}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         baseline = measure("baseline", args.requests, tmp)
-        graph = measure("graph", args.requests, tmp)
+        graphs = {name: measure("graph", args.requests, tmp, env) for name, env in levers.items()}
     print(
         f"## Graph vs single-process baseline: {datetime.now(UTC):%Y-%m-%d}, commit {commit}, "
         f"{os.cpu_count()} cores, {platform.machine()}, {args.requests} tips per level\n"
     )
     print(
-        "| concurrency | baseline req/s | graph req/s | ratio | graph p50 / p95 / p99 ms "
+        "| graph | concurrency | baseline req/s | graph req/s | ratio | graph p50 / p95 / p99 ms "
         "| baseline p50 / p95 / p99 ms | errors (graph, baseline) |"
     )
-    print("| ---: | ---: | ---: | ---: | --- | --- | --- |")
-    for g, b in zip(graph, baseline, strict=True):
-        print(
-            f"| {g.concurrency} | {b.rps:.1f} | {g.rps:.1f} | **{g.rps / b.rps:.2f}×** | "
-            f"{g.pct(50):.0f} / {g.pct(95):.0f} / {g.pct(99):.0f} | "
-            f"{b.pct(50):.0f} / {b.pct(95):.0f} / {b.pct(99):.0f} | {g.errors}, {b.errors} |"
-        )
+    print("| --- | ---: | ---: | ---: | ---: | --- | --- | --- |")
+    for name, graph in graphs.items():
+        for g, b in zip(graph, baseline, strict=True):
+            print(
+                f"| {name} | {g.concurrency} | {b.rps:.1f} | {g.rps:.1f} | "
+                f"**{g.rps / b.rps:.2f}×** | "
+                f"{g.pct(50):.0f} / {g.pct(95):.0f} / {g.pct(99):.0f} | "
+                f"{b.pct(50):.0f} / {b.pct(95):.0f} / {b.pct(99):.0f} | {g.errors}, {b.errors} |"
+            )
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def _free_port() -> int:
 def ray_cluster() -> Iterator[None]:
     """One local Ray cluster for every test that needs Ray (Serve apps, Tune sweeps)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # As `tipgraph serve` and the k3s pods run it, so the e2e tests cover that mode.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     import ray
 
     # Logical CPUs: the deployments ask fractions, and several test apps run side by side.
