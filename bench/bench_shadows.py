@@ -9,7 +9,6 @@ served p50 / p95 are compared.  Goal: shadows add at most 5% to the served p50.
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from bench.bench_graph import free_port
 from tests.factories import tip_body
 from tipgraph.settings import TipgraphSettings, load_settings
 
@@ -26,13 +26,6 @@ FAULTY = [
     {"policy": {"name": "slow", "kind": "egreedy"}, "fault": {"delay_s": 2.0}},
     {"policy": {"name": "broken", "kind": "egreedy"}, "fault": {"fail": True}},
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def main() -> None:

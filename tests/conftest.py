@@ -85,7 +85,7 @@ def store(store_settings: StoreSettings) -> Iterator[DecisionStore]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -115,7 +115,7 @@ def serve_port(ray_cluster: None) -> Iterator[int]:
     """Serve's HTTP proxy on a free loopback port of the shared cluster."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         yield port

@@ -10,7 +10,6 @@ registry client works against them.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tests.conftest import free_port
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.k3s import kustomize_build
 from tipgraph.policies import make_policy
@@ -45,13 +45,6 @@ def mlflow_container() -> dict[str, Any]:
     ]
     container: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
     return container
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def local_command(command: list[str], *, database_url: str, port: int, tmp: Path) -> list[str]:

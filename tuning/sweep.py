@@ -28,6 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +43,7 @@ from tipgraph.settings import (
     resolve_paths,
 )
 from tuning.data import TrainingLog
+from tuning.logged import LoggedBandit
 from tuning.ope import Estimate, progressive
 
 if TYPE_CHECKING:
@@ -308,9 +310,9 @@ def _redacted(url: str) -> str:
     return f"{scheme}{sep}{credentials.split(':')[0]}@{host}"
 
 
-def _time_window(data: Any, since: datetime | None, until: datetime | None) -> Any:
-    import numpy as np
-
+def _time_window(
+    data: LoggedBandit, since: datetime | None, until: datetime | None
+) -> LoggedBandit:
     stamps = data.timestamp
     keep = np.ones(data.n_events, dtype=bool)
     if since is not None:
