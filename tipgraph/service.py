@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -135,6 +135,19 @@ def describe_error(err: BaseException) -> str:
     if len(lines) > 1:
         return lines[-1].strip()[:500]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+def _feedback_response(
+    record: FeedbackRecord, *, learned: bool, status: Literal["applied", "pending"] = "applied"
+) -> FeedbackResponse:
+    return FeedbackResponse(
+        event_id=record.event_id,
+        reaction=record.reaction,
+        reward=record.reward,
+        reacted_at=record.reacted_at,
+        learned=learned,
+        status=status,
+    )
 
 
 def policy_run(
@@ -415,15 +428,7 @@ class TipService:
                 f"event {record.event_id!r} already has feedback {held.record.reaction!r} "
                 f"(reward {held.record.reward}) waiting; feedback is final"
             )
-        stored = held.record
-        return FeedbackResponse(
-            event_id=stored.event_id,
-            reaction=stored.reaction,
-            reward=stored.reward,
-            reacted_at=stored.reacted_at,
-            learned=False,
-            status="pending",
-        )
+        return _feedback_response(held.record, learned=False, status="pending")
 
     @property
     def held_feedback(self) -> int:
@@ -443,21 +448,18 @@ class TipService:
                 decision = await asyncio.to_thread(self.store.get_decision, event_id)
                 if decision is not None:
                     await self._apply(held.record, decision)
+                elif time.monotonic() - held.held_at <= expire_after_s:
+                    continue  # keep waiting for the decision
+                else:
+                    self.feedback_expired += 1
+                    logger.warning("feedback for %s expired: its decision never appeared", event_id)
             except StoreError as err:
                 logger.warning("held feedback waits for the database: %s", err)
                 return
             except FeedbackConflict as err:
                 # Another replica stored different feedback first: that one is final.
                 logger.warning("held feedback dropped: %s", err.message)
-                decision = None
-                self._held.pop(event_id, None)
-                continue
-            if decision is not None:
-                self._held.pop(event_id, None)
-            elif time.monotonic() - held.held_at > expire_after_s:
-                self._held.pop(event_id, None)
-                self.feedback_expired += 1
-                logger.warning("feedback for %s expired: its decision never appeared", event_id)
+            self._held.pop(event_id, None)
 
     async def _apply(self, record: FeedbackRecord, decision: StoredDecision) -> FeedbackResponse:
         outcome = await asyncio.to_thread(
@@ -485,13 +487,7 @@ class TipService:
                 logger.exception("served policy did not learn event %s now", record.event_id)
             for pending in self.stages.learn_shadows(outcome.reward_id, features, record.reward):
                 self._spawn(self._quietly(pending, "shadow learn"))
-        return FeedbackResponse(
-            event_id=stored.event_id,
-            reaction=stored.reaction,
-            reward=stored.reward,
-            reacted_at=stored.reacted_at,
-            learned=outcome.learned,
-        )
+        return _feedback_response(stored, learned=outcome.learned)
 
     async def erase_user(self, user_id: str) -> UserErasure:
         """Delete the user's decisions and feedback; learned statistics stay (the rewards
