@@ -436,12 +436,12 @@ def _error_text(trial: Any) -> str:
 
 
 def _baseline(
-    registry: PolicyRegistry | None, settings: TipgraphSettings, training: TrainingLog
+    registry: PolicyRegistry, settings: TipgraphSettings, training: TrainingLog
 ) -> tuple[str, PolicySettings]:
     """What the winner must beat: the champion's configuration, else the served policy's."""
     from tuning.registry import CHAMPION, RegistryError
 
-    if registry is not None and registry.version_of(CHAMPION) is not None:
+    if registry.version_of(CHAMPION) is not None:
         try:
             champion = registry.load(f"@{CHAMPION}", expected_spec_version=training.spec_version)
         except (PolicyStateError, RegistryError) as err:
