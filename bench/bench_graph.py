@@ -103,6 +103,8 @@ LEVERS: dict[str, dict[str, str]] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     # What the two shadow hops cost (not a lever to keep: shadows are the product).
     "optimized, no shadows": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "TIPGRAPH_SHADOWS": "[]"},
+    # HAProxy in front of the ingress replicas instead of Serve's Python proxy actor.
+    "+ HAProxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
 
 
@@ -155,11 +157,19 @@ def main() -> None:
     parser.add_argument(
         "--levers", action="store_true", help="also measure the graph under each lever"
     )
+    parser.add_argument(
+        "--lever", action="append", choices=sorted(LEVERS), help="measure only these levers"
+    )
+    parser.add_argument("--concurrency", type=int, action="append", help="default: 1 8 16 32")
     args = parser.parse_args()
+    global CONCURRENCY
+    CONCURRENCY = tuple(args.concurrency or CONCURRENCY)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
     levers = LEVERS if args.levers else {"as shipped": {}}
+    if args.lever:
+        levers = {name: LEVERS[name] for name in args.lever}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         baseline = measure("baseline", args.requests, tmp)

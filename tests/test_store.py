@@ -26,6 +26,7 @@ from tipgraph.store import (
     DecisionStore,
     FeedbackRecord,
     MigrationError,
+    PolicyScoresEntry,
     PolicyScoresRecord,
     PostgresStore,
     SQLiteStore,
@@ -367,6 +368,26 @@ def test_shadow_scores_may_arrive_before_the_decision(store: DecisionStore) -> N
     counts = store.counts()
     assert (counts.decisions, counts.policy_runs, counts.tip_scores) == (1, 2, 6)
     assert counts.by_role == {"served": 1, "shadow": 1}
+
+
+def test_a_batch_writes_decisions_and_shadow_rows_in_one_transaction(
+    store: DecisionStore,
+) -> None:
+    store.write_batch(
+        [make_decision("e1"), make_decision("e2")],
+        [PolicyScoresEntry(e, [make_shadow()], CANDIDATE_IDS) for e in ("e1", "e2")],
+    )
+    counts = store.counts()
+    assert (counts.decisions, counts.policy_runs, counts.tip_scores) == (2, 4, 12)
+    assert counts.by_role == {"served": 2, "shadow": 2}
+
+    # One bad entry fails the whole batch: the decision log keeps it and retries it whole.
+    with pytest.raises(ValueError, match="expected 2 scores"):
+        store.write_batch(
+            [make_decision("e3")], [PolicyScoresEntry("e3", [make_shadow()], ["c0", "c1"])]
+        )
+    assert store.get_decision("e3") is None
+    assert store.counts().policy_runs == 4
 
 
 def test_a_failed_shadow_is_logged_without_scores(

@@ -18,27 +18,24 @@ import dataclasses
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from tipgraph.store import DecisionStore
-from tipgraph.store.records import CandidateRecord, DecisionRecord, PolicyScoresRecord
+from tipgraph.store.records import (
+    CandidateRecord,
+    DecisionRecord,
+    PolicyScoresEntry,
+    PolicyScoresRecord,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 5.0
 
 
-@dataclass(frozen=True)
-class _ShadowRows:
-    event_id: str
-    runs: Sequence[PolicyScoresRecord]
-    candidate_ids: Sequence[str]
-
-
-Entry = DecisionRecord | _ShadowRows
+Entry = DecisionRecord | PolicyScoresEntry
 
 
 def _encode(entry: Entry) -> str:
@@ -57,7 +54,7 @@ def _decode(line: str) -> Entry:
     row: dict[str, Any] = data["row"]
     if data["kind"] == "shadows":
         runs = [PolicyScoresRecord(**run) for run in row["runs"]]
-        return _ShadowRows(row["event_id"], runs, row["candidate_ids"])
+        return PolicyScoresEntry(row["event_id"], runs, row["candidate_ids"])
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     row["candidates"] = [CandidateRecord(**c) for c in row["candidates"]]
     row["served"] = PolicyScoresRecord(**row["served"])
@@ -113,7 +110,7 @@ class DecisionLog:
         # Without a spill file, memory is the only place rows can wait: never drop them.
         self._spill = SpillFile(spill_path) if spill_path is not None else None
         self._decisions: list[DecisionRecord] = []
-        self._shadows: list[_ShadowRows] = []
+        self._shadows: list[PolicyScoresEntry] = []
         self._pending_ids: set[str] = set()
         self._submitted = 0
         self._written = 0
@@ -162,7 +159,7 @@ class DecisionLog:
         self, event_id: str, runs: Sequence[PolicyScoresRecord], candidate_ids: Sequence[str]
     ) -> None:
         self._ensure_running()
-        self._enqueue(_ShadowRows(event_id, runs, candidate_ids))
+        self._enqueue(PolicyScoresEntry(event_id, runs, candidate_ids))
 
     def _enqueue(self, entry: Entry) -> None:
         if self._overflowing():
@@ -246,8 +243,5 @@ class DecisionLog:
             if self.spilled:
                 self._wake.set()  # drain the spill file without waiting a full interval
 
-    def _write(self, decisions: list[DecisionRecord], shadows: list[_ShadowRows]) -> None:
-        if decisions:
-            self._store.write_decisions(decisions)
-        for rows in shadows:
-            self._store.write_policy_scores(rows.event_id, rows.runs, rows.candidate_ids)
+    def _write(self, decisions: list[DecisionRecord], shadows: list[PolicyScoresEntry]) -> None:
+        self._store.write_batch(decisions, shadows)

@@ -24,6 +24,7 @@ from tipgraph.store.records import (
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
+    PolicyScoresEntry,
     PolicyScoresRecord,
     ReactionHistoryItem,
     StoreCounts,
@@ -291,28 +292,32 @@ class SQLDecisionStore(DecisionStore):
             return int(cur.fetchone()[0])
 
     def write_decisions(self, decisions: Sequence[DecisionRecord]) -> None:
-        rows = _rows.decision_rows(decisions)
-        if not rows.decisions:
-            return
-        with self._transaction(write=True) as cur:
-            _insert_many(cur, self._sql.insert_decision, rows.decisions)
-            _insert_many(cur, self._sql.insert_candidate, rows.candidates)
-            _insert_many(cur, self._sql.insert_policy_run, rows.policy_runs)
-            _insert_many(cur, self._sql.insert_tip_score, rows.tip_scores)
+        self.write_batch(decisions, ())
 
     def write_policy_scores(
         self, event_id: str, runs: Sequence[PolicyScoresRecord], candidate_ids: Sequence[str]
     ) -> None:
+        self.write_batch((), [PolicyScoresEntry(event_id, runs, candidate_ids)])
+
+    def write_batch(
+        self, decisions: Sequence[DecisionRecord], policy_scores: Sequence[PolicyScoresEntry]
+    ) -> None:
+        rows = _rows.decision_rows(decisions)
         created_at = _rows.db_timestamp(datetime.now(UTC), what="now")
-        run_rows: list[_rows.Params] = []
-        score_rows: list[_rows.Params] = []
-        for run in runs:
-            run_row, scores = _rows.policy_run_rows(event_id, run, candidate_ids, created_at)
-            run_rows.append(run_row)
-            score_rows.extend(scores)
-        if not run_rows:
+        run_rows, score_rows = rows.policy_runs, rows.tip_scores
+        for entry in policy_scores:
+            for run in entry.runs:
+                run_row, scores = _rows.policy_run_rows(
+                    entry.event_id, run, entry.candidate_ids, created_at
+                )
+                run_rows.append(run_row)
+                score_rows.extend(scores)
+        if not rows.decisions and not run_rows:
             return
+        # One transaction (one commit, one WAL sync) per flush, however many rows.
         with self._transaction(write=True) as cur:
+            _insert_many(cur, self._sql.insert_decision, rows.decisions)
+            _insert_many(cur, self._sql.insert_candidate, rows.candidates)
             _insert_many(cur, self._sql.insert_policy_run, run_rows)
             _insert_many(cur, self._sql.insert_tip_score, score_rows)
 

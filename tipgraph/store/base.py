@@ -11,6 +11,7 @@ from tipgraph.store.records import (
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
+    PolicyScoresEntry,
     PolicyScoresRecord,
     ReactionHistoryItem,
     StoreCounts,
@@ -66,6 +67,12 @@ class DecisionStore(abc.ABC):
         self, event_id: str, runs: Sequence[PolicyScoresRecord], candidate_ids: Sequence[str]
     ) -> None:
         """Insert shadow (or late) policy runs; ``candidate_ids`` aligns scores to candidates."""
+
+    @abc.abstractmethod
+    def write_batch(
+        self, decisions: Sequence[DecisionRecord], policy_scores: Sequence[PolicyScoresEntry]
+    ) -> None:
+        """Both of the above in one transaction: what the decision log writes per flush."""
 
     @abc.abstractmethod
     def get_decision(self, event_id: str) -> StoredDecision | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -42,6 +43,16 @@ class PolicyScoresRecord:
     chosen_probability: float | None
     latency_ms: float
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyScoresEntry:
+    """Shadow (or late) policy runs for one event, as the decision log queues them;
+    ``candidate_ids`` aligns each run's scores to the event's candidates."""
+
+    event_id: str
+    runs: Sequence[PolicyScoresRecord]
+    candidate_ids: Sequence[str]
 
 
 @dataclass(frozen=True, slots=True)

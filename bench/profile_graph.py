@@ -1,0 +1,179 @@
+"""Where the graph's time per request goes (``make bench-profile``).
+
+Starts ``tipgraph serve`` on the embedded defaults, drives it at concurrency 16, and
+reports for every process of the local cluster (Serve replicas, controller, raylet, GCS):
+
+* CPU milliseconds per request, from ``/proc/<pid>/stat`` before and after the load, so
+  the hops that cost CPU are visible without sampling error;
+* resident memory (RSS) per process after the load;
+* with py-spy, each replica's on-CPU samples grouped by the layer the leaf frame is in
+  (Ray core, Serve, gRPC, asyncio, FastAPI/Starlette, pydantic, tipgraph, numpy, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.bench_graph import drive, free_port, start, wait_ready
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+# Leaf-frame file path fragment -> layer; first match wins.
+LAYERS = (
+    ("grpc/", "gRPC"),
+    ("ray/serve/", "Serve"),
+    ("ray/", "Ray core"),
+    ("asyncio/", "asyncio"),
+    ("uvicorn/", "uvicorn"),
+    ("starlette/", "FastAPI/Starlette"),
+    ("fastapi/", "FastAPI/Starlette"),
+    ("pydantic", "pydantic"),
+    ("tipgraph/", "tipgraph"),
+    ("deployments/", "tipgraph"),
+    ("numpy/", "numpy"),
+    ("sqlite3/", "SQLite"),
+    ("pickle", "pickle"),
+    ("logging/", "logging"),
+    ("threading.py", "threads"),
+    ("selectors.py", "asyncio"),
+    ("contextlib.py", "contextlib"),
+)
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    name: str
+
+
+def cluster_processes() -> list[Proc]:
+    """Every Ray and Serve process on this machine, named by its title."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        match = re.search(r"ray::(ServeReplica:\S+|ServeController|ProxyActor\S*)", args)
+        if match:
+            found.append(Proc(int(pid), match.group(1)))
+        elif "/raylet" in args.split(" ")[0] or "gcs_server" in args.split(" ")[0]:
+            found.append(Proc(int(pid), Path(args.split(" ")[0]).name))
+        elif "bin/tipgraph serve" in args:
+            found.append(Proc(int(pid), "driver (tipgraph serve)"))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> float:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB / 1024
+
+
+def layer(frame: str) -> str:
+    """The layer of a py-spy frame, ``function (path/to/file.py:line)``."""
+    path = frame.rpartition("(")[2]
+    for fragment, name in LAYERS:
+        if path.startswith(fragment) or f"/{fragment}" in path:
+            return name
+    return path.partition(":")[0] or "other"
+
+
+def py_spy_layers(raw: Path) -> Counter[str]:
+    """On-CPU samples per layer of the leaf frame, from py-spy's raw (collapsed) output."""
+    counts: Counter[str] = Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            counts[layer(stack.rsplit(";", 1)[-1])] += int(count)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seconds", type=int, default=10, help="py-spy window")
+    parser.add_argument("--no-py-spy", action="store_true")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the graph")
+    parser.add_argument("--keep", type=Path, default=None, help="copy py-spy's raw files here")
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        port = free_port()
+        extra_env = dict(item.split("=", 1) for item in args.env)
+        process = start("graph", port, tmp, extra_env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url)
+            asyncio.run(drive(url, 8, 200))
+            procs = cluster_processes()
+            before = {p.pid: cpu_seconds(p.pid) for p in procs}
+            spies: list[tuple[Proc, Path, subprocess.Popen[bytes]]] = []
+            if py_spy and not args.no_py_spy:
+                for p in procs:
+                    if p.name.startswith("ServeReplica"):
+                        out = tmp / f"{p.pid}.txt"
+                        command = [py_spy, "record", "--pid", str(p.pid), "--format", "raw"]
+                        command += ["--duration", str(args.seconds), "--rate", "100"]
+                        command += ["--nonblocking", "--output", str(out)]
+                        spy = subprocess.Popen(
+                            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                        )
+                        spies.append((p, out, spy))
+            result: list[object] = []
+            load = threading.Thread(
+                target=lambda: result.append(
+                    asyncio.run(drive(url, args.concurrency, args.requests))
+                )
+            )
+            load.start()
+            load.join()
+            after = {p.pid: cpu_seconds(p.pid) for p in procs}
+            run = result[0]
+            for _, _, spy in spies:
+                spy.wait()
+            print(
+                f"{args.requests} tips at concurrency {args.concurrency}: "
+                f"{run.rps:.1f} req/s, p50 {run.pct(50):.1f} ms\n"
+            )  # type: ignore[attr-defined]
+            print("| process | CPU ms per request | RSS MiB |")
+            print("| --- | ---: | ---: |")
+            total = 0.0
+            rows = defaultdict(float)
+            for p in procs:
+                ms = (after[p.pid] - before[p.pid]) * 1000 / args.requests
+                total += ms
+                rows[p.name] += ms
+                print(f"| {p.name} | {ms:.2f} | {rss_mib(p.pid):.0f} |")
+            print(f"| **all** | **{total:.2f}** | |\n")
+            for p, out, _ in spies:
+                if not out.exists():
+                    continue
+                if args.keep:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(out, args.keep / f"{p.name.split(':')[-1]}.txt")
+                counts = py_spy_layers(out)
+                n = sum(counts.values()) or 1
+                top = ", ".join(f"{name} {100 * c / n:.0f}%" for name, c in counts.most_common(8))
+                print(f"* {p.name}: {top}")
+        finally:
+            process.terminate()
+            process.wait(60)
+
+
+if __name__ == "__main__":
+    main()
