@@ -105,6 +105,17 @@ LEVERS: dict[str, dict[str, str]] = {
     "optimized, no shadows": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "TIPGRAPH_SHADOWS": "[]"},
     # HAProxy in front of the ingress replicas instead of Serve's Python proxy actor.
     "+ HAProxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    # Batched hops off: one remote call per request per stage, as before issue 8.
+    "+ HAProxy, unbatched hops": {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "TIPGRAPH_HOPS__MAX_BATCH_SIZE": "1",
+    },
+    "+ HAProxy, one batch in flight per hop": {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "TIPGRAPH_HOPS__MAX_INFLIGHT_BATCHES": "1",
+    },
 }
 
 

@@ -25,6 +25,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from bench.bench_graph import drive, free_port, start, wait_ready
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -143,6 +145,8 @@ def main() -> None:
             load.start()
             load.join()
             after = {p.pid: cpu_seconds(p.pid) for p in procs}
+            ready = httpx.get(f"{url}/readyz").json()
+            print(f"mean requests per remote call: {ready.get('mean_batch_size')}")
             run = result[0]
             for _, _, spy in spies:
                 spy.wait()

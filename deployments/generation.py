@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from tipgraph.batching import ItemFailure, gather_each
 from tipgraph.contracts import TipRequest
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult, TipGenerator
@@ -18,10 +19,11 @@ class CandidateGenerator:
 
         self._generator: TipGenerator = build_tip_generator(settings.generation)
 
-    async def generate(
-        self, request: TipRequest, context: UserContext, event_id: str, n: int
-    ) -> GenerationResult:
-        return await self._generator.generate(request, context, event_id, n)
+    async def generate_batch(
+        self, items: list[tuple[TipRequest, UserContext, str, int]]
+    ) -> list[GenerationResult | ItemFailure]:
+        """Candidates for every (request, context, event_id, n); LLM calls run concurrently."""
+        return await gather_each(self._generator.generate(*item) for item in items)
 
     def breaker_state(self) -> dict[str, object]:
         breaker = self._generator.breaker

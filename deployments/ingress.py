@@ -16,6 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from tipgraph.batching import Coalescer
 from tipgraph.contracts import (
     ErrorResponse,
     FeedbackRequest,
@@ -31,7 +32,7 @@ from tipgraph.generation import GenerationResult
 from tipgraph.periodic import Periodic
 from tipgraph.scoring import PolicyScore
 from tipgraph.service import InvalidRequest, TipgraphError, TipService
-from tipgraph.settings import TipgraphSettings
+from tipgraph.settings import HopSettings, HopsSettings, TipgraphSettings
 from tipgraph.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,11 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 class HandleStages:
-    """:class:`tipgraph.service.Stages` backed by Serve deployment handles."""
+    """:class:`tipgraph.service.Stages` backed by Serve deployment handles.
+
+    Calls to context, generation, scoring and each shadow go out in batches
+    (:mod:`tipgraph.batching`): one remote call per batch, not per request.
+    """
 
     def __init__(
         self,
@@ -137,32 +142,54 @@ class HandleStages:
         generation: DeploymentHandle,
         scoring: DeploymentHandle,
         shadows: dict[str, DeploymentHandle],
+        hops: HopsSettings,
     ) -> None:
-        self._context = context
-        self._generation = generation
+        def batched(send: Any, hop: HopSettings) -> Coalescer[Any, Any]:
+            return Coalescer(
+                send, max_batch_size=hop.max_batch_size, max_inflight=hop.max_inflight_batches
+            )
+
         self._scoring = scoring
         self._shadows = shadows
+        self._context: Coalescer[tuple[TipRequest, str], UserContext] = batched(
+            context.build_batch.remote, hops.context
+        )
+        self._generation: Coalescer[tuple[TipRequest, UserContext, str, int], GenerationResult] = (
+            batched(generation.generate_batch.remote, hops.generation)
+        )
+        self._score: Coalescer[tuple[np.ndarray, str], PolicyScore] = batched(
+            scoring.score_batch.remote, hops.scoring
+        )
+        self._shadow_score: dict[str, Coalescer[tuple[np.ndarray, str], PolicyScore]] = {
+            name: batched(handle.score_batch.remote, hops.shadows)
+            for name, handle in shadows.items()
+        }
+
+    def batch_sizes(self) -> dict[str, float]:
+        """Mean requests per remote call, per hop (shown by /readyz)."""
+        hops: dict[str, Coalescer[Any, Any]] = {
+            "context": self._context,
+            "generation": self._generation,
+            "scoring": self._score,
+        }
+        hops.update(self._shadow_score)
+        return {name: round(hop.mean_batch_size, 2) for name, hop in hops.items()}
 
     async def context(self, request: TipRequest, user_key: str) -> UserContext:
-        result: UserContext = await self._context.build.remote(request, user_key)
-        return result
+        return await self._context((request, user_key))
 
     async def candidates(
         self, request: TipRequest, context: UserContext, event_id: str, n: int
     ) -> GenerationResult:
-        result: GenerationResult = await self._generation.generate.remote(
-            request, context, event_id, n
-        )
-        return result
+        return await self._generation((request, context, event_id, n))
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
-        result: PolicyScore = await self._scoring.score.remote(X, event_id)
-        return result
+        return await self._score((X, event_id))
 
     def shadow_scores(
         self, X: np.ndarray, event_id: str
     ) -> list[tuple[str, Awaitable[PolicyScore]]]:
-        return [(name, handle.score.remote(X, event_id)) for name, handle in self._shadows.items()]
+        return [(name, hop((X, event_id))) for name, hop in self._shadow_score.items()]
 
     async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
         # One replica learns now; the others apply it from the rewards log at their sync.
@@ -204,8 +231,8 @@ class Ingress:
             # One file per replica: replicas never share (or truncate) each other's rows.
             spill_path=Path(settings.store.spill_dir) / f"ingress-{uuid.uuid4().hex}.jsonl",
         )
-        stages = HandleStages(context, generation, scoring, shadows)
-        self._service = TipService(settings, stages, self._store, log)
+        self._stages = HandleStages(context, generation, scoring, shadows, settings.hops)
+        self._service = TipService(settings, self._stages, self._store, log)
         self._defaults = Periodic(
             settings.learning.default_reward_check_s,
             self._service.apply_default_rewards,
@@ -255,6 +282,7 @@ class Ingress:
                 "decision_log_spilled": self._service.log.spilled,
                 "feedback_held": self._service.held_feedback,
                 "feedback_expired": self._service.feedback_expired,
+                "mean_batch_size": self._stages.batch_sizes(),
             }
         )
 

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 from ray import serve
 
+from tipgraph.batching import ItemFailure, gather_each, run_each
 from tipgraph.champion import ChampionFollower
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.periodic import Periodic
@@ -56,8 +57,15 @@ class PolicyScorer:
             else None
         )
 
-    async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
-        return await self._service.score_with_faults(X, event_id, self._fault)
+    async def score_batch(
+        self, items: list[tuple[np.ndarray, str]]
+    ) -> list[PolicyScore | ItemFailure]:
+        """The policy's answer for every (candidate matrix, event_id), in order."""
+        if not self._fault.delay_s and not self._fault.fail:
+            return run_each(lambda item: self._service.score(*item), items)
+        return await gather_each(
+            self._service.score_with_faults(X, event_id, self._fault) for X, event_id in items
+        )
 
     def learn(self, reward_id: int, features: list[float], reward: float) -> bool:
         return self._service.learn(reward_id, features, reward)

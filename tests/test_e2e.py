@@ -753,12 +753,27 @@ def test_bounded_load_has_no_errors_and_loses_no_decision(serve_apps: dict[str, 
     feedback = app.query("SELECT COUNT(*) FROM feedback WHERE event_id = ANY(%s)", accepted)
     assert len(served) == LOAD_TIPS and logged == [(LOAD_TIPS,)]
     assert feedback == [(len(accepted),)]
+    # Batched hops: concurrent requests shared remote calls, and every shadow still logged
+    # one row per decision.
+    batch_sizes = app.client.get("/readyz").json()["mean_batch_size"]
+    assert batch_sizes["context"] > 1 and batch_sizes["scoring"] > 1, batch_sizes
+    _wait_for(
+        lambda: (
+            app.query(
+                "SELECT COUNT(*) FROM policy_runs WHERE role = 'shadow' AND event_id = ANY(%s)",
+                served,
+            )
+            == [(LOAD_TIPS * len(app.settings.shadows),)]
+        ),
+        60,
+    )
     q = statistics.quantiles(latencies, n=100)
     print(
         f"load: {LOAD_TIPS} tips + {len(accepted)} feedback at concurrency {LOAD_CONCURRENCY} "
         f"in {elapsed:.1f} s ({LOAD_TIPS / elapsed:.1f} tips/s); tip latency p50 "
         f"{q[49] * 1000:.0f} ms, p95 {q[94] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms; "
-        f"0 errors; {logged[0][0]} decisions logged, {feedback[0][0]} feedback rows"
+        f"0 errors; {logged[0][0]} decisions logged, {feedback[0][0]} feedback rows; "
+        f"mean requests per remote call {batch_sizes}"
     )
 
 

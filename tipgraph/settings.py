@@ -248,6 +248,30 @@ class DeploymentSettings(_Strict):
     autoscaling: AutoscalingSettings = AutoscalingSettings()
 
 
+class HopSettings(_Strict):
+    """How one ingress replica batches its calls to one stage (tipgraph.batching)."""
+
+    max_batch_size: int = Field(
+        64, ge=1, description="Most requests in one call to the stage; 1 turns batching off"
+    )
+    max_inflight_batches: int = Field(
+        1,
+        ge=1,
+        description="Calls out to the stage at once; a request arriving while all are out "
+        "waits and joins the next batch. 1 makes the largest batches (fast CPU stages); "
+        "raise it for a stage that waits on I/O, like LLM generation",
+    )
+
+
+class HopsSettings(_Strict):
+    """Batching of the ingress's calls to each stage; every shadow uses ``shadows``."""
+
+    context: HopSettings = HopSettings()
+    generation: HopSettings = HopSettings()
+    scoring: HopSettings = HopSettings()
+    shadows: HopSettings = HopSettings()
+
+
 class FaultSettings(_Strict):
     """Chaos knobs for a shadow: prove a slow or failing shadow never touches the response."""
 
@@ -312,6 +336,7 @@ class TipgraphSettings(BaseSettings):
     policy: PolicySettings = PolicySettings(name="linucb", kind="linucb")
     shadows: list[ShadowSettings] = Field(default_factory=list)
     deployments: dict[str, DeploymentSettings] = Field(default_factory=_default_deployments)
+    hops: HopsSettings = HopsSettings()
 
     @classmethod
     def settings_customise_sources(
