@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-policies bench-tuning bench-shadows tune \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-profile bench-policies bench-tuning bench-shadows tune \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -59,6 +59,14 @@ bench-tuning: install
 ## bench: the Serve graph vs a single-process baseline, same run (BENCHMARKS.md)
 bench: install
 	PYTHONPATH=. $(BIN)/python bench/bench_graph.py
+
+## bench-levers: each performance lever against the same baseline (BENCHMARKS.md)
+bench-levers: install
+	PYTHONPATH=. $(BIN)/python bench/bench_graph.py --levers
+
+## bench-profile: CPU ms per request and RSS per process of the graph, py-spy by layer
+bench-profile: install
+	PYTHONPATH=. $(BIN)/python bench/profile_graph.py
 
 ## bench-shadows: what shadows add to the served p50, through Serve over HTTP
 bench-shadows: install

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import socket
@@ -26,11 +27,13 @@ from pathlib import Path
 
 import httpx
 
-from tests.factories import tip_body
+from tests.factories import task, tip_body
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
 CONCURRENCY = (1, 8, 16, 32)
+HOPS = ("CONTEXT", "GENERATION", "SCORING", "SHADOWS")
+STAGES = ("INGRESS", "CONTEXT", "GENERATION", "SCORING")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,18 @@ def free_port() -> int:
         return port
 
 
+def bench_body(n: int, candidates: int | None) -> dict[str, object]:
+    """The request of tip ``n``: 50 users; with ``candidates``, 60 tasks and that many
+    candidates asked for (task-mode tips need enough tasks to make K of them)."""
+    if candidates is None:
+        return tip_body(user_id=f"bench-{n % 50}")
+    tasks = [
+        task(f"t{i}", f"Task number {i}: " + "draft, review and send " * (i % 3), priority=i % 5)
+        for i in range(60)
+    ]
+    return tip_body(user_id=f"bench-{n % 50}", tasks=tasks, n_candidates=candidates)
+
+
 def wait_ready(url: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     body = tip_body(user_id="warm")
@@ -72,7 +87,7 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
-async def drive(url: str, concurrency: int, requests: int) -> Run:
+async def drive(url: str, concurrency: int, requests: int, candidates: int | None = None) -> Run:
     latencies: list[float] = []
     errors = 0
     remaining = iter(range(requests))
@@ -81,9 +96,12 @@ async def drive(url: str, concurrency: int, requests: int) -> Run:
         nonlocal errors
         for n in remaining:
             start = time.perf_counter()
-            response = await client.post("/v1/tips", json=tip_body(user_id=f"bench-{n % 50}"))
+            response = await client.post("/v1/tips", json=bench_body(n, candidates))
             latencies.append(time.perf_counter() - start)
             errors += response.status_code != 200
+            if candidates is not None and response.status_code == 200:
+                ranked = len(response.json()["ranking"])
+                assert ranked == candidates, f"asked for {candidates} candidates, got {ranked}"
 
     limits = httpx.Limits(max_connections=concurrency)
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -96,27 +114,34 @@ async def drive(url: str, concurrency: int, requests: int) -> Run:
     return Run(concurrency, requests, seconds, latencies, errors)
 
 
+HOPS_OFF = {f"TIPGRAPH_HOPS__{hop}__MAX_BATCH_SIZE": "1" for hop in HOPS}
 LEVERS: dict[str, dict[str, str]] = {
-    # Explicit: `tipgraph serve` turns the throughput mode on unless told otherwise.
-    "Serve defaults": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
-    # Ray 2.60: gRPC between replicas, direct ingress, user code on the main loop, GC freeze.
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    # What the two shadow hops cost (not a lever to keep: shadows are the product).
-    "optimized, no shadows": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "TIPGRAPH_SHADOWS": "[]"},
-    # HAProxy in front of the ingress replicas instead of Serve's Python proxy actor.
-    "+ HAProxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
-    # Batched hops off: one remote call per request per stage, as before issue 8.
-    "+ HAProxy, unbatched hops": {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "TIPGRAPH_HOPS__MAX_BATCH_SIZE": "1",
+    # What `tipgraph serve` does (tipgraph.serve_config.SERVE_ENV, configs/tipgraph.yaml).
+    "as shipped": {},
+    # Each row below undoes or changes one thing against "as shipped".
+    "Serve's defaults (no throughput mode, Python proxy)": {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+        "RAY_SERVE_ENABLE_HA_PROXY": "0",
     },
-    "+ HAProxy, one batch in flight per hop": {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "TIPGRAPH_HOPS__MAX_INFLIGHT_BATCHES": "1",
+    "Python proxy instead of HAProxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0"},
+    "unbatched hops (one remote call per request and stage)": HOPS_OFF,
+    "4 batches in flight per hop": {
+        f"TIPGRAPH_HOPS__{hop}__MAX_INFLIGHT_BATCHES": "4" for hop in HOPS
     },
+    "max_ongoing_requests 5 on every stage (Serve's default)": {
+        f"TIPGRAPH_DEPLOYMENTS__{stage}__MAX_ONGOING_REQUESTS": "5" for stage in STAGES
+    },
+    "2 ingress replicas": {"TIPGRAPH_DEPLOYMENTS__INGRESS__AUTOSCALING__MIN_REPLICAS": "2"},
+    "uvloop off (RAY_USE_UVLOOP=0)": {"RAY_USE_UVLOOP": "0"},
+    "no shadows": {"TIPGRAPH_SHADOWS": "[]"},
 }
+THREE_SHADOWS = json.dumps(
+    [
+        {"policy": {"name": "egreedy", "kind": "egreedy", "epsilon": 0.1}},
+        {"policy": {"name": "uniform", "kind": "uniform"}},
+        {"policy": {"name": "softmax", "kind": "softmax"}},
+    ]
+)
 
 
 def start(
@@ -147,61 +172,118 @@ def start(
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
 
 
+Plan = list[tuple[int, int | None]]
+"""(concurrency, candidates per request or None for the default body), measured in order."""
+
+
 def measure(
-    kind: str, requests: int, tmp: Path, extra_env: dict[str, str] | None = None
-) -> list[Run]:
+    kind: str, requests: int, tmp: Path, plan: Plan, extra_env: dict[str, str] | None = None
+) -> dict[tuple[int, int | None], Run]:
     port = free_port()
     process = start(kind, port, tmp, extra_env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
         asyncio.run(drive(url, 8, 100))  # warm-up
-        return [asyncio.run(drive(url, c, requests)) for c in CONCURRENCY]
+        return {(c, k): asyncio.run(drive(url, c, requests, k)) for c, k in plan}
     finally:
         process.terminate()
         process.wait(60)
 
 
+def ms(run: Run) -> str:
+    return f"{run.pct(50):.0f} / {run.pct(95):.0f} / {run.pct(99):.0f}"
+
+
+def ratio_table(requests: int, tmp: Path) -> None:
+    """Baseline and the graph as shipped at every concurrency, then shadows and K."""
+    plan: Plan = [(c, None) for c in CONCURRENCY]
+    candidates: Plan = [(c, k) for c in (1, 16) for k in (5, 20, 50)]
+    baseline = measure("baseline", requests, tmp, plan)
+    graph = measure("graph", requests, tmp, plan + candidates)
+    print(
+        "| concurrency | baseline req/s | graph req/s | ratio | graph p50 / p95 / p99 ms "
+        "| baseline p50 / p95 / p99 ms | errors (graph, baseline) |"
+    )
+    print("| ---: | ---: | ---: | ---: | --- | --- | --- |")
+    for key in plan:
+        g, b = graph[key], baseline[key]
+        print(
+            f"| {key[0]} | {b.rps:.1f} | {g.rps:.1f} | **{g.rps / b.rps:.2f}×** | {ms(g)} "
+            f"| {ms(b)} | {g.errors}, {b.errors} |"
+        )
+    print("\n| candidates K | p50 ms at c = 1 | vs K = 5 | p50 ms at c = 16 | vs K = 5 |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for k in (5, 20, 50):
+        one, five = graph[(1, k)].pct(50), graph[(1, 5)].pct(50)
+        sixteen, five16 = graph[(16, k)].pct(50), graph[(16, 5)].pct(50)
+        print(
+            f"| {k} | {one:.1f} | {100 * (one / five - 1):+.1f}% | {sixteen:.1f} "
+            f"| {100 * (sixteen / five16 - 1):+.1f}% |"
+        )
+    shadow_plan: Plan = [(1, None), (16, None)]
+    shadows = {
+        "0": measure("graph", requests, tmp, shadow_plan, {"TIPGRAPH_SHADOWS": "[]"}),
+        "2 (shipped)": {key: graph[key] for key in shadow_plan},
+        "3": measure("graph", requests, tmp, shadow_plan, {"TIPGRAPH_SHADOWS": THREE_SHADOWS}),
+    }
+    print(
+        "\n| shadows | served p50 ms at c = 1 | vs 0 | p50 ms at c = 16 | vs 0 | req/s at c = 16 |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, runs in shadows.items():
+        cells = []
+        for c in (1, 16):
+            p50, none = runs[(c, None)].pct(50), shadows["0"][(c, None)].pct(50)
+            cells.append(f"{p50:.1f} | {100 * (p50 / none - 1):+.1f}%")
+        print(f"| {name} | {' | '.join(cells)} | {runs[(16, None)].rps:.1f} |")
+
+
+def lever_table(names: list[str], requests: int, tmp: Path) -> None:
+    """Each lever against the same baseline, at concurrency 1 and 16."""
+    plan: Plan = [(1, None), (16, None)]
+    baseline = measure("baseline", requests, tmp, plan)
+    print(
+        "| graph | req/s c = 16 | ratio c = 16 | p50 / p95 / p99 ms c = 16 | p50 ms c = 1 "
+        "| errors |"
+    )
+    print("| --- | ---: | ---: | --- | ---: | ---: |")
+    b = baseline[(16, None)]
+    print(
+        f"| baseline (one process) | {b.rps:.1f} | 1.00× | {ms(b)} "
+        f"| {baseline[(1, None)].pct(50):.1f} | {b.errors} |"
+    )
+    for name in names:
+        runs = measure("graph", requests, tmp, plan, LEVERS[name])
+        g = runs[(16, None)]
+        print(
+            f"| {name} | {g.rps:.1f} | **{g.rps / b.rps:.2f}×** | {ms(g)} "
+            f"| {runs[(1, None)].pct(50):.1f} | {g.errors + runs[(1, None)].errors} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--levers", action="store_true", help="the lever table instead")
     parser.add_argument(
-        "--levers", action="store_true", help="also measure the graph under each lever"
+        "--lever", action="append", choices=sorted(LEVERS), help="only these levers"
     )
-    parser.add_argument(
-        "--lever", action="append", choices=sorted(LEVERS), help="measure only these levers"
-    )
-    parser.add_argument("--concurrency", type=int, action="append", help="default: 1 8 16 32")
     args = parser.parse_args()
-    global CONCURRENCY
-    CONCURRENCY = tuple(args.concurrency or CONCURRENCY)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    levers = LEVERS if args.levers else {"as shipped": {}}
-    if args.lever:
-        levers = {name: LEVERS[name] for name in args.lever}
+    print(
+        f"## {datetime.now(UTC):%Y-%m-%d}, commit {commit}, {os.cpu_count()} cores, "
+        f"{platform.machine()}, {args.requests} tips per level\n",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        baseline = measure("baseline", args.requests, tmp)
-        graphs = {name: measure("graph", args.requests, tmp, env) for name, env in levers.items()}
-    print(
-        f"## Graph vs single-process baseline: {datetime.now(UTC):%Y-%m-%d}, commit {commit}, "
-        f"{os.cpu_count()} cores, {platform.machine()}, {args.requests} tips per level\n"
-    )
-    print(
-        "| graph | concurrency | baseline req/s | graph req/s | ratio | graph p50 / p95 / p99 ms "
-        "| baseline p50 / p95 / p99 ms | errors (graph, baseline) |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | --- | --- | --- |")
-    for name, graph in graphs.items():
-        for g, b in zip(graph, baseline, strict=True):
-            print(
-                f"| {name} | {g.concurrency} | {b.rps:.1f} | {g.rps:.1f} | "
-                f"**{g.rps / b.rps:.2f}×** | "
-                f"{g.pct(50):.0f} / {g.pct(95):.0f} / {g.pct(99):.0f} | "
-                f"{b.pct(50):.0f} / {b.pct(95):.0f} / {b.pct(99):.0f} | {g.errors}, {b.errors} |"
-            )
+        if args.levers or args.lever:
+            lever_table(args.lever or list(LEVERS), args.requests, Path(tmp_dir))
+        else:
+            ratio_table(args.requests, Path(tmp_dir))
 
 
 if __name__ == "__main__":

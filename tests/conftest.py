@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tipgraph.serve_config import SERVE_ENV
 from tipgraph.settings import StoreSettings
 from tipgraph.store import DecisionStore, open_store
 
@@ -98,8 +99,9 @@ def free_port() -> int:
 def ray_cluster() -> Iterator[None]:
     """One local Ray cluster for every test that needs Ray (Serve apps, Tune sweeps)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # As `tipgraph serve` and the k3s pods run it, so the e2e tests cover that mode.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # As `tipgraph serve` runs it (throughput mode, HAProxy), so the e2e tests cover that.
+    for name, value in SERVE_ENV.items():
+        os.environ.setdefault(name, value)
     import ray
 
     # Logical CPUs: the deployments ask fractions, and several test apps run side by side.

@@ -24,6 +24,13 @@ class Stage:
         return [ItemFailure(f"ValueError: bad {i}") if i < 0 else i * 10 for i in items]
 
 
+def held(max_batch_size: int = 8, max_inflight: int = 1) -> tuple[Stage, Coalescer[int, int]]:
+    """A hop whose stage holds every batch until ``stage.release`` is set."""
+    stage = Stage()
+    stage.release.clear()
+    return stage, Coalescer(stage.send, max_batch_size=max_batch_size, max_inflight=max_inflight)
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -39,9 +46,7 @@ async def test_an_idle_hop_sends_a_call_at_once_and_alone() -> None:
 
 
 async def test_calls_arriving_while_a_batch_is_out_travel_together() -> None:
-    stage = Stage()
-    stage.release.clear()
-    hop = Coalescer(stage.send, max_batch_size=8, max_inflight=1)
+    stage, hop = held()
     first = asyncio.ensure_future(hop(1))
     await settle()
     rest = [asyncio.ensure_future(hop(i)) for i in range(2, 7)]
@@ -55,9 +60,7 @@ async def test_calls_arriving_while_a_batch_is_out_travel_together() -> None:
 
 
 async def test_batches_never_exceed_the_size_limit_and_keep_order() -> None:
-    stage = Stage()
-    stage.release.clear()
-    hop = Coalescer(stage.send, max_batch_size=4, max_inflight=1)
+    stage, hop = held(max_batch_size=4)
     calls = [asyncio.ensure_future(hop(i)) for i in range(11)]
     await settle()
     stage.release.set()
@@ -66,9 +69,7 @@ async def test_batches_never_exceed_the_size_limit_and_keep_order() -> None:
 
 
 async def test_more_slots_mean_more_batches_out_at_once() -> None:
-    stage = Stage()
-    stage.release.clear()
-    hop = Coalescer(stage.send, max_batch_size=8, max_inflight=3)
+    stage, hop = held(max_inflight=3)
     calls = [asyncio.ensure_future(hop(i)) for i in range(5)]
     await settle()
     assert stage.batches == [[0], [1], [2]]
@@ -78,9 +79,7 @@ async def test_more_slots_mean_more_batches_out_at_once() -> None:
 
 
 async def test_one_failed_item_fails_only_its_own_call() -> None:
-    stage = Stage()
-    stage.release.clear()
-    hop = Coalescer(stage.send, max_batch_size=8, max_inflight=1)
+    stage, hop = held()
     blocker = asyncio.ensure_future(hop(0))
     await settle()
     calls = [asyncio.ensure_future(hop(i)) for i in (1, -2, 3)]
@@ -117,9 +116,7 @@ async def test_a_stage_answering_the_wrong_number_of_items_is_an_error() -> None
 
 
 async def test_a_caller_that_went_away_is_not_sent() -> None:
-    stage = Stage()
-    stage.release.clear()
-    hop = Coalescer(stage.send, max_batch_size=8, max_inflight=1)
+    stage, hop = held()
     blocker = asyncio.ensure_future(hop(0))
     await settle()
     gone = asyncio.ensure_future(hop(1))

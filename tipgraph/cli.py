@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tipgraph.serve_config import SERVE_ENV
 from tipgraph.settings import load_settings, resolve_paths
 
 if TYPE_CHECKING:
@@ -26,8 +27,8 @@ LOCAL_DEV_TOKEN = "local-dev-token"  # what `make run` sets when TIPGRAPH_API_TO
 
 def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Measured in BENCHMARKS.md: about 1.5x the requests/s of Serve's defaults here.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    for name, value in SERVE_ENV.items():  # measured in BENCHMARKS.md
+        os.environ.setdefault(name, value)
     import ray
     from ray import serve
 

