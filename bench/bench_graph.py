@@ -21,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
-from tests.factories import task, tip_body
+from tests.factories import tip_body
+from tests.ollama_stub import OllamaStub
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
@@ -43,6 +44,7 @@ class Run:
     seconds: float
     latencies: list[float]
     errors: int
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -50,6 +52,10 @@ class Run:
 
     def pct(self, p: int) -> float:
         return statistics.quantiles(self.latencies, n=100)[p - 1] * 1000
+
+    def stage_p50(self, stage: str) -> float:
+        """Median of a stage's latency as the server reported it (``latency_ms``)."""
+        return statistics.median(self.stage_ms[stage])
 
 
 def free_port() -> int:
@@ -60,15 +66,10 @@ def free_port() -> int:
 
 
 def bench_body(n: int, candidates: int | None) -> dict[str, object]:
-    """The request of tip ``n``: 50 users; with ``candidates``, 60 tasks and that many
-    candidates asked for (task-mode tips need enough tasks to make K of them)."""
+    """The request of tip ``n`` (50 users), asking for ``candidates`` tips if given."""
     if candidates is None:
         return tip_body(user_id=f"bench-{n % 50}")
-    tasks = [
-        task(f"t{i}", f"Task number {i}: " + "draft, review and send " * (i % 3), priority=i % 5)
-        for i in range(60)
-    ]
-    return tip_body(user_id=f"bench-{n % 50}", tasks=tasks, n_candidates=candidates)
+    return tip_body(user_id=f"bench-{n % 50}", n_candidates=candidates)
 
 
 def wait_ready(url: str, timeout_s: float = 180) -> None:
@@ -89,6 +90,7 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
 
 async def drive(url: str, concurrency: int, requests: int, candidates: int | None = None) -> Run:
     latencies: list[float] = []
+    stage_ms: dict[str, list[float]] = {}
     errors = 0
     remaining = iter(range(requests))
 
@@ -99,9 +101,13 @@ async def drive(url: str, concurrency: int, requests: int, candidates: int | Non
             response = await client.post("/v1/tips", json=bench_body(n, candidates))
             latencies.append(time.perf_counter() - start)
             errors += response.status_code != 200
-            if candidates is not None and response.status_code == 200:
-                ranked = len(response.json()["ranking"])
-                assert ranked == candidates, f"asked for {candidates} candidates, got {ranked}"
+            if response.status_code != 200:
+                continue
+            answer = response.json()
+            for stage, ms in answer["latency_ms"].items():
+                stage_ms.setdefault(stage, []).append(ms)
+            if candidates is not None and len(answer["ranking"]) != candidates:
+                raise RuntimeError(f"asked for {candidates} candidates, got {answer['ranking']}")
 
     limits = httpx.Limits(max_connections=concurrency)
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -111,7 +117,7 @@ async def drive(url: str, concurrency: int, requests: int, candidates: int | Non
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - started
-    return Run(concurrency, requests, seconds, latencies, errors)
+    return Run(concurrency, requests, seconds, latencies, errors, stage_ms)
 
 
 HOPS_OFF = {f"TIPGRAPH_HOPS__{hop}__MAX_BATCH_SIZE": "1" for hop in HOPS}
@@ -198,9 +204,8 @@ def ms(run: Run) -> str:
 def ratio_table(requests: int, tmp: Path) -> None:
     """Baseline and the graph as shipped at every concurrency, then shadows and K."""
     plan: Plan = [(c, None) for c in CONCURRENCY]
-    candidates: Plan = [(c, k) for c in (1, 16) for k in (5, 20, 50)]
     baseline = measure("baseline", requests, tmp, plan)
-    graph = measure("graph", requests, tmp, plan + candidates)
+    graph = measure("graph", requests, tmp, plan)
     print(
         "| concurrency | baseline req/s | graph req/s | ratio | graph p50 / p95 / p99 ms "
         "| baseline p50 / p95 / p99 ms | errors (graph, baseline) |"
@@ -212,15 +217,7 @@ def ratio_table(requests: int, tmp: Path) -> None:
             f"| {key[0]} | {b.rps:.1f} | {g.rps:.1f} | **{g.rps / b.rps:.2f}×** | {ms(g)} "
             f"| {ms(b)} | {g.errors}, {b.errors} |"
         )
-    print("\n| candidates K | p50 ms at c = 1 | vs K = 5 | p50 ms at c = 16 | vs K = 5 |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for k in (5, 20, 50):
-        one, five = graph[(1, k)].pct(50), graph[(1, 5)].pct(50)
-        sixteen, five16 = graph[(16, k)].pct(50), graph[(16, 5)].pct(50)
-        print(
-            f"| {k} | {one:.1f} | {100 * (one / five - 1):+.1f}% | {sixteen:.1f} "
-            f"| {100 * (sixteen / five16 - 1):+.1f}% |"
-        )
+    candidates_table(requests, tmp)
     shadow_plan: Plan = [(1, None), (16, None)]
     shadows = {
         "0": measure("graph", requests, tmp, shadow_plan, {"TIPGRAPH_SHADOWS": "[]"}),
@@ -237,6 +234,34 @@ def ratio_table(requests: int, tmp: Path) -> None:
             p50, none = runs[(c, None)].pct(50), shadows["0"][(c, None)].pct(50)
             cells.append(f"{p50:.1f} | {100 * (p50 / none - 1):+.1f}%")
         print(f"| {name} | {' | '.join(cells)} | {runs[(16, None)].rps:.1f} |")
+
+
+def candidates_table(requests: int, tmp: Path) -> None:
+    """Served p50 at K = 5, 20, 50 candidates.  Task mode makes at most about 9 tips, so K
+    comes from LLM mode against the local Ollama stub (an instant, local "LLM")."""
+    candidates: Plan = [(c, k) for c in (1, 16) for k in (5, 20, 50)]
+    with OllamaStub() as stub:
+        llm = {
+            "OLLAMA_API_BASE": stub.url,
+            "TIPGRAPH_GENERATION__SOURCE": "llm",
+            "TIPGRAPH_GENERATION__MAX_LLM_CANDIDATES": "50",
+        }
+        runs = measure("graph", requests, tmp, candidates, llm)
+    print(
+        "\n| K | p50 ms c = 1 | vs K = 5 | p50 ms c = 16 | vs K = 5 "
+        "| scoring p50 ms c = 1 | generation p50 ms c = 1 |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for k in (5, 20, 50):
+        cells = []
+        for c in (1, 16):
+            p50, five = runs[(c, k)].pct(50), runs[(c, 5)].pct(50)
+            cells.append(f"{p50:.1f} | {100 * (p50 / five - 1):+.1f}%")
+        one = runs[(1, k)]
+        print(
+            f"| {k} | {' | '.join(cells)} | {one.stage_p50('scoring'):.2f} "
+            f"| {one.stage_p50('generation'):.2f} |"
+        )
 
 
 def lever_table(names: list[str], requests: int, tmp: Path) -> None:

@@ -220,7 +220,7 @@ class HandleStages:
     def shadow_scores(
         self, X: np.ndarray, event_id: str
     ) -> list[tuple[str, Awaitable[PolicyScore]]]:
-        return [(name, hop((X, event_id))) for name, hop in self._shadow_score.items()]
+        return [(name, hop.submit((X, event_id))) for name, hop in self._shadow_score.items()]
 
     async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
         # One replica learns now; the others apply it from the rewards log at their sync.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from tipgraph.decision_log import DecisionLog
 from tipgraph.local import LocalStages
 from tipgraph.service import FeedbackConflict, InvalidRequest, TipService, UnknownEvent
 from tipgraph.settings import StoreSettings, TipgraphSettings
-from tipgraph.store import DecisionStore, open_store
+from tipgraph.store import DecisionStore, SQLiteStore, open_store
 
 SHADOWS = [
     {"policy": {"name": "egreedy", "kind": "egreedy"}},
@@ -38,6 +40,12 @@ def store(settings: TipgraphSettings) -> Iterator[DecisionStore]:
 def make_service(settings: TipgraphSettings, store: DecisionStore) -> TipService:
     log = DecisionLog(store, flush_interval_s=0.01)
     return TipService(settings, LocalStages(settings, store), store, log)
+
+
+def store_rows(store: DecisionStore, query: str, *params: object) -> list[tuple[object, ...]]:
+    assert isinstance(store, SQLiteStore)
+    with closing(sqlite3.connect(store.path)) as conn:
+        return conn.execute(query, params).fetchall()
 
 
 def request(**overrides: object) -> TipRequest:
@@ -79,6 +87,31 @@ async def test_a_failing_or_slow_shadow_does_not_delay_the_response(
     assert elapsed < 0.4, "the 0.5 s shadow must not be awaited on the request path"
     assert response.latency_ms.total < 400
     await service.close()
+
+
+async def test_a_shadow_past_its_timeout_is_logged_as_an_error_beside_the_others(
+    settings: TipgraphSettings, store: DecisionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tipgraph.service as service_module
+
+    monkeypatch.setattr(service_module, "SHADOW_TIMEOUT_S", 0.1)  # the slow one takes 0.5 s
+    service = make_service(settings, store)
+    response = await service.tip(request())
+    await service.close()
+
+    rows = store_rows(
+        store,
+        "SELECT policy_name, error, chosen_candidate_id, latency_ms FROM policy_runs "
+        "WHERE event_id = ? AND role = 'shadow' ORDER BY policy_name",
+        response.event_id,
+    )
+    by_name = {name: (error, chosen, latency) for name, error, chosen, latency in rows}
+    assert sorted(by_name) == ["broken", "egreedy", "slow"]
+    assert by_name["slow"][0].startswith("TimeoutError") and by_name["slow"][1] is None
+    assert by_name["broken"][0].startswith("InjectedFault") and by_name["broken"][1] is None
+    assert by_name["egreedy"][0] is None and by_name["egreedy"][1] is not None
+    assert by_name["egreedy"][2] < by_name["slow"][2]  # each shadow's own round trip
+    assert service.shadow_failures == {"broken": 1, "slow": 1}
 
 
 async def test_feedback_teaches_served_and_shadow_policies_once(

@@ -88,10 +88,15 @@ class Coalescer(Generic[T, R]):
         self.items = 0
 
     async def __call__(self, item: T) -> R:
+        return await self.submit(item)
+
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue the item now (or send it, if a slot is free); the future gets its result.
+        Cancelling the future before its batch leaves keeps the item out of the batch."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         self._dispatch()
-        return await future
+        return future
 
     @property
     def mean_batch_size(self) -> float:

@@ -13,7 +13,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
@@ -50,7 +50,8 @@ from tipgraph.store.records import (
 
 logger = logging.getLogger(__name__)
 
-# Shadow calls in flight beyond this are shed (skipped and counted), never queued behind.
+# Requests with shadow work in flight beyond this shed theirs (skipped and counted), never
+# queued behind.
 MAX_SHADOW_INFLIGHT = 512
 SHADOW_TIMEOUT_S = 30.0
 SHADOW_LOG_EVERY_S = 10.0
@@ -261,42 +262,63 @@ class TipService:
                 "shadow scoring shed for event %s: %d in flight", event_id, len(self._background)
             )
             return
-        for name, pending in self.stages.shadow_scores(X, event_id):
-            self._spawn(self._log_shadow(name, pending, event_id, candidate_ids))
+        # Every shadow starts now; one task per request (not per shadow) logs them all.
+        pending = [
+            (name, asyncio.ensure_future(call))
+            for name, call in self.stages.shadow_scores(X, event_id)
+        ]
+        if pending:
+            self._spawn(self._log_shadows(pending, event_id, candidate_ids))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _log_shadow(
+    async def _log_shadows(
         self,
-        name: str,
-        pending: Awaitable[PolicyScore],
+        pending: Sequence[tuple[str, asyncio.Future[PolicyScore]]],
         event_id: str,
         candidate_ids: list[str],
     ) -> None:
         start = time.perf_counter()
-        try:
-            result = await asyncio.wait_for(pending, timeout=SHADOW_TIMEOUT_S)
-        except Exception as err:  # a shadow may fail in any way; it must only be logged
-            error = describe_error(err)
-            self._report_shadow_failure(name, error)
-            run = PolicyScoresRecord(
-                policy_name=name,
-                policy_version="",
-                role="shadow",
-                scores=[],
-                probabilities=[],
-                chosen_candidate_id=None,
-                chosen_probability=None,
-                latency_ms=_ms(start),
-                error=error,
-            )
-        else:
+        finished_ms: dict[str, float] = {}
+
+        def stamp(name: str) -> Callable[[object], None]:
             # Round trip as the ingress saw it, like the served policy's row.
-            run = policy_run(result, "shadow", candidate_ids, _ms(start))
-        self.log.submit_policy_scores(event_id, [run], candidate_ids)
+            return lambda _: finished_ms.__setitem__(name, _ms(start))
+
+        for name, future in pending:
+            future.add_done_callback(stamp(name))
+        await asyncio.wait([future for _, future in pending], timeout=SHADOW_TIMEOUT_S)
+        runs = []
+        for name, future in pending:
+            latency_ms = finished_ms.get(name, _ms(start))
+            if not future.done():
+                future.cancel()
+                error = f"TimeoutError: no answer within {SHADOW_TIMEOUT_S:g} s"
+            elif future.cancelled():
+                error = "CancelledError: the shadow call was cancelled"
+            elif (err := future.exception()) is not None:
+                error = describe_error(err)  # a shadow may fail in any way; only logged
+            else:
+                runs.append(policy_run(future.result(), "shadow", candidate_ids, latency_ms))
+                continue
+            self._report_shadow_failure(name, error)
+            runs.append(
+                PolicyScoresRecord(
+                    policy_name=name,
+                    policy_version="",
+                    role="shadow",
+                    scores=[],
+                    probabilities=[],
+                    chosen_candidate_id=None,
+                    chosen_probability=None,
+                    latency_ms=latency_ms,
+                    error=error,
+                )
+            )
+        self.log.submit_policy_scores(event_id, runs, candidate_ids)
 
     def _report_shadow_failure(self, name: str, error: str) -> None:
         """Count every failure; log one line per shadow per SHADOW_LOG_EVERY_S, so a broken
