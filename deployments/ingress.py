@@ -1,10 +1,11 @@
 """HTTP ingress: the FastAPI app the recommender calls. Orchestration lives in TipService."""
 
 import asyncio
+import functools
 import hmac
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult
 from tipgraph.periodic import Periodic
 from tipgraph.scoring import PolicyScore
-from tipgraph.service import InvalidRequest, TipgraphError, TipService
+from tipgraph.service import InvalidRequest, TipgraphError, TipService, describe_error
 from tipgraph.settings import HopSettings, HopsSettings, TipgraphSettings
 from tipgraph.store import open_store
 
@@ -177,7 +178,10 @@ class HandleStages:
     ) -> None:
         def batched(send: Any, hop: HopSettings) -> Coalescer[Any, Any]:
             return Coalescer(
-                send, max_batch_size=hop.max_batch_size, max_inflight=hop.max_inflight_batches
+                send,
+                max_batch_size=hop.max_batch_size,
+                max_inflight=hop.max_inflight_batches,
+                linger_s=hop.linger_s,
             )
 
         self._scoring = scoring
@@ -191,10 +195,11 @@ class HandleStages:
         self._score: Coalescer[tuple[np.ndarray, str], PolicyScore] = batched(
             scoring.score_batch.remote, hops.scoring
         )
-        self._shadow_score: dict[str, Coalescer[tuple[np.ndarray, str], PolicyScore]] = {
-            name: batched(handle.score_batch.remote, hops.shadows)
+        self._shadow_score: dict[str, Coalescer[tuple[np.ndarray, str, list[str]], str | None]] = {
+            name: batched(handle.shadow_batch.remote, hops.shadows)
             for name, handle in shadows.items()
         }
+        self.on_shadow_failure: Callable[[str, str], None] = lambda name, error: None
 
     def batch_sizes(self) -> dict[str, float]:
         """Mean requests per remote call, per hop (shown by /readyz)."""
@@ -218,9 +223,29 @@ class HandleStages:
         return await self._score((X, event_id))
 
     def shadow_scores(
-        self, X: np.ndarray, event_id: str
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str]
     ) -> list[tuple[str, Awaitable[PolicyScore]]]:
-        return [(name, hop.submit((X, event_id))) for name, hop in self._shadow_score.items()]
+        """Queue the event for every shadow, which scores and logs it in its own replica;
+        nothing comes back here but a failure count."""
+        for name, hop in self._shadow_score.items():
+            hop.submit((X, event_id, candidate_ids)).add_done_callback(
+                functools.partial(self._count_shadow_failure, name)
+            )
+        return []
+
+    def _count_shadow_failure(self, name: str, outcome: asyncio.Future[str | None]) -> None:
+        if outcome.cancelled():
+            return
+        error = outcome.exception()
+        if error is not None:
+            # The call failed (the replica died, say): this shadow has no row for the event.
+            self.on_shadow_failure(name, describe_error(error))
+        elif outcome.result() is not None:
+            self.on_shadow_failure(name, str(outcome.result()))
+
+    async def drain_shadows(self) -> None:
+        """Send every queued shadow event now and wait for the calls (graceful shutdown)."""
+        await asyncio.gather(*(hop.drain() for hop in self._shadow_score.values()))
 
     async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
         # One replica learns now; the others apply it from the rewards log at their sync.
@@ -264,6 +289,7 @@ class Ingress:
         )
         self._stages = HandleStages(context, generation, scoring, shadows, settings.hops)
         self._service = TipService(settings, self._stages, self._store, log)
+        self._stages.on_shadow_failure = self._service.report_shadow_failure
         self._defaults = Periodic(
             settings.learning.default_reward_check_s,
             self._service.apply_default_rewards,
@@ -320,5 +346,6 @@ class Ingress:
     async def __del__(self) -> None:
         # Graceful shutdown (SIGTERM, scale-down): write every buffered decision first.
         self._defaults.stop()
+        await self._stages.drain_shadows()
         await self._service.close()
         self._store.close()

@@ -7,19 +7,26 @@ deployment stay identical through :meth:`PolicyService.sync` (see tipgraph.scori
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 from ray import serve
 
 from tipgraph.batching import ItemFailure, gather_each, run_each
 from tipgraph.champion import ChampionFollower
+from tipgraph.decision_log import DecisionLog
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.periodic import Periodic
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService
+from tipgraph.service import failed_run, policy_run
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
 from tipgraph.store import open_store
+from tipgraph.store.records import PolicyScoresRecord
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +40,27 @@ class PolicyScorer:
         fault: FaultSettings | None = None,
         *,
         follow_registry: bool = False,
+        shadow: bool = False,
     ) -> None:
         self._fault = fault or FaultSettings()
         self._service = PolicyService(
             make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
         )
         self._store = open_store(settings.store)
+        # A shadow logs its own runs: the ingress, which every request waits on, spends
+        # nothing on rows that no response needs.
+        self._log = (
+            DecisionLog(
+                self._store,
+                flush_interval_s=settings.store.flush_interval_s,
+                batch_size=settings.store.batch_size,
+                max_buffered=settings.store.max_buffered_rows,
+                spill_path=Path(settings.store.spill_dir)
+                / f"shadow-{policy.name}-{uuid.uuid4().hex}.jsonl",
+            )
+            if shadow
+            else None
+        )
         self._follower: ChampionFollower | None = None
         if follow_registry and settings.registry.serve_alias:
             self._follower = ChampionFollower(settings, self._service, self._store)
@@ -67,6 +89,32 @@ class PolicyScorer:
             self._service.score_with_faults(X, event_id, self._fault) for X, event_id in items
         )
 
+    async def shadow_batch(
+        self, items: list[tuple[np.ndarray, str, list[str]]]
+    ) -> list[str | None]:
+        """Score every (candidate matrix, event_id, candidate_ids) as a shadow and log the
+        runs from here.  Returns each item's error (None when scored), for the caller's
+        failure count."""
+        if self._log is None:
+            raise RuntimeError("shadow_batch is for shadow deployments (bound with shadow=True)")
+        runs = await asyncio.gather(
+            *(self._shadow_run(X, event_id, ids) for X, event_id, ids in items)
+        )
+        for (_, event_id, ids), run in zip(items, runs, strict=True):
+            self._log.submit_policy_scores(event_id, [run], ids)
+        return [run.error for run in runs]
+
+    async def _shadow_run(
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str]
+    ) -> PolicyScoresRecord:
+        start = time.perf_counter()
+        try:
+            result = await self._service.score_with_faults(X, event_id, self._fault)
+        except Exception as err:  # a shadow may fail in any way; it is logged, never raised
+            latency_ms = (time.perf_counter() - start) * 1000
+            return failed_run(self._service.policy.name, f"{type(err).__name__}: {err}", latency_ms)
+        return policy_run(result, "shadow", candidate_ids, (time.perf_counter() - start) * 1000)
+
     def learn(self, reward_id: int, features: list[float], reward: float) -> bool:
         return self._service.learn(reward_id, features, reward)
 
@@ -76,8 +124,11 @@ class PolicyScorer:
     def snapshot(self) -> dict[str, object]:
         return self._service.snapshot()
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        # Graceful shutdown: a shadow writes every buffered run first.
         if self._watcher is not None:
             self._watcher.stop()
         self._syncer.stop()
+        if self._log is not None:
+            await self._log.close()
         self._store.close()

@@ -37,7 +37,7 @@ def build_graph(settings: TipgraphSettings) -> Application:
     shadows = {
         shadow.policy.name: scorer.options(
             name=shadow.deployment_name, **options[shadow.deployment_name]
-        ).bind(settings, shadow.policy, shadow.fault)
+        ).bind(settings, shadow.policy, shadow.fault, shadow=True)
         for shadow in settings.shadows
     }
     return (

@@ -159,3 +159,23 @@ async def test_gather_each_runs_calls_concurrently_and_keeps_failures_per_item()
     outcomes = await gather_each(call(x) for x in (1, 2, 3))
     assert outcomes == [1, ItemFailure("RuntimeError: no"), 3]
     assert started == [1, 2, 3]
+
+
+async def test_a_lingering_hop_collects_until_its_oldest_call_has_waited() -> None:
+    stage = Stage()
+    hop = Coalescer(stage.send, max_batch_size=8, max_inflight=1, linger_s=0.05)
+    first, second = hop.submit(1), hop.submit(2)
+    await asyncio.sleep(0.01)
+    assert stage.batches == []  # nobody waits on a lingering hop: it holds the batch
+    assert await asyncio.gather(first, second) == [10, 20]
+    assert stage.batches == [[1, 2]]
+
+
+async def test_a_full_batch_does_not_linger() -> None:
+    stage = Stage()
+    hop = Coalescer(stage.send, max_batch_size=2, max_inflight=1, linger_s=10)
+    calls = [hop.submit(i) for i in range(3)]
+    assert await asyncio.gather(*calls[:2]) == [0, 10]
+    assert stage.batches == [[0, 1]]  # [2] lingers on; drain sends it
+    await hop.drain()
+    assert calls[2].result() == 20 and stage.batches == [[0, 1], [2]]

@@ -72,6 +72,7 @@ class Coalescer(Generic[T, R]):
         *,
         max_batch_size: int,
         max_inflight: int,
+        linger_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1 or max_inflight < 1:
             raise ValueError(
@@ -81,7 +82,9 @@ class Coalescer(Generic[T, R]):
         self._send = send
         self._max_batch_size = max_batch_size
         self._max_inflight = max_inflight
-        self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
+        self._linger_s = linger_s
+        self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
@@ -93,10 +96,18 @@ class Coalescer(Generic[T, R]):
     def submit(self, item: T) -> asyncio.Future[R]:
         """Queue the item now (or send it, if a slot is free); the future gets its result.
         Cancelling the future before its batch leaves keeps the item out of the batch."""
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.append((item, future, loop.time()))
         self._dispatch()
         return future
+
+    async def drain(self) -> None:
+        """Send everything queued now, without lingering, and wait for every call out."""
+        self._linger_s = 0.0
+        self._dispatch()
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     @property
     def mean_batch_size(self) -> float:
@@ -104,11 +115,13 @@ class Coalescer(Generic[T, R]):
 
     def _dispatch(self) -> None:
         while self._queue and self._inflight < self._max_inflight:
+            if self._lingering():
+                return
             batch: list[tuple[T, asyncio.Future[R]]] = []
             while self._queue and len(batch) < self._max_batch_size:
-                entry = self._queue.popleft()
-                if not entry[1].done():  # its caller went away (client disconnected)
-                    batch.append(entry)
+                item, future, _ = self._queue.popleft()
+                if not future.done():  # its caller went away (client disconnected)
+                    batch.append((item, future))
             if not batch:
                 return
             self._inflight += 1
@@ -117,6 +130,23 @@ class Coalescer(Generic[T, R]):
             task = asyncio.ensure_future(self._deliver(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _lingering(self) -> bool:
+        """With ``linger_s``, a batch that is not full waits until its oldest item has
+        waited that long (for hops nobody waits on, like shadows: fewer, larger calls)."""
+        if not self._linger_s or len(self._queue) >= self._max_batch_size:
+            return False
+        loop = asyncio.get_running_loop()
+        delay = self._queue[0][2] + self._linger_s - loop.time()
+        if delay <= 0:
+            return False
+        if self._timer is None:
+            self._timer = loop.call_later(delay, self._linger_over)
+        return True
+
+    def _linger_over(self) -> None:
+        self._timer = None
+        self._dispatch()
 
     async def _deliver(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

@@ -112,9 +112,13 @@ class Stages(Protocol):
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore: ...
 
     def shadow_scores(
-        self, X: np.ndarray, event_id: str
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str]
     ) -> list[tuple[str, Awaitable[PolicyScore]]]:
-        """Start every shadow on the candidates; the caller must not wait for them."""
+        """Start every shadow on the candidates; the caller must not wait for them.
+
+        The caller logs each returned answer.  Stages whose shadows log their own runs
+        (the Serve graph's) return nothing.
+        """
         ...
 
     async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
@@ -164,6 +168,21 @@ def policy_run(
         chosen_candidate_id=candidate_ids[result.chosen],
         chosen_probability=result.chosen_probability,
         latency_ms=latency_ms,
+    )
+
+
+def failed_run(policy_name: str, error: str, latency_ms: float) -> PolicyScoresRecord:
+    """The log row of a shadow that failed on one event: the error, no scores."""
+    return PolicyScoresRecord(
+        policy_name=policy_name,
+        policy_version="",
+        role="shadow",
+        scores=[],
+        probabilities=[],
+        chosen_candidate_id=None,
+        chosen_probability=None,
+        latency_ms=latency_ms,
+        error=error,
     )
 
 
@@ -265,7 +284,7 @@ class TipService:
         # Every shadow starts now; one task per request (not per shadow) logs them all.
         pending = [
             (name, asyncio.ensure_future(call))
-            for name, call in self.stages.shadow_scores(X, event_id)
+            for name, call in self.stages.shadow_scores(X, event_id, candidate_ids)
         ]
         if pending:
             self._spawn(self._log_shadows(pending, event_id, candidate_ids))
@@ -304,23 +323,11 @@ class TipService:
             else:
                 runs.append(policy_run(future.result(), "shadow", candidate_ids, latency_ms))
                 continue
-            self._report_shadow_failure(name, error)
-            runs.append(
-                PolicyScoresRecord(
-                    policy_name=name,
-                    policy_version="",
-                    role="shadow",
-                    scores=[],
-                    probabilities=[],
-                    chosen_candidate_id=None,
-                    chosen_probability=None,
-                    latency_ms=latency_ms,
-                    error=error,
-                )
-            )
+            self.report_shadow_failure(name, error)
+            runs.append(failed_run(name, error, latency_ms))
         self.log.submit_policy_scores(event_id, runs, candidate_ids)
 
-    def _report_shadow_failure(self, name: str, error: str) -> None:
+    def report_shadow_failure(self, name: str, error: str) -> None:
         """Count every failure; log one line per shadow per SHADOW_LOG_EVERY_S, so a broken
         shadow costs the serving event loop a counter increment, not a log write each time."""
         self.shadow_failures[name] = self.shadow_failures.get(name, 0) + 1

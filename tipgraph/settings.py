@@ -261,6 +261,13 @@ class HopSettings(_Strict):
         "waits and joins the next batch. 1 makes the largest batches (fast CPU stages); "
         "raise it for a stage that waits on I/O, like LLM generation",
     )
+    linger_s: float = Field(
+        0.0,
+        ge=0,
+        le=5,
+        description="A batch that is not full leaves once its first request has waited this "
+        "long; only for hops nobody waits on (shadows)",
+    )
 
 
 class HopsSettings(_Strict):
