@@ -34,7 +34,13 @@ from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult
 from tipgraph.periodic import Periodic
 from tipgraph.scoring import PolicyScore
-from tipgraph.service import InvalidRequest, TipgraphError, TipService, describe_error
+from tipgraph.service import (
+    MAX_SHADOW_INFLIGHT,
+    InvalidRequest,
+    TipgraphError,
+    TipService,
+    describe_error,
+)
 from tipgraph.settings import HopSettings, HopsSettings, TipgraphSettings
 from tipgraph.store import open_store
 
@@ -200,6 +206,7 @@ class HandleStages:
             for name, handle in shadows.items()
         }
         self.on_shadow_failure: Callable[[str, str], None] = lambda name, error: None
+        self.shadows_shed = 0
 
     def batch_sizes(self) -> dict[str, float]:
         """Mean requests per remote call, per hop (shown by /readyz)."""
@@ -228,6 +235,10 @@ class HandleStages:
         """Queue the event for every shadow, which scores and logs it in its own replica;
         nothing comes back here but a failure count."""
         for name, hop in self._shadow_score.items():
+            if hop.queued >= MAX_SHADOW_INFLIGHT:
+                # A shadow that cannot keep up is skipped and counted, never queued behind.
+                self.shadows_shed += 1
+                continue
             hop.submit((X, event_id, candidate_ids)).add_done_callback(
                 functools.partial(self._count_shadow_failure, name)
             )
@@ -334,7 +345,7 @@ class Ingress:
                 "status": "ready",
                 "schema_version": version,
                 "decision_log_backlog": self._service.log.backlog,
-                "shadows_shed": self._service.shadows_shed,
+                "shadows_shed": self._service.shadows_shed + self._stages.shadows_shed,
                 "shadow_failures": self._service.shadow_failures,
                 "decision_log_spilled": self._service.log.spilled,
                 "feedback_held": self._service.held_feedback,

@@ -110,6 +110,11 @@ class Coalescer(Generic[T, R]):
             await asyncio.wait(set(self._tasks))
 
     @property
+    def queued(self) -> int:
+        """Calls waiting for a batch (not counting those already out)."""
+        return len(self._queue)
+
+    @property
     def mean_batch_size(self) -> float:
         return self.items / self.batches if self.batches else 0.0
 
