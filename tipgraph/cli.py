@@ -1,17 +1,21 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
-render-serve-config, render-k3s."""
+render-serve-config, render-k3s, config show, migrate."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import yaml
 
 from tipgraph.serve_config import SERVE_ENV
 from tipgraph.settings import load_settings, resolve_paths
@@ -228,6 +232,49 @@ def _render_k3s(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^/@:\s]*):[^/@\s]*@")
+MASK = "**********"
+
+
+def mask_secrets(value: object) -> object:
+    """The configuration with secrets hidden: SecretStr fields come out of pydantic as
+    ``**********`` already; this also hides passwords inside URLs (``user:***@host``)."""
+    if isinstance(value, dict):
+        return {key: mask_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(item) for item in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", value)
+    return value
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    shown = mask_secrets(settings.model_dump(mode="json"))
+    if args.format == "json":
+        print(json.dumps(shown, indent=2))
+    else:
+        print(yaml.safe_dump(shown, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from tipgraph.store import StoreError, make_store
+
+    settings = load_settings(args.config).store
+    store = make_store(settings)
+    try:
+        store.open()  # applies every pending migration, in order, idempotently
+        version = store.schema_version()
+    except StoreError as err:
+        print(f"tipgraph: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        store.close()
+    print(f"decision store {mask_secrets(settings.url)}: schema version {version}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tipgraph", description=__doc__)
     parser.add_argument(
@@ -326,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 3 if a patch differs instead of writing it"
     )
     k3s.set_defaults(func=_render_k3s)
+
+    config = commands.add_parser("config", help="inspect the effective configuration")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_commands.add_parser(
+        "show", help="print the configuration after YAML and environment, secrets masked"
+    )
+    show.add_argument("--format", choices=("yaml", "json"), default="yaml")
+    show.set_defaults(func=_config_show)
+
+    migrate = commands.add_parser(
+        "migrate", help="apply the decision store's pending migrations (idempotent)"
+    )
+    migrate.set_defaults(func=_migrate)
     return parser
 
 

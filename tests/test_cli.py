@@ -1,0 +1,76 @@
+"""`tipgraph config show` and `tipgraph migrate`: what operators run before anything else."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tipgraph.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+from tipgraph.store.migrate import load_migrations
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tipgraph.yaml")
+
+
+def test_config_show_prints_the_effective_config_with_every_secret_masked(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TIPGRAPH_API_TOKEN", "token-abc123")
+    monkeypatch.setenv("TIPGRAPH_PRIVACY__USER_KEY_SECRET", "hmac-key-xyz")
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", "postgresql://tipgraph:hunter2@db:5432/tipgraph")
+    monkeypatch.setenv("TIPGRAPH_HOPS__SCORING__MAX_BATCH_SIZE", "7")
+
+    assert main(["--config", CONFIG, "config", "show"]) == EXIT_OK
+    out = capsys.readouterr().out
+    for secret in ("token-abc123", "hmac-key-xyz", "hunter2"):
+        assert secret not in out
+    shown = yaml.safe_load(out)
+    assert shown["store"]["url"] == "postgresql://tipgraph:**********@db:5432/tipgraph"
+    assert shown["auth"]["api_token"] == "**********"
+    assert shown["privacy"]["user_key_secret"] == "**********"
+    # The file and the environment, merged: what the services will actually run with.
+    assert shown["policy"]["name"] == "linucb"
+    assert shown["hops"]["scoring"]["max_batch_size"] == 7
+    assert [s["policy"]["name"] for s in shown["shadows"]] == ["egreedy", "uniform"]
+
+
+def test_config_show_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", CONFIG, "config", "show", "--format", "json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["serve"]["port"] == 8000
+
+
+def test_config_without_an_action_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["config"])
+    assert exit_.value.code == EXIT_USAGE
+
+
+def test_migrate_brings_a_new_store_to_the_latest_schema_idempotently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "new" / "tipgraph.db"
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", f"sqlite:///{db}")
+    latest = max(m.version for m in load_migrations("sqlite"))
+    for _ in range(2):
+        assert main(["--config", CONFIG, "migrate"]) == EXIT_OK
+        assert capsys.readouterr().out.strip() == (
+            f"decision store sqlite:///{db}: schema version {latest}"
+        )
+    assert db.exists()
+
+
+def test_migrate_against_an_unreachable_database_says_so_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", f"postgresql://nobody:pw@127.0.0.1:{port}/none")
+    monkeypatch.setenv("TIPGRAPH_STORE__TIMEOUT_S", "2")
+    assert main(["--config", CONFIG, "migrate"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("tipgraph: error:") and "Traceback" not in err
+    assert "pw@" not in err
