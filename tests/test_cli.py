@@ -6,6 +6,7 @@ import json
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -74,3 +75,60 @@ def test_migrate_against_an_unreachable_database_says_so_without_a_traceback(
     err = capsys.readouterr().err
     assert err.startswith("tipgraph: error:") and "Traceback" not in err
     assert "pw@" not in err
+
+
+@pytest.fixture(scope="module")
+def learned_log(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tipgraph.settings import TipgraphSettings
+    from tipgraph.simulator import run_local
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('log')}/log.db"
+    run_local(TipgraphSettings(store={"url": url}), users=5, decisions=40, seed=2, block=40)
+    return url
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_export_writes_the_import_format_and_imports_back_to_the_same_events(
+    learned_log: str,
+    suffix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tipgraph.settings import StoreSettings
+    from tipgraph.store import open_store
+    from tuning.data import load_log
+    from tuning.importer import import_log
+
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", learned_log)
+    out = tmp_path / f"decisions{suffix}"
+    assert main(["--config", CONFIG, "export", "--out", str(out)]) == EXIT_OK
+    assert capsys.readouterr().out.startswith("exported 40 decisions")
+
+    imported = import_log(out).log
+    with open_store(StoreSettings(url=learned_log)) as store:
+        logged = load_log(store)
+    assert imported.n_events == logged.n_events == 40
+    assert list(imported.event_id) == list(logged.event_id)
+    np.testing.assert_allclose(imported.X, logged.X)
+    np.testing.assert_allclose(imported.pscore, logged.pscore)
+    np.testing.assert_array_equal(imported.chosen, logged.chosen)
+    np.testing.assert_allclose(imported.reward, logged.reward)
+
+
+def test_export_filters_and_refuses_what_it_cannot_write(
+    learned_log: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", learned_log)
+    out = str(tmp_path / "x.csv")
+    assert main(["--config", CONFIG, "export", "--out", out, "--policy", "nobody"]) == EXIT_ERROR
+    assert "no logged decisions match" in capsys.readouterr().err
+    assert main(["--config", CONFIG, "export", "--out", out, "--since", "2999-01-01"]) == EXIT_ERROR
+    assert main(["--config", CONFIG, "export", "--out", out, "--since", "yesterday"]) == EXIT_ERROR
+    assert "Invalid isoformat" in capsys.readouterr().err
+    bad = str(tmp_path / "x.xlsx")
+    assert main(["--config", CONFIG, "export", "--out", bad]) == EXIT_ERROR
+    assert "expected a .csv or .parquet file" in capsys.readouterr().err

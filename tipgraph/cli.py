@@ -1,5 +1,5 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
-render-serve-config, render-k3s, config show, migrate."""
+render-serve-config, render-k3s, config show, migrate, export."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -275,6 +276,27 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _export(args: argparse.Namespace) -> int:
+    from tipgraph.store import open_store
+    from tuning.export import export_log
+
+    since = datetime.fromisoformat(args.since) if args.since else None
+    until = datetime.fromisoformat(args.until) if args.until else None
+    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    with open_store(settings.store) as store:
+        events, rows = export_log(
+            store,
+            Path(args.out),
+            since=since,
+            until=until,
+            policy_name=args.policy,
+            prompt_version=args.prompt_version,
+            feature_version=args.feature_version,
+        )
+    print(f"exported {events} decisions ({rows} candidate rows) to {args.out}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tipgraph", description=__doc__)
     parser.add_argument(
@@ -386,6 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="apply the decision store's pending migrations (idempotent)"
     )
     migrate.set_defaults(func=_migrate)
+
+    export = commands.add_parser(
+        "export", help="logged decisions with rewards to CSV or Parquet (the import format)"
+    )
+    export.add_argument("--out", required=True, help="a .csv or .parquet file")
+    export.add_argument("--since", default=None, help="ISO 8601, inclusive")
+    export.add_argument("--until", default=None, help="ISO 8601, exclusive")
+    export.add_argument("--policy", default=None, help="only decisions served by this policy")
+    export.add_argument("--prompt-version", default=None)
+    export.add_argument("--feature-version", default=None)
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -17,6 +17,8 @@ action         optional action id (a string): joint features get one block per a
 ctx_<name>     a context feature, equal on every row of the event
 act_<name>     a feature of this row's action (candidate)
 x_<name>       a joint feature, used as given (cannot be mixed with ctx_ / act_)
+meta_<name>    ignored: context for people (``tipgraph export`` writes the policy, prompt
+               version, reward source and feature version here)
 =============  ========================================================================
 
 The joint vector a policy learns on is ``x_*`` when given.  Otherwise it is built like
@@ -147,7 +149,9 @@ def import_log(path: str | Path) -> ImportedLog:
     if missing:
         raise LogImportError(f"{path.name}: missing required column(s) {missing}")
     unknown = [
-        c for c in columns if c not in (*REQUIRED, "action") and not c.startswith(FEATURE_PREFIXES)
+        c
+        for c in columns
+        if c not in (*REQUIRED, "action") and not c.startswith((*FEATURE_PREFIXES, "meta_"))
     ]
     if unknown:
         raise LogImportError(
