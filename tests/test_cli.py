@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tipgraph.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
+from tipgraph.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 from tipgraph.store.migrate import load_migrations
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tipgraph.yaml")
@@ -132,3 +132,32 @@ def test_export_filters_and_refuses_what_it_cannot_write(
     bad = str(tmp_path / "x.xlsx")
     assert main(["--config", CONFIG, "export", "--out", bad]) == EXIT_ERROR
     assert "expected a .csv or .parquet file" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "docs" / "configuration.md"
+
+
+def test_the_configuration_reference_matches_the_settings_model(tmp_path: Path) -> None:
+    assert main(["render-config-docs", "--check", "--out", str(REFERENCE)]) == EXIT_OK
+    stale = tmp_path / "configuration.md"
+    stale.write_text(REFERENCE.read_text(encoding="utf-8").replace("linger_s", "linger"))
+    assert main(["render-config-docs", "--check", "--out", str(stale)]) == EXIT_DRIFT
+
+
+def test_the_reference_names_variables_that_work_and_never_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tipgraph.settings import load_settings
+
+    text = REFERENCE.read_text(encoding="utf-8")
+    assert "tipgraph-dev-only-secret" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| `hops.shadows.linger_s`"))
+    variable = row.split("`")[5]
+    assert variable == "TIPGRAPH_HOPS__SHADOWS__LINGER_S"
+    monkeypatch.setenv(variable, "0.2")
+    assert load_settings(CONFIG).hops.shadows.linger_s == 0.2
+    nested = "TIPGRAPH_DEPLOYMENTS__<NAME>__AUTOSCALING__MAX_REPLICAS"
+    assert nested in text
+    monkeypatch.setenv(nested.replace("<NAME>", "SCORING"), "2")
+    assert load_settings(CONFIG).deployments["scoring"].autoscaling.max_replicas == 2

@@ -1,5 +1,5 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
-render-serve-config, render-k3s, config show, migrate, export."""
+render-serve-config, render-k3s, render-config-docs, config show, migrate, export."""
 
 from __future__ import annotations
 
@@ -194,15 +194,25 @@ def _render_serve_config(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     text = render_serve_config_text(settings, args.config_ref)
-    out = Path(args.out)
-    if args.check:
+    return _write_or_check(Path(args.out), text, args.check, args.config_ref, "render-serve-config")
+
+
+def _render_config_docs(args: argparse.Namespace) -> int:
+    from tipgraph.config_docs import render_config_docs
+
+    text = render_config_docs()
+    return _write_or_check(
+        Path(args.out), text, args.check, "the settings model", "render-config-docs"
+    )
+
+
+def _write_or_check(out: Path, text: str, check: bool, source: str, command: str) -> int:
+    """Write a generated file, or with ``check`` exit 3 when the committed one drifted."""
+    if check:
         if not out.exists() or out.read_text(encoding="utf-8") != text:
-            print(
-                f"{out} is out of date with {args.config_ref}; run `tipgraph render-serve-config`",
-                file=sys.stderr,
-            )
+            print(f"{out} is out of date with {source}; run `tipgraph {command}`", file=sys.stderr)
             return EXIT_DRIFT
-        print(f"{out} matches {args.config_ref}")
+        print(f"{out} matches {source}")
         return EXIT_OK
     out.write_text(text, encoding="utf-8")
     print(f"wrote {out}")
@@ -395,6 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 3 if a patch differs instead of writing it"
     )
     k3s.set_defaults(func=_render_k3s)
+
+    config_docs = commands.add_parser(
+        "render-config-docs", help="write docs/configuration.md from the settings model"
+    )
+    config_docs.add_argument("--out", default="docs/configuration.md")
+    config_docs.add_argument(
+        "--check", action="store_true", help="exit 3 if the file differs instead of writing it"
+    )
+    config_docs.set_defaults(func=_render_config_docs)
 
     config = commands.add_parser("config", help="inspect the effective configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
