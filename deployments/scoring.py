@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from tipgraph.batching import ItemFailure, gather_each, run_each
+from tipgraph.batching import ItemFailure, run_each
 from tipgraph.champion import ChampionFollower
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.periodic import Periodic
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService
-from tipgraph.service import failed_run, policy_run
+from tipgraph.service import describe_error, failed_run, policy_run
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
 from tipgraph.store import open_store
 from tipgraph.store.records import PolicyScoresRecord
@@ -82,12 +82,9 @@ class PolicyScorer:
     async def score_batch(
         self, items: list[tuple[np.ndarray, str]]
     ) -> list[PolicyScore | ItemFailure]:
-        """The policy's answer for every (candidate matrix, event_id), in order."""
-        if not self._fault.delay_s and not self._fault.fail:
-            return run_each(lambda item: self._service.score(*item), items)
-        return await gather_each(
-            self._service.score_with_faults(X, event_id, self._fault) for X, event_id in items
-        )
+        """The served policy's answer for every (candidate matrix, event_id), in order.
+        (Faults are for shadows: they apply in :meth:`shadow_batch`.)"""
+        return run_each(lambda item: self._service.score(*item), items)
 
     async def shadow_batch(
         self, items: list[tuple[np.ndarray, str, list[str]]]
@@ -112,7 +109,7 @@ class PolicyScorer:
             result = await self._service.score_with_faults(X, event_id, self._fault)
         except Exception as err:  # a shadow may fail in any way; it is logged, never raised
             latency_ms = (time.perf_counter() - start) * 1000
-            return failed_run(self._service.policy.name, f"{type(err).__name__}: {err}", latency_ms)
+            return failed_run(self._service.policy.name, describe_error(err), latency_ms)
         return policy_run(result, "shadow", candidate_ids, (time.perf_counter() - start) * 1000)
 
     def learn(self, reward_id: int, features: list[float], reward: float) -> bool:
