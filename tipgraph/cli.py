@@ -20,6 +20,7 @@ import yaml
 
 from tipgraph.serve_config import SERVE_ENV
 from tipgraph.settings import load_settings, resolve_paths
+from tipgraph.store import StoreError
 
 if TYPE_CHECKING:
     from tipgraph.simulator import Block
@@ -270,16 +271,13 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from tipgraph.store import StoreError, make_store
+    from tipgraph.store import make_store
 
     settings = load_settings(args.config).store
     store = make_store(settings)
     try:
         store.open()  # applies every pending migration, in order, idempotently
         version = store.schema_version()
-    except StoreError as err:
-        print(f"tipgraph: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
     finally:
         store.close()
     print(f"decision store {mask_secrets(settings.url)}: schema version {version}")
@@ -453,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1")
     try:
         code: int = args.func(args)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, StoreError) as err:
         print(f"tipgraph: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     return code
