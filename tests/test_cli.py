@@ -134,6 +134,80 @@ def test_export_filters_and_refuses_what_it_cannot_write(
     assert "expected a .csv or .parquet file" in capsys.readouterr().err
 
 
+def test_export_reports_progress_up_to_every_event(learned_log: str, tmp_path: Path) -> None:
+    from tipgraph.settings import StoreSettings
+    from tipgraph.store import open_store
+    from tuning.export import export_log
+
+    seen: list[tuple[int, int]] = []
+    with open_store(StoreSettings(url=learned_log)) as store:
+        export_log(store, tmp_path / "x.csv", on_progress=lambda *done: seen.append(done))
+    assert seen and seen[-1] == (40, 40)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+def test_status_names_every_unreachable_part_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tipgraph.settings import TipgraphSettings
+    from tipgraph.status import Section, Status, decision_log_status, format_status, registry_status
+
+    monkeypatch.chdir(tmp_path)
+    registry_db = tmp_path / "mlflow.db"
+    settings = TipgraphSettings(
+        store={"url": "postgresql://nobody:pw@127.0.0.1:9/none"},
+        registry={"tracking_uri": f"sqlite:///{registry_db}"},
+    )
+    registry = registry_status(settings)
+    assert registry.ok and registry.data["champion"] is None
+    assert not registry_db.exists()  # a status check never writes
+
+    log = decision_log_status(settings, "http://127.0.0.1:9/app", timeout_s=2)
+    assert not log.ok and log.error is not None
+    assert "ingress unreachable at http://127.0.0.1:9/app/readyz" in log.error
+    assert "decision store unreachable" in log.error
+
+    serve = Section(ok=False, error="no Ray cluster at auto")
+    text = format_status(Status(serve=serve, registry=registry, decision_log=log))
+    assert "Serve: PROBLEM: no Ray cluster at auto" in text
+    assert "tip-policy: champion version none, challenger version none" in text
+    assert "Decision log: PROBLEM: ingress unreachable" in text
+    assert Status(serve=serve, registry=registry, decision_log=log).healthy is False
+
+
+def test_status_lists_applications_with_replica_counts() -> None:
+    from tipgraph.status import Section, Status, format_status
+
+    app = {
+        "name": "tipgraph",
+        "status": "RUNNING",
+        "message": "",
+        "deployments": [
+            {"name": "scoring", "status": "UPSCALING", "replicas": {"RUNNING": 2, "STARTING": 1}}
+        ],
+    }
+    ok = Section(ok=True, data={"apps": [app]})
+    registry = Section(
+        ok=True,
+        data={"model": "tip-policy", "champion": "3", "challenger": "4", "serving_follows": None},
+    )
+    log = Section(
+        ok=True,
+        data={
+            "decision_log_backlog": 7,
+            "decision_log_spilled": 0,
+            "feedback_held": 1,
+            "stored": {"decisions": 10, "rewards": 8, "default_rewards": 2, "feedback": 6},
+        },
+    )
+    text = format_status(Status(serve=ok, registry=registry, decision_log=log))
+    assert "application tipgraph: RUNNING" in text
+    assert "scoring" in text and "replicas: 2 RUNNING, 1 STARTING" in text
+    assert "champion version 3, challenger version 4" in text
+    assert "backlog 7 decisions, 0 spilled, 1 feedback held" in text
+    assert "store: 10 decisions, 8 rewards (2 default), 6 feedback" in text
+
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "docs" / "configuration.md"
 

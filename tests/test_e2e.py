@@ -10,6 +10,7 @@ import asyncio
 import json
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -868,3 +869,59 @@ def test_a_killed_scoring_replica_is_replaced_and_rebuilt_from_the_store(
         serve.delete("kill")
         app.client.close()
         drop_schemas(postgres_url, [str(settings.store.pg_schema)])
+
+
+def test_status_reports_the_running_graph_the_champion_and_the_backlog(
+    serve_apps: dict[str, App], tmp_path: Path
+) -> None:
+    import ray
+
+    from tests.test_registry import evidence, trained
+    from tuning.registry import PolicyRegistry
+
+    app = serve_apps["main"]
+    for _ in range(3):
+        assert app.client.post("/v1/tips", json=tip_body()).status_code == 200
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = PolicyRegistry(tracking_uri)
+    version = registry.register(trained("linucb", 0), evidence(0.8))
+    registry.promote(force=True)
+    config = tmp_path / "status.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "store": app.settings.store.model_dump(mode="json"),
+                "registry": {"tracking_uri": tracking_uri, "serve_alias": "champion"},
+            }
+        )
+    )
+
+    def status(url: str) -> subprocess.CompletedProcess[str]:
+        address = ray.get_runtime_context().gcs_address
+        command = ["status", "--format", "json", "--url", url, "--ray-address", address]
+        return subprocess.run(
+            [sys.executable, "-m", "tipgraph.cli", "--config", str(config), *command],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    done = status(str(app.client.base_url))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    apps = {entry["name"]: entry for entry in report["serve"]["data"]["apps"]}
+    assert apps["main"]["status"] == "RUNNING" and apps["faulty"]["status"] == "RUNNING"
+    deployments = {entry["name"]: entry for entry in apps["main"]["deployments"]}
+    expected = {"ingress", "context", "generation", "scoring", "shadow_egreedy", "shadow_uniform"}
+    assert deployments.keys() == expected
+    assert all(entry["replicas"].get("RUNNING", 0) >= 1 for entry in deployments.values())
+    assert report["registry"]["data"]["champion"] == version
+    log = report["decision_log"]["data"]
+    assert isinstance(log["decision_log_backlog"], int) and log["decision_log_spilled"] == 0
+    assert log["stored"]["decisions"] >= 3
+    assert report["healthy"] is True
+
+    down = status("http://127.0.0.1:9/nowhere")
+    assert down.returncode == 1
+    assert "ingress unreachable at http://127.0.0.1:9/nowhere/readyz" in down.stdout

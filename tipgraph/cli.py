@@ -1,5 +1,5 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
-render-serve-config, render-k3s, render-config-docs, config show, migrate, export."""
+render-serve-config, render-k3s, render-config-docs, config show, migrate, export, status."""
 
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from tipgraph.progress import progress_bar
     from tipgraph.simulator import format_block, run_http, run_local, summarise
 
     settings = load_settings(args.config)
@@ -90,8 +91,12 @@ def _simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
 
+    bar = progress_bar(args.decisions, "decisions", enabled=not args.no_progress)
+
     def show(block: Block) -> None:
-        print(format_block(block), flush=True)
+        bar.update(block.last - bar.n)
+        # Through the bar, so the block lines scroll above it instead of through it.
+        bar.write(format_block(block))
 
     if args.in_process:
         if args.store_url:
@@ -116,6 +121,7 @@ def _simulate(args: argparse.Namespace) -> int:
             on_block=show,
             api_token=args.token,
         )
+    bar.close()
     print(summarise(blocks))
     return EXIT_OK if all(block.errors == 0 for block in blocks) else EXIT_ERROR
 
@@ -284,14 +290,38 @@ def _migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    from tipgraph.status import collect, format_status
+
+    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    serve = settings.serve
+    host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
+    url = args.url or f"http://{host}:{serve.port}{serve.route_prefix.rstrip('/')}"
+    status = collect(settings, ray_address=args.ray_address, url=url)
+    if args.format == "json":
+        print(json.dumps(mask_secrets(status.to_dict()), indent=2))
+    else:
+        print(format_status(status))
+    return EXIT_OK if status.healthy else EXIT_ERROR
+
+
 def _export(args: argparse.Namespace) -> int:
+    from tipgraph.progress import progress_bar
     from tipgraph.store import open_store
     from tuning.export import export_log
 
     since = datetime.fromisoformat(args.since) if args.since else None
     until = datetime.fromisoformat(args.until) if args.until else None
     settings = resolve_paths(load_settings(args.config), Path.cwd())
-    with open_store(settings.store) as store:
+    with (
+        open_store(settings.store) as store,
+        progress_bar(None, "decisions", enabled=not args.no_progress) as bar,
+    ):
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
         events, rows = export_log(
             store,
             Path(args.out),
@@ -300,9 +330,18 @@ def _export(args: argparse.Namespace) -> int:
             policy_name=args.policy,
             prompt_version=args.prompt_version,
             feature_version=args.feature_version,
+            on_progress=advance,
         )
     print(f"exported {events} decisions ({rows} candidate rows) to {args.out}")
     return EXIT_OK
+
+
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none anyway when stderr is not a terminal)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --in-process: decision log URL (default: the config's store.url)",
     )
+    _add_no_progress(simulate)
     simulate.set_defaults(func=_simulate)
 
     comparison = commands.add_parser(
@@ -426,6 +466,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(func=_migrate)
 
+    status = commands.add_parser(
+        "status",
+        help="Serve applications and replicas, champion version, decision-log backlog "
+        "(exit 1 if anything is unhealthy or unreachable)",
+    )
+    status.add_argument(
+        "--ray-address", default="auto", help="the Ray cluster (default: the local one)"
+    )
+    status.add_argument(
+        "--url", default=None, help="the app's base URL (default: from the config's serve.*)"
+    )
+    status.add_argument("--format", choices=("text", "json"), default="text")
+    status.set_defaults(func=_status)
+
     export = commands.add_parser(
         "export", help="logged decisions with rewards to CSV or Parquet (the import format)"
     )
@@ -435,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--policy", default=None, help="only decisions served by this policy")
     export.add_argument("--prompt-version", default=None)
     export.add_argument("--feature-version", default=None)
+    _add_no_progress(export)
     export.set_defaults(func=_export)
     return parser
 

@@ -9,6 +9,7 @@ reward source, feature version).  An exported file imports back to the same even
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tipgraph.store import DecisionStore
 from tipgraph.store.records import LoggedEvent
 
 FORMATS = (".csv", ".parquet")
+PROGRESS_EVERY = 1000
 
 
 def _feature_columns(events: list[LoggedEvent]) -> list[str]:
@@ -34,13 +36,18 @@ def _feature_columns(events: list[LoggedEvent]) -> list[str]:
     return [f"x_{name}" for name in names]
 
 
-def events_frame(events: list[LoggedEvent]) -> pd.DataFrame:
-    """The long table: one row per candidate, events in time order."""
+def events_frame(
+    events: list[LoggedEvent], on_progress: Callable[[int, int], None] | None = None
+) -> pd.DataFrame:
+    """The long table: one row per candidate, events in time order; ``on_progress(done,
+    total)`` after every ``PROGRESS_EVERY`` events and at the end."""
     if not events:
         raise ValueError("no logged decisions match: nothing to export")
     features = _feature_columns(events)
     rows = []
-    for e in events:
+    for done, e in enumerate(events, start=1):
+        if on_progress is not None and (done % PROGRESS_EVERY == 0 or done == len(events)):
+            on_progress(done, len(events))
         timestamp = e.created_at.isoformat()
         for i, (x, p) in enumerate(zip(e.features, e.probabilities, strict=True)):
             chosen = i == e.chosen
@@ -69,6 +76,7 @@ def export_log(
     policy_name: str | None = None,
     prompt_version: str | None = None,
     feature_version: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
     """Write the selected decisions to ``out`` (.csv or .parquet); (events, rows) written."""
     if out.suffix.lower() not in FORMATS:
@@ -78,7 +86,7 @@ def export_log(
     )
     if feature_version is not None:
         events = [e for e in events if e.feature_version == feature_version]
-    frame = events_frame(events)
+    frame = events_frame(events, on_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         frame.to_csv(out, index=False)
