@@ -146,6 +146,36 @@ def test_export_reports_progress_up_to_every_event(learned_log: str, tmp_path: P
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
 
 
+def test_report_through_the_cli_names_configured_shadows_without_data(
+    learned_log: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", learned_log)
+    out = tmp_path / "report"
+    assert main(["--config", CONFIG, "report", "--out", str(out)]) == EXIT_OK
+    written = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote")]
+    assert {Path(line.split()[-1]).name for line in written} == {
+        "ope_value.png",
+        "reward_over_time.png",
+        "shadow_agreement.png",
+        "value_by_prompt_version.png",
+        "fallback_rate.png",
+        "report.html",
+        "report.json",
+    }
+    page = (out / "report.html").read_text(encoding="utf-8")
+    # The log was made without shadows; the configured ones are listed with no data.
+    shadows = yaml.safe_load(Path(CONFIG).read_text())["shadows"]
+    assert shadows and all(s["policy"]["name"] in page for s in shadows)
+    assert "no data" in page
+    empty = tmp_path / "empty.db"
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", f"sqlite:///{empty}")
+    assert main(["--config", CONFIG, "report", "--out", str(out)]) == EXIT_ERROR
+    assert "no logged decisions with rewards" in capsys.readouterr().err
+
+
 def test_status_names_every_unreachable_part_and_creates_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -7,6 +7,7 @@ an MLflow run, and the winner is registered, loaded back and promoted.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -24,13 +25,18 @@ from tipgraph.simulator import run_local
 from tipgraph.store import open_store
 from tuning.data import TrainingLog
 from tuning.registry import CHALLENGER, CHAMPION, PolicyRegistry
+from tuning.report_render import PLOTS
 from tuning.simulated_log import simulate_log
 from tuning.sweep import (
     KIND_PARAMETERS,
+    REPORT_ARTIFACT_DIR,
+    EvaluationSettings,
     LogSource,
     SearchSpace,
     SweepError,
+    TrialProgress,
     TuningSettings,
+    attach_report,
     evaluate,
     feature_label,
     load_tuning_settings,
@@ -42,6 +48,10 @@ from tuning.sweep import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+REPORT_ARTIFACTS = sorted(
+    f"{REPORT_ARTIFACT_DIR}/{name}"
+    for name in [plot.filename for plot in PLOTS] + ["report.html", "report.json"]
+)
 POOR_DEFAULT = PolicySettings(name="baseline", kind="baseline", epsilon=0.3)
 """Serves the generator's first candidate 70% of the time, whatever the user does."""
 
@@ -192,6 +202,14 @@ def test_sweep_beats_a_poor_default_and_registers_a_model_that_loads_back(
         assert run.data.metrics["n_events"] == 2000
 
     # The registered challenger: the winner, warm on the log, with its evidence.
+    # The report on the same log is attached to the sweep's run and the winner's.
+    assert any(line.startswith("attached the report") for line in lines)
+    for run_id in (result.sweep_run_id, result.winner.run_id):
+        assert run_id is not None
+        listed = registry.client.list_artifacts(run_id, REPORT_ARTIFACT_DIR)
+        assert sorted(a.path for a in listed) == REPORT_ARTIFACTS
+        assert all(a.file_size for a in listed)
+
     assert result.registered_version == registry.version_of(CHALLENGER) == "1"
     tags = registry.tags_of("1")
     assert tags["trained_through_reward_id"] == str(last_reward_id)
@@ -246,6 +264,9 @@ def test_python_m_tuning_sweep_runs_from_a_config_file(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[  2/2] egreedy" in done.stdout
     assert "winner: trial" in done.stdout and "registered" not in done.stdout
+    # A simulated log has no shadows or prompts to plot: the report is skipped, saying why.
+    assert "report: not attached (the log comes from 'simulator'" in done.stdout
+    assert "trials:" not in done.stderr  # no progress bar: stderr is not a terminal
     assert PolicyRegistry(env["TIPGRAPH_REGISTRY__TRACKING_URI"]).version_of(CHALLENGER) is None
 
 
@@ -261,3 +282,68 @@ def test_a_bad_tuning_config_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "num_samples" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_report_on_the_decision_log_is_attached_to_mlflow_runs(tmp_path: Path) -> None:
+    settings = TipgraphSettings(
+        store={"url": f"sqlite:///{tmp_path}/decisions.db"},
+        registry={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+        shadows=[{"policy": {"name": "uniform", "kind": "uniform"}}],
+    )
+    run_local(settings, users=5, decisions=60, seed=2, block=60)
+    registry = PolicyRegistry(settings.registry.tracking_uri)
+    experiment = registry.experiment_id("report-test")
+    runs = [registry.client.create_run(experiment).info.run_id for _ in range(2)]
+    paths = attach_report(
+        registry.client, runs, settings.store, LogSource(), EvaluationSettings(), settings
+    )
+    assert sorted(paths) == REPORT_ARTIFACTS
+    for run_id in runs:
+        listed = registry.client.list_artifacts(run_id, REPORT_ARTIFACT_DIR)
+        assert sorted(a.path for a in listed) == REPORT_ARTIFACTS
+    page = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=runs[0],
+            artifact_path=f"{REPORT_ARTIFACT_DIR}/report.html",
+            dst_path=str(tmp_path / "download"),
+            tracking_uri=settings.registry.tracking_uri,
+        )
+    ).read_text(encoding="utf-8")
+    assert "<td>linucb</td>" in page and "<td>uniform</td>" in page
+
+    with pytest.raises(ValueError, match="no logged decisions with rewards"):
+        attach_report(
+            registry.client,
+            runs,
+            settings.store,
+            LogSource(prompt_version="nope"),
+            EvaluationSettings(),
+            settings,
+        )
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_trial_progress_shows_on_a_terminal_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quiet = TrialProgress(3, enabled=True)  # pytest's stderr is no terminal
+    assert not quiet.active and quiet.printer(print) is print
+    quiet.close()
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert not TrialProgress(3, enabled=False).active  # --no-progress
+    bar = TrialProgress(3, enabled=True)
+    assert bar.active
+    write = bar.printer(print)
+    for lower in (0.25, None, 0.5):
+        write(f"trial {lower}")
+        bar.trial_done(lower)
+    bar.close()
+    assert (bar.done, bar.failed, bar.best) == (3, 1, 0.5)
+    shown = terminal.getvalue()  # tqdm redraws at most every 0.1 s: some states only
+    assert "/3 [" in shown and "trials/s" in shown and "best lower 0." in shown
+    assert capsys.readouterr().out.splitlines() == ["trial 0.25", "trial None", "trial 0.5"]

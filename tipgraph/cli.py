@@ -1,5 +1,6 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
-render-serve-config, render-k3s, render-config-docs, config show, migrate, export, status."""
+render-serve-config, render-k3s, render-config-docs, config show, migrate, export, status,
+report."""
 
 from __future__ import annotations
 
@@ -64,9 +65,11 @@ def _serve(args: argparse.Namespace) -> int:
     token = settings.auth.api_token.get_secret_value()
     # Only make run's well-known local token is ever printed; a real one stays secret.
     shown = token if token == LOCAL_DEV_TOKEN else "$TIPGRAPH_API_TOKEN"
+    ray_address = ray.get_runtime_context().gcs_address
     print(
         f"tipgraph is serving on {url}  (API docs: {url}/docs; decision log: "
-        f"{settings.store.url}). /v1 needs 'Authorization: Bearer {shown}'. Ctrl-C stops it.",
+        f"{mask_secrets(settings.store.url)}). /v1 needs 'Authorization: Bearer {shown}'. "
+        f"`tipgraph status --ray-address {ray_address}` shows the deployments. Ctrl-C stops it.",
         flush=True,
     )
 
@@ -160,6 +163,12 @@ def _compare_policies(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from tuning.sweep import run_from_args
+
+    return run_from_args(args, tipgraph_config=args.config)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from tuning.report import run_from_args
 
     return run_from_args(args, tipgraph_config=args.config)
 
@@ -407,6 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tune_arguments(tune)
     tune.set_defaults(func=_tune)
+
+    from tuning.report import add_arguments as add_report_arguments
+
+    report = commands.add_parser(
+        "report",
+        help="plots of the decision log (OPE value per policy, reward over time, shadow "
+        "agreement, value per prompt_version, fallback rate) as PNGs + one HTML page",
+    )
+    add_report_arguments(report)
+    report.set_defaults(func=_report)
 
     who = os.environ.get("USER", "unknown")
     promote = commands.add_parser(

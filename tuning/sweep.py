@@ -11,6 +11,8 @@ The winner is replayed once more in the driver, which leaves it warm-started on 
 log, and registered as ``tip-policy@challenger`` together with the estimate of the current
 champion (or, before there is one, of the served policy) on the same log, so that
 ``tipgraph promote`` can judge it.  Every trial is an MLflow run nested under the sweep's run.
+When the log is the decision log, the plots of ``tipgraph report`` on it are attached to the
+sweep's run and the winner's, under ``report/``.
 
 Run it as ``tipgraph tune --config configs/tuning.yaml`` or ``python -m tuning.sweep``.
 """
@@ -21,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from tipgraph.settings import (
     FeatureGroup,
     PolicyKind,
     PolicySettings,
+    StoreSettings,
     TipgraphSettings,
     load_settings,
     resolve_paths,
@@ -53,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TUNING_CONFIG = Path("configs/tuning.yaml")
 METRIC = "lower"
+REPORT_ARTIFACT_DIR = "report"
 ALL_FEATURES = "all"
 KIND_PARAMETERS: dict[str, tuple[str, ...]] = {
     "linucb": ("ridge", "epsilon", "alpha"),
@@ -286,9 +291,7 @@ def read_training_log(log: LogSource, settings: TipgraphSettings) -> TrainingLog
     from tipgraph.store import open_store
     from tuning.data import load_training_log
 
-    store_settings = settings.store
-    if log.store_url is not None:
-        store_settings = store_settings.model_copy(update={"url": log.store_url})
+    store_settings = log_store_settings(log, settings)
     with open_store(store_settings) as store:
         return load_training_log(
             store,
@@ -299,6 +302,13 @@ def read_training_log(log: LogSource, settings: TipgraphSettings) -> TrainingLog
             policy_name=log.policy_name,
             source=f"decision log {_redacted(store_settings.url)}",
         )
+
+
+def log_store_settings(log: LogSource, settings: TipgraphSettings) -> StoreSettings:
+    """The decision log ``log.source: store`` reads: the tipgraph config's, or ``store_url``."""
+    if log.store_url is None:
+        return settings.store
+    return settings.store.model_copy(update={"url": log.store_url})
 
 
 def _redacted(url: str) -> str:
@@ -435,6 +445,149 @@ def _error_text(trial: Any) -> str:
     return "trial failed"
 
 
+class TrialProgress:
+    """A progress bar over the sweep's trials on stderr, with the best lower bound so far.
+
+    Off when ``enabled`` is False (``--no-progress``) or stderr is not a terminal (CI logs,
+    pipes), where a bar is only noise; the per-trial lines are printed either way.
+    """
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        from tipgraph.progress import progress_bar
+
+        self._bar = progress_bar(total, "trials", enabled=enabled)
+        self.done = 0
+        self.failed = 0
+        self.best: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return not self._bar.disable
+
+    def trial_done(self, lower: float | None) -> None:
+        """One more trial ended; ``lower`` is its metric, None if it failed."""
+        self.done += 1
+        if lower is None:
+            self.failed += 1
+        elif self.best is None or lower > self.best:
+            self.best = lower
+        best = "—" if self.best is None else f"{self.best:.4f}"
+        self._bar.set_postfix_str(f"best lower {best}, failed {self.failed}", refresh=False)
+        self._bar.update(1)
+
+    def printer(self, out: Callable[[str], None]) -> Callable[[str], None]:
+        """``out``, lifting the bar while it prints so that no line lands inside the bar."""
+        if not self.active:
+            return out
+
+        def write(line: str) -> None:
+            with self._bar.external_write_mode(file=sys.stdout):
+                out(line)
+
+        return write
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_callback(progress: TrialProgress) -> Any:
+    from ray.tune import Callback
+
+    class _Progress(Callback):
+        # Runs in the driver after _Forward has printed the trial's line.
+        def on_trial_complete(
+            self, iteration: int, trials: list[Any], trial: Any, **_: Any
+        ) -> None:
+            result = trial.last_result or {}
+            lower = result.get(METRIC)
+            progress.trial_done(None if lower is None else float(lower))
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **_: Any) -> None:
+            progress.trial_done(None)
+
+    return _Progress()
+
+
+def attach_report(
+    client: Any,
+    run_ids: Sequence[str],
+    store_settings: StoreSettings,
+    log: LogSource,
+    evaluation: EvaluationSettings,
+    settings: TipgraphSettings,
+) -> list[str]:
+    """Render ``tipgraph report`` on the decisions ``log`` selects from the decision log and
+    log its files under ``report/`` of every MLflow run in ``run_ids``; the artifact paths.
+
+    ``client`` is an ``mlflow.MlflowClient``.  Raises what rendering raises (ValueError for
+    an empty window, StoreError).
+    """
+    from tuning.report import LogFilter, configured_policies, render_from_store
+
+    log_filter = LogFilter(
+        since=log.since,
+        until=log.until,
+        prompt_version=log.prompt_version,
+        policy_name=log.policy_name,
+    )
+    with tempfile.TemporaryDirectory(prefix="tipgraph-report-") as tmp:
+        _, files = render_from_store(
+            store_settings,
+            Path(tmp),
+            log_filter=log_filter,
+            evaluation=evaluation,
+            expected=configured_policies(settings),
+        )
+        for run_id in run_ids:
+            client.log_artifacts(run_id, tmp, artifact_path=REPORT_ARTIFACT_DIR)
+    return [f"{REPORT_ARTIFACT_DIR}/{path.name}" for path in files]
+
+
+def _report_to_mlflow(
+    client: Any,
+    run_ids: Sequence[str],
+    tuning: TuningSettings,
+    settings: TipgraphSettings,
+    *,
+    log_read_here: bool,
+    out: Callable[[str], None],
+) -> None:
+    """Attach the report to the runs when the sweep read the decision log itself.
+
+    A file or simulated log has no shadow runs, generation sources or prompt versions to
+    plot, and a log the caller passed in may not be the store's: both are skipped, with
+    the reason in a tag and the output.  A finished sweep never fails on its report.
+    """
+    if tuning.log.source != "store" or not log_read_here:
+        reason = (
+            f"the log comes from {tuning.log.source!r}, not the decision log"
+            if tuning.log.source != "store"
+            else "the log was passed in, not read from the decision log"
+        )
+        client.set_tag(run_ids[0], "report", f"skipped: {reason}")
+        out(f"report: not attached ({reason}; `tipgraph report` plots the decision log)")
+        return
+    try:
+        paths = attach_report(
+            client,
+            run_ids,
+            log_store_settings(tuning.log, settings),
+            tuning.log,
+            tuning.evaluation,
+            settings,
+        )
+    except Exception as err:  # the winner is registered already; a plot must not undo that
+        logger.warning("report: not attached to the MLflow runs: %s", err, exc_info=True)
+        client.set_tag(run_ids[0], "report", f"failed: {str(err)[:400]}")
+        out(f"report: not attached ({err})")
+        return
+    client.set_tag(run_ids[0], "report", REPORT_ARTIFACT_DIR)
+    out(
+        f"attached the report ({len(paths)} files) under {REPORT_ARTIFACT_DIR}/ of the sweep's "
+        "and the winner's MLflow runs"
+    )
+
+
 def _baseline(
     registry: PolicyRegistry, settings: TipgraphSettings, training: TrainingLog
 ) -> tuple[str, PolicySettings]:
@@ -469,8 +622,12 @@ def run_sweep(
     *,
     training: TrainingLog | None = None,
     out: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> SweepResult:
-    """Load the log, sweep, log every trial to MLflow, register the winner as challenger."""
+    """Load the log, sweep, log every trial to MLflow, register the winner as challenger.
+
+    ``progress`` allows the trials' progress bar (shown only when stderr is a terminal).
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import tune
@@ -484,6 +641,7 @@ def run_sweep(
         settings = resolve_paths(
             load_settings(tuning.tipgraph_config, tuning.tipgraph_overlays), Path.cwd()
         )
+    log_read_here = training is None
     if training is None:
         training = read_training_log(tuning.log, settings)
     log = training.log
@@ -517,8 +675,14 @@ def run_sweep(
         },
     )
     parent_id = sweep_run.info.run_id
+    bar = TrialProgress(tuning.num_samples, enabled=progress)
     trial_logger = MlflowTrialLogger(
-        registry, experiment_id, parent_id, tuning.space.ts_draws, tuning.num_samples, out
+        registry,
+        experiment_id,
+        parent_id,
+        tuning.space.ts_draws,
+        tuning.num_samples,
+        bar.printer(out),
     )
 
     if not ray.is_initialized():
@@ -555,13 +719,16 @@ def run_sweep(
         run_config=tune.RunConfig(
             name=sweep_name,
             storage_path=str(Path(tuning.storage_path).resolve()),
-            callbacks=[_tune_callback(trial_logger)],
+            callbacks=[_tune_callback(trial_logger), _progress_callback(bar)],
             verbose=0,
         ),
     )
     out(f"running {concurrency} trials at a time; MLflow run {sweep_name} ({parent_id})")
     fit_started = time.perf_counter()
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        bar.close()
     fit_s = time.perf_counter() - fit_started
 
     finished = [t for t in trial_logger.outcomes if t.estimate is not None]
@@ -610,6 +777,8 @@ def run_sweep(
             f"`tipgraph promote` moves @champion to it if its lower bound beats "
             f"{baseline.value:.4f}"
         )
+    report_runs = [parent_id] + ([winner.run_id] if winner.run_id else [])
+    _report_to_mlflow(client, report_runs, tuning, settings, log_read_here=log_read_here, out=out)
     client.set_terminated(parent_id, "FINISHED")
     wall_s = time.perf_counter() - started
     out(
@@ -642,6 +811,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-register", action="store_true", help="sweep and report, register nothing"
     )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (it is only shown when stderr is a terminal anyway)",
+    )
 
 
 def run_from_args(args: argparse.Namespace, *, tipgraph_config: str | None = None) -> int:
@@ -657,7 +831,7 @@ def run_from_args(args: argparse.Namespace, *, tipgraph_config: str | None = Non
         overrides["tipgraph_config"] = tipgraph_config
     tuning = tuning.model_copy(update=overrides)
     try:
-        run_sweep(tuning)
+        run_sweep(tuning, progress=not args.no_progress)
     except SweepError as err:
         print(f"tune: error: {err}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ The column order of every tuple here is the column order of the matching stateme
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ from tipgraph.store.records import (
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
+    LoggedPolicyRun,
+    LoggedRuns,
     PolicyRole,
     PolicyScoresRecord,
     ReactionHistoryItem,
@@ -313,6 +316,45 @@ def _logged_event(rows: Sequence[Row]) -> LoggedEvent:
         reward_source=reward_source(source),
         reward_id=int(rows[0][10]),
         feature_version=str(rows[0][11]),
+    )
+
+
+def policy_role(raw: str) -> PolicyRole:
+    """The ``role`` column, narrowed; the table's CHECK constraint allows nothing else."""
+    if raw == "served":
+        return "served"
+    if raw == "shadow":
+        return "shadow"
+    raise ValueError(f"policy role must be one of {sorted(POLICY_ROLES)}, got {raw!r}")
+
+
+def logged_runs(rows: Sequence[Row]) -> list[LoggedRuns]:
+    """Rows of one (run, candidate) each, grouped by event, then policy, in position
+    order -> one :class:`LoggedRuns` per event."""
+    events: list[LoggedRuns] = []
+    for event_id, group in itertools.groupby(rows, key=lambda row: row[0]):
+        event_rows = list(group)
+        runs = [
+            _logged_run(list(run_rows))
+            for _, run_rows in itertools.groupby(event_rows, key=lambda row: row[2])
+        ]
+        events.append(LoggedRuns(event_id, generation_source=event_rows[0][1], runs=runs))
+    return events
+
+
+def _logged_run(rows: Sequence[Row]) -> LoggedPolicyRun:
+    _, _, policy_name, policy_version, role, chosen_id, error = rows[0][:7]
+    candidate_ids = [row[7] for row in rows]
+    probabilities = [row[8] for row in rows]
+    # A failed run logs no scores; a distribution with holes is no distribution either.
+    scored = all(p is not None for p in probabilities)
+    return LoggedPolicyRun(
+        policy_name=policy_name,
+        policy_version=policy_version,
+        role=policy_role(role),
+        probabilities=[float(p) for p in probabilities] if scored else [],
+        chosen=candidate_ids.index(chosen_id) if chosen_id in candidate_ids else None,
+        error=error,
     )
 
 

@@ -24,6 +24,7 @@ from tipgraph.store.records import (
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
+    LoggedRuns,
     PolicyScoresEntry,
     PolicyScoresRecord,
     ReactionHistoryItem,
@@ -76,6 +77,10 @@ class Statements:
     select_logged_by_prompt: str
     select_logged_by_policy: str
     select_logged_by_prompt_and_policy: str
+    select_runs: str
+    select_runs_by_prompt: str
+    select_runs_by_policy: str
+    select_runs_by_prompt_and_policy: str
     keep_reward_features_of_user: str
     delete_feedback_of_user: str
     delete_policy_runs_of_user: str
@@ -119,6 +124,29 @@ def _logged_events(*filters: str) -> str:
          AND s.candidate_id = c.candidate_id
         WHERE d.created_at >= ? AND d.created_at < ?{extra}
         ORDER BY d.created_at, d.event_id, c.position
+    """
+
+
+def _logged_runs(*filters: str) -> str:
+    """Every policy's run on each learned decision, one row per (run, candidate).
+
+    The same decisions in the same order as :func:`_logged_events`; within a decision,
+    rows group by policy, in candidate position order.  A run without scores (a failed
+    shadow) still has a row per candidate, with a NULL probability.
+    """
+    extra = "".join(f" AND {condition} = ?" for condition in filters)
+    return f"""
+        SELECT d.event_id, d.generation_source, p.policy_name, p.policy_version, p.role,
+               p.chosen_candidate_id, p.error, c.candidate_id, s.probability
+        FROM decisions AS d
+        JOIN rewards AS r ON r.event_id = d.event_id
+        JOIN policy_runs AS p ON p.event_id = d.event_id
+        JOIN candidates AS c ON c.event_id = d.event_id
+        LEFT JOIN tip_scores AS s
+          ON s.event_id = p.event_id AND s.policy_name = p.policy_name
+         AND s.candidate_id = c.candidate_id
+        WHERE d.created_at >= ? AND d.created_at < ?{extra}
+        ORDER BY d.created_at, d.event_id, p.policy_name, c.position
     """
 
 
@@ -215,6 +243,10 @@ QMARK_STATEMENTS = Statements(
     select_logged_by_prompt=_logged_events("d.prompt_version"),
     select_logged_by_policy=_logged_events("d.policy_name"),
     select_logged_by_prompt_and_policy=_logged_events("d.prompt_version", "d.policy_name"),
+    select_runs=_logged_runs(),
+    select_runs_by_prompt=_logged_runs("d.prompt_version"),
+    select_runs_by_policy=_logged_runs("d.policy_name"),
+    select_runs_by_prompt_and_policy=_logged_runs("d.prompt_version", "d.policy_name"),
     keep_reward_features_of_user="""
         UPDATE rewards SET features = (
             SELECT c.features
@@ -250,6 +282,33 @@ QMARK_STATEMENTS = Statements(
                (SELECT COUNT(*) FROM policy_runs WHERE role = 'shadow')
     """,
 )
+
+
+def _log_query(
+    variants: tuple[str, str, str, str],
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    prompt_version: str | None,
+    policy_name: str | None,
+) -> tuple[str, tuple[object, ...]]:
+    """The statement and parameters of a filtered log read.
+
+    ``variants`` are the statement without a filter, by prompt, by policy, and by both:
+    one statement per combination keeps every query fully parameterised.
+    """
+    params: list[object] = [
+        _rows.db_timestamp(since or LOG_START, what="since"),
+        _rows.db_timestamp(until or LOG_END, what="until"),
+    ]
+    unfiltered, by_prompt, by_policy, by_both = variants
+    if prompt_version is not None and policy_name is not None:
+        return by_both, (*params, prompt_version, policy_name)
+    if prompt_version is not None:
+        return by_prompt, (*params, prompt_version)
+    if policy_name is not None:
+        return by_policy, (*params, policy_name)
+    return unfiltered, tuple(params)
 
 
 def _insert_many(cur: Cursor, statement: str, rows: Sequence[_rows.Params]) -> None:
@@ -386,25 +445,49 @@ class SQLDecisionStore(DecisionStore):
         prompt_version: str | None = None,
         policy_name: str | None = None,
     ) -> list[LoggedEvent]:
-        params: list[object] = [
-            _rows.db_timestamp(since or LOG_START, what="since"),
-            _rows.db_timestamp(until or LOG_END, what="until"),
-        ]
-        if prompt_version is not None and policy_name is not None:
-            statement = self._sql.select_logged_by_prompt_and_policy
-            params += [prompt_version, policy_name]
-        elif prompt_version is not None:
-            statement = self._sql.select_logged_by_prompt
-            params.append(prompt_version)
-        elif policy_name is not None:
-            statement = self._sql.select_logged_by_policy
-            params.append(policy_name)
-        else:
-            statement = self._sql.select_logged
+        sql = self._sql
+        statement, params = _log_query(
+            (
+                sql.select_logged,
+                sql.select_logged_by_prompt,
+                sql.select_logged_by_policy,
+                sql.select_logged_by_prompt_and_policy,
+            ),
+            since=since,
+            until=until,
+            prompt_version=prompt_version,
+            policy_name=policy_name,
+        )
         with self._transaction(write=False) as cur:
-            cur.execute(statement, tuple(params))
+            cur.execute(statement, params)
             rows = cur.fetchall()
         return _rows.logged_events(rows)
+
+    def logged_policy_runs(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        prompt_version: str | None = None,
+        policy_name: str | None = None,
+    ) -> list[LoggedRuns]:
+        sql = self._sql
+        statement, params = _log_query(
+            (
+                sql.select_runs,
+                sql.select_runs_by_prompt,
+                sql.select_runs_by_policy,
+                sql.select_runs_by_prompt_and_policy,
+            ),
+            since=since,
+            until=until,
+            prompt_version=prompt_version,
+            policy_name=policy_name,
+        )
+        with self._transaction(write=False) as cur:
+            cur.execute(statement, params)
+            rows = cur.fetchall()
+        return _rows.logged_runs(rows)
 
     def training_events(
         self, after_reward_id: int = 0, limit: int | None = None

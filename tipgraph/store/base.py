@@ -11,6 +11,7 @@ from tipgraph.store.records import (
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
+    LoggedRuns,
     PolicyScoresEntry,
     PolicyScoresRecord,
     ReactionHistoryItem,
@@ -132,6 +133,21 @@ class DecisionStore(abc.ABC):
         """Every decision with a learned reward, time-ordered, for off-policy evaluation:
         each candidate's features and served probability, the chosen index, the reward.
         ``since`` is inclusive and ``until`` exclusive; None means unbounded."""
+
+    @abc.abstractmethod
+    def logged_policy_runs(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        prompt_version: str | None = None,
+        policy_name: str | None = None,
+    ) -> list[LoggedRuns]:
+        """The decisions :meth:`logged_events` returns for the same filters, in the same
+        order, each with every policy's run (served and shadows): its probability for every
+        candidate, in the order of ``LoggedEvent.features``, and its chosen index.  This is
+        what evaluating the shadows off-policy needs; a shadow that failed on an event has
+        a run without probabilities, and a shadow that never answered has no run."""
 
     @abc.abstractmethod
     def user_history(self, user_key: str, limit: int) -> list[ReactionHistoryItem]:

@@ -155,6 +155,33 @@ class LoggedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggedPolicyRun:
+    """What one policy (served or shadow) answered on one learned decision.
+
+    ``probabilities`` list every candidate in generation order, like
+    :attr:`LoggedEvent.features`; they are empty when the run logged no scores (it failed:
+    see ``error``).  ``chosen`` indexes them, None when the policy chose nothing.
+    """
+
+    policy_name: str
+    policy_version: str
+    role: PolicyRole
+    probabilities: list[float]
+    chosen: int | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedRuns:
+    """Every policy's run on one learned decision, and how its candidates were generated
+    (``generation_source``: tasks, llm, mixed or fallback); ``runs`` by policy name."""
+
+    event_id: str
+    generation_source: str
+    runs: list[LoggedPolicyRun]
+
+
+@dataclass(frozen=True, slots=True)
 class ReactionHistoryItem:
     kind: str
     reaction: str
