@@ -9,6 +9,7 @@ from ray import serve
 from tipgraph.batching import ItemFailure, run_each
 from tipgraph.contracts import TipRequest
 from tipgraph.features import UserContext, build_context, read_history
+from tipgraph.logs import ReplicaLogs
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
 
@@ -17,6 +18,7 @@ from tipgraph.store import open_store
 class ContextBuilder:
     def __init__(self, settings: TipgraphSettings) -> None:
         self._settings = settings
+        self._logs = ReplicaLogs(settings.logs).start()
         self._store = open_store(settings.store)
 
     async def build_batch(
@@ -32,3 +34,4 @@ class ContextBuilder:
 
     def __del__(self) -> None:
         self._store.close()
+        self._logs.close()

@@ -8,6 +8,9 @@ from tipgraph.batching import ItemFailure, gather_each
 from tipgraph.contracts import TipRequest
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult, TipGenerator
+from tipgraph.logs import ReplicaLogs
+from tipgraph.metrics import replica_metrics
+from tipgraph.periodic import Periodic
 from tipgraph.settings import TipgraphSettings
 
 
@@ -17,7 +20,15 @@ class CandidateGenerator:
         # Imported here: LiteLLM loads only in the replicas that call an LLM.
         from tipgraph.generation.litellm_client import build_tip_generator
 
-        self._generator: TipGenerator = build_tip_generator(settings.generation)
+        self._logs = ReplicaLogs(settings.logs).start()
+        metrics = replica_metrics(settings.metrics)
+        self._generator: TipGenerator = build_tip_generator(settings.generation, metrics=metrics)
+        # Sampled, not pushed on change: open turns half-open with time, not with a call.
+        self._gauges = Periodic(
+            settings.metrics.sample_interval_s,
+            lambda: metrics.sample_breaker(self._generator.breaker),
+            name="metrics",
+        ).start()
 
     async def generate_batch(
         self, items: list[tuple[TipRequest, UserContext, str, int]]
@@ -28,3 +39,7 @@ class CandidateGenerator:
     def breaker_state(self) -> dict[str, object]:
         breaker = self._generator.breaker
         return {"state": breaker.state, "times_opened": breaker.times_opened}
+
+    def __del__(self) -> None:
+        self._gauges.stop()
+        self._logs.close()

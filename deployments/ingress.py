@@ -32,8 +32,10 @@ from tipgraph.contracts import (
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult
+from tipgraph.logs import ReplicaLogs
+from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
-from tipgraph.scoring import PolicyScore
+from tipgraph.scoring import PolicyScore, ShadowItem
 from tipgraph.service import (
     MAX_SHADOW_INFLIGHT,
     InvalidRequest,
@@ -201,7 +203,7 @@ class HandleStages:
         self._score: Coalescer[tuple[np.ndarray, str], PolicyScore] = batched(
             scoring.score_batch.remote, hops.scoring
         )
-        self._shadow_score: dict[str, Coalescer[tuple[np.ndarray, str, list[str]], str | None]] = {
+        self._shadow_score: dict[str, Coalescer[ShadowItem, str | None]] = {
             name: batched(handle.shadow_batch.remote, hops.shadows)
             for name, handle in shadows.items()
         }
@@ -230,16 +232,16 @@ class HandleStages:
         return await self._score((X, event_id))
 
     def shadow_scores(
-        self, X: np.ndarray, event_id: str, candidate_ids: list[str]
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
     ) -> list[tuple[str, Awaitable[PolicyScore]]]:
-        """Queue the event for every shadow, which scores and logs it in its own replica;
-        nothing comes back here but a failure count."""
+        """Queue the event for every shadow, which scores, logs and counts it (against
+        the served pick) in its own replica; nothing comes back here but a failure count."""
         for name, hop in self._shadow_score.items():
             if hop.queued >= MAX_SHADOW_INFLIGHT:
                 # A shadow that cannot keep up is skipped and counted, never queued behind.
                 self.shadows_shed += 1
                 continue
-            hop.submit((X, event_id, candidate_ids)).add_done_callback(
+            hop.submit((X, event_id, candidate_ids, served_candidate_id)).add_done_callback(
                 functools.partial(self._count_shadow_failure, name)
             )
         return []
@@ -282,6 +284,7 @@ class Ingress:
         shadows: dict[str, DeploymentHandle],
     ) -> None:
         self._settings = settings
+        self._logs = ReplicaLogs(settings.logs).start()
         token = settings.auth.api_token
         if token is None or not token.get_secret_value():
             raise ValueError(
@@ -299,12 +302,17 @@ class Ingress:
             spill_path=Path(settings.store.spill_dir) / f"ingress-{uuid.uuid4().hex}.jsonl",
         )
         self._stages = HandleStages(context, generation, scoring, shadows, settings.hops)
-        self._service = TipService(settings, self._stages, self._store, log)
+        self._service = TipService(
+            settings, self._stages, self._store, log, metrics=replica_metrics(settings.metrics)
+        )
         self._stages.on_shadow_failure = self._service.report_shadow_failure
         self._defaults = Periodic(
             settings.learning.default_reward_check_s,
             self._service.apply_default_rewards,
             name="default-rewards",
+        ).start()
+        self._gauges = Periodic(
+            settings.metrics.sample_interval_s, self._service.sample_metrics, name="metrics"
         ).start()
 
     @api.post("/v1/tips", response_model=TipResponse, responses=ERRORS)
@@ -357,6 +365,8 @@ class Ingress:
     async def __del__(self) -> None:
         # Graceful shutdown (SIGTERM, scale-down): write every buffered decision first.
         self._defaults.stop()
+        self._gauges.stop()
         await self._stages.drain_shadows()
         await self._service.close()
         self._store.close()
+        self._logs.close()

@@ -20,9 +20,11 @@ from tipgraph.batching import ItemFailure, run_each
 from tipgraph.champion import ChampionFollower
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import FEATURE_SPEC
+from tipgraph.logs import ReplicaLogs
+from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
 from tipgraph.policies import make_policy
-from tipgraph.scoring import PolicyScore, PolicyService
+from tipgraph.scoring import PolicyScore, PolicyService, ShadowItem
 from tipgraph.service import describe_error, failed_run, policy_run
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
 from tipgraph.store import open_store
@@ -42,6 +44,8 @@ class PolicyScorer:
         follow_registry: bool = False,
         shadow: bool = False,
     ) -> None:
+        self._logs = ReplicaLogs(settings.logs).start()
+        self._metrics = replica_metrics(settings.metrics)
         self._fault = fault or FaultSettings()
         self._service = PolicyService(
             make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
@@ -78,6 +82,16 @@ class PolicyScorer:
             if self._follower is not None
             else None
         )
+        log = self._log
+        self._gauges = (
+            Periodic(
+                settings.metrics.sample_interval_s,
+                lambda: self._metrics.sample_decision_log(log),
+                name="metrics",
+            ).start()
+            if log is not None
+            else None
+        )
 
     async def score_batch(
         self, items: list[tuple[np.ndarray, str]]
@@ -86,19 +100,18 @@ class PolicyScorer:
         (Faults are for shadows: they apply in :meth:`shadow_batch`.)"""
         return run_each(lambda item: self._service.score(*item), items)
 
-    async def shadow_batch(
-        self, items: list[tuple[np.ndarray, str, list[str]]]
-    ) -> list[str | None]:
-        """Score every (candidate matrix, event_id, candidate_ids) as a shadow and log the
-        runs from here.  Returns each item's error (None when scored), for the caller's
-        failure count."""
+    async def shadow_batch(self, items: list[ShadowItem]) -> list[str | None]:
+        """Score every event (:data:`~tipgraph.scoring.ShadowItem`) as a shadow, log the
+        runs and count them against the served pick from here.  Returns each item's error
+        (None when scored), for the caller's failure count."""
         if self._log is None:
             raise RuntimeError("shadow_batch is for shadow deployments (bound with shadow=True)")
         runs = await asyncio.gather(
-            *(self._shadow_run(X, event_id, ids) for X, event_id, ids in items)
+            *(self._shadow_run(X, event_id, ids) for X, event_id, ids, _ in items)
         )
-        for (_, event_id, ids), run in zip(items, runs, strict=True):
+        for (_, event_id, ids, served_id), run in zip(items, runs, strict=True):
             self._log.submit_policy_scores(event_id, [run], ids)
+            self._metrics.shadow_run(run, served_id)
         return [run.error for run in runs]
 
     async def _shadow_run(
@@ -125,7 +138,10 @@ class PolicyScorer:
         # Graceful shutdown: a shadow writes every buffered run first.
         if self._watcher is not None:
             self._watcher.stop()
+        if self._gauges is not None:
+            self._gauges.stop()
         self._syncer.stop()
         if self._log is not None:
             await self._log.close()
         self._store.close()
+        self._logs.close()

@@ -96,7 +96,13 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
+def ray_metrics_port() -> int:
+    """Where the session cluster's node serves its Prometheus metrics (GET /metrics)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_metrics_port: int) -> Iterator[None]:
     """One local Ray cluster for every test that needs Ray (Serve apps, Tune sweeps)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # As `tipgraph serve` runs it (throughput mode, HAProxy), so the e2e tests cover that.
@@ -105,7 +111,13 @@ def ray_cluster() -> Iterator[None]:
     import ray
 
     # Logical CPUs: the deployments ask fractions, and several test apps run side by side.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        # As `tipgraph serve` exports them (metrics.export_port), on a port of its own.
+        _metrics_export_port=ray_metrics_port,
+    )
     try:
         yield
     finally:

@@ -477,19 +477,28 @@ def _readme_curl_block() -> str:
     return after_marker.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_curl_examples_work(serve_apps: dict[str, App], tmp_path: Path) -> None:
-    app = serve_apps["main"]
-    base_url = str(app.client.base_url).rstrip("/")
-    script = _readme_curl_block().replace("http://127.0.0.1:8000", base_url)
+def run_readme_curl_examples(
+    base_url: str, tmp_path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The README's curl block, as written, against ``base_url``; the tip lands in
+    ``tmp_path / "tip.json"``."""
+    script = _readme_curl_block().replace("http://127.0.0.1:8000", base_url.rstrip("/"))
     script = script.replace("/tmp/tip.json", str(tmp_path / "tip.json"))
     result = subprocess.run(
         ["bash", "-c", "set -euo pipefail\n" + script],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
         check=False,
     )
     assert result.returncode == 0, result.stderr + result.stdout
+    return result
+
+
+def test_readme_curl_examples_work(serve_apps: dict[str, App], tmp_path: Path) -> None:
+    app = serve_apps["main"]
+    result = run_readme_curl_examples(str(app.client.base_url), tmp_path)
     tip = json.loads((tmp_path / "tip.json").read_text())
     assert tip["tip"]["task_id"] in {"t1", "t2", "t3", "t4", None}
     assert '"reaction":"done"' in result.stdout and '"status":"ready"' in result.stdout

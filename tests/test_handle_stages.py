@@ -45,9 +45,10 @@ async def test_shadows_get_each_event_and_failures_are_reported() -> None:
     hop = stages({"ok": ok, "broken": broken})
     hop.on_shadow_failure = lambda name, error: failures.append((name, error))
     X = np.zeros((3, 4))
-    assert hop.shadow_scores(X, "e1", ["a", "b", "c"]) == []  # nothing for the caller to log
+    assert hop.shadow_scores(X, "e1", ["a", "b", "c"], "b") == []  # nothing for the caller
     await hop.drain_shadows()
-    assert [item[1:] for item in ok.shadow_batch.calls[0]] == [("e1", ["a", "b", "c"])]
+    # The served pick travels along: the shadow counts its agreement with it.
+    assert [item[1:] for item in ok.shadow_batch.calls[0]] == [("e1", ["a", "b", "c"], "b")]
     assert failures == [("broken", "InjectedFault: no")]
 
 
@@ -59,7 +60,7 @@ async def test_a_failed_call_counts_as_a_failure_of_every_event_in_it() -> None:
     hop = stages({"dead": Handle(crash)})
     hop.on_shadow_failure = lambda name, error: failures.append((name, error))
     for event in ("e1", "e2"):
-        hop.shadow_scores(np.zeros((2, 4)), event, ["a", "b"])
+        hop.shadow_scores(np.zeros((2, 4)), event, ["a", "b"], "a")
     await hop.drain_shadows()
     assert failures == [("dead", "ConnectionError: replica died")] * 2
 
@@ -70,7 +71,7 @@ async def test_a_shadow_that_cannot_keep_up_is_shed_not_queued(monkeypatch: Any)
     stuck.shadow_batch.release.clear()
     hop = stages({"stuck": stuck}, linger_s=5)
     for n in range(5):
-        hop.shadow_scores(np.zeros((1, 4)), f"e{n}", ["a"])
+        hop.shadow_scores(np.zeros((1, 4)), f"e{n}", ["a"], "a")
     assert hop.shadows_shed == 2  # three queued, two skipped and counted
     stuck.shadow_batch.release.set()
     await hop.drain_shadows()

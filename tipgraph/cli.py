@@ -45,7 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
     serve_settings = settings.serve.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )
-    settings = settings.model_copy(update={"serve": serve_settings})
+    metrics = settings.metrics.model_copy(
+        update={"export_port": args.metrics_port} if args.metrics_port is not None else {}
+    )
+    settings = settings.model_copy(update={"serve": serve_settings, "metrics": metrics})
 
     if settings.auth.api_token is None:
         print(
@@ -54,32 +57,43 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    ray.init(include_dashboard=False, num_cpus=args.num_cpus, log_to_driver=args.verbose)
-    serve.start(http_options={"host": serve_settings.host, "port": serve_settings.port})
-    serve.run(
-        build_graph(settings),
-        name=serve_settings.app_name,
-        route_prefix=serve_settings.route_prefix,
+    ray.init(
+        include_dashboard=False,
+        num_cpus=args.num_cpus,
+        log_to_driver=args.verbose,
+        _metrics_export_port=metrics.export_port,
     )
-    url = f"http://{serve_settings.host}:{serve_settings.port}"
-    token = settings.auth.api_token.get_secret_value()
-    # Only make run's well-known local token is ever printed; a real one stays secret.
-    shown = token if token == LOCAL_DEV_TOKEN else "$TIPGRAPH_API_TOKEN"
-    ray_address = ray.get_runtime_context().gcs_address
-    print(
-        f"tipgraph is serving on {url}  (API docs: {url}/docs; decision log: "
-        f"{mask_secrets(settings.store.url)}). /v1 needs 'Authorization: Bearer {shown}'. "
-        f"`tipgraph status --ray-address {ray_address}` shows the deployments. Ctrl-C stops it.",
-        flush=True,
-    )
+    try:
+        serve.start(http_options={"host": serve_settings.host, "port": serve_settings.port})
+        serve.run(
+            build_graph(settings),
+            name=serve_settings.app_name,
+            route_prefix=serve_settings.route_prefix,
+        )
+        url = f"http://{serve_settings.host}:{serve_settings.port}"
+        token = settings.auth.api_token.get_secret_value()
+        # Only make run's well-known local token is ever printed; a real one stays secret.
+        shown = token if token == LOCAL_DEV_TOKEN else "$TIPGRAPH_API_TOKEN"
+        ray_address = ray.get_runtime_context().gcs_address
+        print(
+            f"tipgraph is serving on {url}  (API docs: {url}/docs; decision log: "
+            f"{mask_secrets(settings.store.url)}; Prometheus metrics: "
+            f"http://{serve_settings.host}:{metrics.export_port}/metrics). /v1 needs "
+            f"'Authorization: Bearer {shown}'. `tipgraph status --ray-address {ray_address}` "
+            "shows the deployments. Ctrl-C stops it.",
+            flush=True,
+        )
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    print("shutting down: flushing the decision log...", flush=True)
-    serve.shutdown()
-    ray.shutdown()
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        print("shutting down: flushing the decision log...", flush=True)
+    finally:
+        # Also when the app fails to start: Serve's HAProxy would outlive this process and
+        # hold its fixed ports against the next start.
+        serve.shutdown()
+        ray.shutdown()
     return EXIT_OK
 
 
@@ -367,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus endpoint port (default: the config's metrics.export_port, 8080)",
+    )
     serve.set_defaults(func=_serve)
 
     simulate = commands.add_parser("simulate", help="synthetic users against a running graph")

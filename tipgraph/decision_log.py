@@ -129,6 +129,16 @@ class DecisionLog:
         """Rows waiting in the spill file (not in memory)."""
         return self._spill.pending if self._spill is not None else 0
 
+    @property
+    def spill_bytes(self) -> int:
+        """Size of the spill file; it is emptied only once every row in it is read back."""
+        if self._spill is None:
+            return 0
+        try:
+            return self._spill.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def _buffered(self) -> int:
         return len(self._decisions) + len(self._shadows)
 

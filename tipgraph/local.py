@@ -53,7 +53,7 @@ class LocalStages:
         return self.served.score(X, event_id)
 
     def shadow_scores(
-        self, X: np.ndarray, event_id: str, candidate_ids: list[str]
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
     ) -> list[tuple[str, Awaitable[PolicyScore]]]:
         return [
             (name, service.score_with_faults(X, event_id, fault))

@@ -33,6 +33,10 @@ from tipgraph.store.records import TrainingEvent
 
 SYNC_BATCH = 10_000
 
+ShadowItem = tuple[np.ndarray, str, list[str], str]
+"""What a shadow gets per event: (candidate matrix, event_id, candidate_ids, the served
+policy's chosen candidate_id, to count agreement against)."""
+
 
 class InjectedFault(RuntimeError):
     """Raised by a policy configured with ``fault.fail`` (chaos testing of shadows)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tipgraph.settings import DeploymentSettings, TipgraphSettings
+from tipgraph.settings import DeploymentSettings, LogSettings, TipgraphSettings
 
 IMPORT_PATH = "graphs.tipgraph:build_app"
 
@@ -30,7 +30,19 @@ HEADER = (
 )
 
 
-def deployment_options(deployment: DeploymentSettings) -> dict[str, Any]:
+def logging_config(logs: LogSettings) -> dict[str, Any]:
+    """Serve's ``logging_config`` (ray.serve.schema.LoggingConfig) for every replica."""
+    config: dict[str, Any] = {
+        "encoding": logs.encoding,
+        "log_level": logs.level,
+        "enable_access_log": logs.access_log,
+    }
+    if logs.dir is not None:
+        config["logs_dir"] = logs.dir
+    return config
+
+
+def deployment_options(deployment: DeploymentSettings, logs: LogSettings) -> dict[str, Any]:
     """The ``@serve.deployment`` options of one stage, as Serve's config schema names them."""
     autoscaling = deployment.autoscaling.model_dump(exclude_none=True)
     return {
@@ -38,14 +50,16 @@ def deployment_options(deployment: DeploymentSettings) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": deployment.graceful_shutdown_timeout_s,
         "autoscaling_config": autoscaling,
         "ray_actor_options": {"num_cpus": deployment.num_cpus},
+        "logging_config": logging_config(logs),
     }
 
 
 def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, Any]]:
     """Deployment name -> options, for every stage and shadow of the graph."""
-    options = {name: deployment_options(dep) for name, dep in settings.deployments.items()}
+    logs = settings.logs
+    options = {name: deployment_options(dep, logs) for name, dep in settings.deployments.items()}
     for shadow in settings.shadows:
-        options[shadow.deployment_name] = deployment_options(shadow.deployment)
+        options[shadow.deployment_name] = deployment_options(shadow.deployment, logs)
     return options
 
 

@@ -35,6 +35,7 @@ from tipgraph.contracts import (
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import UserContext, candidate_matrix
 from tipgraph.generation import GenerationResult
+from tipgraph.metrics import Metrics
 from tipgraph.privacy import pseudonymise
 from tipgraph.scoring import PolicyScore
 from tipgraph.settings import TipgraphSettings
@@ -112,12 +113,13 @@ class Stages(Protocol):
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore: ...
 
     def shadow_scores(
-        self, X: np.ndarray, event_id: str, candidate_ids: list[str]
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
     ) -> list[tuple[str, Awaitable[PolicyScore]]]:
         """Start every shadow on the candidates; the caller must not wait for them.
 
-        The caller logs each returned answer.  Stages whose shadows log their own runs
-        (the Serve graph's) return nothing.
+        The caller logs and counts each returned answer.  Stages whose shadows log their
+        own runs (the Serve graph's) return nothing: the shadow compares its pick with
+        ``served_candidate_id`` itself.
         """
         ...
 
@@ -197,11 +199,14 @@ class TipService:
         stages: Stages,
         store: DecisionStore,
         log: DecisionLog,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.stages = stages
         self.store = store
         self.log = log
+        self.metrics = metrics if metrics is not None else Metrics()
         self._secret = settings.privacy.user_key_secret.get_secret_value()
         self._background: set[asyncio.Task[None]] = set()
         self.shadows_shed = 0
@@ -210,6 +215,7 @@ class TipService:
         self._held: dict[str, HeldFeedback] = {}
         self._held_task: asyncio.Future[None] | None = None
         self.feedback_expired = 0
+        self._access_log = settings.logs.access_log
 
     def user_key(self, user_id: str) -> str:
         return pseudonymise(self._secret, user_id, namespace="user")
@@ -240,17 +246,31 @@ class TipService:
         t = time.perf_counter()
         result = await self.stages.score(X, event_id)
         scoring_ms = _ms(t)
+        chosen = candidates[result.chosen]
         # Shadows start only once the served answer is in: on a busy node their scoring
         # would otherwise compete with the served policy's for the same CPUs.
-        self._start_shadows(X, event_id, [c.candidate_id for c in candidates])
+        self._start_shadows(X, event_id, [c.candidate_id for c in candidates], chosen.candidate_id)
 
-        chosen = candidates[result.chosen]
         latency = StageLatency(
             context=context_ms, generation=generation_ms, scoring=scoring_ms, total=_ms(start)
         )
         self.log.submit(
             self._decision_record(event_id, user_key, context, generation, X, result, latency)
         )
+        self.metrics.decision(result.policy_name, result.policy_version, "served")
+        self.metrics.stage_latency(latency)
+        if self._access_log:
+            # The line that ties Serve's request_id to the event; ids and numbers only.
+            logger.info(
+                "tip served",
+                extra={
+                    "event_id": event_id,
+                    "policy": result.policy_name,
+                    "policy_version": result.policy_version,
+                    "generation_source": generation.source,
+                    "latency_ms": round(latency.total, 2),
+                },
+            )
         return TipResponse(
             event_id=event_id,
             tip=Tip(
@@ -274,20 +294,27 @@ class TipService:
             latency_ms=latency,
         )
 
-    def _start_shadows(self, X: np.ndarray, event_id: str, candidate_ids: list[str]) -> None:
+    def _start_shadows(
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
+    ) -> None:
         if len(self._background) >= MAX_SHADOW_INFLIGHT:
             self.shadows_shed += 1
             logger.warning(
-                "shadow scoring shed for event %s: %d in flight", event_id, len(self._background)
+                "shadow scoring shed for event %s: %d in flight",
+                event_id,
+                len(self._background),
+                extra={"event_id": event_id},
             )
             return
         # Every shadow starts now; one task per request (not per shadow) logs them all.
         pending = [
             (name, asyncio.ensure_future(call))
-            for name, call in self.stages.shadow_scores(X, event_id, candidate_ids)
+            for name, call in self.stages.shadow_scores(
+                X, event_id, candidate_ids, served_candidate_id
+            )
         ]
         if pending:
-            self._spawn(self._log_shadows(pending, event_id, candidate_ids))
+            self._spawn(self._log_shadows(pending, event_id, candidate_ids, served_candidate_id))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -299,6 +326,7 @@ class TipService:
         pending: Sequence[tuple[str, asyncio.Future[PolicyScore]]],
         event_id: str,
         candidate_ids: list[str],
+        served_candidate_id: str,
     ) -> None:
         start = time.perf_counter()
         finished_ms: dict[str, float] = {}
@@ -321,7 +349,9 @@ class TipService:
             elif (err := future.exception()) is not None:
                 error = describe_error(err)  # a shadow may fail in any way; only logged
             else:
-                runs.append(policy_run(future.result(), "shadow", candidate_ids, latency_ms))
+                run = policy_run(future.result(), "shadow", candidate_ids, latency_ms)
+                self.metrics.shadow_run(run, served_candidate_id)
+                runs.append(run)
                 continue
             self.report_shadow_failure(name, error)
             runs.append(failed_run(name, error, latency_ms))
@@ -331,6 +361,7 @@ class TipService:
         """Count every failure; log one line per shadow per SHADOW_LOG_EVERY_S, so a broken
         shadow costs the serving event loop a counter increment, not a log write each time."""
         self.shadow_failures[name] = self.shadow_failures.get(name, 0) + 1
+        self.metrics.shadow_failure(name)
         now = time.monotonic()
         if now - self._shadow_logged_at.get(name, float("-inf")) >= SHADOW_LOG_EVERY_S:
             self._shadow_logged_at[name] = now
@@ -426,7 +457,12 @@ class TipService:
         except StoreError as err:
             # The database went away between reading the decision and storing this: hold
             # it. Retrying is safe, storing feedback is idempotent.
-            logger.warning("feedback for %s held, the store failed: %s", record.event_id, err)
+            logger.warning(
+                "feedback for %s held, the store failed: %s",
+                record.event_id,
+                err,
+                extra={"event_id": record.event_id},
+            )
             return self._hold(record)
 
     async def _find_decision(self, event_id: str) -> StoredDecision | None:
@@ -438,7 +474,12 @@ class TipService:
                 await asyncio.wait_for(self.log.flush(), timeout=FLUSH_WAIT_S)
                 decision = await asyncio.to_thread(self.store.get_decision, event_id)
         except (StoreError, TimeoutError) as err:
-            logger.warning("decision %s not readable now (%s); holding its feedback", event_id, err)
+            logger.warning(
+                "decision %s not readable now (%s); holding its feedback",
+                event_id,
+                err,
+                extra={"event_id": event_id},
+            )
             return None
         return decision
 
@@ -450,6 +491,11 @@ class TipService:
                     f"{len(self._held)} feedback items are waiting for their decisions; retry"
                 )
             held = self._held[record.event_id] = HeldFeedback(record, time.monotonic())
+            if self._access_log:
+                logger.info(
+                    "feedback held until its decision can be read",
+                    extra={"event_id": record.event_id, "reaction": record.reaction},
+                )
             if self._held_task is None or self._held_task.done():
                 self._held_task = asyncio.ensure_future(self._retry_held())
         elif (held.record.reaction, held.record.reward) != (record.reaction, record.reward):
@@ -462,6 +508,11 @@ class TipService:
     @property
     def held_feedback(self) -> int:
         return len(self._held)
+
+    def sample_metrics(self) -> None:
+        """Set the gauges that describe this replica's writer and held feedback."""
+        self.metrics.sample_decision_log(self.log)
+        self.metrics.sample_feedback_held(self.held_feedback)
 
     async def _retry_held(self) -> None:
         """Apply held feedback as its decisions become readable; drop what can never be
@@ -481,13 +532,19 @@ class TipService:
                     continue  # keep waiting for the decision
                 else:
                     self.feedback_expired += 1
-                    logger.warning("feedback for %s expired: its decision never appeared", event_id)
+                    logger.warning(
+                        "feedback for %s expired: its decision never appeared",
+                        event_id,
+                        extra={"event_id": event_id},
+                    )
             except StoreError as err:
                 logger.warning("held feedback waits for the database: %s", err)
                 return
             except FeedbackConflict as err:
                 # Another replica stored different feedback first: that one is final.
-                logger.warning("held feedback dropped: %s", err.message)
+                logger.warning(
+                    "held feedback dropped: %s", err.message, extra={"event_id": event_id}
+                )
             self._held.pop(event_id, None)
 
     async def _apply(self, record: FeedbackRecord, decision: StoredDecision) -> FeedbackResponse:
@@ -507,13 +564,30 @@ class TipService:
                 f"event {record.event_id!r} already has feedback "
                 f"{stored.reaction!r} (reward {stored.reward}); feedback is final"
             )
+        if outcome.created:
+            self.metrics.reward(
+                decision.policy_name, decision.policy_version, record.reaction, record.reward
+            )
+            if self._access_log:
+                logger.info(
+                    "feedback recorded",
+                    extra={
+                        "event_id": record.event_id,
+                        "reaction": record.reaction,
+                        "learned": outcome.learned,
+                    },
+                )
         if outcome.created and outcome.reward_id is not None:
             features = decision.chosen_features
             try:
                 await self.stages.learn(outcome.reward_id, features, record.reward)
             except Exception:
                 # The reward is logged; the replicas pick it up at their next sync.
-                logger.exception("served policy did not learn event %s now", record.event_id)
+                logger.exception(
+                    "served policy did not learn event %s now",
+                    record.event_id,
+                    extra={"event_id": record.event_id},
+                )
             for pending in self.stages.learn_shadows(outcome.reward_id, features, record.reward):
                 self._spawn(self._quietly(pending, "shadow learn"))
         return _feedback_response(stored, learned=outcome.learned)
@@ -546,6 +620,7 @@ class TipService:
         )
         if applied:
             logger.info("applied the default reward to %d decisions", applied)
+            self.metrics.default_rewards(applied)
         return applied
 
     @staticmethod

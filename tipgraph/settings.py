@@ -308,6 +308,50 @@ class PrivacySettings(_Strict):
     )
 
 
+class LogSettings(_Strict):
+    """Every replica's Serve ``logging_config``, and how often its buffered lines reach disk."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Lowest level written, by Serve and by tipgraph alike"
+    )
+    encoding: Literal["JSON", "TEXT"] = Field(
+        "JSON", description="JSON: one object per line, with request_id and event_id fields"
+    )
+    access_log: bool = Field(
+        True,
+        description="One line per request: Serve's access line, and tipgraph's line that "
+        "ties the request_id to the event_id",
+    )
+    dir: str | None = Field(
+        None, description="Where replicas write their log files; None = Ray's logs/serve/"
+    )
+    flush_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="Serve buffers up to 1000 lines per replica in throughput mode; each "
+        "replica writes them out at least this often",
+    )
+
+
+class MetricsSettings(_Strict):
+    """Prometheus metrics (tipgraph/metrics.py), exported by Ray on every node."""
+
+    enabled: bool = Field(True, description="Record tipgraph_* metrics in the replicas")
+    export_port: int = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="Ray's per-node Prometheus endpoint, http://<node>:<port>/metrics "
+        "(ray start --metrics-export-port; KubeRay pods use 8080)",
+    )
+    sample_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often replicas sample gauges: decision-log backlog and spill, "
+        "held feedback, the LLM circuit breaker",
+    )
+
+
 API_TOKEN_ENV = "TIPGRAPH_API_TOKEN"
 
 
@@ -344,6 +388,8 @@ class TipgraphSettings(BaseSettings):
     shadows: list[ShadowSettings] = Field(default_factory=list)
     deployments: dict[str, DeploymentSettings] = Field(default_factory=_default_deployments)
     hops: HopsSettings = HopsSettings()
+    logs: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -436,6 +482,9 @@ def resolve_paths(settings: TipgraphSettings, base: Path) -> TipgraphSettings:
     settings = settings.model_copy(update={"generation": generation})
     spill = settings.store.model_copy(update={"spill_dir": absolute(settings.store.spill_dir)})
     settings = settings.model_copy(update={"store": spill})
+    if settings.logs.dir is not None:
+        logs = settings.logs.model_copy(update={"dir": absolute(settings.logs.dir)})
+        settings = settings.model_copy(update={"logs": logs})
     prefix = "sqlite:///"
     url = settings.store.url
     if not url.startswith(prefix) or url == f"{prefix}:memory:":

@@ -11,6 +11,7 @@ from tipgraph.generation.breaker import CircuitBreaker
 from tipgraph.generation.llm_config import LLMConfig, load_llm_config
 from tipgraph.generation.prompts import load_split
 from tipgraph.generation.source import Completion, LLMUnavailable, TipGenerator
+from tipgraph.metrics import Metrics
 from tipgraph.settings import GenerationSettings
 
 LOCAL_PROVIDERS = {"ollama", "ollama_chat"}
@@ -63,12 +64,16 @@ class LiteLLMCompleter:
         return Completion(text=text, model=str(model))
 
 
-def build_tip_generator(settings: GenerationSettings, *, completer: Any = None) -> TipGenerator:
+def build_tip_generator(
+    settings: GenerationSettings, *, completer: Any = None, metrics: Metrics | None = None
+) -> TipGenerator:
     """The generator the configuration asks for; LiteLLM only when the LLM is used."""
     if settings.source == "tasks":
-        return TipGenerator(settings)
+        return TipGenerator(settings, metrics=metrics)
     split = load_split(Path(settings.prompts_dir), settings.prompts)
     if completer is None:
         completer = LiteLLMCompleter(load_llm_config(settings.llm_config))
     breaker = CircuitBreaker(settings.breaker.failure_threshold, settings.breaker.reset_after_s)
-    return TipGenerator(settings, split=split, completer=completer, breaker=breaker)
+    return TipGenerator(
+        settings, split=split, completer=completer, breaker=breaker, metrics=metrics
+    )

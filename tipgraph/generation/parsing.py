@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -12,8 +11,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tipgraph.contracts import TipKind
-
-logger = logging.getLogger(__name__)
 
 
 class LLMTip(BaseModel):
@@ -76,6 +73,4 @@ def parse_tips(text: str, *, task_ids: Collection[str], max_chars: int) -> Parse
                 tip = tip.model_copy(update={"task_id": None})  # keep the tip, not the link
                 parsed.dropped["unknown_task_id_cleared"] += 1
             parsed.tips.append(tip)
-    if parsed.dropped:
-        logger.info("LLM answer: kept %d tips, dropped %s", len(parsed.tips), dict(parsed.dropped))
     return parsed

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from tipgraph.candidates import Candidate, task_candidates
 from tipgraph.contracts import TipRequest
@@ -22,6 +22,7 @@ from tipgraph.features import UserContext
 from tipgraph.generation.breaker import CircuitBreaker
 from tipgraph.generation.parsing import MalformedAnswer, ParsedTips, parse_tips
 from tipgraph.generation.prompts import PromptSplit, PromptTemplate
+from tipgraph.metrics import Metrics
 from tipgraph.settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,12 @@ logger = logging.getLogger(__name__)
 SYSTEM_PROMPT = "You write short, concrete productivity tips. Answer with JSON only."
 # Time kept back from the budget to build the fallback and answer.
 FALLBACK_MARGIN_S = 0.05
+
+FallbackReason = Literal[
+    "circuit_open", "timeout", "llm_error", "malformed_answer", "no_valid_tips"
+]
+"""Why task tips were served instead of LLM tips: the metric's tag. ``GenerationResult.reason``
+says the same with details, for the decision log."""
 
 
 class LLMUnavailable(Exception):
@@ -81,6 +88,7 @@ class TipGenerator:
         split: PromptSplit | None = None,
         completer: Completer | None = None,
         breaker: CircuitBreaker | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if settings.source != "tasks" and (split is None or completer is None):
             raise ValueError(f"generation.source={settings.source!r} needs prompts and an LLM")
@@ -90,6 +98,7 @@ class TipGenerator:
         self.breaker = breaker or CircuitBreaker(
             settings.breaker.failure_threshold, settings.breaker.reset_after_s
         )
+        self.metrics = metrics if metrics is not None else Metrics()
 
     async def generate(
         self, request: TipRequest, context: UserContext, event_id: str, n: int
@@ -99,7 +108,7 @@ class TipGenerator:
         assert self.split is not None and self.completer is not None  # checked in __init__
         template = self.split.choose(event_id)
         if not self.breaker.allow():
-            return self._fallback(request, context, n, template, "circuit open", None)
+            return self._fallback(request, context, n, template, "circuit_open", "circuit open")
         start = time.perf_counter()
         budget = max(self.settings.timeout_s - FALLBACK_MARGIN_S, 0.01)
         n_llm = min(n, self.settings.max_llm_candidates)
@@ -118,24 +127,24 @@ class TipGenerator:
                 max_chars=self.settings.max_tip_chars,
             )
         except TimeoutError:
-            return self._failed(
-                request, context, n, template, f"timeout after {budget:.2f}s", start
-            )
+            failure: tuple[FallbackReason, str] = ("timeout", f"timeout after {budget:.2f}s")
         except LLMUnavailable as err:
-            return self._failed(request, context, n, template, f"llm error: {err}", start)
+            failure = ("llm_error", f"llm error: {err}")
         except MalformedAnswer as err:
-            return self._failed(request, context, n, template, f"malformed answer: {err}", start)
-        if not parsed.tips:
-            return self._failed(
-                request,
-                context,
-                n,
-                template,
-                f"no valid tips (dropped {dict(parsed.dropped)})",
-                start,
-            )
-        self.breaker.record_success()
-        return self._served(request, context, n, n_llm, template, completion, parsed, start)
+            failure = ("malformed_answer", f"malformed answer: {err}")
+        else:
+            if parsed.tips:
+                self.breaker.record_success()
+                return self._served(
+                    request, context, event_id, n, n_llm, template, completion, parsed, start
+                )
+            failure = ("no_valid_tips", f"no valid tips (dropped {dict(parsed.dropped)})")
+        kind, reason = failure
+        self.breaker.record_failure()
+        logger.warning(
+            "LLM generation failed, serving task tips: %s", reason, extra={"event_id": event_id}
+        )
+        return self._fallback(request, context, n, template, kind, reason, start)
 
     def _messages(
         self, template: PromptTemplate, request: TipRequest, context: UserContext, n: int
@@ -153,6 +162,7 @@ class TipGenerator:
         self,
         request: TipRequest,
         context: UserContext,
+        event_id: str,
         n: int,
         n_llm: int,
         template: PromptTemplate,
@@ -160,6 +170,13 @@ class TipGenerator:
         parsed: ParsedTips,
         start: float,
     ) -> GenerationResult:
+        if parsed.dropped:
+            logger.info(
+                "LLM answer: kept %d tips, dropped %s",
+                len(parsed.tips),
+                dict(parsed.dropped),
+                extra={"event_id": event_id},
+            )
         excluded = set(request.exclude_ids)
         llm = [
             _llm_candidate(t.content, t.kind, t.task_id, completion.model, template.version)
@@ -179,28 +196,17 @@ class TipGenerator:
             llm_ms=(time.perf_counter() - start) * 1000,
         )
 
-    def _failed(
-        self,
-        request: TipRequest,
-        context: UserContext,
-        n: int,
-        template: PromptTemplate,
-        reason: str,
-        start: float,
-    ) -> GenerationResult:
-        self.breaker.record_failure()
-        logger.warning("LLM generation failed, serving task tips: %s", reason)
-        return self._fallback(request, context, n, template, reason, start)
-
     def _fallback(
         self,
         request: TipRequest,
         context: UserContext,
         n: int,
         template: PromptTemplate,
+        kind: FallbackReason,
         reason: str,
-        start: float | None,
+        start: float | None = None,
     ) -> GenerationResult:
+        self.metrics.generation_fallback(kind)
         # The prompt arm is still recorded: A/B value per prompt_version counts its fallbacks.
         return GenerationResult(
             task_candidates(request, context, n),

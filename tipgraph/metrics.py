@@ -1,0 +1,298 @@
+"""Prometheus metrics: each one defined once here (name, help, tags), recorded through a sink.
+
+Plain-Python code (TipService, the generator, the shadow path) records through
+:class:`Metrics` and never imports Ray.  A Serve replica gives it a :class:`RaySink`
+(``ray.serve.metrics``), tests a recording sink, everything else the no-op default.
+
+Ray exports every metric on each node's metrics port (``/metrics``, see
+``metrics.export_port``) as ``ray_<name>``: counters gain ``_total``, histograms
+``_bucket``, ``_sum`` and ``_count`` (:attr:`MetricSpec.exported`).  Serve adds the
+``application``, ``deployment`` and ``replica`` tags to each series.
+
+A tag value never holds a user id, task text or an event id: every distinct value is a
+new time series kept for the retention period, and what Prometheus stores is not erased
+with a user.  Policy versions are tagged without their update count (:func:`version_tag`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from tipgraph.contracts import StageLatency
+from tipgraph.settings import MetricsSettings
+from tipgraph.store.records import PolicyRole, PolicyScoresRecord
+
+Kind = Literal["counter", "gauge", "histogram"]
+EXPORT_PREFIX = "ray_"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: Kind
+    help: str
+    tags: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def exported(self) -> tuple[str, ...]:
+        """The series names a Prometheus scrape shows for this metric."""
+        base = EXPORT_PREFIX + self.name
+        if self.kind == "counter":
+            return (f"{base}_total",)
+        if self.kind == "histogram":
+            return (f"{base}_bucket", f"{base}_sum", f"{base}_count")
+        return (base,)
+
+
+LATENCY_BUCKETS_MS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
+STAGES = ("context", "generation", "scoring", "total")
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+DECISIONS = MetricSpec(
+    "tipgraph_decisions",
+    "counter",
+    "Decisions, by the policy that made them: role=served for the tip shown, "
+    "role=shadow for a shadow's pick of the same candidates.",
+    ("policy", "policy_version", "role"),
+)
+REWARDS = MetricSpec(
+    "tipgraph_rewards",
+    "counter",
+    "Feedback recorded for a served decision, by its policy and the reaction.",
+    ("policy", "policy_version", "reaction"),
+)
+REWARD_SUM = MetricSpec(
+    "tipgraph_reward_sum",
+    "counter",
+    "Sum of the rewards of recorded feedback, by the served policy; mean reward = "
+    "rate(reward_sum) / rate(rewards). A counter only rises: rewards below 0 (a negative "
+    "rewards.min_reward) are not added.",
+    ("policy", "policy_version"),
+)
+DEFAULT_REWARDS = MetricSpec(
+    "tipgraph_default_rewards",
+    "counter",
+    "Decisions that got the default reward: no feedback within learning.reward_wait_s.",
+)
+SHADOW_COMPARISONS = MetricSpec(
+    "tipgraph_shadow_comparisons",
+    "counter",
+    "Shadow picks compared with the served pick of the same event; agreed=true when "
+    "they are the same candidate.",
+    ("policy", "agreed"),
+)
+SHADOW_FAILURES = MetricSpec(
+    "tipgraph_shadow_failures",
+    "counter",
+    "Events a shadow policy failed to score (error, timeout or lost call).",
+    ("policy",),
+)
+GENERATION_FALLBACKS = MetricSpec(
+    "tipgraph_generation_fallbacks",
+    "counter",
+    "Requests served task tips instead of LLM tips, by reason: circuit_open, timeout, "
+    "llm_error, malformed_answer, no_valid_tips.",
+    ("reason",),
+)
+BREAKER_STATE = MetricSpec(
+    "tipgraph_generation_breaker_state",
+    "gauge",
+    "The LLM circuit breaker of a generation replica: 0 closed, 1 half-open, 2 open.",
+)
+BREAKER_OPENED = MetricSpec(
+    "tipgraph_generation_breaker_opened",
+    "counter",
+    "Times a generation replica's LLM circuit breaker opened.",
+)
+STAGE_LATENCY = MetricSpec(
+    "tipgraph_stage_latency_ms",
+    "histogram",
+    "Latency of each stage of a served tip as the ingress saw it, in milliseconds "
+    "(stage=total is the whole request).",
+    ("stage",),
+    LATENCY_BUCKETS_MS,
+)
+DECISION_LOG_BACKLOG = MetricSpec(
+    "tipgraph_decision_log_backlog",
+    "gauge",
+    "Rows a replica's decision-log writer accepted but has not written to the database yet.",
+)
+DECISION_LOG_SPILLED = MetricSpec(
+    "tipgraph_decision_log_spilled",
+    "gauge",
+    "Rows waiting in a replica's spill file (the database was unreachable for long).",
+)
+DECISION_LOG_SPILL_BYTES = MetricSpec(
+    "tipgraph_decision_log_spill_bytes",
+    "gauge",
+    "Size of a replica's spill file in bytes; 0 when there is none.",
+)
+FEEDBACK_HELD = MetricSpec(
+    "tipgraph_feedback_held",
+    "gauge",
+    "Feedback an ingress replica holds until its decision can be read.",
+)
+
+METRICS = (
+    DECISIONS,
+    REWARDS,
+    REWARD_SUM,
+    DEFAULT_REWARDS,
+    SHADOW_COMPARISONS,
+    SHADOW_FAILURES,
+    GENERATION_FALLBACKS,
+    BREAKER_STATE,
+    BREAKER_OPENED,
+    STAGE_LATENCY,
+    DECISION_LOG_BACKLOG,
+    DECISION_LOG_SPILLED,
+    DECISION_LOG_SPILL_BYTES,
+    FEEDBACK_HELD,
+)
+"""Every metric tipgraph records."""
+
+
+def version_tag(policy_version: str) -> str:
+    """A policy version without its update count: ``linucb-1a2b3c4d.1742`` -> ``linucb-1a2b3c4d``.
+
+    The count grows with every learned reward; as a tag value it would start a new time
+    series per reward.  What is left changes only with the hyperparameters or a promotion.
+    """
+    head, dot, count = policy_version.rpartition(".")
+    return head if dot and count.isdigit() else policy_version
+
+
+class MetricSink(Protocol):
+    def inc(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None: ...
+
+    def set(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None: ...
+
+    def observe(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None: ...
+
+
+class NullSink:
+    """Records nothing: the default outside a Serve replica."""
+
+    def inc(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None:
+        pass
+
+    def set(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None:
+        pass
+
+    def observe(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None:
+        pass
+
+
+class RaySink:
+    """Records with ``ray.serve.metrics``; build it inside a replica, so Serve tags each
+    series with its application, deployment and replica."""
+
+    def __init__(self) -> None:
+        # Imported here: plain-Python users of this module never load Ray.
+        from ray.serve import metrics as serve_metrics
+
+        self._instruments: dict[str, Any] = {}
+        for spec in METRICS:
+            # Ray annotates tag_keys as a 1-tuple (Tuple[str]); it takes any length.
+            tags: Any = spec.tags
+            instrument: Any
+            if spec.kind == "counter":
+                instrument = serve_metrics.Counter(spec.name, spec.help, tags)
+            elif spec.kind == "gauge":
+                instrument = serve_metrics.Gauge(spec.name, spec.help, tags)
+            else:
+                instrument = serve_metrics.Histogram(spec.name, spec.help, list(spec.buckets), tags)
+            self._instruments[spec.name] = instrument
+
+    def inc(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None:
+        self._instruments[metric.name].inc(value, tags)
+
+    def set(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None:
+        self._instruments[metric.name].set(value, tags)
+
+    def observe(self, metric: MetricSpec, value: float, tags: dict[str, str]) -> None:
+        self._instruments[metric.name].observe(value, tags)
+
+
+class BreakerView(Protocol):
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def times_opened(self) -> int: ...
+
+
+class DecisionLogView(Protocol):
+    @property
+    def backlog(self) -> int: ...
+
+    @property
+    def spilled(self) -> int: ...
+
+    @property
+    def spill_bytes(self) -> int: ...
+
+
+class Metrics:
+    """What tipgraph counts, in its own terms; each method records the metrics above."""
+
+    def __init__(self, sink: MetricSink | None = None) -> None:
+        self._sink: MetricSink = sink if sink is not None else NullSink()
+        self._breaker_opened_seen = 0
+
+    def decision(self, policy: str, policy_version: str, role: PolicyRole) -> None:
+        tags = {"policy": policy, "policy_version": version_tag(policy_version), "role": role}
+        self._sink.inc(DECISIONS, 1, tags)
+
+    def stage_latency(self, latency: StageLatency) -> None:
+        for stage in STAGES:
+            self._sink.observe(STAGE_LATENCY, getattr(latency, stage), {"stage": stage})
+
+    def reward(self, policy: str, policy_version: str, reaction: str, reward: float) -> None:
+        tags = {"policy": policy, "policy_version": version_tag(policy_version)}
+        self._sink.inc(REWARDS, 1, {**tags, "reaction": reaction})
+        # A counter, not a histogram: Ray exports a histogram's _sum from bucket midpoints.
+        if reward > 0:
+            self._sink.inc(REWARD_SUM, reward, tags)
+
+    def default_rewards(self, count: int) -> None:
+        if count > 0:  # a Prometheus counter only moves up
+            self._sink.inc(DEFAULT_REWARDS, count, {})
+
+    def shadow_run(self, run: PolicyScoresRecord, served_candidate_id: str) -> None:
+        """A shadow's answer for one event: a shadow decision, compared with the served
+        pick.  A failed run counts nowhere here: whoever sees a failure reports it
+        (:meth:`shadow_failure`), once."""
+        if run.error is not None or run.chosen_candidate_id is None:
+            return
+        self.decision(run.policy_name, run.policy_version, "shadow")
+        agreed = "true" if run.chosen_candidate_id == served_candidate_id else "false"
+        self._sink.inc(SHADOW_COMPARISONS, 1, {"policy": run.policy_name, "agreed": agreed})
+
+    def shadow_failure(self, policy: str) -> None:
+        self._sink.inc(SHADOW_FAILURES, 1, {"policy": policy})
+
+    def generation_fallback(self, reason: str) -> None:
+        self._sink.inc(GENERATION_FALLBACKS, 1, {"reason": reason})
+
+    def sample_breaker(self, breaker: BreakerView) -> None:
+        self._sink.set(BREAKER_STATE, BREAKER_STATES[breaker.state], {})
+        opened = breaker.times_opened - self._breaker_opened_seen
+        if opened > 0:
+            self._sink.inc(BREAKER_OPENED, opened, {})
+            self._breaker_opened_seen = breaker.times_opened
+
+    def sample_decision_log(self, log: DecisionLogView) -> None:
+        self._sink.set(DECISION_LOG_BACKLOG, log.backlog, {})
+        self._sink.set(DECISION_LOG_SPILLED, log.spilled, {})
+        self._sink.set(DECISION_LOG_SPILL_BYTES, log.spill_bytes, {})
+
+    def sample_feedback_held(self, held: int) -> None:
+        self._sink.set(FEEDBACK_HELD, held, {})
+
+
+def replica_metrics(settings: MetricsSettings) -> Metrics:
+    """The metrics of a Serve replica: Ray-backed, unless ``metrics.enabled`` is off."""
+    return Metrics(RaySink()) if settings.enabled else Metrics()
