@@ -3,6 +3,7 @@ local server that speaks the Ollama chat API (tests/ollama_stub.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from pathlib import Path
@@ -172,6 +173,24 @@ def write_llm_config(tmp_path: Path, api_base: str, model: str = "ollama_chat/ll
         )
     )
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_litellm(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One LiteLLM call before the timed tests: the first in a process pays for imports and
+    client set-up, which on a loaded CI machine exceeded the tests' budget."""
+    stub = OllamaStub().start()
+    try:
+        settings = GenerationSettings(
+            source="llm",
+            llm_config=str(write_llm_config(tmp_path_factory.mktemp("warm"), stub.url)),
+            prompts_dir=str(ROOT / "configs" / "prompts"),
+            timeout_s=60,
+        )
+        result = asyncio.run(build_tip_generator(settings).generate(REQUEST, CONTEXT, "w", 3))
+        assert result.source == "llm", result.reason
+    finally:
+        stub.stop()
 
 
 def generator_for(tmp_path: Path, stub: OllamaStub, source: str = "llm", **extra: object):  # type: ignore[no-untyped-def]

@@ -67,6 +67,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "TIPGRAPH_API_TOKEN": TOKEN,
         "TIPGRAPH_SERVE__PORT": str(port),
         "TIPGRAPH_METRICS__EXPORT_PORT": str(metrics_port),
+        # HAProxy's own ports are fixed per machine: the suite's Serve instance has them.
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "TIPGRAPH_STORE__URL": f"sqlite:///{database}",
         "TIPGRAPH_STORE__SPILL_DIR": str(tmp / "spill"),
         # Writes only on shutdown, so the test sees Ctrl-C drain the buffer.
@@ -135,11 +138,11 @@ def test_status_shows_the_served_graph(served: Served, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     status = json.loads(result.stdout)
     (app,) = status["serve"]["data"]["apps"]
-    assert app["name"] == "tipgraph" and app["status"] == "RUNNING"
-    assert {d["name"] for d in app["deployments"]} >= {"ingress", "context", "scoring"}
-    assert status["registry"]["data"]["champion"] is None
+    assert app["name"] == "tipgraph" and app["status"] == "RUNNING", status
+    assert {d["name"] for d in app["deployments"]} >= {"ingress", "context", "scoring"}, status
+    assert status["registry"]["data"]["champion"] is None, status
     assert not (tmp_path / "mlflow.db").exists()
-    assert status["decision_log"]["data"]["decision_log_backlog"] >= 2
+    assert status["decision_log"]["data"]["decision_log_backlog"] >= 2, status
 
 
 def test_the_documented_metrics_endpoint_serves_tipgraph_metrics(served: Served) -> None:

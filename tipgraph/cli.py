@@ -5,6 +5,7 @@ report."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -90,7 +91,12 @@ def _serve(args: argparse.Namespace) -> int:
         stop.wait()
         print("shutting down: flushing the decision log...", flush=True)
     finally:
-        # Also when the app fails to start: Serve's HAProxy would outlive this process and
+        # Deleting the app waits for every replica's graceful shutdown, where the ingress
+        # writes its buffered decisions; serve.shutdown alone gives up after 30 s and kills
+        # them, which on a busy machine lost the buffer.
+        with contextlib.suppress(Exception):
+            serve.delete(serve_settings.app_name)
+        # Also when the app failed to start: Serve's HAProxy would outlive this process and
         # hold its fixed ports against the next start.
         serve.shutdown()
         ray.shutdown()
