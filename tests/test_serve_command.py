@@ -132,7 +132,12 @@ def test_status_shows_the_served_graph(served: Served, tmp_path: Path) -> None:
         text=True,
         timeout=120,
         cwd=tmp_path,  # no registry database here: the champion is "none", nothing created
-        env={**os.environ, "TIPGRAPH_STORE__URL": f"sqlite:///{served.database}"},
+        env={
+            **os.environ,
+            "TIPGRAPH_STORE__URL": f"sqlite:///{served.database}",
+            # Earlier tests in the session may have exported MLFLOW_TRACKING_URI.
+            "TIPGRAPH_REGISTRY__TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        },
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -87,6 +87,7 @@ class Unavailable(TipgraphError):
 EVENT_ID = re.compile(r"[0-9a-f]{32}")
 """What ``tip`` issues (uuid4 hex): anything else cannot be a decision, now or later."""
 FLUSH_WAIT_S = 2.0
+CLOSE_MARGIN_S = 1.0
 """How long feedback waits for its decision to leave this replica's writer before it is held."""
 HELD_RETRY_S = 0.5
 """How often held feedback looks for its decision again."""
@@ -634,7 +635,9 @@ class TipService:
         """Wait for shadow work in flight, write everything still buffered, then give held
         feedback a last chance to find its decision."""
         if self._background:
-            await asyncio.wait(set(self._background), timeout=SHADOW_TIMEOUT_S)
+            # A shadow logger gives up on its shadows after SHADOW_TIMEOUT_S and then writes
+            # their rows: waiting only as long raced it on a busy machine and lost the rows.
+            await asyncio.wait(set(self._background), timeout=SHADOW_TIMEOUT_S + CLOSE_MARGIN_S)
         await self.log.close()
         if self._held:
             await self._apply_held(expire_after_s=float("inf"))
