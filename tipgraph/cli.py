@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -337,10 +336,10 @@ def _status(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from tipgraph.progress import progress_bar
     from tipgraph.store import open_store
-    from tuning.export import export_log
+    from tuning.export import export_log, parse_timestamp
 
-    since = datetime.fromisoformat(args.since) if args.since else None
-    until = datetime.fromisoformat(args.until) if args.until else None
+    since = parse_timestamp(args.since, "--since")
+    until = parse_timestamp(args.until, "--until")
     settings = resolve_paths(load_settings(args.config), Path.cwd())
     with (
         open_store(settings.store) as store,

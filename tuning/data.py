@@ -64,6 +64,20 @@ def load_log(
     )
 
 
+def on_layout(events: Sequence[LoggedEvent], feature_version: str) -> list[LoggedEvent]:
+    """The events made on ``feature_version``'s layout; the rest are skipped with a warning
+    (a reward model or a policy needs one layout)."""
+    kept = [e for e in events if e.feature_version == feature_version]
+    if len(kept) < len(events):
+        logger.warning(
+            "skipped %d of %d logged decisions made on other feature layouts than %s",
+            len(events) - len(kept),
+            len(events),
+            feature_version,
+        )
+    return kept
+
+
 def load_training_log(
     store: DecisionStore,
     *,
@@ -75,17 +89,12 @@ def load_training_log(
     source: str = "decision log",
 ) -> TrainingLog:
     """Like :func:`load_log`, keeping only decisions made on ``feature_version``'s layout."""
-    events = store.logged_events(
-        since=since, until=until, prompt_version=prompt_version, policy_name=policy_name
+    kept = on_layout(
+        store.logged_events(
+            since=since, until=until, prompt_version=prompt_version, policy_name=policy_name
+        ),
+        feature_version,
     )
-    kept = [e for e in events if e.feature_version == feature_version]
-    if len(kept) < len(events):
-        logger.warning(
-            "skipped %d of %d logged decisions made on other feature layouts than %s",
-            len(events) - len(kept),
-            len(events),
-            feature_version,
-        )
     return TrainingLog(
         log=from_events(kept),
         spec_version=feature_version,

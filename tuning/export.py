@@ -23,6 +23,16 @@ FORMATS = (".csv", ".parquet")
 PROGRESS_EVERY = 1000
 
 
+def parse_timestamp(value: str | None, flag: str) -> datetime | None:
+    """A ``--since`` / ``--until`` argument (ISO 8601); None when the flag was not given."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as err:
+        raise ValueError(f"{flag} must be an ISO 8601 timestamp, got {value!r} ({err})") from err
+
+
 def _feature_columns(events: list[LoggedEvent]) -> list[str]:
     dims = {len(e.features[0]) for e in events}
     if len(dims) > 1:

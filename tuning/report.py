@@ -23,6 +23,8 @@ from pathlib import Path
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings, resolve_paths
 from tipgraph.store import DecisionStore, PolicyRole, StoreError, open_store
+from tuning.data import on_layout
+from tuning.export import parse_timestamp
 from tuning.report_data import BucketSpec, Report, build_report, make_estimator
 from tuning.report_render import write_report
 from tuning.sweep import DEFAULT_TUNING_CONFIG, EvaluationSettings, load_tuning_settings
@@ -78,14 +80,13 @@ def load_report(
     runs = store.logged_policy_runs(
         since=f.since, until=f.until, prompt_version=f.prompt_version, policy_name=f.policy_name
     )
-    kept = [e for e in events if e.feature_version == feature_version]
+    kept = on_layout(events, feature_version)
     notes = []
     if len(kept) < len(events):
         notes.append(
             f"{len(events) - len(kept)} of {len(events)} decisions were made on other feature "
             f"layouts than {feature_version} and are left out."
         )
-        logger.warning("report: %s", notes[-1])
     return build_report(
         kept,
         runs,
@@ -166,15 +167,6 @@ def _evaluation(path: str | None) -> EvaluationSettings:
     return load_tuning_settings(path).evaluation
 
 
-def _timestamp(value: str | None, flag: str) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError as err:
-        raise ValueError(f"{flag} must be an ISO 8601 timestamp, got {value!r}") from err
-
-
 def run_from_args(args: argparse.Namespace, *, tipgraph_config: str | None) -> int:
     """Render the report the arguments ask for; prints one line per file and a summary.
 
@@ -183,8 +175,8 @@ def run_from_args(args: argparse.Namespace, *, tipgraph_config: str | None) -> i
     """
     bucket = BucketSpec.parse(args.bucket)
     log_filter = LogFilter(
-        since=_timestamp(args.since, "--since"),
-        until=_timestamp(args.until, "--until"),
+        since=parse_timestamp(args.since, "--since"),
+        until=parse_timestamp(args.until, "--until"),
         prompt_version=args.prompt_version,
         policy_name=args.policy,
     )
