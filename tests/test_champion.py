@@ -16,7 +16,7 @@ from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyService
 from tipgraph.settings import PolicySettings, TipgraphSettings
 from tipgraph.store import DecisionStore, open_store
-from tuning.registry import OffPolicyEvidence, PolicyRegistry
+from tuning.registry import Lineage, OffPolicyEvidence, PolicyRegistry
 
 T0 = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)
 EVIDENCE = OffPolicyEvidence("dr", 0.8, 0.78, 0.82, 1000)
@@ -59,8 +59,8 @@ def test_follower_swaps_in_the_champion_and_learns_only_newer_rewards(setup) -> 
     )
     for event in store_.training_events():
         tuned.update(event.features, event.reward)
-    registry.register(tuned, EVIDENCE, trained_through_reward_id=max(rewards))
-    registry.promote()
+    registry.register(tuned, EVIDENCE, lineage=Lineage("decision log", len(rewards), max(rewards)))
+    registry.promote(force=True)
     x = rng.normal(size=FEATURE_SPEC.dim)
     log_decision(store_, "new", x, T0)
     give_feedback(store_, "new", 0.5, T0)  # logged after the model was trained
@@ -89,7 +89,7 @@ def test_a_champion_for_other_features_is_refused_and_serving_continues(
         ),
         EVIDENCE,
     )
-    registry.promote()
+    registry.promote(force=True)
     service = fresh_service()
     before = service.policy
     with caplog.at_level(logging.ERROR):

@@ -41,8 +41,16 @@ EXERCISED: dict[str, list[str]] = {
     "python -m tuning.sweep": [
         "tests/test_sweep.py::test_python_m_tuning_sweep_runs_from_a_config_file"
     ],
-    "tipgraph promote": ["tests/test_registry.py::test_promote_and_rollback_commands"],
-    "tipgraph rollback": ["tests/test_registry.py::test_promote_and_rollback_commands"],
+    "tipgraph promote": [
+        "tests/test_registry.py::test_promote_rollback_and_registry_commands_print_only_their_own_lines",
+        "tests/test_e2e.py::test_the_documented_promotion_path_under_load",
+    ],
+    "tipgraph rollback": [
+        "tests/test_registry.py::test_promote_rollback_and_registry_commands_print_only_their_own_lines"
+    ],
+    "tipgraph registry": [
+        "tests/test_registry.py::test_promote_rollback_and_registry_commands_print_only_their_own_lines"
+    ],
     "tipgraph status": [
         "tests/test_e2e.py::test_status_reports_the_running_graph_the_champion_and_the_backlog",
         "tests/test_serve_command.py::test_status_shows_the_served_graph",
@@ -208,7 +216,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 0
     listed = capsys.readouterr().out
     commands = ["serve", "simulate", "tune", "promote", "rollback", "report", "export"]
-    commands += ["status", "migrate", "config"]
+    commands += ["status", "migrate", "config", "registry"]
     for command in commands:
         assert command in listed
         with pytest.raises(SystemExit) as exit_:

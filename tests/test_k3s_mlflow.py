@@ -29,7 +29,7 @@ from tipgraph.features import FEATURE_SPEC
 from tipgraph.k3s import kustomize_build
 from tipgraph.policies import make_policy
 from tipgraph.settings import PolicySettings
-from tuning.registry import CHAMPION, OffPolicyEvidence, PolicyRegistry
+from tuning.registry import CHAMPION, Baseline, OffPolicyEvidence, PolicyRegistry
 
 pytestmark = pytest.mark.postgres
 
@@ -144,8 +144,16 @@ def test_the_k3s_mlflow_server_requires_auth_and_serves_tipgraphs_registry(
     for _ in range(50):
         policy.update(rng.normal(size=FEATURE_SPEC.dim), float(rng.random()))
     policy.stats_.refresh()
-    version = registry.register(policy, OffPolicyEvidence("progressive dr", 0.6, 0.55, 0.65, 50))
-    assert registry.promote() == "first champion"
+    version = registry.register(
+        policy,
+        OffPolicyEvidence("progressive dr", 0.6, 0.55, 0.65, 50),
+        baseline=Baseline(
+            "served policy linucb (linucb)",
+            OffPolicyEvidence("progressive dr", 0.5, 0.45, 0.55, 50),
+            champion_version=None,
+        ),
+    )
+    assert registry.promote().startswith(f"challenger version {version} lower bound 0.5500 beats")
     loaded = registry.load(f"@{CHAMPION}", expected_spec_version=FEATURE_SPEC.version)
     assert loaded.version == version
     X = rng.normal(size=(5, FEATURE_SPEC.dim))

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import mlflow
 import numpy as np
@@ -182,7 +183,7 @@ def test_sweep_beats_a_poor_default_and_registers_a_model_that_loads_back(
     assert sum(line.startswith("[") and "/8]" in line for line in lines) == 8
     assert len(result.trials) == 8 and all(t.estimate is not None for t in result.trials)
     # The sweep beat the poor default decisively: the promotion gate will pass.
-    assert result.baseline_name == "served policy baseline"
+    assert result.baseline_name == "served policy baseline (baseline)"
     assert result.winner.estimate is not None
     assert result.winner.estimate.lower > result.baseline.upper
     assert result.winner.estimate.lower == max(
@@ -214,7 +215,13 @@ def test_sweep_beats_a_poor_default_and_registers_a_model_that_loads_back(
     tags = registry.tags_of("1")
     assert tags["trained_through_reward_id"] == str(last_reward_id)
     assert float(tags["ope.lower"]) == pytest.approx(result.winner.estimate.lower)
-    assert float(tags["champion_same_data.value"]) == pytest.approx(result.baseline.value)
+    assert float(tags["baseline.value"]) == pytest.approx(result.baseline.value)
+    record = registry.describe("1")
+    assert record.baseline is not None and record.baseline.champion_version is None
+    assert record.baseline.name == "served policy baseline (baseline)"
+    assert record.lineage is not None and record.lineage.n_events == 2000
+    assert record.lineage.sweep_run_id == result.sweep_run_id
+    assert record.hyperparameters == trial_params(result.winner.settings)
     loaded = registry.load("@challenger", expected_spec_version=FEATURE_SPEC.version)
     assert loaded.policy.settings == result.winner.settings
     assert loaded.policy.n_updates == 2000
@@ -227,8 +234,23 @@ def test_sweep_beats_a_poor_default_and_registers_a_model_that_loads_back(
         np.testing.assert_array_equal(loaded.policy.distribution(X), expected)
         np.testing.assert_array_equal(pyfunc.predict(X), expected)
 
-    assert registry.promote().startswith("first champion")
+    # The first promotion is gated too, against the served policy the sweep replayed.
+    assert registry.promote().startswith("challenger version 1 lower bound "), (
+        "the winner beat the poor default's upper bound, so its estimate too"
+    )
     assert registry.version_of(CHAMPION) == "1"
+
+
+def _run_sweep_process(module_args: list[str], env: dict[str, str]) -> CompletedProcess[str]:
+    """``python -m <module_args>`` from the repository, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", *module_args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_python_m_tuning_sweep_runs_from_a_config_file(tmp_path: Path) -> None:
@@ -253,14 +275,7 @@ def test_python_m_tuning_sweep_runs_from_a_config_file(tmp_path: Path) -> None:
         "TIPGRAPH_REGISTRY__TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "tuning.sweep", "--config", str(config), "--no-register"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run_sweep_process(["tuning.sweep", "--config", str(config), "--no-register"], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[  2/2] egreedy" in done.stdout
     assert "winner: trial" in done.stdout and "registered" not in done.stdout
@@ -268,6 +283,43 @@ def test_python_m_tuning_sweep_runs_from_a_config_file(tmp_path: Path) -> None:
     assert "report: not attached (the log comes from 'simulator'" in done.stdout
     assert "trials:" not in done.stderr  # no progress bar: stderr is not a terminal
     assert PolicyRegistry(env["TIPGRAPH_REGISTRY__TRACKING_URI"]).version_of(CHALLENGER) is None
+
+
+TUNE_LINES = ("tuning on ", "running ", "[", "winner: ", "registered ", "report: ", "done in ")
+"""How every line `tipgraph tune` prints starts: its own, and nothing from Ray, Tune, Optuna or
+MLflow (their boxes, INFO lines, warnings and progress bars were filtered at the source)."""
+
+
+def test_tipgraph_tune_prints_only_its_own_lines(tmp_path: Path) -> None:
+    config = tmp_path / "tuning.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "log": {"source": "simulator", "events": 300, "seed": 4},
+                "search": "optuna",
+                "num_samples": 2,
+                "num_cpus": 2,
+                "storage_path": str(tmp_path / "tune"),
+                "space": {"kinds": ["uniform"]},
+            }
+        ),
+        encoding="utf-8",
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "TIPGRAPH_")) and k != "RAY_ADDRESS"
+    }
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    done = _run_sweep_process(["tipgraph.cli", "tune", "--config", str(config)], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == ""
+    foreign = [line for line in done.stdout.splitlines() if not line.startswith(TUNE_LINES)]
+    assert foreign == [], done.stdout
+    # A uniform challenger against the served linucb: registered, and told it will not pass.
+    (registered,) = [line for line in done.stdout.splitlines() if line.startswith("registered")]
+    assert "does not beat" in registered and "`tipgraph promote` will refuse it" in registered
+    assert "served policy linucb (linucb)" in registered
 
 
 def test_a_bad_tuning_config_is_a_clear_error(tmp_path: Path) -> None:

@@ -216,6 +216,38 @@ def _move_champion(args: argparse.Namespace, action: str) -> int:
     return EXIT_OK
 
 
+def _registry_command(args: argparse.Namespace) -> int:
+    """``registry list`` / ``registry show VERSION``: versions, evidence, lineage, history."""
+    from tuning.registry import RegistryError, sqlite_database
+    from tuning.registry_view import format_version, format_versions
+
+    settings = load_settings(args.config).registry
+    database = sqlite_database(settings.tracking_uri)
+    if database is not None and not database.exists():
+        # Opening it would create an empty registry: reading must not write.
+        print(
+            f"tipgraph: error: no model registry at {settings.tracking_uri} (nothing tuned "
+            "yet, or another working directory / $MLFLOW_TRACKING_URI)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    registry = _registry(args)
+    try:
+        if args.registry_command == "list":
+            records = registry.versions()
+            text = format_versions(registry.model_name, records)
+            data: object = [r.to_dict() for r in records]
+        else:
+            record = registry.describe(args.version)
+            text = format_version(registry.model_name, record)
+            data = record.to_dict()
+    except RegistryError as err:
+        print(f"tipgraph: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(data, indent=2) if args.format == "json" else text)
+    return EXIT_OK
+
+
 def _promote(args: argparse.Namespace) -> int:
     return _move_champion(args, "promote")
 
@@ -464,6 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="point the champion back at the previous one")
     rollback.add_argument("--who", default=who, help="recorded with the rollback")
     rollback.set_defaults(func=_rollback)
+    registry = commands.add_parser(
+        "registry", help="the model registry's versions: evidence, baseline, lineage, history"
+    )
+    registry_commands = registry.add_subparsers(
+        dest="registry_command", required=True, metavar="ACTION"
+    )
+    registry_list = registry_commands.add_parser("list", help="every version, newest first")
+    registry_show = registry_commands.add_parser("show", help="one version in full")
+    registry_show.add_argument("version", help="a version number, or an alias as @champion")
+    for sub in (registry_list, registry_show):
+        sub.add_argument("--format", choices=("text", "json"), default="text")
+    registry.set_defaults(func=_registry_command)
 
     render = commands.add_parser(
         "render-serve-config", help="write serve_config.yaml from the config"
@@ -541,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        # MLflow logs at INFO through a handler of its own, set up when it is first imported
+        # (e.g. "Creating initial MLflow database tables..." on a new registry).
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -115,22 +115,17 @@ def serve_status(ray_address: str) -> Section:
     )
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    prefix = "sqlite:///"
-    return Path(uri.removeprefix(prefix)) if uri.startswith(prefix) else None
-
-
 def registry_status(settings: TipgraphSettings) -> Section:
     from mlflow.exceptions import MlflowException
 
-    from tuning.registry import CHALLENGER, CHAMPION, PolicyRegistry
+    from tuning.registry import CHALLENGER, CHAMPION, PolicyRegistry, sqlite_database
 
     registry_settings = settings.registry
     data: dict[str, Any] = {
         "model": registry_settings.model_name,
         "serving_follows": registry_settings.serve_alias,
     }
-    database = _sqlite_path(registry_settings.tracking_uri)
+    database = sqlite_database(registry_settings.tracking_uri)
     if database is not None and not database.exists():
         # Opening it would create an empty registry: a status check must not write.
         return Section(ok=True, data={**data, CHAMPION: None, CHALLENGER: None})

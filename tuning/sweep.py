@@ -51,7 +51,7 @@ from tuning.logged import LoggedBandit
 from tuning.ope import Estimate, progressive
 
 if TYPE_CHECKING:
-    from tuning.registry import OffPolicyEvidence, PolicyRegistry
+    from tuning.registry import Lineage, OffPolicyEvidence, PolicyRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -588,20 +588,34 @@ def _report_to_mlflow(
     )
 
 
+@dataclass(frozen=True)
+class _BaselineChoice:
+    name: str
+    settings: PolicySettings
+    champion_version: str | None
+    """The champion when the sweep ran, whether or not it was comparable."""
+
+
 def _baseline(
     registry: PolicyRegistry, settings: TipgraphSettings, training: TrainingLog
-) -> tuple[str, PolicySettings]:
+) -> _BaselineChoice:
     """What the winner must beat: the champion's configuration, else the served policy's."""
     from tuning.registry import CHAMPION, RegistryError
 
-    if registry.version_of(CHAMPION) is not None:
+    champion_version = registry.version_of(CHAMPION)
+    if champion_version is not None:
         try:
-            champion = registry.load(f"@{CHAMPION}", expected_spec_version=training.spec_version)
+            champion = registry.load(champion_version, expected_spec_version=training.spec_version)
         except (PolicyStateError, RegistryError) as err:
             logger.warning("champion not comparable on this log (%s); using the served policy", err)
         else:
-            return f"champion {champion.ref}", champion.policy.settings
-    return f"served policy {settings.policy.name}", settings.policy
+            return _BaselineChoice(
+                f"champion {champion.ref} ({champion.policy.kind})",
+                champion.policy.settings,
+                champion_version,
+            )
+    served = settings.policy
+    return _BaselineChoice(f"served policy {served.name} ({served.kind})", served, champion_version)
 
 
 def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
@@ -613,6 +627,67 @@ def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
         lower=estimate.lower,
         upper=estimate.upper,
         n_events=estimate.n_events,
+    )
+
+
+def _lineage(training: TrainingLog, log: LogSource, sweep_run_id: str) -> Lineage:
+    from tuning.registry import Lineage
+
+    filters = {
+        name: value.isoformat() if isinstance(value, datetime) else str(value)
+        for name in ("since", "until", "prompt_version", "policy_name")
+        if (value := getattr(log, name)) is not None
+    }
+    return Lineage(
+        source=training.source,
+        n_events=training.log.n_events,
+        trained_through_reward_id=training.trained_through_reward_id,
+        filters=filters if log.source != "simulator" else {},
+        sweep_run_id=sweep_run_id,
+    )
+
+
+def _register_winner(
+    registry: PolicyRegistry,
+    policy: Policy,
+    estimate: Estimate,
+    baseline: Estimate,
+    choice: _BaselineChoice,
+    training: TrainingLog,
+    tuning: TuningSettings,
+    sweep_run_id: str,
+    winner: TrialOutcome,
+) -> str:
+    from tuning.registry import Baseline
+
+    return registry.register(
+        policy,
+        _evidence(estimate, tuning.evaluation.estimator),
+        baseline=Baseline(
+            choice.name,
+            _evidence(baseline, tuning.evaluation.estimator),
+            champion_version=choice.champion_version,
+        ),
+        lineage=_lineage(training, tuning.log, sweep_run_id),
+        hyperparameters=trial_params(policy.settings),
+        run_id=winner.run_id,
+    )
+
+
+def _gate_outlook(
+    model_name: str, version: str, estimate: Estimate, baseline: Estimate, baseline_name: str
+) -> str:
+    """Says what ``tipgraph promote`` will do with the version just registered."""
+    verdict = (
+        "`tipgraph promote` will move @champion to it"
+        if estimate.lower > baseline.value
+        else "`tipgraph promote` will refuse it"
+    )
+    beats = "beats" if estimate.lower > baseline.value else "does not beat"
+    return (
+        f"registered {model_name} version {version} as @challenger: its lower bound "
+        f"{estimate.lower:.4f} {beats} {baseline.value:.4f}, the estimate of {baseline_name} "
+        f"on the same log, so {verdict}"
     )
 
 
@@ -629,6 +704,10 @@ def run_sweep(
     ``progress`` allows the trials' progress bar (shown only when stderr is a terminal).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune's "new output" prints a configuration box and TensorBoard hints even at verbose=0;
+    # the classic reporter at verbose=0 prints nothing. Each trial has a line of ours instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import optuna
     import ray
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -689,8 +768,17 @@ def run_sweep(
         if os.environ.get("RAY_ADDRESS"):
             ray.init()  # a RayJob's entrypoint: join its cluster, which sizes itself
         else:
-            ray.init(num_cpus=tuning.num_cpus, include_dashboard=False, log_to_driver=False)
+            # A private throwaway cluster: its start-up lines (and the notice that it made
+            # itself an auth token) are Ray's business, not the operator's; errors still show.
+            ray.init(
+                num_cpus=tuning.num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
     concurrency = tuning.max_concurrent_trials or max(1, int(ray.cluster_resources()["CPU"]))
+    # Optuna logs "A new study created in memory" at INFO through a handler of its own.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     search_alg: Any = (
         OptunaSearch(seed=tuning.seed)
         if tuning.search == "optuna"
@@ -741,13 +829,12 @@ def run_sweep(
 
     # Replay the winner here: deterministic, and it leaves the policy warm on the whole log.
     policy, estimate = evaluate(winner.settings, training, tuning.evaluation)
-    baseline_name, baseline_settings = _baseline(registry, settings, training)
-    _, baseline = evaluate(baseline_settings, training, tuning.evaluation)
+    choice = _baseline(registry, settings, training)
+    _, baseline = evaluate(choice.settings, training, tuning.evaluation)
     out(
         f"winner: trial {winner.number} {winner.settings.kind} {describe(winner.settings)}: "
         f"{estimate.value:.4f} [{estimate.lower:.4f}, {estimate.upper:.4f}]; "
-        f"{baseline_name} ({baseline_settings.kind}): {baseline.value:.4f} "
-        f"[{baseline.lower:.4f}, {baseline.upper:.4f}]"
+        f"{choice.name}: {baseline.value:.4f} [{baseline.lower:.4f}, {baseline.upper:.4f}]"
     )
     client = registry.client
     for key, value in {
@@ -759,24 +846,15 @@ def run_sweep(
     }.items():
         client.log_metric(parent_id, key, value)
     client.set_tag(parent_id, "winner.run_id", str(winner.run_id))
-    client.set_tag(parent_id, "baseline", baseline_name)
+    client.set_tag(parent_id, "baseline", choice.name)
 
     version = None
     if tuning.register_winner:
-        version = registry.register(
-            policy,
-            _evidence(estimate, tuning.evaluation.estimator),
-            champion_on_same_data=_evidence(baseline, tuning.evaluation.estimator),
-            trained_through_reward_id=training.trained_through_reward_id,
-            run_id=winner.run_id,
+        version = _register_winner(
+            registry, policy, estimate, baseline, choice, training, tuning, parent_id, winner
         )
         client.set_tag(parent_id, "registered_version", version)
-        out(
-            f"registered {registry.model_name} version {version} as @challenger "
-            f"(trained through reward id {training.trained_through_reward_id}); "
-            f"`tipgraph promote` moves @champion to it if its lower bound beats "
-            f"{baseline.value:.4f}"
-        )
+        out(_gate_outlook(registry.model_name, version, estimate, baseline, choice.name))
     report_runs = [parent_id] + ([winner.run_id] if winner.run_id else [])
     _report_to_mlflow(client, report_runs, tuning, settings, log_read_here=log_read_here, out=out)
     client.set_terminated(parent_id, "FINISHED")
@@ -793,7 +871,7 @@ def run_sweep(
         trials=list(trial_logger.outcomes),
         winner=winner,
         winner_policy=policy,
-        baseline_name=baseline_name,
+        baseline_name=choice.name,
         baseline=baseline,
         registered_version=version,
         wall_s=wall_s,
