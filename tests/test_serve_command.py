@@ -141,6 +141,7 @@ def test_status_shows_the_served_graph(served: Served, tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stderr == ""  # no third-party warnings or progress bars (docs/tuning.md)
     status = json.loads(result.stdout)
     (app,) = status["serve"]["data"]["apps"]
     assert app["name"] == "tipgraph" and app["status"] == "RUNNING", status
