@@ -87,8 +87,9 @@ class Unavailable(TipgraphError):
 EVENT_ID = re.compile(r"[0-9a-f]{32}")
 """What ``tip`` issues (uuid4 hex): anything else cannot be a decision, now or later."""
 FLUSH_WAIT_S = 2.0
-CLOSE_MARGIN_S = 1.0
 """How long feedback waits for its decision to leave this replica's writer before it is held."""
+CLOSE_MARGIN_S = 1.0
+"""How much longer than a shadow logger's own timeout ``close`` waits for it."""
 HELD_RETRY_S = 0.5
 """How often held feedback looks for its decision again."""
 

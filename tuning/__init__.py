@@ -1,4 +1,7 @@
-"""Offline policy tuning (Ray Tune + off-policy evaluation + MLflow). Arrives with issue 5."""
+"""Offline policy tuning: logged data, off-policy evaluation, the Ray Tune sweep, the report.
+
+Builds on the core (``tipgraph``) and never imports the serving shells (``deployments``).
+"""
 
 from tuning.logged import LoggedBandit, LogValidationError
 from tuning.ope import (
