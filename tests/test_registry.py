@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import mlflow
@@ -19,11 +19,9 @@ from tipgraph.settings import PolicySettings
 from tuning.registry import (
     CHALLENGER,
     CHAMPION,
-    STATE_ARTIFACT,
     Baseline,
     Lineage,
     OffPolicyEvidence,
-    PolicyModel,
     PolicyRegistry,
     RegistryError,
 )
@@ -86,53 +84,39 @@ def test_a_registered_version_stores_code_as_text_and_no_pickle(
     assert "model_code_path" in mlmodel and "python_model.pkl" not in mlmodel
 
 
-def _register_the_old_way(registry: PolicyRegistry, policy, tags: dict[str, str]) -> str:  # type: ignore[no-untyped-def]
-    """How versions were registered before models-from-code: a cloudpickled PolicyModel."""
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    mlflow.set_registry_uri(registry.tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp) / STATE_ARTIFACT
-        state.write_bytes(policy.to_bytes())
-        with mlflow.start_run(experiment_id=registry.experiment_id("tipgraph-tuning")):
-            info = mlflow.pyfunc.log_model(
-                name="policy",
-                python_model=PolicyModel(),
-                artifacts={"state": str(state)},
-                registered_model_name=registry.model_name,
-                pip_requirements=["tipgraph"],
-            )
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        registry.client.set_model_version_tag(registry.model_name, version, key, value)
-    registry.client.set_registered_model_alias(registry.model_name, CHALLENGER, version)
-    return version
+LEGACY_MODEL = Path(__file__).resolve().parent / "data" / "legacy_policy_model"
 
 
-@pytest.mark.filterwarnings("ignore:Passing a Python object")
 def test_versions_registered_before_models_from_code_still_load_and_gate(
-    registry: PolicyRegistry,
+    registry: PolicyRegistry, tmp_path: Path
 ) -> None:
-    policy = trained("egreedy", 3)
-    old_tags = {
-        "feature_spec": "spec-a",
-        "policy_kind": "egreedy",
-        "policy_version": policy.version,
-        "trained_through_reward_id": "41",
-        **evidence(0.70).tags(),
-        # The baseline's tags before it had a name.
-        **evidence(0.60).tags("champion_same_data"),
-    }
-    version = _register_the_old_way(registry, policy, old_tags)
-    location = registry.client.get_model_version_download_uri("tip-policy", version)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
-    assert list(local.rglob("*.pkl")), "the old way really stored a pickle"
+    """A version exactly as the old code registered it: a cloudpickled
+    ``tuning.registry.PolicyModel`` and the old, unnamed baseline tags."""
+    assert b"tuning.registry" in (LEGACY_MODEL / "python_model.pkl").read_bytes()
+    source = tmp_path / "legacy"
+    shutil.copytree(LEGACY_MODEL, source)
+    registry.client.create_registered_model(registry.model_name)
+    version = registry.client.create_model_version(
+        registry.model_name,
+        source=str(source),
+        tags={
+            "feature_spec": "spec-a",
+            "policy_kind": "linucb",
+            "trained_through_reward_id": "41",
+            **evidence(0.70).tags(),
+            **evidence(0.60).tags("champion_same_data"),
+        },
+    ).version
+    version = str(version)  # the client returns the number as an int here
+    registry.client.set_registered_model_alias(registry.model_name, CHALLENGER, version)
 
-    X = np.random.default_rng(2).normal(size=(4, DIM))
+    X = np.load(LEGACY_MODEL / "X.npy")
+    expected = np.load(LEGACY_MODEL / "expected.npy")
     loaded = registry.load(version, expected_spec_version="spec-a")
-    np.testing.assert_array_equal(loaded.policy.distribution(X, "e"), policy.distribution(X, "e"))
+    np.testing.assert_array_equal(loaded.policy.distribution(X), expected)
     assert loaded.trained_through_reward_id == 41
     pyfunc = mlflow.pyfunc.load_model(f"models:/tip-policy/{version}")
-    np.testing.assert_allclose(pyfunc.predict(X), policy.distribution(X))
+    np.testing.assert_array_equal(pyfunc.predict(X), expected)
 
     record = registry.describe(version)
     assert record.baseline is not None and record.baseline.evidence.value == 0.60
