@@ -13,10 +13,10 @@ from tests.test_sync import give_feedback, log_decision
 from tipgraph.champion import ChampionFollower
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.policies import make_policy
+from tipgraph.registry import Lineage, OffPolicyEvidence, PolicyRegistry
 from tipgraph.scoring import PolicyService
 from tipgraph.settings import PolicySettings, TipgraphSettings
 from tipgraph.store import DecisionStore, open_store
-from tuning.registry import Lineage, OffPolicyEvidence, PolicyRegistry
 
 T0 = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)
 EVIDENCE = OffPolicyEvidence("dr", 0.8, 0.78, 0.82, 1000)

@@ -629,7 +629,7 @@ def test_the_documented_promotion_path_under_load(
 
     from ray import serve
 
-    from tuning.registry import PolicyRegistry
+    from tipgraph.registry import PolicyRegistry
 
     main = serve_apps["main"]
     schema = f"e2e_promotion_{uuid.uuid4().hex[:10]}"
@@ -946,7 +946,7 @@ def test_status_reports_the_running_graph_the_champion_and_the_backlog(
     import ray
 
     from tests.test_registry import evidence, trained
-    from tuning.registry import PolicyRegistry
+    from tipgraph.registry import PolicyRegistry
 
     app = serve_apps["main"]
     for _ in range(3):

@@ -28,8 +28,8 @@ from tests.conftest import free_port
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.k3s import kustomize_build
 from tipgraph.policies import make_policy
+from tipgraph.registry import CHAMPION, Baseline, OffPolicyEvidence, PolicyRegistry
 from tipgraph.settings import PolicySettings
-from tuning.registry import CHAMPION, Baseline, OffPolicyEvidence, PolicyRegistry
 
 pytestmark = pytest.mark.postgres
 

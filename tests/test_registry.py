@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from tipgraph.policies import make_policy
-from tipgraph.settings import PolicySettings
-from tuning.registry import (
+from tipgraph.registry import (
     CHALLENGER,
     CHAMPION,
     Baseline,
@@ -25,6 +24,7 @@ from tuning.registry import (
     PolicyRegistry,
     RegistryError,
 )
+from tipgraph.settings import PolicySettings
 
 DIM = 5
 REPO = Path(__file__).resolve().parent.parent

@@ -21,11 +21,11 @@ import yaml
 from pydantic import ValidationError
 
 from tipgraph.features import FEATURE_SPEC
+from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry
 from tipgraph.settings import PolicySettings, TipgraphSettings
 from tipgraph.simulator import run_local
 from tipgraph.store import open_store
 from tuning.data import TrainingLog
-from tuning.registry import CHALLENGER, CHAMPION, PolicyRegistry
 from tuning.report_render import PLOTS
 from tuning.simulated_log import simulate_log
 from tuning.sweep import (

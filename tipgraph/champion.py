@@ -13,6 +13,7 @@ import logging
 
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.policies import PolicyStateError
+from tipgraph.registry import PolicyRegistry
 from tipgraph.scoring import PolicyService
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import DecisionStore
@@ -24,9 +25,7 @@ class ChampionFollower:
     def __init__(
         self, settings: TipgraphSettings, service: PolicyService, store: DecisionStore
     ) -> None:
-        # MLflow is imported only by replicas that follow the registry.
-        from tuning.registry import PolicyRegistry
-
+        # Constructing the registry client imports MLflow: only replicas that follow do.
         self._registry = PolicyRegistry(
             settings.registry.tracking_uri, model_name=settings.registry.model_name
         )

@@ -193,7 +193,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from tuning.registry import PolicyRegistry
+    from tipgraph.registry import PolicyRegistry
 
     settings = load_settings(args.config).registry
     return PolicyRegistry(settings.tracking_uri, model_name=settings.model_name)
@@ -201,7 +201,7 @@ def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _move_champion(args: argparse.Namespace, action: str) -> int:
     """``promote`` or ``rollback``: both move the champion alias and say why."""
-    from tuning.registry import CHAMPION, RegistryError
+    from tipgraph.registry import CHAMPION, RegistryError
 
     registry = _registry(args)
     try:
@@ -218,8 +218,8 @@ def _move_champion(args: argparse.Namespace, action: str) -> int:
 
 def _registry_command(args: argparse.Namespace) -> int:
     """``registry list`` / ``registry show VERSION``: versions, evidence, lineage, history."""
-    from tuning.registry import RegistryError, sqlite_database
-    from tuning.registry_view import format_version, format_versions
+    from tipgraph.registry import RegistryError, sqlite_database
+    from tipgraph.registry_view import format_version, format_versions
 
     settings = load_settings(args.config).registry
     database = sqlite_database(settings.tracking_uri)

@@ -118,7 +118,7 @@ def serve_status(ray_address: str) -> Section:
 def registry_status(settings: TipgraphSettings) -> Section:
     from mlflow.exceptions import MlflowException
 
-    from tuning.registry import CHALLENGER, CHAMPION, PolicyRegistry, sqlite_database
+    from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry, sqlite_database
 
     registry_settings = settings.registry
     data: dict[str, Any] = {

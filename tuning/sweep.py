@@ -51,7 +51,7 @@ from tuning.logged import LoggedBandit
 from tuning.ope import Estimate, progressive
 
 if TYPE_CHECKING:
-    from tuning.registry import Lineage, OffPolicyEvidence, PolicyRegistry
+    from tipgraph.registry import Lineage, OffPolicyEvidence, PolicyRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -600,7 +600,7 @@ def _baseline(
     registry: PolicyRegistry, settings: TipgraphSettings, training: TrainingLog
 ) -> _BaselineChoice:
     """What the winner must beat: the champion's configuration, else the served policy's."""
-    from tuning.registry import CHAMPION, RegistryError
+    from tipgraph.registry import CHAMPION, RegistryError
 
     champion_version = registry.version_of(CHAMPION)
     if champion_version is not None:
@@ -619,7 +619,7 @@ def _baseline(
 
 
 def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
-    from tuning.registry import OffPolicyEvidence
+    from tipgraph.registry import OffPolicyEvidence
 
     return OffPolicyEvidence(
         estimator=f"progressive {estimator}",
@@ -631,7 +631,7 @@ def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
 
 
 def _lineage(training: TrainingLog, log: LogSource, sweep_run_id: str) -> Lineage:
-    from tuning.registry import Lineage
+    from tipgraph.registry import Lineage
 
     filters = {
         name: value.isoformat() if isinstance(value, datetime) else str(value)
@@ -658,7 +658,7 @@ def _register_winner(
     sweep_run_id: str,
     winner: TrialOutcome,
 ) -> str:
-    from tuning.registry import Baseline
+    from tipgraph.registry import Baseline
 
     return registry.register(
         policy,
@@ -713,7 +713,7 @@ def run_sweep(
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from tuning.registry import PolicyRegistry
+    from tipgraph.registry import PolicyRegistry
 
     started = time.perf_counter()
     if settings is None:

@@ -3,6 +3,6 @@ run when the version is loaded as a pyfunc, so no pickled Python object is ever 
 
 from mlflow.models import set_model
 
-from tuning.policy_model import PolicyModel
+from tipgraph.policy_model import PolicyModel
 
 set_model(PolicyModel())

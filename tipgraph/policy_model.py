@@ -3,8 +3,9 @@
 It holds no learned state of its own: ``load_context`` rebuilds the policy from the version's
 ``policy_state`` artifact (``Policy.to_bytes``), so the registry stores data and the code stays
 here, in the installed package.  New versions are logged "from code"
-(:mod:`tuning.policy_model_code`, stored as source text); versions registered before that
-hold a cloudpickled instance of this class, found by reference as ``tuning.registry.PolicyModel``.
+(:mod:`tipgraph.policy_model_code`, stored as source text); versions registered before that
+hold a cloudpickled instance of this class, found by reference as ``tuning.registry.PolicyModel``
+(still importable there). Importing this module imports MLflow: only MLflow's loader does.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import numpy as np
 from mlflow.pyfunc import PythonModel
 
 from tipgraph.policies import Policy, policy_from_bytes
-
-STATE_ARTIFACT_KEY = "state"
+from tipgraph.registry import STATE_ARTIFACT_KEY
 
 
 class PolicyModel(PythonModel):

@@ -1,6 +1,6 @@
 """``tipgraph registry``: the registry's versions with their evidence and lineage, as text.
 
-Plain functions of :class:`tuning.registry.VersionRecord`, so the same record feeds the text
+Plain functions of :class:`tipgraph.registry.VersionRecord`, so the same record feeds the text
 here and ``--format json``.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tuning.registry import VersionRecord
+from tipgraph.registry import VersionRecord
 
 NOT_RECORDED = "not recorded"
 
