@@ -43,6 +43,7 @@ from tuning.sweep import (
     load_tuning_settings,
     param_space,
     policy_settings,
+    print_line,
     read_training_log,
     run_sweep,
     trial_params,
@@ -320,6 +321,26 @@ def test_tipgraph_tune_prints_only_its_own_lines(tmp_path: Path) -> None:
     (registered,) = [line for line in done.stdout.splitlines() if line.startswith("registered")]
     assert "does not beat" in registered and "`tipgraph promote` will refuse it" in registered
     assert "served policy linucb (linucb)" in registered
+
+
+def test_the_default_output_pickles_while_print_is_redirected(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tune pickles the callbacks that hold the sweep's output. Ray Serve's driver replaces
+    ``builtins.print`` with a redirecting one, and ``print`` then no longer pickles by
+    reference: `tipgraph tune` failed so in a process that had served."""
+    import builtins
+
+    from ray import cloudpickle
+
+    def redirected_print(*args: object, **kwargs: object) -> None: ...
+
+    held = builtins.print  # what the sweep's callbacks held before: bound at import time
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    with pytest.raises(Exception, match="not the same object as builtins.print"):
+        cloudpickle.dumps(held)
+    for out in (print_line, TrialProgress(2, enabled=False).printer(print_line)):
+        assert cloudpickle.loads(cloudpickle.dumps(out)) is print_line
 
 
 def test_a_bad_tuning_config_is_a_clear_error(tmp_path: Path) -> None:

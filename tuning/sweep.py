@@ -691,18 +691,27 @@ def _gate_outlook(
     )
 
 
+def print_line(line: str) -> None:
+    """The sweep's default output. A named function, not ``print`` itself: Tune pickles the
+    callbacks that hold it, and ``builtins.print`` cannot be pickled by reference once Ray
+    Serve's driver has replaced it with a redirecting print (as in a process serving too)."""
+    print(line, flush=True)
+
+
 def run_sweep(
     tuning: TuningSettings,
     settings: TipgraphSettings | None = None,
     *,
     training: TrainingLog | None = None,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] | None = None,
     progress: bool = True,
 ) -> SweepResult:
     """Load the log, sweep, log every trial to MLflow, register the winner as challenger.
 
     ``progress`` allows the trials' progress bar (shown only when stderr is a terminal).
+    ``out`` receives every line the sweep reports (default: stdout).
     """
+    out = out or print_line
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Tune's "new output" prints a configuration box and TensorBoard hints even at verbose=0;
     # the classic reporter at verbose=0 prints nothing. Each trial has a line of ours instead.
