@@ -23,6 +23,7 @@ COPY tipgraph ./tipgraph
 COPY deployments ./deployments
 COPY graphs ./graphs
 COPY tuning ./tuning
+COPY tipgraph_ops ./tipgraph_ops
 COPY configs ./configs
 # Editable: Serve's app builder finds configs/ next to graphs/ (graphs.tipgraph.PROJECT_ROOT).
 RUN uv pip install --system --no-cache --no-deps -e .

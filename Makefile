@@ -22,7 +22,7 @@ install: $(STAMP)
 run: install
 	TIPGRAPH_API_TOKEN=$${TIPGRAPH_API_TOKEN:-local-dev-token} $(BIN)/tipgraph serve
 
-## test: lint, type-check and every test (needs the local Postgres; started if down)
+## test: lint, type-check, import contracts and every test (needs the local Postgres; started if down)
 test: install postgres lint
 	$(BIN)/pytest
 
@@ -33,6 +33,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 postgres:
 	@if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then \

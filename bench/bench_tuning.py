@@ -23,11 +23,12 @@ import numpy as np
 
 from tipgraph.policies import make_policy
 from tipgraph.settings import PolicySettings, TipgraphSettings
+from tuning.config import load_tuning_settings
 from tuning.data import TrainingLog
 from tuning.logged import LoggedBandit
 from tuning.ope import progressive
 from tuning.simulated_log import simulate_log
-from tuning.sweep import load_tuning_settings, run_sweep
+from tuning.sweep import run_sweep
 
 KINDS = ("linucb", "egreedy", "softmax", "squarecb", "lints")
 

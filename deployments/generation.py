@@ -8,6 +8,7 @@ from tipgraph.batching import ItemFailure, gather_each
 from tipgraph.contracts import TipRequest
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult, TipGenerator
+from tipgraph.generation.litellm_client import build_tip_generator
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
@@ -17,9 +18,7 @@ from tipgraph.settings import TipgraphSettings
 @serve.deployment(name="generation")
 class CandidateGenerator:
     def __init__(self, settings: TipgraphSettings) -> None:
-        # Imported here: LiteLLM loads only in the replicas that call an LLM.
-        from tipgraph.generation.litellm_client import build_tip_generator
-
+        # LiteLLM itself loads only when build_tip_generator needs a client (litellm_client).
         self._logs = ReplicaLogs(settings.logs).start()
         metrics = replica_metrics(settings.metrics)
         self._generator: TipGenerator = build_tip_generator(settings.generation, metrics=metrics)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tipgraph.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 from tipgraph.store.migrate import load_migrations
+from tipgraph_ops.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tipgraph.yaml")
 
@@ -180,7 +180,13 @@ def test_status_names_every_unreachable_part_and_creates_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tipgraph.settings import TipgraphSettings
-    from tipgraph.status import Section, Status, decision_log_status, format_status, registry_status
+    from tipgraph_ops.status import (
+        Section,
+        Status,
+        decision_log_status,
+        format_status,
+        registry_status,
+    )
 
     monkeypatch.chdir(tmp_path)
     registry_db = tmp_path / "mlflow.db"
@@ -206,7 +212,7 @@ def test_status_names_every_unreachable_part_and_creates_nothing(
 
 
 def test_status_lists_applications_with_replica_counts() -> None:
-    from tipgraph.status import Section, Status, format_status
+    from tipgraph_ops.status import Section, Status, format_status
 
     app = {
         "name": "tipgraph",

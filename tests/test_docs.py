@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tipgraph.cli import build_parser
+from tipgraph_ops.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "k3s" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

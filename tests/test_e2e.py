@@ -28,7 +28,6 @@ import yaml
 from graphs.tipgraph import PROJECT_ROOT, build_app, build_graph
 from tests.conftest import AUTH_HEADERS, drop_schemas
 from tests.factories import tip_body
-from tipgraph.cli import main as cli_main
 from tipgraph.contracts import TipRequest
 from tipgraph.decision_log import DecisionLog
 from tipgraph.local import LocalStages
@@ -36,6 +35,7 @@ from tipgraph.service import TipService
 from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings
 from tipgraph.store import open_store
 from tipgraph.store.migrate import load_migrations
+from tipgraph_ops.cli import main as cli_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -969,7 +969,7 @@ def test_status_reports_the_running_graph_the_champion_and_the_backlog(
         address = ray.get_runtime_context().gcs_address
         command = ["status", "--format", "json", "--url", url, "--ray-address", address]
         return subprocess.run(
-            [sys.executable, "-m", "tipgraph.cli", "--config", str(config), *command],
+            [sys.executable, "-m", "tipgraph_ops.cli", "--config", str(config), *command],
             capture_output=True,
             text=True,
             cwd=tmp_path,

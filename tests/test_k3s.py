@@ -24,7 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tipgraph.k3s import (
+from tipgraph.serve_config import all_deployment_options
+from tipgraph_ops.k3s import (
     OVERLAYS,
     KustomizeError,
     apply_json_patch,
@@ -32,7 +33,6 @@ from tipgraph.k3s import (
     kustomize_build,
     overlay_settings,
 )
-from tipgraph.serve_config import all_deployment_options
 
 REPO = Path(__file__).resolve().parents[1]
 K3S = REPO / "k3s"
@@ -407,7 +407,7 @@ def test_the_ingress_routes_to_services_that_exist() -> None:
 
 def test_the_tuning_job_runs_a_config_that_loads() -> None:
     from tipgraph.settings import load_settings
-    from tuning.sweep import load_tuning_settings
+    from tuning.config import load_tuning_settings
 
     job = one("tune", "RayJob")
     entrypoint = job["spec"]["entrypoint"].split()

@@ -26,10 +26,10 @@ from psycopg import sql
 
 from tests.conftest import free_port
 from tipgraph.features import FEATURE_SPEC
-from tipgraph.k3s import kustomize_build
 from tipgraph.policies import make_policy
 from tipgraph.registry import CHAMPION, Baseline, OffPolicyEvidence, PolicyRegistry
 from tipgraph.settings import PolicySettings
+from tipgraph_ops.k3s import kustomize_build
 
 pytestmark = pytest.mark.postgres
 

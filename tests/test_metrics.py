@@ -503,7 +503,7 @@ def test_the_runbook_names_every_exported_metric_and_the_scrape_endpoint() -> No
 
 
 def test_every_ray_pod_exports_metrics_where_the_settings_say() -> None:
-    from tipgraph.k3s import OVERLAYS, kustomize_build, overlay_settings
+    from tipgraph_ops.k3s import OVERLAYS, kustomize_build, overlay_settings
 
     for env in OVERLAYS:
         port = overlay_settings(PROJECT_ROOT, env).metrics.export_port

@@ -115,6 +115,7 @@ def test_versions_registered_before_models_from_code_still_load_and_gate(
     loaded = registry.load(version, expected_spec_version="spec-a")
     np.testing.assert_array_equal(loaded.policy.distribution(X), expected)
     assert loaded.trained_through_reward_id == 41
+    mlflow.set_registry_uri(registry.tracking_uri)  # models:/ resolves through the global URI
     pyfunc = mlflow.pyfunc.load_model(f"models:/tip-policy/{version}")
     np.testing.assert_array_equal(pyfunc.predict(X), expected)
 
@@ -252,7 +253,8 @@ def _cli(tracking_uri: str, *args: str) -> subprocess.CompletedProcess[str]:
     }
     env["MLFLOW_TRACKING_URI"] = tracking_uri
     return subprocess.run(
-        [sys.executable, "-m", "tipgraph.cli", "--config", CONFIG, *args],
+        [sys.executable, "-m", "tipgraph_ops.cli", "--config", CONFIG, *args],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,

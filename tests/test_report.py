@@ -47,6 +47,7 @@ from tipgraph.store import (
     open_store,
 )
 from tuning import report as report_cli
+from tuning.config import EvaluationSettings
 from tuning.report import (
     LogFilter,
     add_arguments,
@@ -65,7 +66,6 @@ from tuning.report_data import (
 )
 from tuning.report_render import HEIGHT, PLOTS, WIDTH
 from tuning.simulated_log import DECISION_SPACING, simulate_log, true_value
-from tuning.sweep import EvaluationSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -77,7 +77,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "TIPGRAPH_STORE__BATCH_SIZE": "100000",
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "tipgraph.cli", "serve", "--num-cpus", "2"],
+        [sys.executable, "-m", "tipgraph_ops.cli", "serve", "--num-cpus", "2"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -127,7 +127,7 @@ def test_status_shows_the_served_graph(served: Served, tmp_path: Path) -> None:
         served.event_ids.append(tip.json()["event_id"])
     command = ["status", "--url", url, "--ray-address", address, "--format", "json"]
     result = subprocess.run(
-        [sys.executable, "-m", "tipgraph.cli", *command],
+        [sys.executable, "-m", "tipgraph_ops.cli", *command],
         capture_output=True,
         text=True,
         timeout=120,

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tipgraph.cli import main
 from tipgraph.serve_config import render_serve_config, render_serve_config_text
 from tipgraph.settings import TipgraphSettings, load_settings, resolve_paths
+from tipgraph_ops.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "tipgraph.yaml"
@@ -88,7 +88,7 @@ def test_relative_sqlite_path_is_made_absolute(tmp_path: Path) -> None:
 def test_serve_refuses_to_start_without_an_api_token(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tipgraph.cli import EXIT_USAGE, main
+    from tipgraph_ops.cli import EXIT_USAGE, main
 
     monkeypatch.delenv("TIPGRAPH_API_TOKEN", raising=False)
     assert main(["serve"]) == EXIT_USAGE

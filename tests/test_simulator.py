@@ -63,7 +63,7 @@ def test_policy_learns_in_process_and_uniform_does_not(
 def test_cli_in_process_simulation_and_policy_comparison(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tipgraph.cli import main
+    from tipgraph_ops.cli import main
 
     root = Path(__file__).resolve().parent.parent
     assert (

@@ -25,22 +25,24 @@ from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry
 from tipgraph.settings import PolicySettings, TipgraphSettings
 from tipgraph.simulator import run_local
 from tipgraph.store import open_store
+from tuning.config import (
+    EvaluationSettings,
+    LogSource,
+    SearchSpace,
+    TuningSettings,
+    load_tuning_settings,
+)
 from tuning.data import TrainingLog
 from tuning.report_render import PLOTS
 from tuning.simulated_log import simulate_log
 from tuning.sweep import (
     KIND_PARAMETERS,
     REPORT_ARTIFACT_DIR,
-    EvaluationSettings,
-    LogSource,
-    SearchSpace,
     SweepError,
     TrialProgress,
-    TuningSettings,
     attach_report,
     evaluate,
     feature_label,
-    load_tuning_settings,
     param_space,
     policy_settings,
     print_line,
@@ -312,7 +314,7 @@ def test_tipgraph_tune_prints_only_its_own_lines(tmp_path: Path) -> None:
         if not k.startswith(("MLFLOW_", "TIPGRAPH_")) and k != "RAY_ADDRESS"
     }
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
-    done = _run_sweep_process(["tipgraph.cli", "tune", "--config", str(config)], env)
+    done = _run_sweep_process(["tipgraph_ops.cli", "tune", "--config", str(config)], env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr == ""
     foreign = [line for line in done.stdout.splitlines() if not line.startswith(TUNE_LINES)]
@@ -347,7 +349,7 @@ def test_a_bad_tuning_config_is_a_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "tuning.yaml"
     config.write_text("num_samples: 0\n", encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, "-m", "tipgraph.cli", "tune", "--config", str(config)],
+        [sys.executable, "-m", "tipgraph_ops.cli", "tune", "--config", str(config)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -20,9 +20,13 @@ from typing import Any
 import numpy as np
 
 from tipgraph.candidates import task_candidates
-from tipgraph.contracts import MAX_CANDIDATES, TIP_KINDS, TipRequest
+from tipgraph.contracts import MAX_CANDIDATES, TIP_KINDS, FeedbackRequest, TipRequest
+from tipgraph.decision_log import DecisionLog
 from tipgraph.features import build_context, part_of_day
+from tipgraph.local import LocalStages
+from tipgraph.service import TipService
 from tipgraph.settings import RewardSettings, TipgraphSettings
+from tipgraph.store import open_store
 
 BASE_LOGIT = -1.6
 FAVOURITE_BONUS = 2.6
@@ -237,11 +241,6 @@ def run_local(
     on_block: Callable[[Block], None] | None = None,
 ) -> list[Block]:
     """The same loop with every stage in this process (no Ray, no HTTP)."""
-    from tipgraph.contracts import FeedbackRequest
-    from tipgraph.decision_log import DecisionLog
-    from tipgraph.local import LocalStages
-    from tipgraph.service import TipService
-    from tipgraph.store import open_store
 
     loop = asyncio.new_event_loop()
     store = open_store(settings.store)

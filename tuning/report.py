@@ -23,11 +23,11 @@ from pathlib import Path
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings, resolve_paths
 from tipgraph.store import DecisionStore, PolicyRole, StoreError, open_store
+from tuning.config import DEFAULT_TUNING_CONFIG, EvaluationSettings, load_tuning_settings
 from tuning.data import on_layout
 from tuning.export import parse_timestamp
 from tuning.report_data import BucketSpec, Report, build_report, make_estimator
 from tuning.report_render import write_report
-from tuning.sweep import DEFAULT_TUNING_CONFIG, EvaluationSettings, load_tuning_settings
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 
 from tipgraph.store.records import LoggedEvent, LoggedRuns, PolicyRole
+from tuning.config import EvaluationSettings
 from tuning.data import from_events
 from tuning.logged import LoggedBandit, LogValidationError
 from tuning.ope import DR, SNIPS, Estimate, Estimator, EstimatorError, normal_estimate
-from tuning.sweep import EvaluationSettings
 
 FALLBACK_SOURCE = "fallback"
 """``decisions.generation_source`` of a decision whose LLM generation fell back to tasks."""

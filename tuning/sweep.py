@@ -29,33 +29,48 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.policies import Policy, PolicyStateError, make_policy
+from tipgraph.progress import progress_bar
+from tipgraph.registry import (
+    CHAMPION,
+    Baseline,
+    Lineage,
+    OffPolicyEvidence,
+    PolicyRegistry,
+    RegistryError,
+)
 from tipgraph.settings import (
     FeatureGroup,
-    PolicyKind,
     PolicySettings,
     StoreSettings,
     TipgraphSettings,
     load_settings,
     resolve_paths,
 )
-from tuning.data import TrainingLog
+from tipgraph.store import open_store
+from tuning.config import (
+    DEFAULT_TUNING_CONFIG,
+    EvaluationSettings,
+    LogSource,
+    Range,
+    SearchSpace,
+    TuningSettings,
+    load_tuning_settings,
+)
+from tuning.data import TrainingLog, load_training_log
+from tuning.importer import import_log
 from tuning.logged import LoggedBandit
 from tuning.ope import Estimate, progressive
-
-if TYPE_CHECKING:
-    from tipgraph.registry import Lineage, OffPolicyEvidence, PolicyRegistry
+from tuning.report import LogFilter, configured_policies, render_from_store
+from tuning.simulated_log import simulate_log
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TUNING_CONFIG = Path("configs/tuning.yaml")
 METRIC = "lower"
 REPORT_ARTIFACT_DIR = "report"
 ALL_FEATURES = "all"
@@ -73,100 +88,6 @@ KIND_PARAMETERS: dict[str, tuple[str, ...]] = {
 
 class SweepError(RuntimeError):
     """A sweep that cannot run or produced no usable trial."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class Range(_Strict):
-    """A continuous hyperparameter range; ``log`` samples it on a log scale."""
-
-    low: float
-    high: float
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Range:
-        if self.low > self.high:
-            raise ValueError(f"low={self.low} exceeds high={self.high}")
-        if self.log and self.low <= 0:
-            raise ValueError(f"a log-scale range needs low > 0, got {self.low}")
-        return self
-
-
-class SearchSpace(_Strict):
-    kinds: tuple[PolicyKind, ...] = Field(
-        ("linucb", "lints", "egreedy", "softmax", "squarecb"), min_length=1
-    )
-    ridge: Range = Range(low=0.1, high=10.0, log=True)
-    epsilon: Range = Range(low=0.0, high=0.2)
-    alpha: Range = Range(low=0.01, high=3.0, log=True)
-    v: Range = Range(low=0.01, high=1.0, log=True)
-    temperature: Range = Range(low=0.01, high=1.0, log=True)
-    gamma: Range = Range(low=10.0, high=3000.0, log=True)
-    ts_draws: int = Field(64, ge=1, description="lints: fixed, it sets cost more than quality")
-    feature_subsets: tuple[tuple[FeatureGroup, ...] | None, ...] = Field(
-        (None,), min_length=1, description="Feature-group subsets to try; null = all features"
-    )
-
-
-class LogSource(_Strict):
-    """Where the logged events come from."""
-
-    source: Literal["store", "file", "simulator"] = "store"
-    store_url: str | None = Field(None, description="store: default the tipgraph config's")
-    path: str | None = Field(None, description="file: a CSV or Parquet log (docs/tuning.md)")
-    since: datetime | None = None
-    until: datetime | None = None
-    prompt_version: str | None = None
-    policy_name: str | None = None
-    events: int = Field(20_000, ge=1, description="simulator: number of logged decisions")
-    seed: int = 0
-    users: int = Field(50, ge=1)
-    logging_policy: PolicySettings = PolicySettings(name="egreedy", kind="egreedy", epsilon=0.2)
-
-    @model_validator(mode="after")
-    def _has_path(self) -> LogSource:
-        if self.source == "file" and not self.path:
-            raise ValueError("log.source 'file' needs log.path")
-        return self
-
-
-class EvaluationSettings(_Strict):
-    estimator: Literal["dr", "snips"] = "dr"
-    clip: float | None = Field(None, gt=0, description="dr: clip importance weights at this")
-    reward_model_ridge: float = Field(1.0, gt=0)
-    reward_bounds: tuple[float, float] = (0.0, 1.0)
-
-
-class TuningSettings(_Strict):
-    tipgraph_config: str | None = Field(
-        None, description="Store, registry and served policy (default: configs/tipgraph.yaml)"
-    )
-    tipgraph_overlays: tuple[str, ...] = Field(
-        (), description="Overlays merged on tipgraph_config, e.g. configs/k3s/base.yaml"
-    )
-    log: LogSource = LogSource()
-    evaluation: EvaluationSettings = EvaluationSettings()
-    search: Literal["optuna", "random"] = "optuna"
-    num_samples: int = Field(32, ge=1)
-    max_concurrent_trials: int | None = Field(None, ge=1, description="None: one per CPU")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all)")
-    seed: int = 0
-    space: SearchSpace = SearchSpace()
-    experiment: str = "tipgraph-tuning"
-    register_winner: bool = Field(True, alias="register")
-    storage_path: str = "var/tune"
-
-
-def load_tuning_settings(path: str | os.PathLike[str] | None = None) -> TuningSettings:
-    path = Path(path) if path is not None else DEFAULT_TUNING_CONFIG
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return TuningSettings(**data)
 
 
 # -- the search space ----------------------------------------------------------------------------
@@ -267,8 +188,6 @@ def run_trial(
 # -- the log ---------------------------------------------------------------------------------------
 def read_training_log(log: LogSource, settings: TipgraphSettings) -> TrainingLog:
     if log.source == "file":
-        from tuning.importer import import_log
-
         assert log.path is not None  # validated by LogSource
         imported = import_log(log.path)
         data = imported.log
@@ -276,8 +195,6 @@ def read_training_log(log: LogSource, settings: TipgraphSettings) -> TrainingLog
             data = _time_window(data, log.since, log.until)
         return TrainingLog(data, imported.spec_version, 0, f"file {log.path}")
     if log.source == "simulator":
-        from tuning.simulated_log import simulate_log
-
         simulated, _ = simulate_log(
             log.logging_policy, n_events=log.events, seed=log.seed, users=log.users
         )
@@ -288,8 +205,6 @@ def read_training_log(log: LogSource, settings: TipgraphSettings) -> TrainingLog
             f"simulator ({log.events} events, seed {log.seed}, logged by "
             f"{log.logging_policy.kind})",
         )
-    from tipgraph.store import open_store
-    from tuning.data import load_training_log
 
     store_settings = log_store_settings(log, settings)
     with open_store(store_settings) as store:
@@ -453,7 +368,6 @@ class TrialProgress:
     """
 
     def __init__(self, total: int, *, enabled: bool) -> None:
-        from tipgraph.progress import progress_bar
 
         self._bar = progress_bar(total, "trials", enabled=enabled)
         self.done = 0
@@ -522,7 +436,6 @@ def attach_report(
     ``client`` is an ``mlflow.MlflowClient``.  Raises what rendering raises (ValueError for
     an empty window, StoreError).
     """
-    from tuning.report import LogFilter, configured_policies, render_from_store
 
     log_filter = LogFilter(
         since=log.since,
@@ -600,7 +513,6 @@ def _baseline(
     registry: PolicyRegistry, settings: TipgraphSettings, training: TrainingLog
 ) -> _BaselineChoice:
     """What the winner must beat: the champion's configuration, else the served policy's."""
-    from tipgraph.registry import CHAMPION, RegistryError
 
     champion_version = registry.version_of(CHAMPION)
     if champion_version is not None:
@@ -619,7 +531,6 @@ def _baseline(
 
 
 def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
-    from tipgraph.registry import OffPolicyEvidence
 
     return OffPolicyEvidence(
         estimator=f"progressive {estimator}",
@@ -631,7 +542,6 @@ def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
 
 
 def _lineage(training: TrainingLog, log: LogSource, sweep_run_id: str) -> Lineage:
-    from tipgraph.registry import Lineage
 
     filters = {
         name: value.isoformat() if isinstance(value, datetime) else str(value)
@@ -658,7 +568,6 @@ def _register_winner(
     sweep_run_id: str,
     winner: TrialOutcome,
 ) -> str:
-    from tipgraph.registry import Baseline
 
     return registry.register(
         policy,
@@ -721,8 +630,6 @@ def run_sweep(
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
-
-    from tipgraph.registry import PolicyRegistry
 
     started = time.perf_counter()
     if settings is None:

@@ -15,16 +15,24 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 
-from tipgraph.serve_config import SERVE_ENV
-from tipgraph.settings import load_settings, resolve_paths
-from tipgraph.store import StoreError
-
-if TYPE_CHECKING:
-    from tipgraph.simulator import Block
+from graphs.tipgraph import build_graph
+from tipgraph.policy_comparison import compare, format_table
+from tipgraph.progress import progress_bar
+from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, sqlite_database
+from tipgraph.serve_config import render_serve_config_text
+from tipgraph.settings import PolicySettings, load_settings, resolve_paths
+from tipgraph.simulator import Block, format_block, run_http, run_local, summarise
+from tipgraph.store import StoreError, make_store, open_store
+from tipgraph_ops.config_docs import render_config_docs
+from tipgraph_ops.k3s import generated_files
+from tipgraph_ops.registry_view import format_version, format_versions
+from tipgraph_ops.status import collect, format_status
+from tuning import report as report_command
+from tuning import sweep as tune_command
+from tuning.export import export_log, parse_timestamp
 
 logger = logging.getLogger("tipgraph")
 
@@ -33,13 +41,8 @@ LOCAL_DEV_TOKEN = "local-dev-token"  # what `make run` sets when TIPGRAPH_API_TO
 
 
 def _serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    for name, value in SERVE_ENV.items():  # measured in BENCHMARKS.md
-        os.environ.setdefault(name, value)
     import ray
     from ray import serve
-
-    from graphs.tipgraph import build_graph
 
     settings = resolve_paths(load_settings(args.config), Path.cwd())
     serve_settings = settings.serve.model_copy(
@@ -103,8 +106,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from tipgraph.progress import progress_bar
-    from tipgraph.simulator import format_block, run_http, run_local, summarise
 
     settings = load_settings(args.config)
     where = "in process (no Ray, no HTTP)" if args.in_process else f"against {args.url}"
@@ -149,10 +150,6 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _compare_policies(args: argparse.Namespace) -> int:
-    import yaml
-
-    from tipgraph.policy_comparison import compare, format_table
-    from tipgraph.settings import PolicySettings
 
     with open(args.policies, encoding="utf-8") as handle:
         entries = (yaml.safe_load(handle) or {}).get("policies", [])
@@ -181,19 +178,15 @@ def _compare_policies(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from tuning.sweep import run_from_args
 
-    return run_from_args(args, tipgraph_config=args.config)
+    return tune_command.run_from_args(args, tipgraph_config=args.config)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tuning.report import run_from_args
-
-    return run_from_args(args, tipgraph_config=args.config)
+    return report_command.run_from_args(args, tipgraph_config=args.config)
 
 
 def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from tipgraph.registry import PolicyRegistry
 
     settings = load_settings(args.config).registry
     return PolicyRegistry(settings.tracking_uri, model_name=settings.model_name)
@@ -201,7 +194,6 @@ def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def _move_champion(args: argparse.Namespace, action: str) -> int:
     """``promote`` or ``rollback``: both move the champion alias and say why."""
-    from tipgraph.registry import CHAMPION, RegistryError
 
     registry = _registry(args)
     try:
@@ -218,8 +210,6 @@ def _move_champion(args: argparse.Namespace, action: str) -> int:
 
 def _registry_command(args: argparse.Namespace) -> int:
     """``registry list`` / ``registry show VERSION``: versions, evidence, lineage, history."""
-    from tipgraph.registry import RegistryError, sqlite_database
-    from tipgraph.registry_view import format_version, format_versions
 
     settings = load_settings(args.config).registry
     database = sqlite_database(settings.tracking_uri)
@@ -257,7 +247,6 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _render_serve_config(args: argparse.Namespace) -> int:
-    from tipgraph.serve_config import render_serve_config_text
 
     settings = load_settings(args.config)
     text = render_serve_config_text(settings, args.config_ref)
@@ -265,7 +254,6 @@ def _render_serve_config(args: argparse.Namespace) -> int:
 
 
 def _render_config_docs(args: argparse.Namespace) -> int:
-    from tipgraph.config_docs import render_config_docs
 
     text = render_config_docs()
     return _write_or_check(
@@ -287,7 +275,6 @@ def _write_or_check(out: Path, text: str, check: bool, source: str, command: str
 
 
 def _render_k3s(args: argparse.Namespace) -> int:
-    from tipgraph.k3s import generated_files
 
     stale = []
     for path, text in generated_files(Path(args.root)).items():
@@ -337,7 +324,6 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from tipgraph.store import make_store
 
     settings = load_settings(args.config).store
     store = make_store(settings)
@@ -351,7 +337,6 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from tipgraph.status import collect, format_status
 
     settings = resolve_paths(load_settings(args.config), Path.cwd())
     serve = settings.serve
@@ -366,9 +351,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tipgraph.progress import progress_bar
-    from tipgraph.store import open_store
-    from tuning.export import export_log, parse_timestamp
 
     since = parse_timestamp(args.since, "--since")
     until = parse_timestamp(args.until, "--until")
@@ -466,22 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     comparison.set_defaults(func=_compare_policies)
 
-    from tuning.sweep import add_arguments as add_tune_arguments
-
     tune = commands.add_parser(
         "tune", help="Ray Tune sweep on the logged rewards; registers the winner as challenger"
     )
-    add_tune_arguments(tune)
+    tune_command.add_arguments(tune)
     tune.set_defaults(func=_tune)
-
-    from tuning.report import add_arguments as add_report_arguments
 
     report = commands.add_parser(
         "report",
         help="plots of the decision log (OPE value per policy, reward over time, shadow "
         "agreement, value per prompt_version, fallback rate) as PNGs + one HTML page",
     )
-    add_report_arguments(report)
+    report_command.add_arguments(report)
     report.set_defaults(func=_report)
 
     who = os.environ.get("USER", "unknown")

@@ -18,7 +18,9 @@ from typing import Any
 
 import httpx
 
+from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry, sqlite_database
 from tipgraph.settings import TipgraphSettings
+from tipgraph.store import StoreError, open_store
 
 HEALTHY_APP = "RUNNING"
 AUTH_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
@@ -116,9 +118,7 @@ def serve_status(ray_address: str) -> Section:
 
 
 def registry_status(settings: TipgraphSettings) -> Section:
-    from mlflow.exceptions import MlflowException
-
-    from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry, sqlite_database
+    from mlflow.exceptions import MlflowException  # heavy: loaded only to read the registry
 
     registry_settings = settings.registry
     data: dict[str, Any] = {
@@ -144,7 +144,6 @@ def decision_log_status(
     settings: TipgraphSettings, url: str, *, timeout_s: float = 10.0
 ) -> Section:
     """The answering ingress replica's buffer (``/readyz``) and the store's row counts."""
-    from tipgraph.store import StoreError, open_store
 
     data: dict[str, Any] = {}
     errors = []
