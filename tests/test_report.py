@@ -40,6 +40,7 @@ from tipgraph.store import (
     DecisionRecord,
     DecisionStore,
     FeedbackRecord,
+    LogFilter,
     LoggedEvent,
     LoggedPolicyRun,
     LoggedRuns,
@@ -49,7 +50,6 @@ from tipgraph.store import (
 from tuning import report as report_cli
 from tuning.config import EvaluationSettings
 from tuning.report import (
-    LogFilter,
     add_arguments,
     configured_policies,
     load_report,
@@ -187,9 +187,9 @@ def test_logged_policy_runs_align_with_logged_events(store: DecisionStore) -> No
         {"until": T0 + hour / 2},
         {"prompt_version": "p1", "policy_name": "linucb"},
     ):
-        assert [r.event_id for r in store.logged_policy_runs(**filters)] == [  # type: ignore[arg-type]
-            e.event_id
-            for e in store.logged_events(**filters)  # type: ignore[arg-type]
+        log_filter = LogFilter(**filters)  # type: ignore[arg-type]
+        assert [r.event_id for r in store.logged_policy_runs(log_filter)] == [
+            e.event_id for e in store.logged_events(log_filter)
         ], filters
 
 

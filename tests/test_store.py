@@ -25,6 +25,7 @@ from tipgraph.store import (
     DecisionRecord,
     DecisionStore,
     FeedbackRecord,
+    LogFilter,
     MigrationError,
     PolicyScoresEntry,
     PolicyScoresRecord,
@@ -979,14 +980,16 @@ def test_logged_events_carry_every_candidate_in_time_order(store: DecisionStore)
     assert early.created_at == T0 and early.policy_name == "linucb"
     assert events[2].chosen == 2 and events[2].reward == 0.25
 
-    assert [e.event_id for e in store.logged_events(prompt_version="p4")] == ["v2"]
-    assert [e.event_id for e in store.logged_events(policy_name="nope")] == []
-    window = store.logged_events(since=T0 + timedelta(minutes=30), until=T0 + timedelta(hours=2))
+    assert [e.event_id for e in store.logged_events(LogFilter(prompt_version="p4"))] == ["v2"]
+    assert [e.event_id for e in store.logged_events(LogFilter(policy_name="nope"))] == []
+    window = store.logged_events(
+        LogFilter(since=T0 + timedelta(minutes=30), until=T0 + timedelta(hours=2))
+    )
     assert [e.event_id for e in window] == ["v2"]  # since inclusive, until exclusive
     assert [
         e.event_id
         for e in store.logged_events(
-            prompt_version="p3", policy_name="linucb", since=T0 + timedelta(hours=2)
+            LogFilter(prompt_version="p3", policy_name="linucb", since=T0 + timedelta(hours=2))
         )
     ] == ["late"]
 

@@ -9,7 +9,7 @@ import pytest
 
 from tipgraph.settings import TipgraphSettings
 from tipgraph.simulator import run_local
-from tipgraph.store import open_store
+from tipgraph.store import LogFilter, open_store
 from tuning.data import load_log
 
 
@@ -29,4 +29,4 @@ def test_decision_log_loads_as_a_logged_bandit(tmp_path: Path) -> None:
     assert (np.diff(log.timestamp.astype("int64")) >= 0).all()
 
     with open_store(settings.store) as store, pytest.raises(ValueError, match="no logged"):
-        load_log(store, policy_name="nobody")
+        load_log(store, LogFilter(policy_name="nobody"))

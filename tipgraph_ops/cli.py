@@ -25,7 +25,7 @@ from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, sqlite_da
 from tipgraph.serve_config import render_serve_config_text
 from tipgraph.settings import PolicySettings, load_settings, resolve_paths
 from tipgraph.simulator import Block, format_block, run_http, run_local, summarise
-from tipgraph.store import StoreError, make_store, open_store
+from tipgraph.store import LogFilter, StoreError, make_store, open_store
 from tipgraph_ops.config_docs import render_config_docs
 from tipgraph_ops.k3s import generated_files
 from tipgraph_ops.registry_view import format_version, format_versions
@@ -352,8 +352,12 @@ def _status(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
 
-    since = parse_timestamp(args.since, "--since")
-    until = parse_timestamp(args.until, "--until")
+    log_filter = LogFilter(
+        since=parse_timestamp(args.since, "--since"),
+        until=parse_timestamp(args.until, "--until"),
+        prompt_version=args.prompt_version,
+        policy_name=args.policy,
+    )
     settings = resolve_paths(load_settings(args.config), Path.cwd())
     with (
         open_store(settings.store) as store,
@@ -367,10 +371,7 @@ def _export(args: argparse.Namespace) -> int:
         events, rows = export_log(
             store,
             Path(args.out),
-            since=since,
-            until=until,
-            policy_name=args.policy,
-            prompt_version=args.prompt_version,
+            log_filter=log_filter,
             feature_version=args.feature_version,
             on_progress=advance,
         )

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tipgraph.settings import FeatureGroup, PolicyKind, PolicySettings
+from tipgraph.store import LogFilter
 
 DEFAULT_TUNING_CONFIG = Path("configs/tuning.yaml")
 
@@ -66,6 +67,10 @@ class LogSource(_Strict):
     seed: int = 0
     users: int = Field(50, ge=1)
     logging_policy: PolicySettings = PolicySettings(name="egreedy", kind="egreedy", epsilon=0.2)
+
+    def log_filter(self) -> LogFilter:
+        """The decisions of the decision log (or time window of a file) this selects."""
+        return LogFilter(self.since, self.until, self.prompt_version, self.policy_name)
 
     @model_validator(mode="after")
     def _has_path(self) -> LogSource:

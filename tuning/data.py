@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 import numpy as np
 
-from tipgraph.store import DecisionStore
+from tipgraph.store import EVERYTHING, DecisionStore, LogFilter
 from tipgraph.store.records import LoggedEvent
 from tuning.logged import LoggedBandit
 
@@ -48,20 +47,9 @@ def from_events(events: Sequence[LoggedEvent]) -> LoggedBandit:
     )
 
 
-def load_log(
-    store: DecisionStore,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    prompt_version: str | None = None,
-    policy_name: str | None = None,
-) -> LoggedBandit:
-    """Decisions with a learned reward, time-ordered, with the given filters."""
-    return from_events(
-        store.logged_events(
-            since=since, until=until, prompt_version=prompt_version, policy_name=policy_name
-        )
-    )
+def load_log(store: DecisionStore, log_filter: LogFilter = EVERYTHING) -> LoggedBandit:
+    """Decisions with a learned reward, time-ordered, that ``log_filter`` selects."""
+    return from_events(store.logged_events(log_filter))
 
 
 def on_layout(events: Sequence[LoggedEvent], feature_version: str) -> list[LoggedEvent]:
@@ -82,17 +70,12 @@ def load_training_log(
     store: DecisionStore,
     *,
     feature_version: str,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    prompt_version: str | None = None,
-    policy_name: str | None = None,
+    log_filter: LogFilter = EVERYTHING,
     source: str = "decision log",
 ) -> TrainingLog:
     """Like :func:`load_log`, keeping only decisions made on ``feature_version``'s layout."""
     kept = on_layout(
-        store.logged_events(
-            since=since, until=until, prompt_version=prompt_version, policy_name=policy_name
-        ),
+        store.logged_events(log_filter),
         feature_version,
     )
     return TrainingLog(

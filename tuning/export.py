@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from tipgraph.features import FEATURE_SPEC
-from tipgraph.store import DecisionStore
+from tipgraph.store import EVERYTHING, DecisionStore, LogFilter
 from tipgraph.store.records import LoggedEvent
 
 FORMATS = (".csv", ".parquet")
@@ -81,19 +81,14 @@ def export_log(
     store: DecisionStore,
     out: Path,
     *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    policy_name: str | None = None,
-    prompt_version: str | None = None,
+    log_filter: LogFilter = EVERYTHING,
     feature_version: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
     """Write the selected decisions to ``out`` (.csv or .parquet); (events, rows) written."""
     if out.suffix.lower() not in FORMATS:
         raise ValueError(f"{out}: expected a .csv or .parquet file, got {out.suffix or 'none'}")
-    events = store.logged_events(
-        since=since, until=until, prompt_version=prompt_version, policy_name=policy_name
-    )
+    events = store.logged_events(log_filter)
     if feature_version is not None:
         events = [e for e in events if e.feature_version == feature_version]
     frame = events_frame(events, on_progress)

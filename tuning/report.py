@@ -16,13 +16,18 @@ import argparse
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings, resolve_paths
-from tipgraph.store import DecisionStore, PolicyRole, StoreError, open_store
+from tipgraph.store import (
+    EVERYTHING,
+    DecisionStore,
+    LogFilter,
+    PolicyRole,
+    StoreError,
+    open_store,
+)
 from tuning.config import DEFAULT_TUNING_CONFIG, EvaluationSettings, load_tuning_settings
 from tuning.data import on_layout
 from tuning.export import parse_timestamp
@@ -30,27 +35,6 @@ from tuning.report_data import BucketSpec, Report, build_report, make_estimator
 from tuning.report_render import write_report
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LogFilter:
-    """Which logged decisions the report covers; the filters of ``tipgraph export``.
-
-    ``since`` is inclusive and ``until`` exclusive; ``policy_name`` is the served policy.
-    """
-
-    since: datetime | None = None
-    until: datetime | None = None
-    prompt_version: str | None = None
-    policy_name: str | None = None
-
-    def describe(self) -> dict[str, str | None]:
-        return {
-            "since": self.since.isoformat() if self.since else None,
-            "until": self.until.isoformat() if self.until else None,
-            "prompt_version": self.prompt_version,
-            "policy_name": self.policy_name,
-        }
 
 
 def configured_policies(settings: TipgraphSettings) -> dict[str, PolicyRole]:
@@ -73,13 +57,9 @@ def load_report(
     """The report on the decisions ``log_filter`` selects (default: all) that were made on
     ``feature_version``'s layout (the estimators' reward model needs one layout), valued
     with ``evaluation``'s estimator (default: the tuning config's defaults, DR)."""
-    f = log_filter or LogFilter()
-    events = store.logged_events(
-        since=f.since, until=f.until, prompt_version=f.prompt_version, policy_name=f.policy_name
-    )
-    runs = store.logged_policy_runs(
-        since=f.since, until=f.until, prompt_version=f.prompt_version, policy_name=f.policy_name
-    )
+    f = log_filter or EVERYTHING
+    events = store.logged_events(f)
+    runs = store.logged_policy_runs(f)
     kept = on_layout(events, feature_version)
     notes = []
     if len(kept) < len(events):

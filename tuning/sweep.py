@@ -66,7 +66,7 @@ from tuning.data import TrainingLog, load_training_log
 from tuning.importer import import_log
 from tuning.logged import LoggedBandit
 from tuning.ope import Estimate, progressive
-from tuning.report import LogFilter, configured_policies, render_from_store
+from tuning.report import configured_policies, render_from_store
 from tuning.simulated_log import simulate_log
 
 logger = logging.getLogger(__name__)
@@ -211,10 +211,7 @@ def read_training_log(log: LogSource, settings: TipgraphSettings) -> TrainingLog
         return load_training_log(
             store,
             feature_version=FEATURE_SPEC.version,
-            since=log.since,
-            until=log.until,
-            prompt_version=log.prompt_version,
-            policy_name=log.policy_name,
+            log_filter=log.log_filter(),
             source=f"decision log {_redacted(store_settings.url)}",
         )
 
@@ -437,12 +434,7 @@ def attach_report(
     an empty window, StoreError).
     """
 
-    log_filter = LogFilter(
-        since=log.since,
-        until=log.until,
-        prompt_version=log.prompt_version,
-        policy_name=log.policy_name,
-    )
+    log_filter = log.log_filter()
     with tempfile.TemporaryDirectory(prefix="tipgraph-report-") as tmp:
         _, files = render_from_store(
             store_settings,
@@ -543,11 +535,7 @@ def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
 
 def _lineage(training: TrainingLog, log: LogSource, sweep_run_id: str) -> Lineage:
 
-    filters = {
-        name: value.isoformat() if isinstance(value, datetime) else str(value)
-        for name in ("since", "until", "prompt_version", "policy_name")
-        if (value := getattr(log, name)) is not None
-    }
+    filters = {k: v for k, v in log.log_filter().describe().items() if v is not None}
     return Lineage(
         source=training.source,
         n_events=training.log.n_events,

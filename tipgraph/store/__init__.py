@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tipgraph.store.base import DecisionStore, MigrationError, StoreError, StoreUnavailable
+from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.postgres import PostgresStore
 from tipgraph.store.records import (
     CandidateRecord,
@@ -32,11 +33,13 @@ if TYPE_CHECKING:
     from tipgraph.settings import StoreSettings
 
 __all__ = [
+    "EVERYTHING",
     "CandidateRecord",
     "DecisionRecord",
     "DecisionStore",
     "FeedbackOutcome",
     "FeedbackRecord",
+    "LogFilter",
     "LoggedEvent",
     "LoggedPolicyRun",
     "LoggedRuns",

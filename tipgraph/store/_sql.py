@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from tipgraph.store import _rows
 from tipgraph.store.base import DecisionStore
+from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     DecisionRecord,
     FeedbackOutcome,
@@ -285,21 +286,17 @@ QMARK_STATEMENTS = Statements(
 
 
 def _log_query(
-    variants: tuple[str, str, str, str],
-    *,
-    since: datetime | None,
-    until: datetime | None,
-    prompt_version: str | None,
-    policy_name: str | None,
+    variants: tuple[str, str, str, str], log_filter: LogFilter
 ) -> tuple[str, tuple[object, ...]]:
     """The statement and parameters of a filtered log read.
 
     ``variants`` are the statement without a filter, by prompt, by policy, and by both:
     one statement per combination keeps every query fully parameterised.
     """
+    prompt_version, policy_name = log_filter.prompt_version, log_filter.policy_name
     params: list[object] = [
-        _rows.db_timestamp(since or LOG_START, what="since"),
-        _rows.db_timestamp(until or LOG_END, what="until"),
+        _rows.db_timestamp(log_filter.since or LOG_START, what="since"),
+        _rows.db_timestamp(log_filter.until or LOG_END, what="until"),
     ]
     unfiltered, by_prompt, by_policy, by_both = variants
     if prompt_version is not None and policy_name is not None:
@@ -437,14 +434,7 @@ class SQLDecisionStore(DecisionStore):
             cur.execute(self._sql.insert_default_rewards, params)
             return len(cur.fetchall())
 
-    def logged_events(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        prompt_version: str | None = None,
-        policy_name: str | None = None,
-    ) -> list[LoggedEvent]:
+    def logged_events(self, log_filter: LogFilter = EVERYTHING) -> list[LoggedEvent]:
         sql = self._sql
         statement, params = _log_query(
             (
@@ -453,24 +443,14 @@ class SQLDecisionStore(DecisionStore):
                 sql.select_logged_by_policy,
                 sql.select_logged_by_prompt_and_policy,
             ),
-            since=since,
-            until=until,
-            prompt_version=prompt_version,
-            policy_name=policy_name,
+            log_filter,
         )
         with self._transaction(write=False) as cur:
             cur.execute(statement, params)
             rows = cur.fetchall()
         return _rows.logged_events(rows)
 
-    def logged_policy_runs(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        prompt_version: str | None = None,
-        policy_name: str | None = None,
-    ) -> list[LoggedRuns]:
+    def logged_policy_runs(self, log_filter: LogFilter = EVERYTHING) -> list[LoggedRuns]:
         sql = self._sql
         statement, params = _log_query(
             (
@@ -479,10 +459,7 @@ class SQLDecisionStore(DecisionStore):
                 sql.select_runs_by_policy,
                 sql.select_runs_by_prompt_and_policy,
             ),
-            since=since,
-            until=until,
-            prompt_version=prompt_version,
-            policy_name=policy_name,
+            log_filter,
         )
         with self._transaction(write=False) as cur:
             cur.execute(statement, params)

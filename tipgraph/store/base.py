@@ -6,6 +6,7 @@ import abc
 from collections.abc import Sequence
 from datetime import datetime
 
+from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     DecisionRecord,
     FeedbackOutcome,
@@ -122,28 +123,14 @@ class DecisionStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def logged_events(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        prompt_version: str | None = None,
-        policy_name: str | None = None,
-    ) -> list[LoggedEvent]:
+    def logged_events(self, log_filter: LogFilter = EVERYTHING) -> list[LoggedEvent]:
         """Every decision with a learned reward, time-ordered, for off-policy evaluation:
         each candidate's features and served probability, the chosen index, the reward.
-        ``since`` is inclusive and ``until`` exclusive; None means unbounded."""
+        ``log_filter`` says which (default: every one)."""
 
     @abc.abstractmethod
-    def logged_policy_runs(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        prompt_version: str | None = None,
-        policy_name: str | None = None,
-    ) -> list[LoggedRuns]:
-        """The decisions :meth:`logged_events` returns for the same filters, in the same
+    def logged_policy_runs(self, log_filter: LogFilter = EVERYTHING) -> list[LoggedRuns]:
+        """The decisions :meth:`logged_events` returns for the same filter, in the same
         order, each with every policy's run (served and shadows): its probability for every
         candidate, in the order of ``LoggedEvent.features``, and its chosen index.  This is
         what evaluating the shadows off-policy needs; a shadow that failed on an event has
