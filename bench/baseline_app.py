@@ -14,11 +14,10 @@ from pathlib import Path
 from fastapi import FastAPI, Header, HTTPException
 
 from tipgraph.contracts import FeedbackRequest, FeedbackResponse, TipRequest, TipResponse
-from tipgraph.decision_log import DecisionLog
 from tipgraph.local import LocalStages
 from tipgraph.service import TipgraphError, TipService
 from tipgraph.settings import load_settings, resolve_paths
-from tipgraph.store import open_store
+from tipgraph.wiring import tip_service
 
 settings = resolve_paths(load_settings(), Path.cwd())
 state: dict[str, TipService] = {}
@@ -26,12 +25,12 @@ state: dict[str, TipService] = {}
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    store = open_store(settings.store)
-    log = DecisionLog(store, flush_interval_s=settings.store.flush_interval_s)
-    state["service"] = TipService(settings, LocalStages(settings, store), store, log)
+    state["service"] = tip_service(
+        settings, lambda store: LocalStages(settings, store), owner="baseline"
+    )
     yield
     await state["service"].close()
-    store.close()
+    state["service"].store.close()
 
 
 app = FastAPI(lifespan=lifespan)

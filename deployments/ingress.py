@@ -4,9 +4,7 @@ import asyncio
 import functools
 import hmac
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +27,6 @@ from tipgraph.contracts import (
     TipResponse,
     UserErasure,
 )
-from tipgraph.decision_log import DecisionLog
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult
 from tipgraph.logs import ReplicaLogs
@@ -40,11 +37,10 @@ from tipgraph.service import (
     MAX_SHADOW_INFLIGHT,
     InvalidRequest,
     TipgraphError,
-    TipService,
     describe_error,
 )
 from tipgraph.settings import HopSettings, HopsSettings, TipgraphSettings
-from tipgraph.store import open_store
+from tipgraph.wiring import tip_service
 
 logger = logging.getLogger(__name__)
 
@@ -292,19 +288,14 @@ class Ingress:
             )
         api.state.api_token = token.get_secret_value().encode()
         api.state.max_body_bytes = settings.limits.max_body_bytes
-        self._store = open_store(settings.store)
-        log = DecisionLog(
-            self._store,
-            flush_interval_s=settings.store.flush_interval_s,
-            batch_size=settings.store.batch_size,
-            max_buffered=settings.store.max_buffered_rows,
-            # One file per replica: replicas never share (or truncate) each other's rows.
-            spill_path=Path(settings.store.spill_dir) / f"ingress-{uuid.uuid4().hex}.jsonl",
-        )
         self._stages = HandleStages(context, generation, scoring, shadows, settings.hops)
-        self._service = TipService(
-            settings, self._stages, self._store, log, metrics=replica_metrics(settings.metrics)
+        self._service = tip_service(
+            settings,
+            lambda _: self._stages,
+            owner="ingress",
+            metrics=replica_metrics(settings.metrics),
         )
+        self._store = self._service.store
         self._stages.on_shadow_failure = self._service.report_shadow_failure
         self._defaults = Periodic(
             settings.learning.default_reward_check_s,

@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from pathlib import Path
 
 import numpy as np
 from ray import serve
 
 from tipgraph.batching import ItemFailure, run_each
 from tipgraph.champion import ChampionFollower
-from tipgraph.decision_log import DecisionLog
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
@@ -29,6 +26,7 @@ from tipgraph.service import describe_error, failed_run, policy_run
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
 from tipgraph.store import open_store
 from tipgraph.store.records import PolicyScoresRecord
+from tipgraph.wiring import decision_log
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +52,7 @@ class PolicyScorer:
         # A shadow logs its own runs: the ingress, which every request waits on, spends
         # nothing on rows that no response needs.
         self._log = (
-            DecisionLog(
-                self._store,
-                flush_interval_s=settings.store.flush_interval_s,
-                batch_size=settings.store.batch_size,
-                max_buffered=settings.store.max_buffered_rows,
-                spill_path=Path(settings.store.spill_dir)
-                / f"shadow-{policy.name}-{uuid.uuid4().hex}.jsonl",
-            )
+            decision_log(self._store, settings.store, owner=f"shadow-{policy.name}")
             if shadow
             else None
         )

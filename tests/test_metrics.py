@@ -41,9 +41,16 @@ from tipgraph.metrics import (
 from tipgraph.privacy import pseudonymise
 from tipgraph.serve_config import all_deployment_options
 from tipgraph.service import TipService
-from tipgraph.settings import GenerationSettings, RewardSettings, TipgraphSettings, load_settings
+from tipgraph.settings import (
+    GenerationSettings,
+    RewardSettings,
+    StoreSettings,
+    TipgraphSettings,
+    load_settings,
+)
 from tipgraph.store import DecisionStore, SQLiteStore, open_store
 from tipgraph.store.records import PolicyScoresRecord
+from tipgraph.wiring import decision_log
 
 DASHBOARD = PROJECT_ROOT / "k3s" / "monitoring" / "grafana-dashboard.json"
 POD_MONITOR = PROJECT_ROOT / "k3s" / "monitoring" / "podmonitor.yaml"
@@ -142,7 +149,7 @@ def counted_service(
     settings: TipgraphSettings, store: DecisionStore
 ) -> tuple[TipService, RecordingSink]:
     sink = RecordingSink()
-    log = DecisionLog(store, flush_interval_s=0.01)
+    log = decision_log(store, StoreSettings(flush_interval_s=0.01), owner="test")
     service = TipService(settings, LocalStages(settings, store), store, log, metrics=Metrics(sink))
     return service, sink
 
@@ -358,7 +365,9 @@ async def test_decision_log_gauges_follow_the_backlog_and_the_spill_file(tmp_pat
     metrics = Metrics(sink)
     with open_store(TipgraphSettings(store={"url": f"sqlite:///{tmp_path}/log.db"}).store) as store:
         spill = tmp_path / "spill" / "ingress.jsonl"
-        log = DecisionLog(store, flush_interval_s=60, max_buffered=2, spill_path=spill)
+        log = DecisionLog(
+            store, flush_interval_s=60, batch_size=64, max_buffered=2, spill_path=spill
+        )
         metrics.sample_decision_log(log)
         for i in range(5):
             log.submit(make_decision(f"e{i}"))

@@ -27,6 +27,7 @@ from tipgraph.local import LocalStages
 from tipgraph.service import TipService
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
+from tipgraph.wiring import decision_log
 
 pytestmark = pytest.mark.postgres
 
@@ -58,7 +59,11 @@ async def test_an_outage_mid_load_loses_nothing_and_writes_nothing_twice(
     )
     store = open_store(settings.store)
     log = DecisionLog(
-        store, flush_interval_s=0.02, max_buffered=40, spill_path=tmp_path / "spill.jsonl"
+        store,
+        flush_interval_s=0.02,
+        batch_size=64,
+        max_buffered=40,
+        spill_path=tmp_path / "spill.jsonl",
     )
     service = TipService(settings, LocalStages(settings, store), store, log)
     rng = random.Random(7)
@@ -118,7 +123,12 @@ async def test_the_same_feedback_racing_on_two_replicas_is_applied_once(
     """Two ingress replicas (own services, own policies) get the same feedback at once."""
     settings = TipgraphSettings(store={"url": postgres_url, "pg_schema": pg_schema}, shadows=[])
     stores = [open_store(settings.store) for _ in range(2)]
-    services = [TipService(settings, LocalStages(settings, s), s, DecisionLog(s)) for s in stores]
+    services = [
+        TipService(
+            settings, LocalStages(settings, s), s, decision_log(s, settings.store, owner="test")
+        )
+        for s in stores
+    ]
     tips = [await services[0].tip(TipRequest(**tip_body(user_id=f"race-{i}"))) for i in range(20)]
     await services[0].log.flush()
     for tip in tips:

@@ -18,6 +18,7 @@ from tipgraph.local import LocalStages
 from tipgraph.service import FeedbackConflict, InvalidRequest, TipService, UnknownEvent
 from tipgraph.settings import StoreSettings, TipgraphSettings
 from tipgraph.store import DecisionStore, SQLiteStore, open_store
+from tipgraph.wiring import decision_log
 
 SHADOWS = [
     {"policy": {"name": "egreedy", "kind": "egreedy"}},
@@ -38,7 +39,7 @@ def store(settings: TipgraphSettings) -> Iterator[DecisionStore]:
 
 
 def make_service(settings: TipgraphSettings, store: DecisionStore) -> TipService:
-    log = DecisionLog(store, flush_interval_s=0.01)
+    log = decision_log(store, StoreSettings(flush_interval_s=0.01), owner="test")
     return TipService(settings, LocalStages(settings, store), store, log)
 
 
@@ -165,7 +166,10 @@ async def test_feedback_held_before_its_decision_lands_is_applied_exactly_once(
     """Another replica's decision, not yet written when its feedback arrives here."""
     service = make_service(settings, store)
     other = TipService(
-        settings, LocalStages(settings, store), store, DecisionLog(store, flush_interval_s=60)
+        settings,
+        LocalStages(settings, store),
+        store,
+        decision_log(store, StoreSettings(flush_interval_s=60), owner="test"),
     )
     response = await other.tip(request())
     held = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
@@ -188,7 +192,10 @@ async def test_feedback_right_after_the_tip_finds_the_buffered_decision(
     settings: TipgraphSettings, store: DecisionStore
 ) -> None:
     slow_log = TipService(
-        settings, LocalStages(settings, store), store, DecisionLog(store, flush_interval_s=60)
+        settings,
+        LocalStages(settings, store),
+        store,
+        decision_log(store, StoreSettings(flush_interval_s=60), owner="test"),
     )
     response = await slow_log.tip(request())
     result = await slow_log.feedback(FeedbackRequest(event_id=response.event_id, reaction="snooze"))
@@ -302,7 +309,9 @@ async def test_the_writer_spills_past_its_bound_and_writes_everything_once(
 
     with open_store(StoreSettings(url=f"sqlite:///{tmp_path}/log.db")) as store:
         spill = tmp_path / "spill" / "ingress.jsonl"
-        log = DecisionLog(store, flush_interval_s=60, max_buffered=5, spill_path=spill)
+        log = DecisionLog(
+            store, flush_interval_s=60, batch_size=64, max_buffered=5, spill_path=spill
+        )
         records = [make_decision(f"e{i}", user_key=f"u{i % 3}") for i in range(23)]
         # Spilled rows are bit-for-bit the rows (floats like 5e-324 and 1e300 included).
         assert all(_decode(_encode(r)) == r for r in records)
@@ -351,7 +360,9 @@ async def test_shadow_overload_is_shed_and_counted_never_queued(
         }
     )
     stuck = TipgraphSettings.model_validate(stuck.model_dump())
-    service = TipService(stuck, LocalStages(stuck, store), store, DecisionLog(store))
+    service = TipService(
+        stuck, LocalStages(stuck, store), store, decision_log(store, stuck.store, owner="test")
+    )
     reference = make_service(settings, store)
     started = time.perf_counter()
     for _ in range(12):

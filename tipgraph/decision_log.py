@@ -98,9 +98,9 @@ class DecisionLog:
         self,
         store: DecisionStore,
         *,
-        flush_interval_s: float = 0.05,
-        batch_size: int = 256,
-        max_buffered: int = 10_000,
+        flush_interval_s: float,
+        batch_size: int,
+        max_buffered: int,
         spill_path: Path | None = None,
     ) -> None:
         self._store = store

@@ -21,12 +21,10 @@ import numpy as np
 
 from tipgraph.candidates import task_candidates
 from tipgraph.contracts import MAX_CANDIDATES, TIP_KINDS, FeedbackRequest, TipRequest
-from tipgraph.decision_log import DecisionLog
 from tipgraph.features import build_context, part_of_day
 from tipgraph.local import LocalStages
-from tipgraph.service import TipService
 from tipgraph.settings import RewardSettings, TipgraphSettings
-from tipgraph.store import open_store
+from tipgraph.wiring import tip_service
 
 BASE_LOGIT = -1.6
 FAVOURITE_BONUS = 2.6
@@ -243,8 +241,7 @@ def run_local(
     """The same loop with every stage in this process (no Ray, no HTTP)."""
 
     loop = asyncio.new_event_loop()
-    store = open_store(settings.store)
-    service = TipService(settings, LocalStages(settings, store), store, DecisionLog(store))
+    service = tip_service(settings, lambda store: LocalStages(settings, store), owner="simulator")
     try:
 
         def tip(body: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +267,7 @@ def run_local(
     finally:
         loop.run_until_complete(service.close())
         loop.close()
-        store.close()
+        service.store.close()
 
 
 def _loop(

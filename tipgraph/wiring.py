@@ -1,0 +1,42 @@
+"""One place that wires the runtime objects from settings: the decision store, its writer and
+the tip service.  Every entry point (the ingress and scoring deployments, the simulator, the
+bench baseline) builds them here, so their defaults live only in ``settings.py``."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from tipgraph.decision_log import DecisionLog
+from tipgraph.metrics import Metrics
+from tipgraph.service import Stages, TipService
+from tipgraph.settings import StoreSettings, TipgraphSettings
+from tipgraph.store import DecisionStore, open_store
+
+
+def decision_log(store: DecisionStore, settings: StoreSettings, *, owner: str) -> DecisionLog:
+    """The store's writer with the configured batching and buffer, spilling to a file of its
+    own under ``spill_dir``: ``owner`` names it, and a random suffix keeps replicas of one
+    owner from sharing (or truncating) each other's rows."""
+    return DecisionLog(
+        store,
+        flush_interval_s=settings.flush_interval_s,
+        batch_size=settings.batch_size,
+        max_buffered=settings.max_buffered_rows,
+        spill_path=Path(settings.spill_dir) / f"{owner}-{uuid.uuid4().hex}.jsonl",
+    )
+
+
+def tip_service(
+    settings: TipgraphSettings,
+    stages: Callable[[DecisionStore], Stages],
+    *,
+    owner: str,
+    metrics: Metrics | None = None,
+) -> TipService:
+    """The tip loop on a newly opened store: ``stages`` builds the stages on that store
+    (in process) or ignores it (Serve handles); ``service.store`` is closed by the caller."""
+    store = open_store(settings.store)
+    log = decision_log(store, settings.store, owner=owner)
+    return TipService(settings, stages(store), store, log, metrics=metrics)
