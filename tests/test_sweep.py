@@ -36,18 +36,20 @@ from tuning.data import TrainingLog
 from tuning.report_render import PLOTS
 from tuning.simulated_log import simulate_log
 from tuning.sweep import (
-    KIND_PARAMETERS,
     REPORT_ARTIFACT_DIR,
     SweepError,
     TrialProgress,
     attach_report,
+    print_line,
+    run_sweep,
+)
+from tuning.training_log import read_training_log
+from tuning.trials import (
+    KIND_PARAMETERS,
     evaluate,
     feature_label,
     param_space,
     policy_settings,
-    print_line,
-    read_training_log,
-    run_sweep,
     trial_params,
 )
 

@@ -26,15 +26,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tipgraph.features import FEATURE_SPEC
-from tipgraph.policies import Policy, PolicyStateError, make_policy
+from tipgraph.policies import Policy, PolicyStateError
 from tipgraph.progress import progress_bar
 from tipgraph.registry import (
     CHAMPION,
@@ -45,203 +43,40 @@ from tipgraph.registry import (
     RegistryError,
 )
 from tipgraph.settings import (
-    FeatureGroup,
     PolicySettings,
     StoreSettings,
     TipgraphSettings,
     load_settings,
     resolve_paths,
 )
-from tipgraph.store import open_store
 from tuning.config import (
     DEFAULT_TUNING_CONFIG,
     EvaluationSettings,
     LogSource,
-    Range,
-    SearchSpace,
     TuningSettings,
     load_tuning_settings,
 )
-from tuning.data import TrainingLog, load_training_log
-from tuning.importer import import_log
-from tuning.logged import LoggedBandit
-from tuning.ope import Estimate, progressive
+from tuning.data import TrainingLog
+from tuning.ope import Estimate
 from tuning.report import configured_policies, render_from_store
-from tuning.simulated_log import simulate_log
+from tuning.training_log import log_store_settings, read_training_log
+from tuning.trials import (
+    METRIC,
+    describe,
+    evaluate,
+    param_space,
+    policy_settings,
+    run_trial,
+    trial_params,
+)
 
 logger = logging.getLogger(__name__)
 
-METRIC = "lower"
 REPORT_ARTIFACT_DIR = "report"
-ALL_FEATURES = "all"
-KIND_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "linucb": ("ridge", "epsilon", "alpha"),
-    "lints": ("ridge", "epsilon", "v"),
-    "egreedy": ("ridge", "epsilon"),
-    "softmax": ("ridge", "epsilon", "temperature"),
-    "squarecb": ("ridge", "epsilon", "gamma"),
-    "baseline": ("epsilon",),
-    "uniform": (),
-}
-"""The hyperparameters each kind reads; a trial logs (and is built from) only these."""
 
 
 class SweepError(RuntimeError):
     """A sweep that cannot run or produced no usable trial."""
-
-
-# -- the search space ----------------------------------------------------------------------------
-def feature_label(groups: tuple[FeatureGroup, ...] | None) -> str:
-    return ALL_FEATURES if groups is None else "+".join(groups)
-
-
-def param_space(space: SearchSpace) -> dict[str, Any]:
-    """Tune's flat space: every kind's parameters; a trial reads its kind's (KIND_PARAMETERS)."""
-    from ray import tune
-
-    def sample(r: Range) -> Any:
-        if r.low == r.high:
-            return r.low
-        return tune.loguniform(r.low, r.high) if r.log else tune.uniform(r.low, r.high)
-
-    # Categorical values must be primitives for Optuna: feature subsets travel as labels.
-    return {
-        "kind": tune.choice(list(space.kinds)),
-        "features": tune.choice([feature_label(s) for s in space.feature_subsets]),
-        **{
-            name: sample(getattr(space, name))
-            for name in ("ridge", "epsilon", "alpha", "v", "temperature", "gamma")
-        },
-    }
-
-
-def policy_settings(config: Mapping[str, Any], *, ts_draws: int = 64) -> PolicySettings:
-    """The policy a trial's sampled ``config`` describes (its kind's parameters only)."""
-    kind = str(config["kind"])
-    fields: dict[str, Any] = {name: config[name] for name in KIND_PARAMETERS[kind]}
-    if kind == "lints":
-        fields["ts_draws"] = ts_draws
-    if kind not in ("uniform", "baseline"):
-        label = str(config.get("features", ALL_FEATURES))
-        fields["features"] = None if label == ALL_FEATURES else tuple(label.split("+"))
-    if kind == "uniform":
-        fields["epsilon"] = 0.0
-    return PolicySettings(name=kind, kind=kind, **fields)
-
-
-def trial_params(settings: PolicySettings) -> dict[str, str]:
-    """What a trial's MLflow run records as params: its kind and the values it used."""
-    params: dict[str, str] = {"kind": settings.kind}
-    for name in KIND_PARAMETERS[settings.kind]:
-        params[name] = f"{getattr(settings, name):.6g}"
-    if settings.kind == "lints":
-        params["ts_draws"] = str(settings.ts_draws)
-    if settings.kind not in ("uniform", "baseline"):
-        params["features"] = feature_label(settings.features)
-    return params
-
-
-def describe(settings: PolicySettings) -> str:
-    return " ".join(f"{k}={v}" for k, v in trial_params(settings).items() if k != "kind")
-
-
-# -- one trial (plain Python: the Ray trainable is a thin shell around it) -----------------------
-def evaluate(
-    settings: PolicySettings, training: TrainingLog, evaluation: EvaluationSettings
-) -> tuple[Policy, Estimate]:
-    """Replay ``settings`` progressively over the log; the policy ends warm-started on it."""
-    policy = make_policy(settings, training.log.dim, spec_version=training.spec_version)
-    estimate = progressive(
-        policy,
-        training.log,
-        estimator=evaluation.estimator,
-        clip=evaluation.clip,
-        ridge=evaluation.reward_model_ridge,
-        reward_bounds=evaluation.reward_bounds,
-    )
-    # The exact inverse, as a loaded copy computes it: the registered model then answers
-    # bit for bit like this one, not within Sherman–Morrison's rounding.
-    policy.stats_.refresh()
-    return policy, estimate
-
-
-def run_trial(
-    config: dict[str, Any],
-    training: TrainingLog,
-    evaluation: EvaluationSettings,
-    ts_draws: int,
-) -> dict[str, float]:
-    """The Tune trainable: one configuration, one progressive replay, one result."""
-    started = time.perf_counter()
-    _, estimate = evaluate(policy_settings(config, ts_draws=ts_draws), training, evaluation)
-    elapsed = time.perf_counter() - started
-    return {
-        "value": estimate.value,
-        "lower": estimate.lower,
-        "upper": estimate.upper,
-        "n_events": float(estimate.n_events),
-        "replay_s": elapsed,
-        "events_per_s": estimate.n_events / elapsed if elapsed > 0 else 0.0,
-    }
-
-
-# -- the log ---------------------------------------------------------------------------------------
-def read_training_log(log: LogSource, settings: TipgraphSettings) -> TrainingLog:
-    if log.source == "file":
-        assert log.path is not None  # validated by LogSource
-        imported = import_log(log.path)
-        data = imported.log
-        if log.since is not None or log.until is not None:
-            data = _time_window(data, log.since, log.until)
-        return TrainingLog(data, imported.spec_version, 0, f"file {log.path}")
-    if log.source == "simulator":
-        simulated, _ = simulate_log(
-            log.logging_policy, n_events=log.events, seed=log.seed, users=log.users
-        )
-        return TrainingLog(
-            simulated,
-            FEATURE_SPEC.version,
-            0,
-            f"simulator ({log.events} events, seed {log.seed}, logged by "
-            f"{log.logging_policy.kind})",
-        )
-
-    store_settings = log_store_settings(log, settings)
-    with open_store(store_settings) as store:
-        return load_training_log(
-            store,
-            feature_version=FEATURE_SPEC.version,
-            log_filter=log.log_filter(),
-            source=f"decision log {_redacted(store_settings.url)}",
-        )
-
-
-def log_store_settings(log: LogSource, settings: TipgraphSettings) -> StoreSettings:
-    """The decision log ``log.source: store`` reads: the tipgraph config's, or ``store_url``."""
-    if log.store_url is None:
-        return settings.store
-    return settings.store.model_copy(update={"url": log.store_url})
-
-
-def _redacted(url: str) -> str:
-    """A store URL without its password, for logs and MLflow tags."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    return f"{scheme}{sep}{credentials.split(':')[0]}@{host}"
-
-
-def _time_window(
-    data: LoggedBandit, since: datetime | None, until: datetime | None
-) -> LoggedBandit:
-    stamps = data.timestamp
-    keep = np.ones(data.n_events, dtype=bool)
-    if since is not None:
-        keep &= stamps >= np.datetime64(since.replace(tzinfo=None), "us")
-    if until is not None:
-        keep &= stamps < np.datetime64(until.replace(tzinfo=None), "us")
-    return data.subset(keep)
 
 
 # -- the sweep ------------------------------------------------------------------------------------
@@ -609,16 +444,6 @@ def run_sweep(
     ``out`` receives every line the sweep reports (default: stdout).
     """
     out = out or print_line
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Tune's "new output" prints a configuration box and TensorBoard hints even at verbose=0;
-    # the classic reporter at verbose=0 prints nothing. Each trial has a line of ours instead.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    import optuna
-    import ray
-    from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
-
     started = time.perf_counter()
     if settings is None:
         settings = resolve_paths(
@@ -627,6 +452,53 @@ def run_sweep(
     log_read_here = training is None
     if training is None:
         training = read_training_log(tuning.log, settings)
+    _check_log(training, tuning, out)
+    registry = PolicyRegistry(
+        settings.registry.tracking_uri, model_name=settings.registry.model_name
+    )
+    sweep = _start_sweep_run(registry, tuning, training)
+    bar = TrialProgress(tuning.num_samples, enabled=progress)
+    trial_logger = MlflowTrialLogger(
+        registry,
+        sweep.experiment_id,
+        sweep.run_id,
+        tuning.space.ts_draws,
+        tuning.num_samples,
+        bar.printer(out),
+    )
+    fit_started = time.perf_counter()
+    _run_trials(tuning, training, sweep, trial_logger, bar, out)
+    fit_s = time.perf_counter() - fit_started
+
+    result = _conclude(registry, settings, tuning, training, sweep, trial_logger.outcomes, out)
+    _report_to_mlflow(
+        registry.client,
+        [sweep.run_id] + ([result.winner.run_id] if result.winner.run_id else []),
+        tuning,
+        settings,
+        log_read_here=log_read_here,
+        out=out,
+    )
+    registry.client.set_terminated(sweep.run_id, "FINISHED")
+    wall_s = time.perf_counter() - started
+    out(
+        f"done in {wall_s:.1f} s: {fit_s:.1f} s in trials, {fit_started - started:.1f} s "
+        f"before them (log, Ray, MLflow), {wall_s - fit_s - (fit_started - started):.1f} s "
+        "after (winner and baseline replays, registration)"
+    )
+    return replace(result, wall_s=wall_s)
+
+
+@dataclass(frozen=True)
+class _SweepRun:
+    """The sweep's MLflow run, parent of every trial's run."""
+
+    experiment_id: str
+    run_id: str
+    name: str
+
+
+def _check_log(training: TrainingLog, tuning: TuningSettings, out: Callable[[str], None]) -> None:
     log = training.log
     if training.spec_version != FEATURE_SPEC.version and tuning.space.feature_subsets != (None,):
         raise SweepError(
@@ -639,34 +511,47 @@ def run_sweep(
         f"lower 95% bound of progressive {tuning.evaluation.estimator}"
     )
 
-    registry = PolicyRegistry(
-        settings.registry.tracking_uri, model_name=settings.registry.model_name
-    )
+
+def _start_sweep_run(
+    registry: PolicyRegistry, tuning: TuningSettings, training: TrainingLog
+) -> _SweepRun:
     experiment_id = registry.experiment_id(tuning.experiment)
-    sweep_name = f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
-    sweep_run = registry.client.create_run(
+    name = f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
+    run = registry.client.create_run(
         experiment_id,
-        run_name=sweep_name,
+        run_name=name,
         tags={
             "tipgraph.role": "sweep",
             "log.source": training.source,
-            "log.n_events": str(log.n_events),
+            "log.n_events": str(training.log.n_events),
             "log.spec_version": training.spec_version,
             "log.trained_through_reward_id": str(training.trained_through_reward_id),
             "evaluation.estimator": tuning.evaluation.estimator,
             "search": tuning.search,
         },
     )
-    parent_id = sweep_run.info.run_id
-    bar = TrialProgress(tuning.num_samples, enabled=progress)
-    trial_logger = MlflowTrialLogger(
-        registry,
-        experiment_id,
-        parent_id,
-        tuning.space.ts_draws,
-        tuning.num_samples,
-        bar.printer(out),
-    )
+    return _SweepRun(experiment_id, run.info.run_id, name)
+
+
+def _run_trials(
+    tuning: TuningSettings,
+    training: TrainingLog,
+    sweep: _SweepRun,
+    trial_logger: MlflowTrialLogger,
+    bar: TrialProgress,
+    out: Callable[[str], None],
+) -> None:
+    """Every trial through Ray Tune; each finished one is recorded by ``trial_logger``."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune's "new output" prints a configuration box and TensorBoard hints even at verbose=0;
+    # the classic reporter at verbose=0 prints nothing. Each trial has a line of ours instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Heavy (Ray, Tune, Optuna): loaded only by the processes that sweep.
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
 
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
@@ -709,27 +594,34 @@ def run_sweep(
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=sweep_name,
+            name=sweep.name,
             storage_path=str(Path(tuning.storage_path).resolve()),
             callbacks=[_tune_callback(trial_logger), _progress_callback(bar)],
             verbose=0,
         ),
     )
-    out(f"running {concurrency} trials at a time; MLflow run {sweep_name} ({parent_id})")
-    fit_started = time.perf_counter()
+    out(f"running {concurrency} trials at a time; MLflow run {sweep.name} ({sweep.run_id})")
     try:
         tuner.fit()
     finally:
         bar.close()
-    fit_s = time.perf_counter() - fit_started
 
-    finished = [t for t in trial_logger.outcomes if t.estimate is not None]
-    failed = len(trial_logger.outcomes) - len(finished)
+
+def _conclude(
+    registry: PolicyRegistry,
+    settings: TipgraphSettings,
+    tuning: TuningSettings,
+    training: TrainingLog,
+    sweep: _SweepRun,
+    outcomes: Sequence[TrialOutcome],
+    out: Callable[[str], None],
+) -> SweepResult:
+    """Pick the winner, replay it and the baseline here, record both, register the winner."""
+    finished = [t for t in outcomes if t.estimate is not None]
     if not finished:
-        registry.client.set_terminated(parent_id, "FAILED")
-        raise SweepError(f"all {len(trial_logger.outcomes)} trials failed; see the MLflow runs")
+        registry.client.set_terminated(sweep.run_id, "FAILED")
+        raise SweepError(f"all {len(outcomes)} trials failed; see the MLflow runs")
     winner = max(finished, key=lambda t: t.estimate.lower if t.estimate else float("-inf"))
-    assert winner.estimate is not None
 
     # Replay the winner here: deterministic, and it leaves the policy warm on the whole log.
     policy, estimate = evaluate(winner.settings, training, tuning.evaluation)
@@ -746,39 +638,30 @@ def run_sweep(
         "winner.lower": estimate.lower,
         "baseline.value": baseline.value,
         "baseline.lower": baseline.lower,
-        "trials.failed": float(failed),
+        "trials.failed": float(len(outcomes) - len(finished)),
     }.items():
-        client.log_metric(parent_id, key, value)
-    client.set_tag(parent_id, "winner.run_id", str(winner.run_id))
-    client.set_tag(parent_id, "baseline", choice.name)
+        client.log_metric(sweep.run_id, key, value)
+    client.set_tag(sweep.run_id, "winner.run_id", str(winner.run_id))
+    client.set_tag(sweep.run_id, "baseline", choice.name)
 
     version = None
     if tuning.register_winner:
         version = _register_winner(
-            registry, policy, estimate, baseline, choice, training, tuning, parent_id, winner
+            registry, policy, estimate, baseline, choice, training, tuning, sweep.run_id, winner
         )
-        client.set_tag(parent_id, "registered_version", version)
+        client.set_tag(sweep.run_id, "registered_version", version)
         out(_gate_outlook(registry.model_name, version, estimate, baseline, choice.name))
-    report_runs = [parent_id] + ([winner.run_id] if winner.run_id else [])
-    _report_to_mlflow(client, report_runs, tuning, settings, log_read_here=log_read_here, out=out)
-    client.set_terminated(parent_id, "FINISHED")
-    wall_s = time.perf_counter() - started
-    out(
-        f"done in {wall_s:.1f} s: {fit_s:.1f} s in trials, {fit_started - started:.1f} s "
-        f"before them (log, Ray, MLflow), {wall_s - fit_s - (fit_started - started):.1f} s "
-        "after (winner and baseline replays, registration)"
-    )
     return SweepResult(
-        sweep_run_id=parent_id,
-        sweep_run_name=sweep_name,
+        sweep_run_id=sweep.run_id,
+        sweep_run_name=sweep.name,
         experiment=tuning.experiment,
-        trials=list(trial_logger.outcomes),
+        trials=list(outcomes),
         winner=winner,
         winner_policy=policy,
         baseline_name=choice.name,
         baseline=baseline,
         registered_version=version,
-        wall_s=wall_s,
+        wall_s=0.0,
     )
 
 
