@@ -14,8 +14,9 @@ from pathlib import Path
 from fastapi import FastAPI, Header, HTTPException
 
 from tipgraph.contracts import FeedbackRequest, FeedbackResponse, TipRequest, TipResponse
+from tipgraph.errors import TipgraphError
 from tipgraph.local import LocalStages
-from tipgraph.service import TipgraphError, TipService
+from tipgraph.service import TipService
 from tipgraph.settings import load_settings, resolve_paths
 from tipgraph.wiring import tip_service
 

@@ -27,19 +27,15 @@ from tipgraph.contracts import (
     TipResponse,
     UserErasure,
 )
+from tipgraph.errors import InvalidRequest, TipgraphError, describe_error
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
 from tipgraph.scoring import PolicyScore, ShadowItem
-from tipgraph.service import (
-    MAX_SHADOW_INFLIGHT,
-    InvalidRequest,
-    TipgraphError,
-    describe_error,
-)
 from tipgraph.settings import HopSettings, HopsSettings, TipgraphSettings
+from tipgraph.shadows import MAX_SHADOW_INFLIGHT
 from tipgraph.wiring import tip_service
 
 logger = logging.getLogger(__name__)

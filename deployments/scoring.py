@@ -16,13 +16,14 @@ from ray import serve
 
 from tipgraph.batching import ItemFailure, run_each
 from tipgraph.champion import ChampionFollower
+from tipgraph.errors import describe_error
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
 from tipgraph.policies import make_policy
+from tipgraph.rows import failed_run, policy_run
 from tipgraph.scoring import PolicyScore, PolicyService, ShadowItem
-from tipgraph.service import describe_error, failed_run, policy_run
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
 from tipgraph.store import open_store
 from tipgraph.store.records import PolicyScoresRecord

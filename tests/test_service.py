@@ -14,8 +14,9 @@ import pytest
 from tests.factories import tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
+from tipgraph.errors import FeedbackConflict, InvalidRequest, UnknownEvent
 from tipgraph.local import LocalStages
-from tipgraph.service import FeedbackConflict, InvalidRequest, TipService, UnknownEvent
+from tipgraph.service import TipService
 from tipgraph.settings import StoreSettings, TipgraphSettings
 from tipgraph.store import DecisionStore, SQLiteStore, open_store
 from tipgraph.wiring import decision_log
@@ -93,9 +94,9 @@ async def test_a_failing_or_slow_shadow_does_not_delay_the_response(
 async def test_a_shadow_past_its_timeout_is_logged_as_an_error_beside_the_others(
     settings: TipgraphSettings, store: DecisionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tipgraph.service as service_module
+    import tipgraph.shadows as shadows_module
 
-    monkeypatch.setattr(service_module, "SHADOW_TIMEOUT_S", 0.1)  # the slow one takes 0.5 s
+    monkeypatch.setattr(shadows_module, "SHADOW_TIMEOUT_S", 0.1)  # the slow one takes 0.5 s
     service = make_service(settings, store)
     response = await service.tip(request())
     await service.close()
@@ -155,7 +156,7 @@ async def test_feedback_for_an_unknown_event_is_held_and_out_of_range_is_refused
     with pytest.raises(InvalidRequest, match=r"value: must be within \[0.0, 1.0\], got 3.0"):
         await service.feedback(FeedbackRequest(event_id=unknown, reaction="done", value=3.0))
     # Feedback whose decision never appears expires after the reward wait.
-    await service._apply_held(expire_after_s=0.0)
+    await service.feedback_path._apply_held(expire_after_s=0.0)
     assert service.held_feedback == 0 and service.feedback_expired == 1
     await service.close()
 
@@ -351,9 +352,9 @@ async def test_erasing_a_user_removes_their_log_but_not_what_was_learned(
 async def test_shadow_overload_is_shed_and_counted_never_queued(
     settings: TipgraphSettings, store: DecisionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tipgraph.service as service_module
+    import tipgraph.shadows as shadows_module
 
-    monkeypatch.setattr(service_module, "MAX_SHADOW_INFLIGHT", 4)
+    monkeypatch.setattr(shadows_module, "MAX_SHADOW_INFLIGHT", 4)
     stuck = settings.model_copy(
         update={
             "shadows": [{"policy": {"name": "stuck", "kind": "egreedy"}, "fault": {"delay_s": 30}}]
@@ -372,7 +373,7 @@ async def test_shadow_overload_is_shed_and_counted_never_queued(
     assert service.shadows_shed == 12 - 4  # bounded: 4 in flight, the rest shed and counted
     expected = await reference.tip(request(user_id="shed"))
     assert [r.candidate_id for r in answer.ranking] == [r.candidate_id for r in expected.ranking]
-    for task in list(service._background):
+    for task in list(service.shadows._background):
         task.cancel()
     await reference.close()
 
@@ -398,6 +399,6 @@ async def test_feedback_is_held_when_the_store_fails_after_finding_the_decision(
     monkeypatch.setattr(store, "record_feedback", flaky)
     held = await service.feedback(FeedbackRequest(event_id=tip.event_id, reaction="done"))
     assert held.status == "pending"
-    await service._apply_held(expire_after_s=60)
+    await service.feedback_path._apply_held(expire_after_s=60)
     assert service.held_feedback == 0 and store.counts().feedback == 1 and calls == 2
     await service.close()

@@ -1,6 +1,6 @@
 """Every stage in one process, no Ray: the single-process baseline and the test double.
 
-Implements :class:`tipgraph.service.Stages` with the same plain-Python code the Serve
+Implements :class:`tipgraph.stages.Stages` with the same plain-Python code the Serve
 deployments wrap, so a difference between the two is the cost of the graph itself.
 """
 

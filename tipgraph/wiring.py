@@ -10,8 +10,9 @@ from pathlib import Path
 
 from tipgraph.decision_log import DecisionLog
 from tipgraph.metrics import Metrics
-from tipgraph.service import Stages, TipService
+from tipgraph.service import TipService
 from tipgraph.settings import StoreSettings, TipgraphSettings
+from tipgraph.stages import Stages
 from tipgraph.store import DecisionStore, open_store
 
 

@@ -1,0 +1,46 @@
+"""What the tip loop needs from the stages, however they run: in this process
+(:class:`tipgraph.local.LocalStages`) or as Serve deployments behind handles
+(``deployments.ingress.HandleStages``)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Protocol
+
+import numpy as np
+
+from tipgraph.contracts import TipRequest
+from tipgraph.features import UserContext
+from tipgraph.generation import GenerationResult
+from tipgraph.scoring import PolicyScore
+
+
+class Stages(Protocol):
+    async def context(self, request: TipRequest, user_key: str) -> UserContext: ...
+
+    async def candidates(
+        self, request: TipRequest, context: UserContext, event_id: str, n: int
+    ) -> GenerationResult:
+        """Candidates within the generation timeout, from task tips if the LLM fails."""
+        ...
+
+    async def score(self, X: np.ndarray, event_id: str) -> PolicyScore: ...
+
+    def shadow_scores(
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
+    ) -> list[tuple[str, Awaitable[PolicyScore]]]:
+        """Start every shadow on the candidates; the caller must not wait for them.
+
+        The caller logs and counts each returned answer.  Stages whose shadows log their
+        own runs (the Serve graph's) return nothing: the shadow compares its pick with
+        ``served_candidate_id`` itself.
+        """
+        ...
+
+    async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
+        """Teach one replica of the served policy now; the others catch up by syncing."""
+        ...
+
+    def learn_shadows(
+        self, reward_id: int, features: list[float], reward: float
+    ) -> list[Awaitable[object]]: ...
