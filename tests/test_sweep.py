@@ -341,8 +341,9 @@ def test_the_default_output_pickles_while_print_is_redirected(
 
     held = builtins.print  # what the sweep's callbacks held before: bound at import time
     monkeypatch.setattr(builtins, "print", redirected_print)
-    with pytest.raises(Exception, match=r"not the same object as builtins\.print"):
-        cloudpickle.dumps(held)
+    if type(held).__name__ == "builtin_function_or_method":  # not replaced by an earlier test
+        with pytest.raises(Exception, match=r"not the same object as builtins\.print"):
+            cloudpickle.dumps(held)
     for out in (print_line, TrialProgress(2, enabled=False).printer(print_line)):
         assert cloudpickle.loads(cloudpickle.dumps(out)) is print_line
 
