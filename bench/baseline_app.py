@@ -27,7 +27,7 @@ state: dict[str, TipService] = {}
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     state["service"] = tip_service(
-        settings, lambda store: LocalStages(settings, store), owner="baseline"
+        settings, lambda *wired: LocalStages(settings, *wired), owner="baseline"
     )
     yield
     await state["service"].close()

@@ -1,10 +1,9 @@
 """HTTP ingress: the FastAPI app the recommender calls. Orchestration lives in TipService."""
 
 import asyncio
-import functools
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import numpy as np
@@ -27,7 +26,7 @@ from tipgraph.contracts import (
     TipResponse,
     UserErasure,
 )
-from tipgraph.errors import InvalidRequest, TipgraphError, describe_error
+from tipgraph.errors import InvalidRequest, TipgraphError
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult
 from tipgraph.logs import ReplicaLogs
@@ -35,7 +34,7 @@ from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
 from tipgraph.scoring import PolicyScore, ShadowItem
 from tipgraph.settings import HopSettings, HopsSettings, TipgraphSettings
-from tipgraph.shadows import MAX_SHADOW_INFLIGHT
+from tipgraph.shadows import MAX_SHADOW_INFLIGHT, ShadowShed
 from tipgraph.wiring import tip_service
 
 logger = logging.getLogger(__name__)
@@ -162,7 +161,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 class HandleStages:
-    """:class:`tipgraph.service.Stages` backed by Serve deployment handles.
+    """:class:`tipgraph.stages.Stages` backed by Serve deployment handles.
 
     Calls to context, generation, scoring and each shadow go out in batches
     (:mod:`tipgraph.batching`): one remote call per batch, not per request.
@@ -199,8 +198,6 @@ class HandleStages:
             name: batched(handle.shadow_batch.remote, hops.shadows)
             for name, handle in shadows.items()
         }
-        self.on_shadow_failure: Callable[[str, str], None] = lambda name, error: None
-        self.shadows_shed = 0
 
     def batch_sizes(self) -> dict[str, float]:
         """Mean requests per remote call, per hop (shown by /readyz)."""
@@ -225,28 +222,22 @@ class HandleStages:
 
     def shadow_scores(
         self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
-    ) -> list[tuple[str, Awaitable[PolicyScore]]]:
-        """Queue the event for every shadow, which scores, logs and counts it (against
-        the served pick) in its own replica; nothing comes back here but a failure count."""
-        for name, hop in self._shadow_score.items():
-            if hop.queued >= MAX_SHADOW_INFLIGHT:
-                # A shadow that cannot keep up is skipped and counted, never queued behind.
-                self.shadows_shed += 1
-                continue
-            hop.submit((X, event_id, candidate_ids, served_candidate_id)).add_done_callback(
-                functools.partial(self._count_shadow_failure, name)
-            )
-        return []
+    ) -> list[tuple[str, Awaitable[str | None]]]:
+        """Queue the event for every shadow, which scores, logs and counts it (against the
+        served pick) in its own replica; what comes back is its error, or None."""
+        item = (X, event_id, candidate_ids, served_candidate_id)
+        return [(name, self._to_shadow(hop, item)) for name, hop in self._shadow_score.items()]
 
-    def _count_shadow_failure(self, name: str, outcome: asyncio.Future[str | None]) -> None:
-        if outcome.cancelled():
-            return
-        error = outcome.exception()
-        if error is not None:
-            # The call failed (the replica died, say): this shadow has no row for the event.
-            self.on_shadow_failure(name, describe_error(error))
-        elif outcome.result() is not None:
-            self.on_shadow_failure(name, str(outcome.result()))
+    @staticmethod
+    def _to_shadow(
+        hop: Coalescer[ShadowItem, str | None], item: ShadowItem
+    ) -> Awaitable[str | None]:
+        if hop.queued >= MAX_SHADOW_INFLIGHT:
+            # A shadow that cannot keep up is skipped and counted, never queued behind.
+            shed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            shed.set_exception(ShadowShed(f"{hop.queued} events queued"))
+            return shed
+        return hop.submit(item)
 
     async def drain_shadows(self) -> None:
         """Send every queued shadow event now and wait for the calls (graceful shutdown)."""
@@ -287,12 +278,11 @@ class Ingress:
         self._stages = HandleStages(context, generation, scoring, shadows, settings.hops)
         self._service = tip_service(
             settings,
-            lambda _: self._stages,
+            lambda *_: self._stages,
             owner="ingress",
             metrics=replica_metrics(settings.metrics),
         )
         self._store = self._service.store
-        self._stages.on_shadow_failure = self._service.report_shadow_failure
         self._defaults = Periodic(
             settings.learning.default_reward_check_s,
             self._service.apply_default_rewards,
@@ -340,7 +330,7 @@ class Ingress:
                 "status": "ready",
                 "schema_version": version,
                 "decision_log_backlog": self._service.log.backlog,
-                "shadows_shed": self._service.shadows_shed + self._stages.shadows_shed,
+                "shadows_shed": self._service.shadows_shed,
                 "shadow_failures": self._service.shadow_failures,
                 "decision_log_spilled": self._service.log.spilled,
                 "feedback_held": self._service.held_feedback,

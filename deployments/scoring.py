@@ -7,26 +7,22 @@ deployment stay identical through :meth:`PolicyService.sync` (see tipgraph.scori
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 
 import numpy as np
 from ray import serve
 
 from tipgraph.batching import ItemFailure, run_each
 from tipgraph.champion import ChampionFollower
-from tipgraph.errors import describe_error
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
 from tipgraph.policies import make_policy
-from tipgraph.rows import failed_run, policy_run
 from tipgraph.scoring import PolicyScore, PolicyService, ShadowItem
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
+from tipgraph.shadows import ShadowScorer
 from tipgraph.store import open_store
-from tipgraph.store.records import PolicyScoresRecord
 from tipgraph.wiring import decision_log
 
 logger = logging.getLogger(__name__)
@@ -55,6 +51,11 @@ class PolicyScorer:
         self._log = (
             decision_log(self._store, settings.store, owner=f"shadow-{policy.name}")
             if shadow
+            else None
+        )
+        self._shadow = (
+            ShadowScorer(self._service, self._fault, self._log, self._metrics)
+            if self._log is not None
             else None
         )
         self._follower: ChampionFollower | None = None
@@ -96,26 +97,9 @@ class PolicyScorer:
         """Score every event (:data:`~tipgraph.scoring.ShadowItem`) as a shadow, log the
         runs and count them against the served pick from here.  Returns each item's error
         (None when scored), for the caller's failure count."""
-        if self._log is None:
+        if self._shadow is None:
             raise RuntimeError("shadow_batch is for shadow deployments (bound with shadow=True)")
-        runs = await asyncio.gather(
-            *(self._shadow_run(X, event_id, ids) for X, event_id, ids, _ in items)
-        )
-        for (_, event_id, ids, served_id), run in zip(items, runs, strict=True):
-            self._log.submit_policy_scores(event_id, [run], ids)
-            self._metrics.shadow_run(run, served_id)
-        return [run.error for run in runs]
-
-    async def _shadow_run(
-        self, X: np.ndarray, event_id: str, candidate_ids: list[str]
-    ) -> PolicyScoresRecord:
-        start = time.perf_counter()
-        try:
-            result = await self._service.score_with_faults(X, event_id, self._fault)
-        except Exception as err:  # a shadow may fail in any way; it is logged, never raised
-            latency_ms = (time.perf_counter() - start) * 1000
-            return failed_run(self._service.policy.name, describe_error(err), latency_ms)
-        return policy_run(result, "shadow", candidate_ids, (time.perf_counter() - start) * 1000)
+        return await self._shadow.score_batch(items)
 
     def learn(self, reward_id: int, features: list[float], reward: float) -> bool:
         return self._service.learn(reward_id, features, reward)

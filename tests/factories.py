@@ -5,6 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tipgraph.decision_log import DecisionLog
+from tipgraph.local import LocalStages
+from tipgraph.metrics import Metrics
+from tipgraph.service import TipService
+from tipgraph.settings import TipgraphSettings
+from tipgraph.store import DecisionStore
+from tipgraph.wiring import decision_log
+
 NOW = datetime(2026, 3, 4, 9, 30, tzinfo=UTC)  # a Wednesday morning
 
 
@@ -43,3 +51,25 @@ def tip_body(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+def local_service(
+    settings: TipgraphSettings,
+    store: DecisionStore,
+    log: DecisionLog | None = None,
+    *,
+    metrics: Metrics | None = None,
+) -> TipService:
+    """The tip loop on in-process stages, wired as ``tipgraph.wiring`` does, on the test's
+    own store (and writer, when given)."""
+    log = log if log is not None else decision_log(store, settings.store, owner="test")
+    metrics = metrics if metrics is not None else Metrics()
+    stages = LocalStages(settings, store, log, metrics)
+    return TipService(settings, stages, store, log, metrics=metrics)
+
+
+def local_stages(settings: TipgraphSettings, store: DecisionStore) -> LocalStages:
+    """In-process stages alone, e.g. a replica rebuilt from the log."""
+    return LocalStages(
+        settings, store, decision_log(store, settings.store, owner="test"), Metrics()
+    )

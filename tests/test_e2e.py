@@ -27,14 +27,11 @@ import yaml
 
 from graphs.tipgraph import PROJECT_ROOT, build_app, build_graph
 from tests.conftest import AUTH_HEADERS, drop_schemas
-from tests.factories import tip_body
+from tests.factories import local_service, tip_body
 from tipgraph.contracts import TipRequest
-from tipgraph.local import LocalStages
-from tipgraph.service import TipService
 from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings
 from tipgraph.store import open_store
 from tipgraph.store.migrate import load_migrations
-from tipgraph.wiring import decision_log
 from tipgraph_ops.cli import main as cli_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -402,12 +399,7 @@ async def _reference_ranking(
             update={"shadows": [], "store": StoreSettings(url=f"sqlite:///{tmp}/ref.db")}
         )
         with open_store(alone.store) as store:
-            service = TipService(
-                alone,
-                LocalStages(alone, store),
-                store,
-                decision_log(store, alone.store, owner="test"),
-            )
+            service = local_service(alone, store)
             response = await service.tip(TipRequest.model_validate(body))
             await service.close()
     return [(r.candidate_id, r.probability) for r in response.ranking]

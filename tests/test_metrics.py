@@ -23,13 +23,12 @@ import yaml
 
 from graphs.tipgraph import PROJECT_ROOT, build_graph
 from tests.conftest import AUTH_HEADERS, free_port
-from tests.factories import task, tip_body
+from tests.factories import local_service, task, tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
 from tipgraph.features import build_context
 from tipgraph.generation import Completion, LLMUnavailable, TipGenerator, load_split
 from tipgraph.generation.breaker import CircuitBreaker
-from tipgraph.local import LocalStages
 from tipgraph.logs import APP_LOGGERS, SERVE_LOGGER, route_to_serve_log
 from tipgraph.metrics import (
     EXPORT_PREFIX,
@@ -150,7 +149,7 @@ def counted_service(
 ) -> tuple[TipService, RecordingSink]:
     sink = RecordingSink()
     log = decision_log(store, StoreSettings(flush_interval_s=0.01), owner="test")
-    service = TipService(settings, LocalStages(settings, store), store, log, metrics=Metrics(sink))
+    service = local_service(settings, store, log, metrics=Metrics(sink))
     return service, sink
 
 

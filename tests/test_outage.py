@@ -19,15 +19,12 @@ import psycopg
 import pytest
 
 from tests.conftest import drop_schemas
-from tests.factories import tip_body
+from tests.factories import local_service, tip_body
 from tests.tcp_proxy import TcpProxy
 from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
-from tipgraph.local import LocalStages
-from tipgraph.service import TipService
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
-from tipgraph.wiring import decision_log
 
 pytestmark = pytest.mark.postgres
 
@@ -65,7 +62,7 @@ async def test_an_outage_mid_load_loses_nothing_and_writes_nothing_twice(
         max_buffered=40,
         spill_path=tmp_path / "spill.jsonl",
     )
-    service = TipService(settings, LocalStages(settings, store), store, log)
+    service = local_service(settings, store, log)
     rng = random.Random(7)
     served: list[str] = []
     feedback: dict[str, str] = {}
@@ -123,12 +120,7 @@ async def test_the_same_feedback_racing_on_two_replicas_is_applied_once(
     """Two ingress replicas (own services, own policies) get the same feedback at once."""
     settings = TipgraphSettings(store={"url": postgres_url, "pg_schema": pg_schema}, shadows=[])
     stores = [open_store(settings.store) for _ in range(2)]
-    services = [
-        TipService(
-            settings, LocalStages(settings, s), s, decision_log(s, settings.store, owner="test")
-        )
-        for s in stores
-    ]
+    services = [local_service(settings, s) for s in stores]
     tips = [await services[0].tip(TipRequest(**tip_body(user_id=f"race-{i}"))) for i in range(20)]
     await services[0].log.flush()
     for tip in tips:

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import task, tip_body
+from tests.factories import local_service, task, tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
-from tipgraph.local import LocalStages
 from tipgraph.service import TipService
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
-from tipgraph.wiring import decision_log
 
 REPO = Path(__file__).resolve().parents[1]
 USER_ID = "alice.private@example.com"
@@ -26,12 +24,7 @@ TASK_TEXT = ["Call Dr. Nowak about the biopsy results", "Pay rent to Mr. Smith';
 
 def service_for(settings: TipgraphSettings) -> tuple[TipService, object]:
     store = open_store(settings.store)
-    return TipService(
-        settings,
-        LocalStages(settings, store),
-        store,
-        decision_log(store, settings.store, owner="test"),
-    ), store
+    return local_service(settings, store), store
 
 
 async def test_no_raw_user_id_task_text_or_secret_reaches_the_logs_or_the_store(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import tip_body
+from tests.factories import local_service, local_stages, tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
 from tipgraph.errors import FeedbackConflict, InvalidRequest, UnknownEvent
@@ -41,7 +41,7 @@ def store(settings: TipgraphSettings) -> Iterator[DecisionStore]:
 
 def make_service(settings: TipgraphSettings, store: DecisionStore) -> TipService:
     log = decision_log(store, StoreSettings(flush_interval_s=0.01), owner="test")
-    return TipService(settings, LocalStages(settings, store), store, log)
+    return local_service(settings, store, log)
 
 
 def store_rows(store: DecisionStore, query: str, *params: object) -> list[tuple[object, ...]]:
@@ -91,15 +91,14 @@ async def test_a_failing_or_slow_shadow_does_not_delay_the_response(
     await service.close()
 
 
-async def test_a_shadow_past_its_timeout_is_logged_as_an_error_beside_the_others(
-    settings: TipgraphSettings, store: DecisionStore, monkeypatch: pytest.MonkeyPatch
+async def test_every_shadow_logs_its_own_run_slow_or_broken(
+    settings: TipgraphSettings, store: DecisionStore
 ) -> None:
-    import tipgraph.shadows as shadows_module
-
-    monkeypatch.setattr(shadows_module, "SHADOW_TIMEOUT_S", 0.1)  # the slow one takes 0.5 s
+    """In process as in a shadow replica (one ShadowScorer): a slow shadow's row is logged
+    when it answers, a broken one's error stands in for its row; only failures count."""
     service = make_service(settings, store)
     response = await service.tip(request())
-    await service.close()
+    await service.close()  # waits for the slow shadow's answer
 
     rows = store_rows(
         store,
@@ -109,11 +108,11 @@ async def test_a_shadow_past_its_timeout_is_logged_as_an_error_beside_the_others
     )
     by_name = {name: (error, chosen, latency) for name, error, chosen, latency in rows}
     assert sorted(by_name) == ["broken", "egreedy", "slow"]
-    assert by_name["slow"][0].startswith("TimeoutError") and by_name["slow"][1] is None
+    assert by_name["slow"][0] is None and by_name["slow"][1] is not None
     assert by_name["broken"][0].startswith("InjectedFault") and by_name["broken"][1] is None
     assert by_name["egreedy"][0] is None and by_name["egreedy"][1] is not None
-    assert by_name["egreedy"][2] < by_name["slow"][2]  # each shadow's own round trip
-    assert service.shadow_failures == {"broken": 1, "slow": 1}
+    assert by_name["egreedy"][2] < 500 <= by_name["slow"][2]  # each shadow's own time
+    assert service.shadow_failures == {"broken": 1}
 
 
 async def test_feedback_teaches_served_and_shadow_policies_once(
@@ -129,7 +128,7 @@ async def test_feedback_teaches_served_and_shadow_policies_once(
     assert first.reward == 1.0
     await asyncio.sleep(0.05)  # shadow learning runs in the background
     assert stages.served.policy.n_updates == 1
-    assert stages.shadows["egreedy"][0].policy.n_updates == 1
+    assert stages.shadows["egreedy"].service.policy.n_updates == 1
     assert (stages.served.policy.stats_.b_ != before).any()
 
     again = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
@@ -166,11 +165,8 @@ async def test_feedback_held_before_its_decision_lands_is_applied_exactly_once(
 ) -> None:
     """Another replica's decision, not yet written when its feedback arrives here."""
     service = make_service(settings, store)
-    other = TipService(
-        settings,
-        LocalStages(settings, store),
-        store,
-        decision_log(store, StoreSettings(flush_interval_s=60), owner="test"),
+    other = local_service(
+        settings, store, decision_log(store, StoreSettings(flush_interval_s=60), owner="test")
     )
     response = await other.tip(request())
     held = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
@@ -192,11 +188,8 @@ async def test_feedback_held_before_its_decision_lands_is_applied_exactly_once(
 async def test_feedback_right_after_the_tip_finds_the_buffered_decision(
     settings: TipgraphSettings, store: DecisionStore
 ) -> None:
-    slow_log = TipService(
-        settings,
-        LocalStages(settings, store),
-        store,
-        decision_log(store, StoreSettings(flush_interval_s=60), owner="test"),
+    slow_log = local_service(
+        settings, store, decision_log(store, StoreSettings(flush_interval_s=60), owner="test")
     )
     response = await slow_log.tip(request())
     result = await slow_log.feedback(FeedbackRequest(event_id=response.event_id, reaction="snooze"))
@@ -214,7 +207,7 @@ async def test_a_restarted_policy_rebuilds_from_the_log(
     await service.close()
     live = service.stages
     assert isinstance(live, LocalStages)
-    fresh = LocalStages(settings, store)
+    fresh = local_stages(settings, store)
     assert fresh.served.policy.n_updates == 3
     assert (fresh.served.policy.stats_.b_ == live.served.policy.stats_.b_).all()
 
@@ -343,7 +336,7 @@ async def test_erasing_a_user_removes_their_log_but_not_what_was_learned(
     assert store.user_history(service.user_key("alice"), 10) == []
     live = service.stages
     assert isinstance(live, LocalStages)
-    rebuilt = LocalStages(settings, store)  # a replica starting after the erasure
+    rebuilt = local_stages(settings, store)  # a replica starting after the erasure
     assert rebuilt.served.policy.n_updates == live.served.policy.n_updates == 3
     assert (rebuilt.served.policy.stats_.b_ == live.served.policy.stats_.b_).all()
     await service.close()
@@ -361,9 +354,7 @@ async def test_shadow_overload_is_shed_and_counted_never_queued(
         }
     )
     stuck = TipgraphSettings.model_validate(stuck.model_dump())
-    service = TipService(
-        stuck, LocalStages(stuck, store), store, decision_log(store, stuck.store, owner="test")
-    )
+    service = local_service(stuck, store)
     reference = make_service(settings, store)
     started = time.perf_counter()
     for _ in range(12):
@@ -373,7 +364,7 @@ async def test_shadow_overload_is_shed_and_counted_never_queued(
     assert service.shadows_shed == 12 - 4  # bounded: 4 in flight, the rest shed and counted
     expected = await reference.tip(request(user_id="shed"))
     assert [r.candidate_id for r in answer.ranking] == [r.candidate_id for r in expected.ranking]
-    for task in list(service.shadows._background):
+    for task in list(service.shadows._answers):
         task.cancel()
     await reference.close()
 

@@ -12,12 +12,15 @@ from collections.abc import Awaitable
 import numpy as np
 
 from tipgraph.contracts import TipRequest
+from tipgraph.decision_log import DecisionLog
 from tipgraph.features import FEATURE_SPEC, UserContext, build_context, read_history
 from tipgraph.generation import Completer, GenerationResult
 from tipgraph.generation.litellm_client import build_tip_generator
+from tipgraph.metrics import Metrics
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService
-from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
+from tipgraph.settings import PolicySettings, TipgraphSettings
+from tipgraph.shadows import ShadowScorer
 from tipgraph.store import DecisionStore
 
 
@@ -26,15 +29,21 @@ class LocalStages:
         self,
         settings: TipgraphSettings,
         store: DecisionStore,
+        log: DecisionLog,
+        metrics: Metrics,
         *,
         completer: Completer | None = None,
     ) -> None:
+        """``log`` and ``metrics`` are where the shadows write their runs and counts, as a
+        shadow replica does with its own."""
         self._settings = settings
         self._store = store
         self.generator = build_tip_generator(settings.generation, completer=completer)
         self.served = _service(settings.policy, store)
-        self.shadows: dict[str, tuple[PolicyService, FaultSettings]] = {
-            shadow.policy.name: (_service(shadow.policy, store), shadow.fault)
+        self.shadows: dict[str, ShadowScorer] = {
+            shadow.policy.name: ShadowScorer(
+                _service(shadow.policy, store), shadow.fault, log, metrics
+            )
             for shadow in settings.shadows
         }
 
@@ -54,11 +63,9 @@ class LocalStages:
 
     def shadow_scores(
         self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
-    ) -> list[tuple[str, Awaitable[PolicyScore]]]:
-        return [
-            (name, service.score_with_faults(X, event_id, fault))
-            for name, (service, fault) in self.shadows.items()
-        ]
+    ) -> list[tuple[str, Awaitable[str | None]]]:
+        item = (X, event_id, candidate_ids, served_candidate_id)
+        return [(name, _first(shadow.score_batch([item]))) for name, shadow in self.shadows.items()]
 
     async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
         self.served.learn(reward_id, features, reward)
@@ -67,14 +74,19 @@ class LocalStages:
         self, reward_id: int, features: list[float], reward: float
     ) -> list[Awaitable[object]]:
         return [
-            asyncio.to_thread(service.learn, reward_id, features, reward)
-            for service, _ in self.shadows.values()
+            asyncio.to_thread(shadow.service.learn, reward_id, features, reward)
+            for shadow in self.shadows.values()
         ]
 
     def sync(self) -> None:
         """Apply rewards logged by others (default rewards, other processes)."""
-        for service in (self.served, *(service for service, _ in self.shadows.values())):
+        for service in (self.served, *(shadow.service for shadow in self.shadows.values())):
             service.sync(self._store)
+
+
+async def _first(errors: Awaitable[list[str | None]]) -> str | None:
+    (error,) = await errors
+    return error
 
 
 def _service(policy: PolicySettings, store: DecisionStore) -> PolicyService:

@@ -66,7 +66,7 @@ class TipService:
         self.metrics = metrics if metrics is not None else Metrics()
         self._secret = settings.privacy.user_key_secret.get_secret_value()
         self._access_log = settings.logs.access_log
-        self.shadows = ShadowRunner(stages, log, self.metrics)
+        self.shadows = ShadowRunner(stages, self.metrics)
         self.feedback_path = FeedbackService(
             settings, stages, store, log, self.shadows, self.metrics
         )

@@ -1,12 +1,23 @@
-"""Shadow policies in this process's event loop: started after the served answer, never
-awaited by a request, bounded, and every answer (or failure) logged as a shadow run."""
+"""Shadow policies: they score the same candidates as the served policy and log their run,
+never serving and never slowing a request.
+
+Two pieces, the same whether the stages run in process or as Serve deployments:
+
+* :class:`ShadowScorer` is one shadow: it scores a batch of events and logs each run (or
+  failure) itself.  A shadow replica wraps one; :class:`~tipgraph.local.LocalStages` holds
+  one per shadow.  It is the only code that writes shadow rows.
+* :class:`ShadowRunner` is the requester's side: it hands each served event to the stages'
+  shadows after the answer is in, bounds the work in flight, and counts what is shed and
+  what fails, in one place.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 
 import numpy as np
 
@@ -14,8 +25,10 @@ from tipgraph.decision_log import DecisionLog
 from tipgraph.errors import describe_error
 from tipgraph.metrics import Metrics
 from tipgraph.rows import failed_run, policy_run
-from tipgraph.scoring import PolicyScore
+from tipgraph.scoring import PolicyService, ShadowItem
+from tipgraph.settings import FaultSettings
 from tipgraph.stages import Stages
+from tipgraph.store.records import PolicyScoresRecord
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +36,7 @@ MAX_SHADOW_INFLIGHT = 512
 """Requests with shadow work in flight beyond this shed theirs (skipped and counted), never
 queued behind."""
 SHADOW_TIMEOUT_S = 30.0
+"""How long shutting down waits for a shadow's answer, and a shadow's learning, at most."""
 SHADOW_LOG_EVERY_S = 10.0
 CLOSE_MARGIN_S = 1.0
 """How much longer than a shadow logger's own timeout ``close`` waits for it."""
@@ -33,14 +47,16 @@ def _ms(start: float) -> float:
 
 
 class ShadowRunner:
-    """Starts every shadow on an event's candidates and logs their runs in the background;
-    counts what it sheds and what fails."""
+    """Hands every served event to the shadows and counts what they shed and what fails,
+    through callbacks on their answers: no task per request, and nothing a request waits
+    for.  The shadows log their own runs (:class:`ShadowScorer`)."""
 
-    def __init__(self, stages: Stages, log: DecisionLog, metrics: Metrics) -> None:
+    def __init__(self, stages: Stages, metrics: Metrics) -> None:
         self._stages = stages
-        self._log = log
         self._metrics = metrics
-        self._background: set[asyncio.Future[None]] = set()
+        self._answers: set[asyncio.Future[str | None]] = set()
+        self._learning: set[asyncio.Future[None]] = set()
+        self._events_in_flight = 0
         self._logged_at: dict[str, float] = {}
         self.shed = 0
         self.failures: dict[str, int] = {}
@@ -48,29 +64,36 @@ class ShadowRunner:
     def start(
         self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
     ) -> None:
-        if len(self._background) >= MAX_SHADOW_INFLIGHT:
+        in_flight = self._events_in_flight + len(self._learning)
+        if in_flight >= MAX_SHADOW_INFLIGHT:
             self.shed += 1
             logger.warning(
                 "shadow scoring shed for event %s: %d in flight",
                 event_id,
-                len(self._background),
+                in_flight,
                 extra={"event_id": event_id},
             )
             return
-        # Every shadow starts now; one task per request (not per shadow) logs them all.
-        pending = [
+        answers = [
             (name, asyncio.ensure_future(call))
             for name, call in self._stages.shadow_scores(
                 X, event_id, candidate_ids, served_candidate_id
             )
         ]
-        if pending:
-            self._spawn(self._log_runs(pending, event_id, candidate_ids, served_candidate_id))
+        if not answers:
+            return
+        self._events_in_flight += 1
+        outstanding = [len(answers)]
+        for name, answer in answers:
+            self._answers.add(answer)
+            answer.add_done_callback(functools.partial(self._answered, name, outstanding))
 
     def learn(self, reward_id: int, features: list[float], reward: float) -> None:
         """Teach every shadow one reward, in the background."""
         for pending in self._stages.learn_shadows(reward_id, features, reward):
-            self._spawn(_quietly(pending, "shadow learn"))
+            task = asyncio.ensure_future(_quietly(pending, "shadow learn"))
+            self._learning.add(task)
+            task.add_done_callback(self._learning.discard)
 
     def report_failure(self, name: str, error: str) -> None:
         """Count every failure; log one line per shadow per SHADOW_LOG_EVERY_S, so a broken
@@ -85,51 +108,64 @@ class ShadowRunner:
             )
 
     async def close(self) -> None:
-        if self._background:
-            # A shadow logger gives up on its shadows after SHADOW_TIMEOUT_S and then writes
-            # their rows: waiting only as long raced it on a busy machine and lost the rows.
-            await asyncio.wait(set(self._background), timeout=SHADOW_TIMEOUT_S + CLOSE_MARGIN_S)
+        """Wait for the shadows' answers in flight: they log their rows as they answer."""
+        pending = self._answers | self._learning
+        if pending:
+            # A slow shadow answers (and logs) within SHADOW_TIMEOUT_S; waiting only as long
+            # raced it on a busy machine and lost the rows.
+            await asyncio.wait(pending, timeout=SHADOW_TIMEOUT_S + CLOSE_MARGIN_S)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _log_runs(
-        self,
-        pending: Sequence[tuple[str, asyncio.Future[PolicyScore]]],
-        event_id: str,
-        candidate_ids: list[str],
-        served_candidate_id: str,
+    def _answered(
+        self, name: str, outstanding: list[int], answer: asyncio.Future[str | None]
     ) -> None:
-        start = time.perf_counter()
-        finished_ms: dict[str, float] = {}
-
-        def stamp(name: str) -> Callable[[object], None]:
-            # Round trip as the ingress saw it, like the served policy's row.
-            return lambda _: finished_ms.__setitem__(name, _ms(start))
-
-        for name, future in pending:
-            future.add_done_callback(stamp(name))
-        await asyncio.wait([future for _, future in pending], timeout=SHADOW_TIMEOUT_S)
-        runs = []
-        for name, future in pending:
-            latency_ms = finished_ms.get(name, _ms(start))
-            if not future.done():
-                future.cancel()
-                error = f"TimeoutError: no answer within {SHADOW_TIMEOUT_S:g} s"
-            elif future.cancelled():
-                error = "CancelledError: the shadow call was cancelled"
-            elif (err := future.exception()) is not None:
-                error = describe_error(err)  # a shadow may fail in any way; only logged
-            else:
-                run = policy_run(future.result(), "shadow", candidate_ids, latency_ms)
-                self._metrics.shadow_run(run, served_candidate_id)
-                runs.append(run)
-                continue
+        self._answers.discard(answer)
+        outstanding[0] -= 1
+        if outstanding[0] == 0:
+            self._events_in_flight -= 1
+        if answer.cancelled():
+            self.report_failure(name, "CancelledError: the shadow call was cancelled")
+        elif isinstance(err := answer.exception(), ShadowShed):
+            self.shed += 1
+        elif err is not None:
+            # The call itself failed (a replica died, say): this shadow has no row.
+            self.report_failure(name, describe_error(err))
+        elif (error := answer.result()) is not None:
             self.report_failure(name, error)
-            runs.append(failed_run(name, error, latency_ms))
-        self._log.submit_policy_scores(event_id, runs, candidate_ids)
+
+
+class ShadowShed(RuntimeError):
+    """A shadow that cannot keep up skipped the event: counted as shed, no row."""
+
+
+class ShadowScorer:
+    """One shadow policy: scores events (with its configured fault, for chaos tests) and logs
+    every run, or the error that stood in for it, counting agreement with the served pick."""
+
+    def __init__(
+        self, service: PolicyService, fault: FaultSettings, log: DecisionLog, metrics: Metrics
+    ) -> None:
+        self.service = service
+        self._fault = fault
+        self._log = log
+        self._metrics = metrics
+
+    async def score_batch(self, items: Sequence[ShadowItem]) -> list[str | None]:
+        """Score and log every event; returns each item's error (None when it scored)."""
+        runs = await asyncio.gather(*(self._run(X, event_id, ids) for X, event_id, ids, _ in items))
+        for (_, event_id, ids, served_id), run in zip(items, runs, strict=True):
+            self._log.submit_policy_scores(event_id, [run], ids)
+            self._metrics.shadow_run(run, served_id)
+        return [run.error for run in runs]
+
+    async def _run(
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str]
+    ) -> PolicyScoresRecord:
+        start = time.perf_counter()
+        try:
+            result = await self.service.score_with_faults(X, event_id, self._fault)
+        except Exception as err:  # a shadow may fail in any way; it is logged, never raised
+            return failed_run(self.service.policy.name, describe_error(err), _ms(start))
+        return policy_run(result, "shadow", candidate_ids, _ms(start))
 
 
 async def _quietly(pending: Awaitable[object], what: str) -> None:

@@ -241,7 +241,7 @@ def run_local(
     """The same loop with every stage in this process (no Ray, no HTTP)."""
 
     loop = asyncio.new_event_loop()
-    service = tip_service(settings, lambda store: LocalStages(settings, store), owner="simulator")
+    service = tip_service(settings, lambda *wired: LocalStages(settings, *wired), owner="simulator")
     try:
 
         def tip(body: dict[str, Any]) -> dict[str, Any]:

@@ -28,12 +28,13 @@ class Stages(Protocol):
 
     def shadow_scores(
         self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
-    ) -> list[tuple[str, Awaitable[PolicyScore]]]:
-        """Start every shadow on the candidates; the caller must not wait for them.
+    ) -> list[tuple[str, Awaitable[str | None]]]:
+        """Hand the event to every shadow, which scores it, logs its run and compares its
+        pick with ``served_candidate_id`` itself (:class:`~tipgraph.shadows.ShadowScorer`).
 
-        The caller logs and counts each returned answer.  Stages whose shadows log their
-        own runs (the Serve graph's) return nothing: the shadow compares its pick with
-        ``served_candidate_id`` itself.
+        Each awaitable gives that shadow's error (None when it scored), or raises
+        :class:`~tipgraph.shadows.ShadowShed` when the shadow skipped the event.  The caller
+        only counts them, and never makes a request wait for them.
         """
         ...
 

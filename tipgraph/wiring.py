@@ -31,13 +31,16 @@ def decision_log(store: DecisionStore, settings: StoreSettings, *, owner: str) -
 
 def tip_service(
     settings: TipgraphSettings,
-    stages: Callable[[DecisionStore], Stages],
+    stages: Callable[[DecisionStore, DecisionLog, Metrics], Stages],
     *,
     owner: str,
     metrics: Metrics | None = None,
 ) -> TipService:
-    """The tip loop on a newly opened store: ``stages`` builds the stages on that store
-    (in process) or ignores it (Serve handles); ``service.store`` is closed by the caller."""
+    """The tip loop on a newly opened store: ``stages`` builds the stages on that store, its
+    writer and the metrics (in process: :class:`~tipgraph.local.LocalStages`, whose shadows
+    log through them) or ignores them (Serve handles); ``service.store`` is closed by the
+    caller."""
+    metrics = metrics if metrics is not None else Metrics()
     store = open_store(settings.store)
     log = decision_log(store, settings.store, owner=owner)
-    return TipService(settings, stages(store), store, log, metrics=metrics)
+    return TipService(settings, stages(store, log, metrics), store, log, metrics=metrics)
