@@ -22,7 +22,7 @@ from graphs.tipgraph import build_graph
 from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, sqlite_database
-from tipgraph.serve_config import render_serve_config_text
+from tipgraph.serve_config import SERVE_ENV, render_serve_config_text
 from tipgraph.settings import PolicySettings, load_settings, resolve_paths
 from tipgraph.simulator import Block, format_block, run_http, run_local, summarise
 from tipgraph.store import LogFilter, StoreError, make_store, open_store
@@ -41,6 +41,12 @@ LOCAL_DEV_TOKEN = "local-dev-token"  # what `make run` sets when TIPGRAPH_API_TO
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Before ray.init: the cluster's processes (controller, proxy, replicas) read these as
+    # they start. Not at import: in a process that also calls handles (a test), throughput
+    # mode would make every synchronous handle call fail.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in SERVE_ENV.items():  # measured in BENCHMARKS.md
+        os.environ.setdefault(name, value)
     import ray
     from ray import serve
 
