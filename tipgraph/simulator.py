@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import numpy as np
 
 from tipgraph.candidates import task_candidates
@@ -198,8 +199,6 @@ def run_http(
     api_token: str | None = None,
 ) -> list[Block]:
     """Drive a running tipgraph over HTTP; returns the per-block mean rewards."""
-    import httpx
-
     rewards = rewards or RewardSettings()
     headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
     with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers) as client:

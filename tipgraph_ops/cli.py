@@ -47,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     for name, value in SERVE_ENV.items():  # measured in BENCHMARKS.md
         os.environ.setdefault(name, value)
-    import ray
+    import ray  # heavy: only `serve` starts a cluster
     from ray import serve
 
     settings = resolve_paths(load_settings(args.config), Path.cwd())

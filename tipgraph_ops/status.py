@@ -77,7 +77,7 @@ def serve_status(ray_address: str) -> Section:
         # Ray only detects a local cluster's token auth for "auto"; an explicit address to
         # such a cluster would otherwise be refused as unauthenticated.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import ray
+    import ray  # after RAY_AUTH_MODE is set, which Ray reads as it connects
     from ray import serve
 
     try:

@@ -126,7 +126,7 @@ class MlflowTrialLogger:
     def record(
         self, config: Mapping[str, Any], metrics: Mapping[str, Any] | None, error: str | None
     ) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param  # heavy: as PolicyRegistry imports MLflow
 
         settings = policy_settings(config, ts_draws=self.ts_draws)
         number = len(self.outcomes) + 1
@@ -170,7 +170,7 @@ class MlflowTrialLogger:
 
 
 def _tune_callback(logger_: MlflowTrialLogger) -> Any:
-    from ray.tune import Callback
+    from ray.tune import Callback  # heavy: Ray Tune loads only in the processes that sweep
 
     class _Forward(Callback):
         # Runs in the driver as each trial ends, so progress and MLflow runs appear live.
@@ -237,7 +237,7 @@ class TrialProgress:
 
 
 def _progress_callback(progress: TrialProgress) -> Any:
-    from ray.tune import Callback
+    from ray.tune import Callback  # heavy: Ray Tune loads only in the processes that sweep
 
     class _Progress(Callback):
         # Runs in the driver after _Forward has printed the trial's line.

@@ -23,7 +23,7 @@ class LiteLLMCompleter:
 
     def __init__(self, config: LLMConfig) -> None:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        import litellm
+        import litellm  # heavy and network-minded: only processes that call an LLM load it
 
         # A Router asks an Ollama server about every model missing from LiteLLM's price
         # map (a blocking call to localhost:11434, whatever api_base says). Local models
