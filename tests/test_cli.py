@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import free_port
 from tipgraph.store.migrate import load_migrations
 from tipgraph_ops.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 
@@ -186,6 +188,7 @@ def test_status_names_every_unreachable_part_and_creates_nothing(
         decision_log_status,
         format_status,
         registry_status,
+        serve_status,
     )
 
     monkeypatch.chdir(tmp_path)
@@ -202,6 +205,12 @@ def test_status_names_every_unreachable_part_and_creates_nothing(
     assert not log.ok and log.error is not None
     assert "ingress unreachable at http://127.0.0.1:9/app/readyz" in log.error
     assert "decision store unreachable" in log.error
+
+    started = time.monotonic()
+    unreachable = serve_status(f"127.0.0.1:{free_port()}")  # Ray itself retries for minutes
+    assert time.monotonic() - started < 10
+    assert not unreachable.ok and unreachable.error is not None
+    assert unreachable.error.startswith("no Ray cluster at 127.0.0.1:")
 
     serve = Section(ok=False, error="no Ray cluster at auto")
     text = format_status(Status(serve=serve, registry=registry, decision_log=log))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,29 @@ def _name(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
+PROBE_TIMEOUT_S = 3.0
+
+
+def _unreachable(ray_address: str) -> str | None:
+    """Why nothing answers at ``HOST:PORT`` (None: something does).  Probed first because
+    Ray's own client retries an absent cluster for minutes before it gives up."""
+    host, _, port = ray_address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None  # not HOST:PORT: let Ray judge it
+    try:
+        with socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+
+
 def serve_status(ray_address: str) -> Section:
     """Every Serve application on the cluster at ``ray_address`` ("auto": the local one)."""
+    if ray_address != "auto" and (problem := _unreachable(ray_address)) is not None:
+        return Section(
+            ok=False,
+            error=f"no Ray cluster at {ray_address} ({problem}); is `tipgraph serve` running?",
+        )
     if ray_address != "auto" and (AUTH_TOKEN_FILE.exists() or "RAY_AUTH_TOKEN" in os.environ):
         # Ray only detects a local cluster's token auth for "auto"; an explicit address to
         # such a cluster would otherwise be refused as unauthenticated.
