@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -393,6 +394,10 @@ def _add_no_progress(parser: argparse.ArgumentParser) -> None:
     )
 
 
+if TYPE_CHECKING:  # subscriptable for the type checker only
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tipgraph", description=__doc__)
     parser.add_argument(
@@ -402,7 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show Ray worker logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serving_commands(commands)
+    _add_learning_commands(commands)
+    _add_generated_file_commands(commands)
+    _add_operations_commands(commands)
+    return parser
 
+
+def _add_serving_commands(commands: Commands) -> None:
+    """serve, simulate."""
     serve = commands.add_parser("serve", help="run the Serve graph locally")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
@@ -441,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_progress(simulate)
     simulate.set_defaults(func=_simulate)
 
+
+def _add_learning_commands(commands: Commands) -> None:
+    """compare-policies, tune, report, promote, rollback, registry."""
     comparison = commands.add_parser(
         "compare-policies", help="every policy on the simulator over several seeds (in process)"
     )
@@ -494,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--format", choices=("text", "json"), default="text")
     registry.set_defaults(func=_registry_command)
 
+
+def _add_generated_file_commands(commands: Commands) -> None:
+    """render-serve-config, render-k3s, render-config-docs."""
     render = commands.add_parser(
         "render-serve-config", help="write serve_config.yaml from the config"
     )
@@ -526,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config_docs.set_defaults(func=_render_config_docs)
 
+
+def _add_operations_commands(commands: Commands) -> None:
+    """config show, migrate, status, export."""
     config = commands.add_parser("config", help="inspect the effective configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_commands.add_parser(
@@ -564,7 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--feature-version", default=None)
     _add_no_progress(export)
     export.set_defaults(func=_export)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
