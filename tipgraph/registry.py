@@ -83,6 +83,10 @@ class OffPolicyEvidence:
     def describe(self) -> str:
         return f"{self.value:.4f} [{self.lower:.4f}, {self.upper:.4f}]"
 
+    def beats(self, baseline: OffPolicyEvidence) -> bool:
+        """The promotion gate's test: this lower bound is above the baseline's estimate."""
+        return self.lower > baseline.value
+
 
 @dataclass(frozen=True)
 class Baseline:
@@ -193,7 +197,7 @@ class VersionRecord:
         """The gate's verdict on the recorded numbers (None: nothing to judge)."""
         if self.evidence is None or self.baseline is None:
             return None
-        return self.evidence.lower > self.baseline.evidence.value
+        return self.evidence.beats(self.baseline.evidence)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -483,7 +487,7 @@ def gate(challenger: str, tags: Mapping[str, str], *, current_champion: str | No
         f"{baseline.evidence.value:.4f}, the estimate of {baseline.name} on the same "
         f"{evidence.n_events} events ({evidence.estimator})"
     )
-    if evidence.lower > baseline.evidence.value:
+    if evidence.beats(baseline.evidence):
         return f"challenger version {challenger} lower bound {evidence.lower:.4f} beats {versus}"
     raise RegistryError(
         f"challenger version {challenger} lower bound {evidence.lower:.4f} does "
@@ -550,14 +554,20 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def sqlite_database(tracking_uri: str) -> Path | None:
-    """The file of a ``sqlite:///`` tracking URI (None for a server): readers check it exists,
-    because opening a missing one creates an empty registry."""
+def registry_exists(tracking_uri: str) -> bool:
+    """False for a ``sqlite:///`` registry whose file is missing: readers (status, the
+    registry view) must not open it, since opening creates an empty registry."""
+    database = _sqlite_database(tracking_uri)
+    return database is None or database.exists()
+
+
+def _sqlite_database(tracking_uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` tracking URI (None for a server)."""
     prefix = "sqlite:///"
     return Path(tracking_uri.removeprefix(prefix)) if tracking_uri.startswith(prefix) else None
 
 
 def _default_artifact_root(tracking_uri: str) -> str | None:
     """``sqlite:///dir/mlflow.db`` -> ``dir/mlartifacts`` (absolute); servers decide their own."""
-    database = sqlite_database(tracking_uri)
+    database = _sqlite_database(tracking_uri)
     return None if database is None else str(database.resolve().parent / "mlartifacts")

@@ -22,7 +22,7 @@ import yaml
 from graphs.tipgraph import build_graph
 from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
-from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, sqlite_database
+from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
 from tipgraph.serve_config import SERVE_ENV, render_serve_config_text
 from tipgraph.settings import PolicySettings, load_settings, resolve_paths
 from tipgraph.simulator import Block, format_block, run_http, run_local, summarise
@@ -113,7 +113,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-
     settings = load_settings(args.config)
     where = "in process (no Ray, no HTTP)" if args.in_process else f"against {args.url}"
     print(
@@ -157,7 +156,6 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _compare_policies(args: argparse.Namespace) -> int:
-
     with open(args.policies, encoding="utf-8") as handle:
         entries = (yaml.safe_load(handle) or {}).get("policies", [])
     policies = [PolicySettings(**entry) for entry in entries]
@@ -185,7 +183,6 @@ def _compare_policies(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-
     return tune_command.run_from_args(args, tipgraph_config=args.config)
 
 
@@ -219,9 +216,7 @@ def _registry_command(args: argparse.Namespace) -> int:
     """``registry list`` / ``registry show VERSION``: versions, evidence, lineage, history."""
 
     settings = load_settings(args.config).registry
-    database = sqlite_database(settings.tracking_uri)
-    if database is not None and not database.exists():
-        # Opening it would create an empty registry: reading must not write.
+    if not registry_exists(settings.tracking_uri):
         print(
             f"tipgraph: error: no model registry at {settings.tracking_uri} (nothing tuned "
             "yet, or another working directory / $MLFLOW_TRACKING_URI)",
@@ -254,14 +249,12 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _render_serve_config(args: argparse.Namespace) -> int:
-
     settings = load_settings(args.config)
     text = render_serve_config_text(settings, args.config_ref)
     return _write_or_check(Path(args.out), text, args.check, args.config_ref, "render-serve-config")
 
 
 def _render_config_docs(args: argparse.Namespace) -> int:
-
     text = render_config_docs()
     return _write_or_check(
         Path(args.out), text, args.check, "the settings model", "render-config-docs"
@@ -282,7 +275,6 @@ def _write_or_check(out: Path, text: str, check: bool, source: str, command: str
 
 
 def _render_k3s(args: argparse.Namespace) -> int:
-
     stale = []
     for path, text in generated_files(Path(args.root)).items():
         current = path.read_text(encoding="utf-8") if path.exists() else None
@@ -331,7 +323,6 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-
     settings = load_settings(args.config).store
     store = make_store(settings)
     try:
@@ -344,7 +335,6 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-
     settings = resolve_paths(load_settings(args.config), Path.cwd())
     serve = settings.serve
     host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
@@ -358,7 +348,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-
     log_filter = LogFilter(
         since=parse_timestamp(args.since, "--since"),
         until=parse_timestamp(args.until, "--until"),

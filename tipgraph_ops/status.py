@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry, sqlite_database
+from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry, registry_exists
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import StoreError, open_store
 
@@ -147,8 +147,7 @@ def registry_status(settings: TipgraphSettings) -> Section:
         "model": registry_settings.model_name,
         "serving_follows": registry_settings.serve_alias,
     }
-    database = sqlite_database(registry_settings.tracking_uri)
-    if database is not None and not database.exists():
+    if not registry_exists(registry_settings.tracking_uri):
         # Opening it would create an empty registry: a status check must not write.
         return Section(ok=True, data={**data, CHAMPION: None, CHALLENGER: None})
     try:

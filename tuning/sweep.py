@@ -200,7 +200,6 @@ class TrialProgress:
     """
 
     def __init__(self, total: int, *, enabled: bool) -> None:
-
         self._bar = progress_bar(total, "trials", enabled=enabled)
         self.done = 0
         self.failed = 0
@@ -358,7 +357,6 @@ def _baseline(
 
 
 def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
-
     return OffPolicyEvidence(
         estimator=f"progressive {estimator}",
         value=estimate.value,
@@ -369,7 +367,6 @@ def _evidence(estimate: Estimate, estimator: str) -> OffPolicyEvidence:
 
 
 def _lineage(training: TrainingLog, log: LogSource, sweep_run_id: str) -> Lineage:
-
     filters = {k: v for k, v in log.log_filter().describe().items() if v is not None}
     return Lineage(
         source=training.source,
@@ -383,23 +380,17 @@ def _lineage(training: TrainingLog, log: LogSource, sweep_run_id: str) -> Lineag
 def _register_winner(
     registry: PolicyRegistry,
     policy: Policy,
-    estimate: Estimate,
-    baseline: Estimate,
-    choice: _BaselineChoice,
+    evidence: OffPolicyEvidence,
+    baseline: Baseline,
     training: TrainingLog,
     tuning: TuningSettings,
     sweep_run_id: str,
     winner: TrialOutcome,
 ) -> str:
-
     return registry.register(
         policy,
-        _evidence(estimate, tuning.evaluation.estimator),
-        baseline=Baseline(
-            choice.name,
-            _evidence(baseline, tuning.evaluation.estimator),
-            champion_version=choice.champion_version,
-        ),
+        evidence,
+        baseline=baseline,
         lineage=_lineage(training, tuning.log, sweep_run_id),
         hyperparameters=trial_params(policy.settings),
         run_id=winner.run_id,
@@ -407,19 +398,19 @@ def _register_winner(
 
 
 def _gate_outlook(
-    model_name: str, version: str, estimate: Estimate, baseline: Estimate, baseline_name: str
+    model_name: str, version: str, evidence: OffPolicyEvidence, baseline: Baseline
 ) -> str:
     """Says what ``tipgraph promote`` will do with the version just registered."""
-    verdict = (
-        "`tipgraph promote` will move @champion to it"
-        if estimate.lower > baseline.value
-        else "`tipgraph promote` will refuse it"
-    )
-    beats = "beats" if estimate.lower > baseline.value else "does not beat"
+    passes = evidence.beats(baseline.evidence)
     return (
         f"registered {model_name} version {version} as @challenger: its lower bound "
-        f"{estimate.lower:.4f} {beats} {baseline.value:.4f}, the estimate of {baseline_name} "
-        f"on the same log, so {verdict}"
+        f"{evidence.lower:.4f} {'beats' if passes else 'does not beat'} "
+        f"{baseline.evidence.value:.4f}, the estimate of {baseline.name} on the same log, so "
+        + (
+            "`tipgraph promote` will move @champion to it"
+            if passes
+            else "`tipgraph promote` will refuse it"
+        )
     )
 
 
@@ -646,11 +637,14 @@ def _conclude(
 
     version = None
     if tuning.register_winner:
+        estimator = tuning.evaluation.estimator
+        evidence = _evidence(estimate, estimator)
+        recorded = Baseline(choice.name, _evidence(baseline, estimator), choice.champion_version)
         version = _register_winner(
-            registry, policy, estimate, baseline, choice, training, tuning, sweep.run_id, winner
+            registry, policy, evidence, recorded, training, tuning, sweep.run_id, winner
         )
         client.set_tag(sweep.run_id, "registered_version", version)
-        out(_gate_outlook(registry.model_name, version, estimate, baseline, choice.name))
+        out(_gate_outlook(registry.model_name, version, evidence, recorded))
     return SweepResult(
         sweep_run_id=sweep.run_id,
         sweep_run_name=sweep.name,
