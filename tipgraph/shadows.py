@@ -36,10 +36,12 @@ MAX_SHADOW_INFLIGHT = 512
 """Requests with shadow work in flight beyond this shed theirs (skipped and counted), never
 queued behind."""
 SHADOW_TIMEOUT_S = 30.0
-"""How long shutting down waits for a shadow's answer, and a shadow's learning, at most."""
+"""How long a shadow's learning may take; shutting down waits as long (plus a margin) for
+the shadows' answers and learning still out."""
 SHADOW_LOG_EVERY_S = 10.0
 CLOSE_MARGIN_S = 1.0
-"""How much longer than a shadow logger's own timeout ``close`` waits for it."""
+"""How much longer than SHADOW_TIMEOUT_S ``close`` waits, so it does not race a learning task
+that gives up at exactly that time."""
 
 
 def _ms(start: float) -> float:
@@ -108,11 +110,10 @@ class ShadowRunner:
             )
 
     async def close(self) -> None:
-        """Wait for the shadows' answers in flight: they log their rows as they answer."""
+        """Wait for the shadows' answers in flight (each logs its row as it answers) and
+        their learning, at most SHADOW_TIMEOUT_S + CLOSE_MARGIN_S."""
         pending = self._answers | self._learning
         if pending:
-            # A slow shadow answers (and logs) within SHADOW_TIMEOUT_S; waiting only as long
-            # raced it on a busy machine and lost the rows.
             await asyncio.wait(pending, timeout=SHADOW_TIMEOUT_S + CLOSE_MARGIN_S)
 
     def _answered(
