@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 import numpy as np
 
 from tipgraph.policies import make_policy
-from tipgraph.settings import PolicySettings
+from tipgraph.settings import LinUCBSettings
 
-LINUCB = PolicySettings(name="bench", kind="linucb", alpha=1.0, epsilon=0.05)
+LINUCB = LinUCBSettings(name="bench", alpha=1.0, epsilon=0.05)
 
 
 def tipgraph_loop(n_events: int, n_arms: int, dim: int, seed: int = 0) -> float:

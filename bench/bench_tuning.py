@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tipgraph.policies import make_policy
-from tipgraph.settings import PolicySettings, TipgraphSettings
+from tipgraph.settings import EpsilonGreedySettings, TipgraphSettings, parse_policy
 from tuning.config import load_tuning_settings
 from tuning.data import TrainingLog
 from tuning.logged import LoggedBandit
@@ -52,7 +52,9 @@ def replay_throughput(n_events: int, n_candidates: int, dim: int) -> list[tuple[
     log = synthetic_log(n_events, n_candidates, dim)
     rows = []
     for kind in KINDS:
-        settings = PolicySettings(name=kind, kind=kind, ts_draws=64)  # type: ignore[arg-type]
+        settings = parse_policy(
+            dict(name=kind, kind=kind, **({"ts_draws": 64} if kind == "lints" else {}))
+        )
         start = time.perf_counter()
         progressive(make_policy(settings, dim), log, estimator="dr")
         full = n_events / (time.perf_counter() - start)
@@ -80,7 +82,7 @@ def sweep_wall_time(n_events: int, num_samples: int, config: Path) -> tuple[floa
     """(seconds to simulate the log, seconds for the sweep, the winner line)."""
     tuning = load_tuning_settings(config)
     start = time.perf_counter()
-    logging_policy = PolicySettings(name="egreedy", kind="egreedy", epsilon=0.2)
+    logging_policy = EpsilonGreedySettings(name="egreedy", epsilon=0.2)
     log, _ = simulate_log(logging_policy, n_events=n_events, seed=0)
     simulate_s = time.perf_counter() - start
     from tipgraph.features import FEATURE_SPEC

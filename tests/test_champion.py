@@ -15,7 +15,7 @@ from tipgraph.features import FEATURE_SPEC
 from tipgraph.policies import make_policy
 from tipgraph.registry import Lineage, OffPolicyEvidence, PolicyRegistry
 from tipgraph.scoring import PolicyService
-from tipgraph.settings import PolicySettings, TipgraphSettings
+from tipgraph.settings import LinUCBSettings, SquareCBSettings, TipgraphSettings
 from tipgraph.store import DecisionStore, open_store
 
 T0 = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)
@@ -36,7 +36,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-u
 def fresh_service() -> PolicyService:
     return PolicyService(
         make_policy(
-            PolicySettings(name="linucb", kind="linucb"),
+            LinUCBSettings(name="linucb"),
             FEATURE_SPEC.dim,
             spec_version=FEATURE_SPEC.version,
         )
@@ -53,7 +53,7 @@ def test_follower_swaps_in_the_champion_and_learns_only_newer_rewards(setup) -> 
         log_decision(store_, f"old{i}", x, T0)
         rewards.append(give_feedback(store_, f"old{i}", 1.0, T0).reward_id)
     tuned = make_policy(
-        PolicySettings(name="tuned", kind="squarecb"),
+        SquareCBSettings(name="tuned"),
         FEATURE_SPEC.dim,
         spec_version=FEATURE_SPEC.version,
     )
@@ -84,9 +84,7 @@ def test_a_champion_for_other_features_is_refused_and_serving_continues(
 ) -> None:
     settings, store, registry = setup
     registry.register(
-        make_policy(
-            PolicySettings(name="x", kind="linucb"), FEATURE_SPEC.dim, spec_version="v0-old"
-        ),
+        make_policy(LinUCBSettings(name="x"), FEATURE_SPEC.dim, spec_version="v0-old"),
         EVIDENCE,
     )
     registry.promote(force=True)

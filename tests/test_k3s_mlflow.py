@@ -28,7 +28,7 @@ from tests.conftest import free_port
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.policies import make_policy
 from tipgraph.registry import CHAMPION, Baseline, OffPolicyEvidence, PolicyRegistry
-from tipgraph.settings import PolicySettings
+from tipgraph.settings import LinUCBSettings
 from tipgraph_ops.k3s import kustomize_build
 
 pytestmark = pytest.mark.postgres
@@ -136,7 +136,7 @@ def test_the_k3s_mlflow_server_requires_auth_and_serves_tipgraphs_registry(
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     registry = PolicyRegistry(f"{mlflow_server}/mlflow")
     policy = make_policy(
-        PolicySettings(name="linucb", kind="linucb"),
+        LinUCBSettings(name="linucb"),
         FEATURE_SPEC.dim,
         spec_version=FEATURE_SPEC.version,
     )

@@ -19,7 +19,13 @@ import pytest
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.policies import EpsilonGreedy, Policy, make_policy, policy_from_bytes
 from tipgraph.policy_comparison import run_policy
-from tipgraph.settings import PolicySettings
+from tipgraph.settings import (
+    EpsilonGreedySettings,
+    LinUCBSettings,
+    PolicySettings,
+    UniformSettings,
+    parse_policy,
+)
 from tuning import (
     DM,
     DR,
@@ -237,8 +243,8 @@ SEEDS = range(20)
 N_EVENTS = 2000
 TRAIN_SEED = 10_000
 LOGGERS = {
-    "uniform": PolicySettings(name="log_uniform", kind="uniform"),
-    "egreedy": PolicySettings(name="log_egreedy", kind="egreedy", epsilon=0.2),
+    "uniform": UniformSettings(name="log_uniform"),
+    "egreedy": EpsilonGreedySettings(name="log_egreedy", epsilon=0.2),
 }
 ESTIMATORS: dict[str, Estimator] = {
     "ips": IPS(),
@@ -267,7 +273,7 @@ def new_policy(settings: PolicySettings) -> Policy:
 def trained_linucb() -> Policy:
     """LinUCB fitted on a separate uniformly logged simulation, then used as a static target."""
     log, _ = simulate_log(LOGGERS["uniform"], n_events=N_EVENTS, seed=TRAIN_SEED)
-    policy = new_policy(PolicySettings(name="target_linucb", kind="linucb", alpha=0.5))
+    policy = new_policy(LinUCBSettings(name="target_linucb", alpha=0.5))
     for x, reward in zip(log.chosen_features(), log.reward.tolist(), strict=True):
         policy.update(x, reward)
     return policy
@@ -292,7 +298,7 @@ def evaluate_seed(job: tuple[str, int, dict[str, bytes]]) -> list[Outcome]:
 def outcomes() -> list[Outcome]:
     targets = {
         "linucb": trained_linucb().to_bytes(),
-        "uniform": new_policy(PolicySettings(name="target_uniform", kind="uniform")).to_bytes(),
+        "uniform": new_policy(UniformSettings(name="target_uniform")).to_bytes(),
     }
     jobs = [(logger, seed, targets) for logger in LOGGERS for seed in SEEDS]
     with ProcessPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
@@ -374,14 +380,14 @@ def test_target_distribution_is_a_distribution_per_event(
     small_log: tuple[LoggedBandit, np.ndarray], kind: str
 ) -> None:
     log, _ = small_log
-    pi = target_distribution(new_policy(PolicySettings(name="t", kind=kind)), log)
+    pi = target_distribution(new_policy(parse_policy(dict(name="t", kind=kind))), log)
     assert pi.shape == (log.n_rows,)
     assert np.all(pi >= 0)
     np.testing.assert_allclose(log.per_event_sum(pi), 1.0, atol=1e-9)
 
 
 def test_simulate_log_replays_run_policy_decision_for_decision() -> None:
-    settings = PolicySettings(name="replayed", kind="linucb", alpha=0.5)
+    settings = LinUCBSettings(name="replayed", alpha=0.5)
     log, expected = simulate_log(settings, n_events=300, seed=5)
     live = run_policy(settings, seed=5, decisions=300)
     np.testing.assert_allclose(expected[log.chosen_rows], live.served)
@@ -410,12 +416,12 @@ def test_progressive_asks_before_it_learns_and_matches_static_for_a_static_polic
     small_log: tuple[LoggedBandit, np.ndarray],
 ) -> None:
     log, _ = small_log
-    recorder = RecordingPolicy(PolicySettings(name="rec", kind="egreedy"), log.dim)
+    recorder = RecordingPolicy(EpsilonGreedySettings(name="rec"), log.dim)
     progressive(recorder, log, estimator="ips")
     assert recorder.seen_at_decision == list(range(log.n_events))
     assert recorder.n_updates == log.n_events
 
-    uniform = PolicySettings(name="u", kind="uniform")
+    uniform = UniformSettings(name="u")
     pairs: list[tuple[ProgressiveEstimator, Estimator]] = [("ips", IPS()), ("snips", SNIPS())]
     for name, estimator in pairs:
         static = estimator.estimate(log, target_distribution(new_policy(uniform), log))
@@ -438,13 +444,13 @@ def test_progressive_checks_its_arguments(
 ) -> None:
     log, _ = small_log
     with pytest.raises(ValueError, match=match):
-        progressive(new_policy(PolicySettings(name="u", kind="uniform")), log, **kwargs)
+        progressive(new_policy(UniformSettings(name="u")), log, **kwargs)
     with pytest.raises(ValueError, match="policy has dim 3 but the log's X has d = 68"):
-        progressive(make_policy(PolicySettings(name="u", kind="uniform"), 3), log)
+        progressive(make_policy(UniformSettings(name="u"), 3), log)
 
 
 PROGRESSIVE_SEEDS = (3, 4)
-LEARNER = PolicySettings(name="learner", kind="linucb", alpha=0.5)
+LEARNER = LinUCBSettings(name="learner", alpha=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +468,7 @@ def learning_runs() -> list[tuple[LoggedBandit, float]]:
 def test_progressive_estimate_tracks_what_the_learning_policy_earns_live(
     learning_runs: list[tuple[LoggedBandit, float]], estimator: ProgressiveEstimator
 ) -> None:
-    uniform = PolicySettings(name="u", kind="uniform")
+    uniform = UniformSettings(name="u")
     for log, live in learning_runs:
         learner = progressive(new_policy(LEARNER), log, estimator=estimator)
         base = progressive(new_policy(uniform), log, estimator=estimator)

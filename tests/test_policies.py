@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from pydantic import ValidationError
 
 from tipgraph.policies import (
+    FORMAT_MAGIC,
     POLICY_CLASSES,
     LinUCB,
     Policy,
@@ -18,7 +23,13 @@ from tipgraph.policies import (
     make_policy,
     policy_from_bytes,
 )
-from tipgraph.settings import PolicySettings
+from tipgraph.settings import (
+    LinUCBSettings,
+    SquareCBSettings,
+    UniformSettings,
+    parse_policy,
+    policy_fields,
+)
 
 DIM = 6
 KINDS = sorted(POLICY_CLASSES)
@@ -26,8 +37,10 @@ LEARNERS = ["linucb", "lints", "egreedy", "softmax", "squarecb"]
 
 
 def make(kind: str, **params: float) -> Policy:
+    """A ``kind`` policy with those of ``params`` it has (uniform has no epsilon)."""
+    own = {k: v for k, v in params.items() if k in policy_fields(kind)}
     return make_policy(
-        PolicySettings(name=f"p_{kind}", kind=kind, **params), DIM, spec_version="spec-a"
+        parse_policy(dict(name=f"p_{kind}", kind=kind, **own)), DIM, spec_version="spec-a"
     )
 
 
@@ -93,7 +106,7 @@ def test_merge_equals_training_on_the_union(kind: str) -> None:
 
 
 def test_merge_refuses_other_features() -> None:
-    other = make_policy(PolicySettings(name="x", kind="linucb"), DIM, spec_version="spec-b")
+    other = make_policy(LinUCBSettings(name="x"), DIM, spec_version="spec-b")
     with pytest.raises(PolicyStateError, match="features spec-b"):
         make("linucb").merge(other)
 
@@ -151,7 +164,7 @@ def test_uniform_and_baseline_do_not_use_what_they_learn() -> None:
 
 
 def test_linucb_prefers_the_uncertain_direction() -> None:
-    policy = LinUCB(PolicySettings(name="p", kind="linucb", alpha=1.0), 2)
+    policy = LinUCB(LinUCBSettings(name="p", alpha=1.0), 2)
     for _ in range(50):
         policy.update([1.0, 0.0], 0.5)
     scores = policy.scores([[1.0, 0.0], [0.0, 1.0]])
@@ -159,7 +172,7 @@ def test_linucb_prefers_the_uncertain_direction() -> None:
 
 
 def test_squarecb_matches_its_closed_form() -> None:
-    policy = SquareCB(PolicySettings(name="p", kind="squarecb", gamma=10.0, epsilon=0.0), 2)
+    policy = SquareCB(SquareCBSettings(name="p", gamma=10.0, epsilon=0.0), 2)
     policy.stats_.add(np.eye(2) * 1e9, np.array([0.5e9, 0.2e9]), 1)  # θ ≈ (0.5, 0.2)
     X = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     p = policy.distribution(X)
@@ -210,9 +223,65 @@ def test_version_changes_with_updates_and_hyperparameters() -> None:
     assert a.version != before and a.version.endswith(".1")
 
 
+# Every kind's hyperparameters with their defaults: the one bag format-1 states stored.
+FORMAT_1_BAG = {
+    "ridge": 1.0,
+    "epsilon": 0.05,
+    "alpha": 1.0,
+    "v": 0.3,
+    "ts_draws": 128,
+    "temperature": 0.1,
+    "gamma": 300.0,
+    "refresh_every": 1024,
+    "features": None,
+}
+
+
+def as_format_1(policy: Policy, **bag: object) -> bytes:
+    """``policy``'s state as the code before per-kind settings wrote it."""
+    data = policy.to_bytes()
+    offset = len(FORMAT_MAGIC) + 4
+    (length,) = struct.unpack("<I", data[len(FORMAT_MAGIC) : offset])
+    header = json.loads(data[offset : offset + length])
+    settings = {**FORMAT_1_BAG, **header["settings"], **bag}
+    old = json.dumps({**header, "format": 1, "settings": settings}, sort_keys=True).encode()
+    return FORMAT_MAGIC + struct.pack("<I", len(old)) + old + data[offset + length :]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_format_1_states_load_with_the_kinds_own_settings(kind: str) -> None:
+    policy = trained(kind, epsilon=0.2)
+    loaded = policy_from_bytes(as_format_1(policy), expected_spec_version="spec-a")
+    assert type(loaded) is type(policy) and loaded.settings == policy.settings
+    assert loaded.version == policy.version and loaded.n_updates == policy.n_updates
+    X = np.random.default_rng(5).normal(size=(6, DIM))
+    # A loaded state inverts A exactly; the trained one by Sherman–Morrison steps.
+    np.testing.assert_allclose(loaded.distribution(X, "e"), policy.distribution(X, "e"), atol=1e-9)
+
+
+def test_a_hyperparameter_the_kind_never_reads_is_not_part_of_its_version() -> None:
+    policy = trained("linucb")
+    hot, cold = (
+        policy_from_bytes(as_format_1(policy, temperature=t, gamma=g))
+        for t, g in ((5.0, 1), (0.01, 9))
+    )
+    assert hot.version == cold.version == policy.version
+    assert policy_from_bytes(as_format_1(policy, alpha=3.0)).version != policy.version
+
+
+def test_a_kind_refuses_another_kinds_hyperparameter() -> None:
+    with pytest.raises(ValidationError, match=r"linucb\.temperature\s+Extra inputs"):
+        parse_policy({"name": "p", "kind": "linucb", "temperature": 0.5})
+    with pytest.raises(ValidationError, match="does not match any of the expected tags"):
+        parse_policy({"name": "p", "kind": "thompson"})
+    future = make("uniform").to_bytes().replace(b'"format": 2', b'"format": 3')
+    with pytest.raises(PolicyStateError, match="unsupported policy state format 3"):
+        policy_from_bytes(future)
+
+
 def test_settings_and_class_must_agree() -> None:
     with pytest.raises(ValueError, match="needs kind 'linucb'"):
-        LinUCB(PolicySettings(name="p", kind="uniform"), DIM)
+        LinUCB(UniformSettings(name="p"), DIM)
 
 
 def test_from_bytes_on_a_class_checks_the_kind() -> None:
@@ -239,8 +308,8 @@ def test_a_feature_subset_is_the_same_policy_on_zeroed_columns(kind: str) -> Non
 
     rng = np.random.default_rng(4)
     d = FEATURE_SPEC.dim
-    subset = PolicySettings(name=kind, kind=kind, features=("task", "kind"))  # type: ignore[arg-type]
-    full = PolicySettings(name=kind, kind=kind)  # type: ignore[arg-type]
+    subset = parse_policy(dict(name=kind, kind=kind, features=("task", "kind")))
+    full = parse_policy(dict(name=kind, kind=kind))
     restricted, manual = make_policy(subset, d), make_policy(full, d)
     mask = FEATURE_SPEC.mask(["kind", "task"])
     for _ in range(100):
@@ -259,9 +328,9 @@ def test_a_feature_subset_is_the_same_policy_on_zeroed_columns(kind: str) -> Non
 
 def test_a_feature_subset_needs_tipgraph_features() -> None:
     with pytest.raises(ValueError, match="feature layout"):
-        make_policy(PolicySettings(name="linucb", kind="linucb", features=("time",)), 5)
+        make_policy(LinUCBSettings(name="linucb", features=("time",)), 5)
     with pytest.raises(ValueError, match="at least one group"):
-        PolicySettings(name="linucb", kind="linucb", features=())
+        LinUCBSettings(name="linucb", features=())
 
 
 @pytest.mark.parametrize("kind", KINDS)

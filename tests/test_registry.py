@@ -24,7 +24,7 @@ from tipgraph.registry import (
     PolicyRegistry,
     RegistryError,
 )
-from tipgraph.settings import PolicySettings
+from tipgraph.settings import parse_policy
 
 DIM = 5
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ CONFIG = str(REPO / "configs" / "tipgraph.yaml")
 
 def trained(kind: str, seed: int, spec: str = "spec-a"):  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(seed)
-    policy = make_policy(PolicySettings(name="served", kind=kind), DIM, spec_version=spec)
+    policy = make_policy(parse_policy(dict(name="served", kind=kind)), DIM, spec_version=spec)
     for _ in range(50):
         policy.update(rng.normal(size=DIM), float(rng.uniform()))
     return policy

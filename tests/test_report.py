@@ -29,8 +29,8 @@ from tipgraph.features import FEATURE_SPEC
 from tipgraph.generation import Completion, LLMUnavailable, TipGenerator
 from tipgraph.generation.litellm_client import build_tip_generator
 from tipgraph.settings import (
+    EpsilonGreedySettings,
     GenerationSettings,
-    PolicySettings,
     StoreSettings,
     TipgraphSettings,
 )
@@ -209,7 +209,7 @@ def synthetic() -> Synthetic:
     """A learning ε-greedy logger and four shadows whose true values are known:
     its identical twin, uniform, "first" (the generator's first candidate, ε = 0.3), and
     "flaky" (uniform, but failing on every fourth decision)."""
-    logger = PolicySettings(name="logger", kind="egreedy", epsilon=0.3)
+    logger = EpsilonGreedySettings(name="logger", epsilon=0.3)
     log, expected = simulate_log(logger, n_events=1200, seed=11)
     rng = np.random.default_rng(0)
     events, runs = [], []

@@ -10,7 +10,7 @@ import pytest
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyService
-from tipgraph.settings import PolicySettings
+from tipgraph.settings import LinUCBSettings, parse_policy
 from tipgraph.store import DecisionStore
 from tipgraph.store.records import (
     CandidateRecord,
@@ -24,7 +24,7 @@ T0 = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)
 
 
 def replica(kind: str = "linucb") -> PolicyService:
-    settings = PolicySettings(name="served", kind=kind)
+    settings = parse_policy(dict(name="served", kind=kind))
     return PolicyService(make_policy(settings, DIM, spec_version=FEATURE_SPEC.version))
 
 
@@ -69,9 +69,7 @@ def give_feedback(
 def test_replicas_converge_to_the_model_trained_on_everything(store: DecisionStore) -> None:
     rng = np.random.default_rng(0)
     a, b = replica(), replica()
-    truth = make_policy(
-        PolicySettings(name="served", kind="linucb"), DIM, spec_version=FEATURE_SPEC.version
-    )
+    truth = make_policy(LinUCBSettings(name="served"), DIM, spec_version=FEATURE_SPEC.version)
     for i in range(60):
         x, r = rng.normal(size=DIM), float(rng.uniform())
         log_decision(store, f"e{i}", x, T0)

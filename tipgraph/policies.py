@@ -25,15 +25,32 @@ import json
 import math
 import struct
 from collections.abc import Sequence
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import numpy as np
+from pydantic import ValidationError
 
 from tipgraph.features import FEATURE_SPEC
-from tipgraph.settings import PolicySettings
+from tipgraph.settings import (
+    BaselineSettings,
+    EpsilonGreedySettings,
+    ExplorationSettings,
+    LinearModelSettings,
+    LinTSSettings,
+    LinUCBSettings,
+    PolicySettings,
+    SoftmaxSettings,
+    SquareCBSettings,
+    UniformSettings,
+    parse_policy,
+    policy_fields,
+)
 
 FORMAT_MAGIC = b"TGPOLICY"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the header holds only the kind's own settings.  1: every kind's settings, one bag."""
+UNUSED_RIDGE = 1.0
+"""The prior of the statistics a policy keeps but never decides with (uniform, baseline)."""
 UNSPECIFIED_SPEC = "unspecified"
 
 
@@ -192,20 +209,22 @@ class RidgeStats:
         self._since_refresh = 0
 
 
-class Policy(abc.ABC):
+S = TypeVar("S", bound=PolicySettings)
+
+
+class Policy(abc.ABC, Generic[S]):
     """A contextual-bandit policy over joint candidate features of dimension ``dim``.
 
-    ``spec_version`` names the feature layout the state was learned on; a state is never
-    loaded into or merged with a policy of another layout.
+    ``settings`` is the kind's own settings class.  ``spec_version`` names the feature
+    layout the state was learned on; a state is never loaded into or merged with a policy
+    of another layout.
     """
 
     kind: ClassVar[str]
     seeded: ClassVar[bool] = False
     """Whether the distribution itself depends on the event's seed (sampling policies)."""
 
-    def __init__(
-        self, settings: PolicySettings, dim: int, *, spec_version: str = UNSPECIFIED_SPEC
-    ) -> None:
+    def __init__(self, settings: S, dim: int, *, spec_version: str = UNSPECIFIED_SPEC) -> None:
         if settings.kind != self.kind:
             raise ValueError(
                 f"{type(self).__name__} needs kind {self.kind!r}, got {settings.kind!r}"
@@ -213,16 +232,23 @@ class Policy(abc.ABC):
         self.settings = settings
         self.dim = dim
         self.spec_version = spec_version
-        self.stats_ = RidgeStats(dim, settings.ridge, settings.refresh_every)
+        self.epsilon = settings.epsilon if isinstance(settings, ExplorationSettings) else 0.0
+        model = settings if isinstance(settings, LinearModelSettings) else None
+        self.stats_ = (
+            RidgeStats(dim, model.ridge, model.refresh_every)
+            if model
+            else RidgeStats(dim, UNUSED_RIDGE)
+        )
         self._mask: np.ndarray | None = None
-        if settings.features is not None:
+        if model and model.features is not None:
             if dim != FEATURE_SPEC.dim:
                 raise ValueError(
-                    f"features {list(settings.features)} name groups of tipgraph's own feature "
+                    f"features {list(model.features)} name groups of tipgraph's own feature "
                     f"layout (dim {FEATURE_SPEC.dim}); this policy has dim {dim}"
                 )
-            self._mask = FEATURE_SPEC.mask(settings.features)
-        # Settings are frozen: hash them once, not on every decision.
+            self._mask = FEATURE_SPEC.mask(model.features)
+        # Settings are frozen: hash them once, not on every decision.  They hold only the
+        # kind's own hyperparameters, so nothing the policy never reads changes its version.
         params = json.dumps(settings.model_dump(mode="json"), sort_keys=True)
         self._params_digest = hashlib.sha256(f"{params}|{dim}|{spec_version}".encode()).hexdigest()[
             :8
@@ -270,8 +296,8 @@ class Policy(abc.ABC):
         seed = event_seed(event_id, self.name)
         scores = self._scores(X)
         p = self._greedy_distribution(X, scores, seed)
-        if self.settings.epsilon:
-            p = with_floor(p, self.settings.epsilon)
+        if self.epsilon:
+            p = with_floor(p, self.epsilon)
         return Decision(scores, p, draw(p, seed))
 
     def replay(
@@ -305,7 +331,7 @@ class Policy(abc.ABC):
             raise PolicyInputError("every chosen row must lie inside its own event")
         pi = np.empty(len(features))
         scores, greedy, update = self._scores, self._greedy_distribution, self.stats_.update
-        epsilon, name, seeded = self.settings.epsilon, self.name, self.seeded
+        epsilon, name, seeded = self.epsilon, self.name, self.seeded
         edges = bounds.tolist()
         for i, (event_id, row, reward) in enumerate(
             zip(event_ids, rows.tolist(), r.tolist(), strict=True)
@@ -316,13 +342,13 @@ class Policy(abc.ABC):
             update(features[row], reward)
         return pi
 
-    def update(self, x: object, reward: float) -> Policy:
+    def update(self, x: object, reward: float) -> Policy[S]:
         if not math.isfinite(reward):
             raise PolicyInputError(f"reward must be finite, got {reward}")
         self.stats_.update(self._features(check_vector(x, self.dim)), float(reward))
         return self
 
-    def merge(self, other: Policy) -> Policy:
+    def merge(self, other: Policy[Any]) -> Policy[S]:
         """Add ``other``'s learned statistics to this policy's (any kind, same features)."""
         if (other.dim, other.spec_version) != (self.dim, self.spec_version):
             raise PolicyStateError(
@@ -348,7 +374,7 @@ class Policy(abc.ABC):
         return FORMAT_MAGIC + struct.pack("<I", len(header)) + header + body
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, expected_spec_version: str | None = None) -> Policy:
+    def from_bytes(cls, data: bytes, *, expected_spec_version: str | None = None) -> Policy[Any]:
         """The inverse of :meth:`to_bytes`; see :func:`policy_from_bytes`."""
         policy = policy_from_bytes(data, expected_spec_version=expected_spec_version)
         if cls is not Policy and not isinstance(policy, cls):
@@ -356,7 +382,7 @@ class Policy(abc.ABC):
         return policy
 
 
-class LinUCB(Policy):
+class LinUCB(Policy[LinUCBSettings]):
     """Optimism under uncertainty on the shared ridge model.
 
     score_i = θᵀx_i + α √(x_iᵀ A⁻¹ x_i); all mass on the best score, then the ε floor.
@@ -377,7 +403,7 @@ class LinUCB(Policy):
         return argmax_mass(scores)
 
 
-class LinearThompson(Policy):
+class LinearThompson(Policy[LinTSSettings]):
     """Thompson sampling from the Gaussian posterior θ̃ ~ N(θ̂, v² A⁻¹).
 
     The probability of each candidate is estimated by ``ts_draws`` posterior draws (the
@@ -407,7 +433,7 @@ class LinearThompson(Policy):
         return np.bincount(winners, minlength=len(X)) / self.settings.ts_draws
 
 
-class EpsilonGreedy(Policy):
+class EpsilonGreedy(Policy[EpsilonGreedySettings]):
     """Greedy on the ridge estimate θᵀx; exploration is the ε floor alone."""
 
     kind = "egreedy"
@@ -419,7 +445,7 @@ class EpsilonGreedy(Policy):
         return argmax_mass(scores)
 
 
-class Softmax(Policy):
+class Softmax(Policy[SoftmaxSettings]):
     """Boltzmann exploration: p ∝ exp(θᵀx / τ), then the ε floor."""
 
     kind = "softmax"
@@ -431,7 +457,7 @@ class Softmax(Policy):
         return softmax(scores, self.settings.temperature)
 
 
-class SquareCB(Policy):
+class SquareCB(Policy[SquareCBSettings]):
     """Inverse-gap weighting over predicted rewards ŷ = θᵀx, in closed form.
 
     With b the best candidate and K candidates: p_a = 1 / (K + γ (ŷ_b − ŷ_a)) for a ≠ b,
@@ -452,7 +478,7 @@ class SquareCB(Policy):
         return p
 
 
-class Uniform(Policy):
+class Uniform(Policy[UniformSettings]):
     """Every candidate equally likely: the logging policy that makes replay evaluation
     unbiased, and the reference every learner must beat.  No floor needed."""
 
@@ -465,7 +491,7 @@ class Uniform(Policy):
         return np.full(len(X), 1.0 / len(X))
 
 
-class FixedOrder(Policy):
+class FixedOrder(Policy[BaselineSettings]):
     """The rule-based baseline: the candidate generation put first, plus the ε floor.
 
     It learns statistics (so it can be merged and compared) but never uses them.
@@ -482,7 +508,7 @@ class FixedOrder(Policy):
         return p
 
 
-POLICY_CLASSES: dict[str, type[Policy]] = {
+POLICY_CLASSES: dict[str, type[Policy[Any]]] = {
     cls.kind: cls
     for cls in (LinUCB, LinearThompson, EpsilonGreedy, Softmax, SquareCB, Uniform, FixedOrder)
 }
@@ -490,11 +516,32 @@ POLICY_CLASSES: dict[str, type[Policy]] = {
 
 def make_policy(
     settings: PolicySettings, dim: int, *, spec_version: str = UNSPECIFIED_SPEC
-) -> Policy:
+) -> Policy[Any]:
     return POLICY_CLASSES[settings.kind](settings, dim, spec_version=spec_version)
 
 
-def policy_from_bytes(data: bytes, *, expected_spec_version: str | None = None) -> Policy:
+def stored_settings(header: dict[str, Any]) -> PolicySettings:
+    """The settings a state header holds, in either format.
+
+    Format 1 stored every kind's hyperparameters in one bag, defaults included; the kind
+    read only its own, so the others are dropped (they never changed a decision).  A
+    consequence: a format-1 state loads with a new ``version`` digest, which covers only
+    the kind's own settings.
+    """
+    settings = dict(header.get("settings") or {})
+    if header.get("format") == 1 and "kind" in settings:
+        try:
+            own = policy_fields(str(settings["kind"]))
+        except KeyError as err:
+            raise PolicyStateError(f"unknown policy kind {settings['kind']!r}") from err
+        settings = {k: v for k, v in settings.items() if k in own}
+    try:
+        return parse_policy(settings)
+    except ValidationError as err:
+        raise PolicyStateError(f"policy state settings are invalid: {err}") from err
+
+
+def policy_from_bytes(data: bytes, *, expected_spec_version: str | None = None) -> Policy[Any]:
     """Load :meth:`Policy.to_bytes` output; refuse a state learned on other features."""
     if not data.startswith(FORMAT_MAGIC) or len(data) < len(FORMAT_MAGIC) + 4:
         raise PolicyStateError("not a tipgraph policy state (bad magic)")
@@ -505,7 +552,7 @@ def policy_from_bytes(data: bytes, *, expected_spec_version: str | None = None) 
         header = json.loads(data[offset : offset + header_len])
     except ValueError as err:
         raise PolicyStateError("policy state header is not valid JSON") from err
-    if header.get("format") != FORMAT_VERSION:
+    if header.get("format") not in (1, FORMAT_VERSION):
         raise PolicyStateError(f"unsupported policy state format {header.get('format')!r}")
     spec = header["spec_version"]
     if expected_spec_version is not None and spec != expected_spec_version:
@@ -519,7 +566,7 @@ def policy_from_bytes(data: bytes, *, expected_spec_version: str | None = None) 
         raise PolicyStateError(
             f"policy state body has {body.size} values, expected {dim * dim + dim}"
         )
-    policy = make_policy(PolicySettings(**header["settings"]), dim, spec_version=spec)
+    policy = make_policy(stored_settings(header), dim, spec_version=spec)
     policy.stats_.add(
         body[: dim * dim].reshape(dim, dim).copy(), body[dim * dim :].copy(), int(header["n"])
     )

@@ -8,12 +8,20 @@ nested with ``__`` (``TIPGRAPH_STORE__URL=postgresql://...``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("configs/tipgraph.yaml")
@@ -185,24 +193,22 @@ class FeatureSettings(_Strict):
     )
 
 
-class PolicySettings(_Strict):
-    """One policy and its hyperparameters; each kind reads the ones it documents."""
-
+class _PolicyBase(_Strict):
     name: str = Field(..., pattern=r"^[a-z][a-z0-9_]{0,39}$")
-    kind: PolicyKind
-    ridge: float = Field(1.0, gt=0, description="Ridge prior lambda: A starts at lambda * I")
+
+
+class ExplorationSettings(_PolicyBase):
+    """A policy that mixes an exploration floor into its distribution."""
+
     epsilon: float = Field(
         0.05, ge=0, le=1, description="Exploration floor: every candidate gets >= epsilon / K"
     )
-    alpha: float = Field(1.0, ge=0, description="linucb: width of the confidence bonus")
-    v: float = Field(0.3, gt=0, description="lints: posterior scale, theta ~ N(mean, v^2 A^-1)")
-    ts_draws: int = Field(
-        128, ge=1, le=100_000, description="lints: posterior draws that estimate probabilities"
-    )
-    temperature: float = Field(0.1, gt=0, description="softmax: temperature over ridge scores")
-    gamma: float = Field(
-        300.0, gt=0, description="squarecb: learning rate of the inverse-gap weighting"
-    )
+
+
+class LinearModelSettings(ExplorationSettings):
+    """A policy that decides with the shared ridge model (tipgraph.policies.RidgeStats)."""
+
+    ridge: float = Field(1.0, gt=0, description="Ridge prior lambda: A starts at lambda * I")
     refresh_every: int = Field(
         1024, ge=1, description="Exact inverse after this many Sherman-Morrison updates"
     )
@@ -222,6 +228,86 @@ class PolicySettings(_Strict):
             raise ValueError("features must name at least one group, or be null for all")
         # One spelling per subset, so equal subsets hash (and version) equally.
         return tuple(sorted(set(groups)))
+
+
+class LinUCBSettings(LinearModelSettings):
+    kind: Literal["linucb"] = "linucb"
+    alpha: float = Field(1.0, ge=0, description="linucb: width of the confidence bonus")
+
+
+class LinTSSettings(LinearModelSettings):
+    kind: Literal["lints"] = "lints"
+    v: float = Field(0.3, gt=0, description="lints: posterior scale, theta ~ N(mean, v^2 A^-1)")
+    ts_draws: int = Field(
+        128, ge=1, le=100_000, description="lints: posterior draws that estimate probabilities"
+    )
+
+
+class EpsilonGreedySettings(LinearModelSettings):
+    kind: Literal["egreedy"] = "egreedy"
+
+
+class SoftmaxSettings(LinearModelSettings):
+    kind: Literal["softmax"] = "softmax"
+    temperature: float = Field(0.1, gt=0, description="softmax: temperature over ridge scores")
+
+
+class SquareCBSettings(LinearModelSettings):
+    kind: Literal["squarecb"] = "squarecb"
+    gamma: float = Field(
+        300.0, gt=0, description="squarecb: learning rate of the inverse-gap weighting"
+    )
+
+
+class BaselineSettings(ExplorationSettings):
+    """The fixed order generation chose; it reads no model, so it has no model settings."""
+
+    kind: Literal["baseline"] = "baseline"
+
+
+class UniformSettings(_PolicyBase):
+    """Every candidate equally likely: nothing to tune, nothing to explore with."""
+
+    kind: Literal["uniform"] = "uniform"
+
+
+PolicySettings = Annotated[
+    LinUCBSettings
+    | LinTSSettings
+    | EpsilonGreedySettings
+    | SoftmaxSettings
+    | SquareCBSettings
+    | UniformSettings
+    | BaselineSettings,
+    Field(discriminator="kind"),
+]
+"""One policy and its hyperparameters: the ``kind`` picks the class, and each class holds
+only the hyperparameters its kind reads, so only those name (and version) the policy."""
+
+_POLICY_SETTINGS: TypeAdapter[PolicySettings] = TypeAdapter(PolicySettings)
+
+
+def parse_policy(fields: Mapping[str, Any]) -> PolicySettings:
+    """The policy settings ``fields`` describe (``kind`` picks the class); a
+    :class:`pydantic.ValidationError` names a missing kind or a field the kind does not have."""
+    return _POLICY_SETTINGS.validate_python(dict(fields))
+
+
+def policy_fields(kind: str) -> frozenset[str]:
+    """The field names of ``kind``'s settings class (``name`` and ``kind`` included)."""
+    cls = {c.model_fields["kind"].default: c for c in _POLICY_CLASSES}[kind]
+    return frozenset(cls.model_fields)
+
+
+_POLICY_CLASSES: tuple[type[_PolicyBase], ...] = (
+    LinUCBSettings,
+    LinTSSettings,
+    EpsilonGreedySettings,
+    SoftmaxSettings,
+    SquareCBSettings,
+    UniformSettings,
+    BaselineSettings,
+)
 
 
 class AutoscalingSettings(_Strict):
@@ -384,7 +470,7 @@ class TipgraphSettings(BaseSettings):
     features: FeatureSettings = FeatureSettings()
     privacy: PrivacySettings = PrivacySettings()
     auth: AuthSettings = Field(default_factory=AuthSettings)
-    policy: PolicySettings = PolicySettings(name="linucb", kind="linucb")
+    policy: PolicySettings = LinUCBSettings(name="linucb")
     shadows: list[ShadowSettings] = Field(default_factory=list)
     deployments: dict[str, DeploymentSettings] = Field(default_factory=_default_deployments)
     hops: HopsSettings = HopsSettings()

@@ -24,7 +24,7 @@ from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
 from tipgraph.serve_config import SERVE_ENV, render_serve_config_text
-from tipgraph.settings import PolicySettings, load_settings, resolve_paths
+from tipgraph.settings import load_settings, parse_policy, resolve_paths
 from tipgraph.simulator import Block, format_block, run_http, run_local, summarise
 from tipgraph.store import LogFilter, StoreError, make_store, open_store
 from tipgraph_ops.config_docs import render_config_docs
@@ -158,7 +158,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _compare_policies(args: argparse.Namespace) -> int:
     with open(args.policies, encoding="utf-8") as handle:
         entries = (yaml.safe_load(handle) or {}).get("policies", [])
-    policies = [PolicySettings(**entry) for entry in entries]
+    policies = [parse_policy(entry) for entry in entries]
     if args.only:
         policies = [p for p in policies if p.name in set(args.only.split(","))]
     if not policies:

@@ -35,6 +35,47 @@ def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
+def _model_union(annotation: Any) -> tuple[type[BaseModel], ...]:
+    """The member models of a union of models (a tagged union like ``PolicySettings``)."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return ()
+    members = typing.get_args(annotation)
+    return members if all(_is_model(m) for m in members) else ()
+
+
+def _union_rows(
+    members: tuple[type[BaseModel], ...], prefix: str, env: str | None, parent: BaseModel | None
+) -> Iterator[tuple[str, str, str, str, str]]:
+    """One row per field of any member; a field not every member has names its kinds."""
+    kinds = {m: str(m.model_fields["kind"].default) for m in members}
+    seen: dict[str, list[type[BaseModel]]] = {}
+    for member in members:
+        for name in ("name", "kind", *member.model_fields):
+            if member not in seen.setdefault(name, []):
+                seen[name].append(member)
+    for name, owners in seen.items():
+        field = owners[0].model_fields[name]
+        if name == "kind":
+            annotation: Any = typing.Literal[tuple(kinds[m] for m in members)]
+        else:
+            annotation = field.annotation
+        variable = f"`{env}__{name.upper()}`" if env else "—"
+        scope = "" if len(owners) == len(members) else f"({', '.join(kinds[m] for m in owners)}) "
+        description = (field.description or "").replace("|", "\\|")
+        if scope and description.startswith(f"{kinds[owners[0]]}: "):
+            description = description.split(": ", 1)[1]
+        owner = parent if parent is not None and type(parent) in owners else None
+        # Each member's kind has a default (its own tag); the union's kind does not.
+        default = "required" if name == "kind" and parent is None else _default(field, owner, name)
+        yield (
+            f"{prefix}{name}",
+            _type_name(annotation),
+            default,
+            variable,
+            f"{scope}{description}",
+        )
+
+
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -82,6 +123,14 @@ def rows(
             default = getattr(parent, name) if parent is not None else field.default
             yield from rows(
                 typing.cast(type[BaseModel], annotation),
+                f"{key}.",
+                variable if env else None,
+                default if isinstance(default, BaseModel) else None,
+            )
+        elif members := _model_union(annotation):
+            default = getattr(parent, name) if parent is not None else field.default
+            yield from _union_rows(
+                members,
                 f"{key}.",
                 variable if env else None,
                 default if isinstance(default, BaseModel) else None,

@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tipgraph.settings import FeatureGroup, PolicyKind, PolicySettings
+from tipgraph.settings import EpsilonGreedySettings, FeatureGroup, PolicyKind, PolicySettings
 from tipgraph.store import LogFilter
 
 DEFAULT_TUNING_CONFIG = Path("configs/tuning.yaml")
@@ -66,7 +66,7 @@ class LogSource(_Strict):
     events: int = Field(20_000, ge=1, description="simulator: number of logged decisions")
     seed: int = 0
     users: int = Field(50, ge=1)
-    logging_policy: PolicySettings = PolicySettings(name="egreedy", kind="egreedy", epsilon=0.2)
+    logging_policy: PolicySettings = EpsilonGreedySettings(name="egreedy", epsilon=0.2)
 
     def log_filter(self) -> LogFilter:
         """The decisions of the decision log (or time window of a file) this selects."""

@@ -5,11 +5,19 @@ sampled configuration describes, and its progressive replay over the log.  The R
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 from tipgraph.policies import Policy, make_policy
-from tipgraph.settings import FeatureGroup, PolicySettings
+from tipgraph.settings import (
+    FeatureGroup,
+    LinearModelSettings,
+    PolicyKind,
+    PolicySettings,
+    parse_policy,
+    policy_fields,
+)
 from tuning.config import EvaluationSettings, Range, SearchSpace
 from tuning.data import TrainingLog
 from tuning.ope import Estimate, progressive
@@ -17,14 +25,11 @@ from tuning.ope import Estimate, progressive
 METRIC = "lower"
 """What the search maximises: the lower end of the estimate's 95% interval."""
 ALL_FEATURES = "all"
+TUNED = ("ridge", "epsilon", "alpha", "v", "temperature", "gamma")
+"""The hyperparameters a sweep samples; the others (ts_draws, refresh_every) are fixed."""
 KIND_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "linucb": ("ridge", "epsilon", "alpha"),
-    "lints": ("ridge", "epsilon", "v"),
-    "egreedy": ("ridge", "epsilon"),
-    "softmax": ("ridge", "epsilon", "temperature"),
-    "squarecb": ("ridge", "epsilon", "gamma"),
-    "baseline": ("epsilon",),
-    "uniform": (),
+    kind: tuple(name for name in TUNED if name in policy_fields(kind))
+    for kind in typing.get_args(PolicyKind)
 }
 """The hyperparameters each kind reads; a trial logs (and is built from) only these."""
 
@@ -46,10 +51,7 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
     return {
         "kind": tune.choice(list(space.kinds)),
         "features": tune.choice([feature_label(s) for s in space.feature_subsets]),
-        **{
-            name: sample(getattr(space, name))
-            for name in ("ridge", "epsilon", "alpha", "v", "temperature", "gamma")
-        },
+        **{name: sample(getattr(space, name)) for name in TUNED},
     }
 
 
@@ -59,12 +61,10 @@ def policy_settings(config: Mapping[str, Any], *, ts_draws: int = 64) -> PolicyS
     fields: dict[str, Any] = {name: config[name] for name in KIND_PARAMETERS[kind]}
     if kind == "lints":
         fields["ts_draws"] = ts_draws
-    if kind not in ("uniform", "baseline"):
+    if "features" in policy_fields(kind):
         label = str(config.get("features", ALL_FEATURES))
         fields["features"] = None if label == ALL_FEATURES else tuple(label.split("+"))
-    if kind == "uniform":
-        fields["epsilon"] = 0.0
-    return PolicySettings(name=kind, kind=kind, **fields)
+    return parse_policy({"name": kind, "kind": kind, **fields})
 
 
 def trial_params(settings: PolicySettings) -> dict[str, str]:
@@ -74,7 +74,7 @@ def trial_params(settings: PolicySettings) -> dict[str, str]:
         params[name] = f"{getattr(settings, name):.6g}"
     if settings.kind == "lints":
         params["ts_draws"] = str(settings.ts_draws)
-    if settings.kind not in ("uniform", "baseline"):
+    if isinstance(settings, LinearModelSettings):
         params["features"] = feature_label(settings.features)
     return params
 
