@@ -40,13 +40,15 @@ def test_the_hidden_truth_leaves_a_real_gap_between_best_and_average() -> None:
     assert np.mean(gaps) > 0.25  # a policy that learns has plenty to gain over uniform
 
 
-@pytest.mark.parametrize(("kind", "learns"), [("linucb", True), ("uniform", False)])
+@pytest.mark.parametrize(
+    ("policy", "learns"),
+    [({"kind": "linucb", "alpha": 0.5}, True), ({"kind": "uniform"}, False)],
+)
 def test_policy_learns_in_process_and_uniform_does_not(
-    tmp_path: Path, kind: str, learns: bool
+    tmp_path: Path, policy: dict[str, object], learns: bool
 ) -> None:
     settings = TipgraphSettings(
-        store={"url": f"sqlite:///{tmp_path}/sim.db"},
-        policy={"name": "served", "kind": kind, "alpha": 0.5, "temperature": 0.05},
+        store={"url": f"sqlite:///{tmp_path}/sim.db"}, policy={"name": "served", **policy}
     )
     blocks = run_local(settings, users=20, decisions=1500, seed=7, block=500)
     assert [b.last for b in blocks] == [500, 1000, 1500]
