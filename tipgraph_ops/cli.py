@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from graphs.tipgraph import build_graph
 from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
@@ -50,6 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ.setdefault(name, value)
     import ray  # heavy: only `serve` starts a cluster
     from ray import serve
+
+    # Heavy: the graph is Ray Serve's deployments (2 s to import); only `serve` needs it.
+    from graphs.tipgraph import build_graph
 
     settings = resolve_paths(load_settings(args.config), Path.cwd())
     serve_settings = settings.serve.model_copy(

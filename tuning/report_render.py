@@ -17,15 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
-from typing import Any
-
-import matplotlib.dates as mdates
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from tuning.ope import Estimate
 from tuning.report_data import BUCKET_ESTIMATOR, NO_PROMPT, Bucket, Report, finite
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +75,8 @@ def _no_data(ax: Axes, text: str) -> None:
 
 
 def _time_axis(ax: Axes) -> None:
+    import matplotlib.dates as mdates  # heavy: only a process that plots loads Matplotlib
+
     locator = mdates.AutoDateLocator(tz=UTC)
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC))
@@ -84,6 +85,8 @@ def _time_axis(ax: Axes) -> None:
 
 def _dates(times: Sequence[datetime]) -> Any:
     """Matplotlib's date numbers, which its date locators and formatters read."""
+    import matplotlib.dates as mdates  # heavy: only a process that plots loads Matplotlib
+
     return mdates.date2num(list(times))
 
 
@@ -382,6 +385,10 @@ PLOTS: tuple[Plot, ...] = (
 
 def render_png(plot: Plot, report: Report) -> bytes:
     """One plot as PNG bytes of exactly WIDTH × HEIGHT pixels."""
+    # Heavy: only a process that plots loads Matplotlib (every CLI command imports this).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(WIDTH / DPI, HEIGHT / DPI), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     plot.draw(fig, report)
