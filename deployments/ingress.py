@@ -14,7 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tipgraph.batching import Coalescer
 from tipgraph.contracts import (
@@ -26,6 +26,7 @@ from tipgraph.contracts import (
     TipResponse,
     UserErasure,
 )
+from tipgraph.decision_log import decision_log_problem
 from tipgraph.errors import InvalidRequest, TipgraphError
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationResult
@@ -105,23 +106,58 @@ class BearerAuth:
         await response(scope, receive, send)
 
 
+class BodyTooLarge(Exception):
+    """Raised into the app from ``receive`` when the body passes the limit."""
+
+
 class BodySizeLimit:
-    """Refuse oversized bodies before parsing them: a 10 MB task list is a client bug."""
+    """Refuse oversized bodies before parsing them: a 10 MB task list is a client bug.
+
+    A declared ``Content-Length`` over the limit is refused before anything is read.  A body
+    without one (chunked) is counted as it arrives: the read that crosses the limit raises
+    into the app, and whatever answer the app makes of that (FastAPI turns a failed body
+    read into a 400) is replaced by the 413, so the body is never read whole.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            limit: int = getattr(scope["app"].state, "max_body_bytes", 1_000_000)
-            declared = Headers(scope=scope).get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                response = JSONResponse(
-                    status_code=413,
-                    content={"detail": f"request body is {declared} bytes; the limit is {limit}"},
-                )
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit: int = getattr(scope["app"].state, "max_body_bytes", 1_000_000)
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _too_large(f"request body is {declared} bytes", limit)(
+                scope, receive, send
+            )
+        received = 0
+        refused = False
+
+        async def counted() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    refused = True
+                    raise BodyTooLarge
+            return message
+
+        async def answer(message: Message) -> None:
+            if not refused:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await _too_large(f"request body passed {limit} bytes", limit)(scope, receive, send)
+
+        try:
+            await self.app(scope, counted, answer)
+        except BodyTooLarge:
+            await _too_large(f"request body passed {limit} bytes", limit)(scope, receive, send)
+
+
+def _too_large(what: str, limit: int) -> JSONResponse:
+    return JSONResponse(status_code=413, content={"detail": f"{what}; the limit is {limit}"})
 
 
 def _protected(scope: Scope) -> bool:
@@ -291,6 +327,13 @@ class Ingress:
         self._gauges = Periodic(
             settings.metrics.sample_interval_s, self._service.sample_metrics, name="metrics"
         ).start()
+        # A replica that replaces a killed one starts by replaying what that one left.
+        self._replays = Periodic(
+            settings.store.replay_interval_s,
+            self._service.log.replay_orphans,
+            name="wal-replay",
+            first_after_s=0,
+        ).start()
 
     @api.post("/v1/tips", response_model=TipResponse, responses=ERRORS)
     async def tips(self, body: TipRequest) -> TipResponse:
@@ -325,14 +368,23 @@ class Ingress:
         except Exception as err:
             logger.warning("not ready: store unavailable: %s", err)
             return JSONResponse(status_code=503, content={"detail": "decision store unavailable"})
+        log = self._service.log.health()
+        problem = decision_log_problem(log, self._settings.store.max_unwritten_age_s)
+        if problem is not None:
+            logger.warning("not ready: %s", problem)
+            return JSONResponse(status_code=503, content={"detail": problem})
         return JSONResponse(
             {
                 "status": "ready",
                 "schema_version": version,
-                "decision_log_backlog": self._service.log.backlog,
+                "decision_log_backlog": log.backlog,
+                "decision_log_oldest_unwritten_s": round(log.oldest_unwritten_s, 3),
+                "decision_log_dead_letters": log.dead_lettered,
+                "decision_log_torn_lines": log.torn_lines,
+                "decision_log_replayed": log.replayed,
                 "shadows_shed": self._service.shadows_shed,
                 "shadow_failures": self._service.shadow_failures,
-                "decision_log_spilled": self._service.log.spilled,
+                "decision_log_spilled": log.spilled,
                 "feedback_held": self._service.held_feedback,
                 "feedback_expired": self._service.feedback_expired,
                 "mean_batch_size": self._stages.batch_sizes(),
@@ -343,6 +395,7 @@ class Ingress:
         # Graceful shutdown (SIGTERM, scale-down): write every buffered decision first.
         self._defaults.stop()
         self._gauges.stop()
+        self._replays.stop()
         await self._stages.drain_shadows()
         await self._service.close()
         self._store.close()

@@ -7,7 +7,9 @@ and ``faulty`` whose shadows sleep or raise.  Same code, same config apart from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -335,6 +337,31 @@ def test_a_10_mb_body_is_refused_before_parsing(serve_apps: dict[str, App]) -> N
         "/v1/tips", content=b"[" + b"1," * 5_000_000 + b"1]", headers=_raw("")[1]
     )
     assert response.status_code == 413 and "limit" in response.json()["detail"]
+
+
+def test_a_chunked_10_mb_body_is_refused_without_being_read_whole(
+    serve_apps: dict[str, App],
+) -> None:
+    """No Content-Length to trust: the limit must count bytes as they arrive.  Only a
+    little past the limit is ever sent, so a server that waits for the whole body never
+    answers and the read below times out."""
+    url = httpx.URL(str(serve_apps["main"].client.base_url))
+    chunk = b"1," * 32_768
+    with socket.create_connection((url.host, url.port), timeout=20) as conn:
+        head = (
+            f"POST {url.path.rstrip('/')}/v1/tips HTTP/1.1\r\nHost: {url.host}\r\n"
+            f"Authorization: {AUTH_HEADERS['Authorization']}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        conn.sendall(head.encode())
+        sent = 0
+        with contextlib.suppress(OSError):  # the server may close once it has refused
+            while sent < 1_300_000:  # the limit is 1,000,000; the body would be 10 MB
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        answer = conn.recv(65_536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert "limit is 1000000" in answer
 
 
 def test_malformed_json_and_oversized_body(serve_apps: dict[str, App]) -> None:

@@ -363,15 +363,16 @@ async def test_decision_log_gauges_follow_the_backlog_and_the_spill_file(tmp_pat
     sink = RecordingSink()
     metrics = Metrics(sink)
     with open_store(TipgraphSettings(store={"url": f"sqlite:///{tmp_path}/log.db"}).store) as store:
-        spill = tmp_path / "spill" / "ingress.jsonl"
+        spill = tmp_path / "spill"
         log = DecisionLog(
-            store, flush_interval_s=60, batch_size=64, max_buffered=2, spill_path=spill
+            store, flush_interval_s=60, batch_size=64, max_buffered=2, spill_dir=spill, owner="i"
         )
         metrics.sample_decision_log(log)
         for i in range(5):
-            log.submit(make_decision(f"e{i}"))
+            await log.submit(make_decision(f"e{i}"))
         metrics.sample_decision_log(log)
-        size = spill.stat().st_size
+        (segment,) = spill.glob("i-*.wal")
+        size = segment.stat().st_size
         await log.close()
         metrics.sample_decision_log(log)
     assert sink.values("tipgraph_decision_log_backlog") == [0, 5, 0]

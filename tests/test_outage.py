@@ -60,7 +60,8 @@ async def test_an_outage_mid_load_loses_nothing_and_writes_nothing_twice(
         flush_interval_s=0.02,
         batch_size=64,
         max_buffered=40,
-        spill_path=tmp_path / "spill.jsonl",
+        spill_dir=tmp_path / "spill",
+        owner="ingress",
     )
     service = local_service(settings, store, log)
     rng = random.Random(7)

@@ -299,23 +299,28 @@ async def test_the_writer_spills_past_its_bound_and_writes_everything_once(
 ) -> None:
     """Rows beyond max_buffered go to the spill file, come back intact, and land once."""
     from tests.test_store import make_decision
-    from tipgraph.decision_log import _decode, _encode
+    from tipgraph.wal import decode, encode
 
     with open_store(StoreSettings(url=f"sqlite:///{tmp_path}/log.db")) as store:
-        spill = tmp_path / "spill" / "ingress.jsonl"
+        spill = tmp_path / "spill"
         log = DecisionLog(
-            store, flush_interval_s=60, batch_size=64, max_buffered=5, spill_path=spill
+            store,
+            flush_interval_s=60,
+            batch_size=64,
+            max_buffered=5,
+            spill_dir=spill,
+            owner="ingress",
         )
         records = [make_decision(f"e{i}", user_key=f"u{i % 3}") for i in range(23)]
         # Spilled rows are bit-for-bit the rows (floats like 5e-324 and 1e300 included).
-        assert all(_decode(_encode(r)) == r for r in records)
+        assert all(decode(encode(r)) == r for r in records)
         for record in records:
-            log.submit(record)
-            log.submit_policy_scores(record.event_id, [record.served], ["c0", "c1", "c2"])
-        assert log.spilled == 2 * 23 - 5 and spill.exists()
+            await log.submit(record)
+            await log.submit_policy_scores(record.event_id, [record.served], ["c0", "c1", "c2"])
+        assert log.spilled == 2 * 23 - 5 and list(spill.glob("ingress-*.wal"))
         assert log.backlog == 2 * 23
         await log.close()
-        assert log.spilled == 0 and log.backlog == 0 and not spill.exists()
+        assert log.spilled == 0 and log.backlog == 0 and not list(spill.glob("*.wal"))
         counts = store.counts()
         assert counts.decisions == 23 and counts.policy_runs == 23
 

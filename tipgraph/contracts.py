@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from tipgraph.settings import LimitSettings, Reaction
+from tipgraph.text import unsafe_character
 
 MAX_TASKS = 500
 MAX_CONTENT_CHARS = 2000
@@ -43,10 +44,10 @@ def _check_year(value: datetime | None) -> datetime | None:
 
 
 def _clean_text(value: str) -> str:
-    # Control characters (other than newline and tab) break logs and prompts downstream.
-    bad = [ch for ch in value if ord(ch) < 32 and ch not in "\n\t"]
-    if bad:
-        raise ValueError(f"contains control character U+{ord(bad[0]):04X}")
+    # Controls, bidi overrides and lone surrogates break logs, prompts and the store.
+    bad = unsafe_character(value)
+    if bad is not None:
+        raise ValueError(f"contains control character {bad} (C0/C1, bidi or lone surrogate)")
     return value
 
 

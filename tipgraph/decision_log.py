@@ -1,96 +1,101 @@
-"""Writes decisions to the store off the request path, in batches, losing nothing on close.
+"""Writes decisions to the store off the request path, in batches, losing none and wedging on none.
 
-The ingress hands each finished decision to :meth:`DecisionLog.submit` and answers at once;
-a background task writes what has accumulated every ``flush_interval_s``.  A failed write
-keeps its rows and is retried with backoff, so a database outage delays rows but never
-drops them.  Memory stays bounded during a long outage: past ``max_buffered`` rows, new rows
-are appended to a local spill file (JSON lines) and read back once the memory buffer has
-drained.  Every insert is idempotent (``ON CONFLICT DO NOTHING``), so a batch retried after
-a write whose acknowledgement was lost is still written exactly once.  :meth:`close`
-(called from the replica's graceful shutdown) drains memory and the spill file.
+The ingress hands each finished decision to :meth:`DecisionLog.submit`; a background task
+writes what has accumulated every ``flush_interval_s``.  What the writer does with a failed
+write depends on why it failed:
+
+* **transient** (:class:`~tipgraph.store.StoreUnavailable`: connection lost, database busy):
+  the rows are kept and the batch retried with backoff, so an outage delays rows, never
+  drops them;
+* **anything else** (the database refuses a row: a NUL byte, a broken invariant): the batch
+  is bisected until the refused rows are alone, every other row is written, and each refused
+  row goes to the dead-letter file with its error.  A poison row never blocks another row.
+
+Rows wait in memory up to ``max_buffered``; past that they wait in this replica's
+write-ahead-log segment (:mod:`tipgraph.wal`) and are read back in order once memory has
+drained.  ``durability`` says when a decision is safe:
+
+* ``buffered``: in memory when the answer leaves; the segment is fsynced at each flush.  A
+  SIGKILL loses what was in memory, at most one flush interval of decisions in steady state
+  (during an outage: up to ``max_buffered`` rows).
+* ``durable``: appended to the segment and fsynced before the answer (group commit: one
+  fsync for every decision that arrived meanwhile).  A SIGKILL loses nothing answered.
+
+:meth:`DecisionLog.replay_orphans` (run when a replica starts, then every
+``store.replay_interval_s``) claims the segments of dead writers in ``spill_dir`` (a dead
+process's lock is gone) and replays them.  Past
+``max_spill_bytes`` on disk the log stops accepting (:class:`DecisionLogFull`, a 503) rather
+than lose rows.  Every insert is idempotent (``ON CONFLICT DO NOTHING``), so a row retried
+or replayed twice is written once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
+import os
+import time
+import uuid
+from collections import deque
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
-from tipgraph.store import DecisionStore
-from tipgraph.store.records import (
-    CandidateRecord,
-    DecisionRecord,
-    PolicyScoresEntry,
-    PolicyScoresRecord,
+from tipgraph.store import DecisionStore, StoreUnavailable
+from tipgraph.store.records import DecisionRecord, PolicyScoresEntry, PolicyScoresRecord
+from tipgraph.wal import (
+    DEAD_LETTERS,
+    SEGMENT_SUFFIX,
+    DeadLetters,
+    Entry,
+    Segment,
+    claim_orphan,
+    encode,
+    orphan_candidates,
+    read_chunk,
 )
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 5.0
+ROTATE_BYTES = 8 << 20
+"""A segment this large is retired (deleted once its rows are written) for a fresh one."""
+Durability = Literal["buffered", "durable"]
 
 
-Entry = DecisionRecord | PolicyScoresEntry
+class DecisionLogFull(Exception):
+    """The log cannot take a row without risking it: the spill cap is reached, or (durable)
+    the local log cannot be written.  The request is refused (503) instead."""
 
 
-def _encode(entry: Entry) -> str:
-    kind = "decision" if isinstance(entry, DecisionRecord) else "shadows"
-    return json.dumps({"kind": kind, "row": dataclasses.asdict(entry)}, default=_json_default)
+@dataclass(frozen=True)
+class LogHealth:
+    """What ``/readyz`` and the gauges report about one writer."""
+
+    writer_alive: bool
+    backlog: int
+    spilled: int
+    oldest_unwritten_s: float
+    dead_lettered: int
+    torn_lines: int
+    replayed: int
+    accepting: bool
 
 
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot spill {type(value).__name__}")
-
-
-def _decode(line: str) -> Entry:
-    data = json.loads(line)
-    row: dict[str, Any] = data["row"]
-    if data["kind"] == "shadows":
-        runs = [PolicyScoresRecord(**run) for run in row["runs"]]
-        return PolicyScoresEntry(row["event_id"], runs, row["candidate_ids"])
-    row["created_at"] = datetime.fromisoformat(row["created_at"])
-    row["candidates"] = [CandidateRecord(**c) for c in row["candidates"]]
-    row["served"] = PolicyScoresRecord(**row["served"])
-    return DecisionRecord(**row)
-
-
-class SpillFile:
-    """Append-only JSON lines, read back in order from a cursor; emptied once all is read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.pending = 0
-        self._offset = 0
-
-    def append(self, entry: Entry) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(_encode(entry) + "\n")
-        self.pending += 1
-
-    def take(self, limit: int) -> list[Entry]:
-        """Up to ``limit`` entries after the cursor; the cursor moves past them."""
-        entries: list[Entry] = []
-        with open(self.path, encoding="utf-8") as handle:
-            handle.seek(self._offset)
-            while len(entries) < limit:
-                line = handle.readline()
-                if not line:
-                    break
-                entries.append(_decode(line))
-            self._offset = handle.tell()
-        self.pending -= len(entries)
-        if self.pending == 0:
-            self.path.unlink(missing_ok=True)
-            self._offset = 0
-        return entries
+def decision_log_problem(health: LogHealth, max_unwritten_age_s: float) -> str | None:
+    """Why a replica with this writer should not take traffic, or None."""
+    if not health.writer_alive:
+        return "the decision-log writer has stopped"
+    if not health.accepting:
+        return "the decision log is full on disk: the database has been unreachable for long"
+    if health.oldest_unwritten_s > max_unwritten_age_s:
+        return (
+            f"a decision has waited {health.oldest_unwritten_s:.0f}s to be written "
+            f"(bound {max_unwritten_age_s:g}s)"
+        )
+    return None
 
 
 class DecisionLog:
@@ -101,56 +106,88 @@ class DecisionLog:
         flush_interval_s: float,
         batch_size: int,
         max_buffered: int,
-        spill_path: Path | None = None,
+        spill_dir: Path | None,
+        owner: str,
+        durability: Durability = "buffered",
+        max_spill_bytes: int = 1 << 30,
     ) -> None:
+        if durability == "durable" and spill_dir is None:
+            raise ValueError("durable decision logging needs a spill_dir for its local log")
         self._store = store
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._max_buffered = max_buffered
-        # Without a spill file, memory is the only place rows can wait: never drop them.
-        self._spill = SpillFile(spill_path) if spill_path is not None else None
-        self._decisions: list[DecisionRecord] = []
-        self._shadows: list[PolicyScoresEntry] = []
+        self._spill_dir = spill_dir
+        self._owner = owner
+        self.durability: Durability = durability
+        self._max_spill_bytes = max_spill_bytes
+        self._dead = DeadLetters(spill_dir / DEAD_LETTERS, owner) if spill_dir else None
+        # Rows in memory, FIFO; rows past them wait in the segments from _disk_from on.
+        self._queue: deque[Entry] = deque()
+        self._segment: Segment | None = None
+        self._retired: list[tuple[Segment, int]] = []  # (segment, last seq in it)
+        self._disk: deque[tuple[Segment, int]] = deque()  # (segment, read offset) to drain
+        self._disk_rows = 0
         self._pending_ids: set[str] = set()
         self._submitted = 0
-        self._written = 0
+        self._handled = 0  # written or dead-lettered: always a prefix of the submitted rows
+        self._marks: deque[tuple[int, float]] = deque()  # (first seq, monotonic time)
+        self.dead_lettered = 0
+        self.torn_lines = 0
+        self.replayed = 0
+        self.shadows_dropped = 0
         self._wake: asyncio.Event | None = None
         self._progress: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
+        self._to_sync: list[tuple[Segment, str, asyncio.Future[None]]] = []
+        self._syncing: asyncio.Task[None] | None = None
         self._closing = False
 
+    # -- what callers read ---------------------------------------------------------------------
     @property
     def backlog(self) -> int:
-        """Rows accepted but not yet in the database."""
-        return self._submitted - self._written
+        """Rows accepted but not yet written (or dead-lettered)."""
+        return self._submitted - self._handled
 
     @property
     def spilled(self) -> int:
-        """Rows waiting in the spill file (not in memory)."""
-        return self._spill.pending if self._spill is not None else 0
+        """Rows waiting on disk only (not in memory)."""
+        return self._disk_rows
 
     @property
     def spill_bytes(self) -> int:
-        """Size of the spill file; it is emptied only once every row in it is read back."""
-        if self._spill is None:
-            return 0
-        try:
-            return self._spill.path.stat().st_size
-        except FileNotFoundError:
-            return 0
+        """Bytes of this writer's segments still on disk."""
+        segments = [s for s, _ in self._retired] + ([self._segment] if self._segment else [])
+        return sum(s.size for s in segments)
 
-    def _buffered(self) -> int:
-        return len(self._decisions) + len(self._shadows)
+    @property
+    def accepting(self) -> bool:
+        return self.spill_bytes < self._max_spill_bytes
 
-    def _overflowing(self) -> bool:
-        # Once anything waits on disk, later rows queue behind it there too.
-        return self._spill is not None and (
-            self._spill.pending > 0 or self._buffered() >= self._max_buffered
+    def health(self) -> LogHealth:
+        return LogHealth(
+            writer_alive=self._task is None or not self._task.done(),
+            backlog=self.backlog,
+            spilled=self.spilled,
+            oldest_unwritten_s=self.oldest_unwritten_s(),
+            dead_lettered=self.dead_lettered,
+            torn_lines=self.torn_lines,
+            replayed=self.replayed,
+            accepting=self.accepting,
         )
+
+    def oldest_unwritten_s(self) -> float:
+        """Age of the oldest row not yet written; 0 when there is none."""
+        while len(self._marks) > 1 and self._marks[1][0] <= self._handled:
+            self._marks.popleft()
+        if not self._marks or self._handled >= self._submitted:
+            return 0.0
+        return time.monotonic() - self._marks[0][1]
 
     def is_pending(self, event_id: str) -> bool:
         return event_id in self._pending_ids
 
+    # -- accepting rows --------------------------------------------------------------------------
     def _ensure_running(self) -> None:
         # Started lazily: the replica's constructor may run before its event loop does.
         if self._task is None:
@@ -158,54 +195,116 @@ class DecisionLog:
             self._progress = asyncio.Condition()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def submit(self, decision: DecisionRecord) -> None:
+    async def submit(self, decision: DecisionRecord) -> None:
+        """Accept a decision; under ``durable`` it is on local disk when this returns.
+        Raises :class:`DecisionLogFull` when it cannot be kept safely."""
         self._ensure_running()
-        self._enqueue(decision)
+        await self._accept(decision)
         self._pending_ids.add(decision.event_id)
-        if len(self._decisions) >= self._batch_size and self._wake is not None:
+        if len(self._queue) >= self._batch_size and self._wake is not None:
             self._wake.set()
 
-    def submit_policy_scores(
+    async def submit_policy_scores(
         self, event_id: str, runs: Sequence[PolicyScoresRecord], candidate_ids: Sequence[str]
     ) -> None:
+        """Accept shadow scores; when the log is full they are dropped and counted (nobody
+        was answered from them), never raised into the shadow path."""
         self._ensure_running()
-        self._enqueue(PolicyScoresEntry(event_id, runs, candidate_ids))
+        try:
+            await self._accept(PolicyScoresEntry(event_id, runs, candidate_ids))
+        except DecisionLogFull as err:
+            self.shadows_dropped += 1
+            logger.warning("decision log: shadow scores of %s dropped: %s", event_id, err)
 
-    def _enqueue(self, entry: Entry) -> None:
-        if self._overflowing():
-            assert self._spill is not None
+    async def _accept(self, entry: Entry) -> None:
+        if not self.accepting:
+            raise DecisionLogFull(
+                f"the decision log holds {self.spill_bytes} bytes on disk (cap "
+                f"{self._max_spill_bytes}); the database has been unreachable for long"
+            )
+        on_disk_only = self._spill_dir is not None and (
+            self._disk_rows > 0 or len(self._queue) >= self._max_buffered
+        )
+        if self.durability == "durable" or on_disk_only:
+            line = encode(entry)
+            segment = self._active_segment()
+            offset = segment.reserve(line)
+            if on_disk_only:  # noted now, so rows accepted meanwhile queue behind it
+                if not self._disk or self._disk[-1][0] is not segment:
+                    self._disk.append((segment, offset))
+                self._disk_rows += 1
+            self._count_submitted()
             try:
-                self._spill.append(entry)
-            except OSError:
-                # A full or read-only disk must not lose the row: memory is the last resort.
-                logger.exception("cannot spill to %s; keeping the row in memory", self._spill.path)
-                self._keep(entry)
+                await self._append(segment, line, sync=self.durability == "durable")
+            except DecisionLogFull:
+                self._handled += 1  # refused to the caller: it will never be written
+                raise
         else:
-            self._keep(entry)
+            self._count_submitted()
+        if not on_disk_only:
+            self._queue.append(entry)
+
+    def _count_submitted(self) -> None:
+        now = time.monotonic()
+        if not self._marks or now - self._marks[-1][1] >= 0.1:
+            self._marks.append((self._submitted, now))
         self._submitted += 1
 
-    def _keep(self, entry: Entry) -> None:
-        if isinstance(entry, DecisionRecord):
-            self._decisions.append(entry)
-        else:
-            self._shadows.append(entry)
+    def _active_segment(self) -> Segment:
+        assert self._spill_dir is not None
+        if self._segment is not None and self._segment.broken:
+            self._retired.append((self._segment, self._submitted))
+            self._segment = None
+        if self._segment is None:
+            name = f"{self._owner}-{os.getpid()}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
+            self._segment = Segment(self._spill_dir / name)
+        return self._segment
 
-    def _refill(self) -> None:
-        """Move spilled rows back into memory once memory has drained."""
-        if self._spill is None or self._spill.pending == 0 or self._buffered() > 0:
+    async def _append(self, segment: Segment, line: str, *, sync: bool) -> None:
+        if not sync:
+            try:
+                segment.append([line], sync=False)
+            except OSError as err:
+                raise DecisionLogFull(f"cannot write the local decision log: {err}") from err
             return
-        for entry in self._spill.take(min(self._batch_size, self._max_buffered)):
-            self._keep(entry)
+        # Group commit: every decision that arrives while an fsync runs shares the next one.
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._to_sync.append((segment, line, future))
+        if self._syncing is None or self._syncing.done():
+            self._syncing = asyncio.get_running_loop().create_task(self._sync_pending())
+        await future
 
-    async def flush(self) -> None:
-        """Return once everything submitted before the call is in the database."""
+    async def _sync_pending(self) -> None:
+        while self._to_sync:
+            segment = self._to_sync[0][0]
+            batch = [item for item in self._to_sync if item[0] is segment]
+            self._to_sync = [item for item in self._to_sync if item[0] is not segment]
+            try:
+                await asyncio.to_thread(segment.append, [line for _, line, _ in batch], sync=True)
+            except OSError as err:
+                for _, _, future in batch:
+                    future.set_exception(
+                        DecisionLogFull(f"cannot write the local decision log: {err}")
+                    )
+            else:
+                for _, _, future in batch:
+                    future.set_result(None)
+
+    # -- waiting for the writer ------------------------------------------------------------------
+    async def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything submitted before the call is written (or dead-lettered);
+        False if ``timeout_s`` passed first."""
         if self._task is None:
-            return
+            return True
         target = self._submitted
         assert self._wake is not None and self._progress is not None
         self._wake.set()
-        async with self._progress:
-            await self._progress.wait_for(lambda: self._written >= target)
+        try:
+            async with asyncio.timeout(timeout_s), self._progress:
+                await self._progress.wait_for(lambda: self._handled >= target)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         if self._task is None:
@@ -216,42 +315,179 @@ class DecisionLog:
         self._wake.set()
         await self._task
         self._task = None
+        if self._segment is not None:
+            self._segment.delete()
+            self._segment = None
 
+    # -- the writer ------------------------------------------------------------------------------
     async def _run(self) -> None:
-        assert self._wake is not None and self._progress is not None
+        assert self._wake is not None
         backoff = self._flush_interval_s
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._flush_interval_s)
             self._wake.clear()
-            self._refill()
-            decisions, shadows = self._decisions, self._shadows
-            if not decisions and not shadows:
-                if self._closing:
-                    return
-                continue
-            self._decisions, self._shadows = [], []
             try:
-                await asyncio.to_thread(self._write, decisions, shadows)
-            except Exception:
-                # Put the rows back in front and retry: a database outage delays, never drops.
-                self._decisions[:0] = decisions
-                self._shadows[:0] = shadows
-                logger.exception(
-                    "decision log write failed; %d rows kept, retrying in %.2fs",
-                    len(decisions) + len(shadows),
+                written = await self._write_next()
+            except StoreUnavailable as err:
+                logger.warning(
+                    "decision log: store unavailable (%s); %d rows kept, retrying in %.2fs",
+                    err,
+                    self.backlog,
                     backoff,
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
+            except Exception:
+                # Not the store: a bug or a broken disk.  Log it and go on; never die silently.
+                logger.exception("decision log writer error; retrying in %.2fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
             backoff = self._flush_interval_s
-            self._pending_ids.difference_update(d.event_id for d in decisions)
-            async with self._progress:
-                self._written += len(decisions) + len(shadows)
-                self._progress.notify_all()
-            if self.spilled:
-                self._wake.set()  # drain the spill file without waiting a full interval
+            if written == 0 and self._closing:
+                return
+            if self._queue or self._disk_rows:
+                self._wake.set()  # more waits: go on without a full interval
 
-    def _write(self, decisions: list[DecisionRecord], shadows: list[PolicyScoresEntry]) -> None:
-        self._store.write_batch(decisions, shadows)
+    async def _write_next(self) -> int:
+        """Write one batch from the front of the queue; the number of rows handled."""
+        self._refill()
+        if self._segment is not None and self.durability == "buffered":
+            await asyncio.to_thread(self._segment.sync)
+        batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
+        if not batch:
+            self._collect_segments()
+            return 0
+        await asyncio.to_thread(self._write_isolating, batch)
+        for _ in batch:
+            self._queue.popleft()
+        self._pending_ids.difference_update(
+            e.event_id for e in batch if isinstance(e, DecisionRecord)
+        )
+        assert self._progress is not None
+        async with self._progress:
+            self._handled += len(batch)
+            self._progress.notify_all()
+        self._collect_segments()
+        return len(batch)
+
+    def _refill(self) -> None:
+        """Move rows waiting on disk into memory once memory has drained.
+
+        Every line from a disk run's first row on is disk-only (rows queue behind it until
+        the run is read back), so reading a segment never duplicates a row in memory.
+        """
+        while self._disk and not self._queue:
+            segment, offset = self._disk[0]
+            chunk = segment.read(offset, min(self._batch_size, self._max_buffered))
+            self.torn_lines += chunk.torn
+            self._handled += chunk.torn  # a torn row is handled: it will never be written
+            self._queue.extend(chunk.entries)
+            self._disk_rows -= len(chunk.entries) + chunk.torn
+            if self._disk_rows <= 0:
+                self._disk.clear()
+                self._disk_rows = 0
+            elif chunk.offset >= (segment.size if segment.broken else segment.end):
+                self._disk.popleft()
+            elif chunk.offset == offset:
+                return  # the next rows are reserved but not written yet
+            else:
+                self._disk[0] = (segment, chunk.offset)
+
+    def _collect_segments(self) -> None:
+        """Delete segments whose every row is handled; retire a large active one."""
+        for old, last in list(self._retired):
+            if self._handled > last and all(s is not old for s, _ in self._disk):
+                old.delete()
+                self._retired.remove((old, last))
+        segment = self._segment
+        syncing = self._syncing is not None and not self._syncing.done()
+        if segment is None or syncing or any(s is segment for s, _ in self._disk):
+            return
+        if self.backlog == 0 and segment.size > 0:
+            segment.truncate()  # everything in it is written: start over, keep the lock
+        elif segment.size >= ROTATE_BYTES:
+            self._retired.append((segment, self._submitted - 1))
+            self._segment = None
+
+    def _write_isolating(self, entries: list[Entry]) -> None:
+        """Write ``entries``; rows the database refuses for good go to the dead letters.
+
+        StoreUnavailable propagates (the caller retries the whole batch: inserts are
+        idempotent, so the halves already written are written once).
+        """
+        decisions = [e for e in entries if isinstance(e, DecisionRecord)]
+        shadows = [e for e in entries if isinstance(e, PolicyScoresEntry)]
+        try:
+            self._store.write_batch(decisions, shadows)
+        except StoreUnavailable:
+            raise
+        except Exception as err:
+            if len(entries) == 1:
+                self._dead_letter(entries[0], err)
+                return
+            middle = len(entries) // 2
+            self._write_isolating(entries[:middle])
+            self._write_isolating(entries[middle:])
+
+    def _dead_letter(self, entry: Entry, error: BaseException) -> None:
+        self.dead_lettered += 1
+        logger.error(
+            "decision log: the store refused a row for good; dead-lettered (event %s): %s",
+            entry.event_id,
+            error,
+        )
+        if self._dead is None:
+            return
+        try:
+            self._dead.add(entry, error)
+        except OSError:
+            logger.exception("cannot write the dead-letter file %s", self._dead.path)
+
+    # -- replaying dead writers' segments ------------------------------------------------------
+    def replay_orphans(self) -> int:
+        """Claim and replay every segment in ``spill_dir`` whose writer is dead; the number
+        of rows replayed.  Blocking: run it in a thread (:class:`tipgraph.periodic.Periodic`,
+        every ``store.replay_interval_s``).  A store outage stops it with StoreUnavailable;
+        the segment stays for the next try (the rows it wrote are written once anyway)."""
+        if self._spill_dir is None:
+            return 0
+        before = self.replayed
+        for path in orphan_candidates(self._spill_dir, None):
+            # Our own segments would refuse the lock anyway (flock conflicts between two
+            # descriptors of one process too); skipping them saves opening them.
+            if path not in self._own_paths():
+                self._replay(path)
+        return self.replayed - before
+
+    def _own_paths(self) -> set[Path]:
+        segments = [s for s, _ in self._retired] + ([self._segment] if self._segment else [])
+        return {s.path for s in segments}
+
+    def _replay(self, path: Path) -> None:
+        handle = claim_orphan(path)
+        if handle is None:
+            return
+        with handle:
+            offset = 0
+            rows = torn = 0
+            while True:
+                chunk = read_chunk(handle, offset, self._batch_size)
+                torn += chunk.torn
+                if chunk.entries:
+                    self._write_isolating(chunk.entries)  # StoreUnavailable: try again later
+                    rows += len(chunk.entries)
+                if chunk.offset == offset:
+                    break
+                offset = chunk.offset
+            path.unlink(missing_ok=True)
+        self.replayed += rows
+        self.torn_lines += torn
+        logger.warning(
+            "decision log: replayed %d rows (%d torn lines skipped) from a dead writer's %s",
+            rows,
+            torn,
+            path.name,
+        )

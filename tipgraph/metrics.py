@@ -122,12 +122,27 @@ DECISION_LOG_BACKLOG = MetricSpec(
 DECISION_LOG_SPILLED = MetricSpec(
     "tipgraph_decision_log_spilled",
     "gauge",
-    "Rows waiting in a replica's spill file (the database was unreachable for long).",
+    "Rows waiting only in a replica's write-ahead log (memory is full: a long outage).",
 )
 DECISION_LOG_SPILL_BYTES = MetricSpec(
     "tipgraph_decision_log_spill_bytes",
     "gauge",
-    "Size of a replica's spill file in bytes; 0 when there is none.",
+    "Bytes of a replica's write-ahead-log segments on disk; 0 when there are none.",
+)
+DECISION_LOG_OLDEST_UNWRITTEN = MetricSpec(
+    "tipgraph_decision_log_oldest_unwritten_seconds",
+    "gauge",
+    "Age of the oldest row a replica's writer has not written yet; 0 when none waits.",
+)
+DECISION_LOG_DEAD_LETTERS = MetricSpec(
+    "tipgraph_decision_log_dead_letters_total",
+    "counter",
+    "Rows the database refused for good, moved to the dead-letter file instead of retried.",
+)
+DECISION_LOG_REPLAYED = MetricSpec(
+    "tipgraph_decision_log_replayed_total",
+    "counter",
+    "Rows replayed from the write-ahead log of a writer that died.",
 )
 FEEDBACK_HELD = MetricSpec(
     "tipgraph_feedback_held",
@@ -149,6 +164,9 @@ METRICS = (
     DECISION_LOG_BACKLOG,
     DECISION_LOG_SPILLED,
     DECISION_LOG_SPILL_BYTES,
+    DECISION_LOG_OLDEST_UNWRITTEN,
+    DECISION_LOG_DEAD_LETTERS,
+    DECISION_LOG_REPLAYED,
     FEEDBACK_HELD,
 )
 """Every metric tipgraph records."""
@@ -234,6 +252,14 @@ class DecisionLogView(Protocol):
     @property
     def spill_bytes(self) -> int: ...
 
+    def oldest_unwritten_s(self) -> float: ...
+
+    @property
+    def dead_lettered(self) -> int: ...
+
+    @property
+    def replayed(self) -> int: ...
+
 
 class Metrics:
     """What tipgraph counts, in its own terms; each method records the metrics above."""
@@ -241,6 +267,8 @@ class Metrics:
     def __init__(self, sink: MetricSink | None = None) -> None:
         self._sink: MetricSink = sink if sink is not None else NullSink()
         self._breaker_opened_seen = 0
+        self._dead_letters_seen = 0
+        self._replayed_seen = 0
 
     def decision(self, policy: str, policy_version: str, role: PolicyRole) -> None:
         tags = {"policy": policy, "policy_version": version_tag(policy_version), "role": role}
@@ -288,6 +316,14 @@ class Metrics:
         self._sink.set(DECISION_LOG_BACKLOG, log.backlog, {})
         self._sink.set(DECISION_LOG_SPILLED, log.spilled, {})
         self._sink.set(DECISION_LOG_SPILL_BYTES, log.spill_bytes, {})
+        self._sink.set(DECISION_LOG_OLDEST_UNWRITTEN, log.oldest_unwritten_s(), {})
+        new_dead = log.dead_lettered - self._dead_letters_seen
+        if new_dead > 0:  # a counter only moves up
+            self._sink.inc(DECISION_LOG_DEAD_LETTERS, new_dead, {})
+            self._dead_letters_seen = log.dead_lettered
+        if log.replayed > self._replayed_seen:
+            self._sink.inc(DECISION_LOG_REPLAYED, log.replayed - self._replayed_seen, {})
+            self._replayed_seen = log.replayed
 
     def sample_feedback_held(self, held: int) -> None:
         self._sink.set(FEEDBACK_HELD, held, {})

@@ -16,8 +16,16 @@ class Periodic:
     constructor may run before its event loop does.
     """
 
-    def __init__(self, interval_s: float, fn: Callable[[], object], name: str) -> None:
+    def __init__(
+        self,
+        interval_s: float,
+        fn: Callable[[], object],
+        name: str,
+        *,
+        first_after_s: float | None = None,
+    ) -> None:
         self._interval_s = interval_s
+        self._first_after_s = interval_s if first_after_s is None else first_after_s
         self._fn = fn
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -32,7 +40,9 @@ class Periodic:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+        wait = self._first_after_s
+        while not self._stop.wait(wait):
+            wait = self._interval_s
             try:
                 self._fn()
             except Exception:

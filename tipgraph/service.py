@@ -27,9 +27,9 @@ from tipgraph.contracts import (
     UserErasure,
     check_limits,
 )
-from tipgraph.decision_log import DecisionLog
+from tipgraph.decision_log import DecisionLog, DecisionLogFull
 from tipgraph.default_rewards import DefaultRewards
-from tipgraph.errors import InvalidRequest
+from tipgraph.errors import InvalidRequest, Unavailable
 from tipgraph.features import candidate_matrix
 from tipgraph.feedback import FeedbackService
 from tipgraph.generation import GenerationResult
@@ -41,8 +41,12 @@ from tipgraph.settings import TipgraphSettings
 from tipgraph.shadows import ShadowRunner
 from tipgraph.stages import Stages
 from tipgraph.store import DecisionStore
+from tipgraph.store.records import DecisionRecord
 
 logger = logging.getLogger(__name__)
+
+ERASE_FLUSH_S = 10.0
+"""Longest an erasure waits for this replica's writer before refusing."""
 
 
 def _ms(start: float) -> float:
@@ -102,14 +106,11 @@ class TipService:
         result = await self.stages.score(X, event_id)
         scoring_ms = _ms(t)
         chosen = candidates[result.chosen]
-        # Shadows start only once the served answer is in: on a busy node their scoring
-        # would otherwise compete with the served policy's for the same CPUs.
-        self.shadows.start(X, event_id, [c.candidate_id for c in candidates], chosen.candidate_id)
 
         latency = StageLatency(
             context=context_ms, generation=generation_ms, scoring=scoring_ms, total=_ms(start)
         )
-        self.log.submit(
+        await self._submit(
             decision_record(
                 self.settings.privacy,
                 self._secret,
@@ -122,11 +123,20 @@ class TipService:
                 latency,
             )
         )
+        # Shadows start only once the served answer is in (and logged): on a busy node their
+        # scoring would otherwise compete with the served policy's for the same CPUs.
+        self.shadows.start(X, event_id, [c.candidate_id for c in candidates], chosen.candidate_id)
         self.metrics.decision(result.policy_name, result.policy_version, "served")
         self.metrics.stage_latency(latency)
         if self._access_log:
             self._log_served(event_id, result, generation, latency)
         return self._response(event_id, generation, result, latency)
+
+    async def _submit(self, decision: DecisionRecord) -> None:
+        try:
+            await self.log.submit(decision)
+        except DecisionLogFull as err:
+            raise Unavailable(f"the decision cannot be logged, so it is not served: {err}") from err
 
     def _log_served(
         self,
@@ -182,8 +192,13 @@ class TipService:
     async def erase_user(self, user_id: str) -> UserErasure:
         """Delete the user's decisions and feedback; learned statistics stay (the rewards
         keep their features).  Buffered decisions are written first, so none of this
-        user's lands after the erasure from this replica."""
-        await self.log.flush()
+        user's lands after the erasure from this replica; if they cannot be written within
+        ``ERASE_FLUSH_S`` the erasure is refused (503) rather than left incomplete."""
+        if not await self.log.flush(timeout_s=ERASE_FLUSH_S):
+            raise Unavailable(
+                f"erasure not started: {self.log.backlog} decisions of this replica are still "
+                f"waiting to be written (is the database down?); retry later"
+            )
         user_key = self.user_key(user_id)
         for event_id in self.feedback_path.held_event_ids():
             decision = await asyncio.to_thread(self.store.get_decision, event_id)

@@ -67,10 +67,32 @@ class StoreSettings(_Strict):
         "request degrades (empty history, held feedback) after this, never hangs",
     )
     max_buffered_rows: int = Field(
-        10_000, ge=1, description="Rows the writer keeps in memory; more spill to spill_dir"
+        10_000, ge=1, description="Rows the writer keeps in memory; more wait in spill_dir"
     )
     spill_dir: str = Field(
-        "var/spill", description="Where the writer spills rows during a long database outage"
+        "var/spill",
+        description="The writers' write-ahead logs and dead-letter file; keep it on a volume "
+        "that outlives the process (replicas replay the logs of writers that died)",
+    )
+    durability: Literal["buffered", "durable"] = Field(
+        "buffered",
+        description="buffered: a decision is answered from memory and written within "
+        "flush_interval_s (a SIGKILL loses that window); durable: it is fsynced to the local "
+        "log before the answer (a SIGKILL loses nothing answered)",
+    )
+    max_spill_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="Write-ahead log on disk per writer past which /v1/tips answers 503 "
+        "instead of accepting rows it could lose",
+    )
+    max_unwritten_age_s: float = Field(
+        60.0,
+        gt=0,
+        description="/readyz is 503 while a row older than this waits to be written",
+    )
+    replay_interval_s: float = Field(
+        30.0, gt=0, description="How often a writer looks for dead writers' logs to replay"
     )
 
     @field_validator("url")

@@ -154,7 +154,7 @@ class ShadowScorer:
         """Score and log every event; returns each item's error (None when it scored)."""
         runs = await asyncio.gather(*(self._run(X, event_id, ids) for X, event_id, ids, _ in items))
         for (_, event_id, ids, served_id), run in zip(items, runs, strict=True):
-            self._log.submit_policy_scores(event_id, [run], ids)
+            await self._log.submit_policy_scores(event_id, [run], ids)
             self._metrics.shadow_run(run, served_id)
         return [run.error for run in runs]
 

@@ -4,7 +4,6 @@ bench baseline) builds them here, so their defaults live only in ``settings.py``
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,15 +16,17 @@ from tipgraph.store import DecisionStore, open_store
 
 
 def decision_log(store: DecisionStore, settings: StoreSettings, *, owner: str) -> DecisionLog:
-    """The store's writer with the configured batching and buffer, spilling to a file of its
-    own under ``spill_dir``: ``owner`` names it, and a random suffix keeps replicas of one
-    owner from sharing (or truncating) each other's rows."""
+    """The store's writer with the configured batching, buffer and durability; its
+    write-ahead-log segments live under ``spill_dir``, named after ``owner``."""
     return DecisionLog(
         store,
         flush_interval_s=settings.flush_interval_s,
         batch_size=settings.batch_size,
         max_buffered=settings.max_buffered_rows,
-        spill_path=Path(settings.spill_dir) / f"{owner}-{uuid.uuid4().hex}.jsonl",
+        spill_dir=Path(settings.spill_dir),
+        owner=owner,
+        durability=settings.durability,
+        max_spill_bytes=settings.max_spill_bytes,
     )
 
 

@@ -8,9 +8,10 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from tipgraph.contracts import TipKind
+from tipgraph.text import clean_text
 
 
 class LLMTip(BaseModel):
@@ -19,6 +20,12 @@ class LLMTip(BaseModel):
     content: str
     kind: TipKind
     task_id: str | None = None
+
+    @field_validator("content", "task_id", mode="before")
+    @classmethod
+    def _safe(cls, value: object) -> object:
+        # A model's text is cleaned, not refused: the rest of the tip is still good.
+        return clean_text(value) if isinstance(value, str) else value
 
 
 class MalformedAnswer(ValueError):

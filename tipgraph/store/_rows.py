@@ -35,6 +35,7 @@ from tipgraph.store.records import (
     StoredDecision,
     TrainingEvent,
 )
+from tipgraph.text import clean_text
 
 Row = Sequence[Any]
 Params = tuple[Any, ...]
@@ -61,6 +62,12 @@ def utc_datetime(raw: datetime | str) -> datetime:
         # Only written by hand outside the store; every value we write carries an offset.
         value = value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
+
+
+def db_text(value: str | None) -> str | None:
+    """Text as the store keeps it: cleaned of controls, bidi overrides and lone surrogates
+    (Postgres refuses NUL, and no reader wants the others), whoever produced it."""
+    return None if value is None else clean_text(value)
 
 
 def db_floats(values: Sequence[float], *, what: str) -> str:
@@ -125,15 +132,15 @@ def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
                 decision.policy_name,
                 decision.policy_version,
                 decision.feature_version,
-                decision.prompt_version,
+                db_text(decision.prompt_version),
                 decision.generation_source,
                 decision.chosen_candidate_id,
                 decision.chosen_kind,
                 float(decision.chosen_probability),
                 *_latencies(decision.latency_ms),
                 db_floats(decision.context_features, what=f"{decision.event_id}: context"),
-                decision.generation_reason,
-                decision.llm_model,
+                db_text(decision.generation_reason),
+                db_text(decision.llm_model),
             )
         )
         rows.candidates.extend(
@@ -143,10 +150,10 @@ def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
                 c.position,
                 c.kind,
                 c.source,
-                c.content,
+                db_text(c.content),
                 c.task_ref,
-                c.model,
-                c.prompt_version,
+                db_text(c.model),
+                db_text(c.prompt_version),
                 db_floats(c.features, what=f"{decision.event_id}/{c.candidate_id}: features"),
             )
             for c in candidates
@@ -186,7 +193,7 @@ def policy_run_rows(
         run.chosen_candidate_id,
         None if run.chosen_probability is None else float(run.chosen_probability),
         float(run.latency_ms),
-        run.error,
+        db_text(run.error),
         created_at,
     )
     scores = (
