@@ -43,11 +43,11 @@ class Flaky:
         self.down = False
         self.calls = 0
 
-    def write_batch(self, decisions: Any, shadows: Any) -> None:
+    def write_batch(self, decisions: Any, shadows: Any, held: Any = ()) -> int:
         self.calls += 1
         if self.down:
             raise StoreUnavailable("the database is down (test)")
-        self.store.write_batch(decisions, shadows)
+        return self.store.write_batch(decisions, shadows, held)
 
 
 def writer(store: Any, spill: Path | None, **kwargs: Any) -> DecisionLog:

@@ -170,8 +170,13 @@ def test_a_user_can_be_erased_over_http(serve_apps: dict[str, App]) -> None:
     assert httpx.delete(f"{url}/v1/users/{user}").status_code == 401
     erased = app.client.delete(f"/v1/users/{user}")
     assert erased.status_code == 200
-    assert erased.json() == {"decisions_erased": 2, "feedback_erased": 2}
+    assert erased.json() == {"decisions_erased": 2, "feedback_erased": 2, "pending_writes": 0}
     assert app.query("SELECT COUNT(*) FROM decisions WHERE event_id = ANY(%s)", events) == [(0,)]
+    # Feedback for an erased decision is refused, not held for a decision that never comes.
+    late = app.client.post("/v1/feedback", json={"event_id": events[0], "reaction": "snooze"})
+    assert late.status_code == 404, late.text
+    forged = app.client.post("/v1/feedback", json={"event_id": "f" * 40, "reaction": "done"})
+    assert forged.status_code == 404 and "not one tipgraph issued" in forged.json()["detail"]
     assert app.query("SELECT COUNT(*) FROM rewards")[0][0] == rewards_before
     too_long = app.client.delete(f"/v1/users/{'x' * 300}")
     assert too_long.status_code == 422 and "user_id" in too_long.json()["detail"]

@@ -485,3 +485,21 @@ def test_kustomize_features_it_does_not_implement_are_refused(tmp_path: Path) ->
     (tmp_path / "a.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n")
     with pytest.raises(KustomizeError, match="JSON 6902"):
         kustomize_build(tmp_path)
+
+
+def test_every_serving_pod_keeps_the_decision_log_on_the_node() -> None:
+    """Write-ahead logs in the container's writable layer die with the pod: the replica
+    that replaces a killed one could not replay them.  Every Ray pod mounts a node path at
+    the spill_dir it is configured with."""
+    services = [doc for _, doc in all_documents() if doc["kind"] == "RayService"]
+    assert services
+    for service in services:
+        name = service["metadata"]["name"]
+        for spec in pod_specs(service):
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            for container in spec["containers"]:
+                env = {e["name"]: e.get("value") for e in container["env"]}
+                spill_dir = env["TIPGRAPH_STORE__SPILL_DIR"]
+                mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+                assert spill_dir in mounts, (name, container["name"])
+                assert "hostPath" in volumes[mounts[spill_dir]], (name, container["name"])

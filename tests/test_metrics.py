@@ -26,6 +26,7 @@ from tests.conftest import AUTH_HEADERS, free_port
 from tests.factories import local_service, task, tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
+from tipgraph.event_ids import new_event_id
 from tipgraph.features import build_context
 from tipgraph.generation import Completion, LLMUnavailable, TipGenerator, load_split
 from tipgraph.generation.breaker import CircuitBreaker
@@ -246,7 +247,8 @@ async def test_feedback_counts_one_reward_for_the_served_policy(
     for _ in range(2):  # a repeat is not a second reward
         await service.feedback(FeedbackRequest(event_id=done.event_id, reaction="done"))
     await service.feedback(FeedbackRequest(event_id=snoozed.event_id, reaction="snooze"))
-    held = await service.feedback(FeedbackRequest(event_id="f" * 32, reaction="done"))
+    unwritten = new_event_id(settings.privacy.user_key_secret.get_secret_value())
+    held = await service.feedback(FeedbackRequest(event_id=unwritten, reaction="done"))
     assert held.status == "pending"
     service.sample_metrics()
     await service.close()

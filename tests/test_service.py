@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from tests.factories import local_service, local_stages, tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
 from tipgraph.errors import FeedbackConflict, InvalidRequest, UnknownEvent
+from tipgraph.event_ids import new_event_id
 from tipgraph.local import LocalStages
 from tipgraph.service import TipService
 from tipgraph.settings import StoreSettings, TipgraphSettings
@@ -144,18 +146,29 @@ async def test_feedback_teaches_served_and_shadow_policies_once(
 async def test_feedback_for_an_unknown_event_is_held_and_out_of_range_is_refused(
     settings: TipgraphSettings, store: DecisionStore
 ) -> None:
-    service = make_service(settings, store)
-    with pytest.raises(UnknownEvent, match="not a known decision"):
+    impatient = settings.model_copy(
+        update={"learning": settings.learning.model_copy(update={"reward_wait_s": 0.2})}
+    )
+    service = make_service(impatient, store)
+    with pytest.raises(UnknownEvent, match="not one tipgraph issued"):
         await service.feedback(FeedbackRequest(event_id="nope", reaction="done"))
-    unknown = "0" * 32  # well formed: it may be a decision another replica has not written
+    forged = "0" * 40  # the signed form, with a MAC no key made
+    with pytest.raises(UnknownEvent, match="not one tipgraph issued"):
+        await service.feedback(FeedbackRequest(event_id=forged, reaction="done"))
+    legacy = "0" * 32  # an id of the old, unsigned form: all of those are written by now
+    with pytest.raises(UnknownEvent, match="not a known decision"):
+        await service.feedback(FeedbackRequest(event_id=legacy, reaction="done"))
+    # Signed but not readable: it may be a decision another replica has not written.
+    unknown = new_event_id(settings.privacy.user_key_secret.get_secret_value())
     held = await service.feedback(FeedbackRequest(event_id=unknown, reaction="done"))
     assert held.status == "pending" and not held.learned and service.held_feedback == 1
-    with pytest.raises(FeedbackConflict, match="waiting; feedback is final"):
-        await service.feedback(FeedbackRequest(event_id=unknown, reaction="dismiss"))
     with pytest.raises(InvalidRequest, match=r"value: must be within \[0.0, 1.0\], got 3.0"):
         await service.feedback(FeedbackRequest(event_id=unknown, reaction="done", value=3.0))
+    await service.log.flush()
+    assert store.count_held_feedback() == 1  # shared, in the store
     # Feedback whose decision never appears expires after the reward wait.
-    await service.feedback_path._apply_held(expire_after_s=0.0)
+    await asyncio.sleep(0.3)
+    await service.feedback_path.apply_held()
     assert service.held_feedback == 0 and service.feedback_expired == 1
     await service.close()
 
@@ -178,8 +191,10 @@ async def test_feedback_held_before_its_decision_lands_is_applied_exactly_once(
     assert service.held_feedback == 0
     counts = store.counts()
     assert counts.feedback == 1 and counts.rewards == 1
-    assert isinstance(service.stages, LocalStages)
-    assert service.stages.served.policy.n_updates == 1  # learned once, right away
+    # Learned once, right away, by whichever replica applied it (any may: the table is shared).
+    learners = [s.stages for s in (service, other)]
+    assert all(isinstance(s, LocalStages) for s in learners)
+    assert sum(s.served.policy.n_updates for s in learners if isinstance(s, LocalStages)) == 1
     again = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
     assert again.status == "applied" and store.counts().feedback == 1
     await service.close()
@@ -395,6 +410,63 @@ async def test_feedback_is_held_when_the_store_fails_after_finding_the_decision(
     monkeypatch.setattr(store, "record_feedback", flaky)
     held = await service.feedback(FeedbackRequest(event_id=tip.event_id, reaction="done"))
     assert held.status == "pending"
-    await service.feedback_path._apply_held(expire_after_s=60)
+    await service.log.flush()  # the held feedback reaches the shared table
+    assert await service.feedback_path.apply_held() == 1
     assert service.held_feedback == 0 and store.counts().feedback == 1 and calls == 2
     await service.close()
+
+
+async def test_ten_thousand_forged_event_ids_are_refused_at_once_and_real_feedback_applies(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    service = make_service(settings, store)
+    tip = await service.tip(request())
+    reads = 0
+    real_get = store.get_decision
+
+    def counted(event_id: str) -> object:
+        nonlocal reads
+        reads += 1
+        return real_get(event_id)
+
+    store.get_decision = counted  # type: ignore[method-assign]
+    rng = random.Random(3)
+    for _ in range(10_000):
+        forged = "".join(rng.choice("0123456789abcdef") for _ in range(40))
+        with pytest.raises(UnknownEvent, match="not one tipgraph issued"):
+            await service.feedback(FeedbackRequest(event_id=forged, reaction="done"))
+    assert reads == 0 and service.held_feedback == 0  # not one database read, nothing held
+    answer = await service.feedback(FeedbackRequest(event_id=tip.event_id, reaction="done"))
+    assert answer.status == "applied" and answer.learned
+    await service.close()
+
+
+async def test_erasure_races_a_second_replicas_buffered_rows_and_wins(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    """Replica B still holds the user's decisions (and its shadows' rows) when replica A
+    erases the user: they are dropped when B writes them, and nothing of the user remains."""
+    a = make_service(settings, store)
+    slow = decision_log(store, StoreSettings(flush_interval_s=60), owner="b")
+    b = local_service(settings, store, slow)
+    kept = await a.tip(request(user_id="bob"))
+    mine = [await b.tip(request(user_id="erase-me")) for _ in range(3)]
+    written = await a.tip(request(user_id="erase-me"))
+    await a.log.flush()
+    assert b.log.backlog >= 3  # B's rows are not written yet
+    erased = await a.erase_user("erase-me")
+    assert erased.decisions_erased == 1
+    await b.log.flush()  # B writes late: the tombstone drops them in the same transaction
+    assert b.log.dropped_erased == 3
+    for event_id in [written.event_id, *(m.event_id for m in mine)]:
+        assert store.get_decision(event_id) is None and store.is_erased(event_id)
+        late = FeedbackRequest(event_id=event_id, reaction="done")
+        with pytest.raises(UnknownEvent, match="not a known decision"):
+            await b.feedback(late)
+    assert store.get_decision(kept.event_id) is not None
+    await a.close()
+    await b.close()
+    key = a.user_key("erase-me")
+    counts = store.counts()
+    assert counts.decisions == 1  # bob's only
+    assert store.user_history(key, 10) == []

@@ -24,6 +24,7 @@ from tipgraph.store import (
     CandidateRecord,
     DecisionRecord,
     DecisionStore,
+    EventErased,
     FeedbackRecord,
     LogFilter,
     MigrationError,
@@ -178,13 +179,13 @@ def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 4
+    assert store.schema_version() == 5
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 4
+        assert again.schema_version() == 5
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
-    ) == [(1, "initial"), (2, "rewards"), (3, "generation"), (4, "erasure")]
+    ) == [(1, "initial"), (2, "rewards"), (3, "generation"), (4, "erasure"), (5, "tombstones")]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
 
@@ -195,13 +196,20 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.setattr(migrate_module, "load_migrations", lambda dialect: shipped(dialect)[:1])
     with open_store(store_settings) as old:
         assert old.schema_version() == 1
-        # Today's writer also fills migration 0003's columns: add them for this write and
-        # drop them again, so the rows are exactly what release 1 stored.
+        # Today's writer also fills migration 0003's columns and reads 0005's tombstones:
+        # add them for this write and drop them again, so the rows are exactly what
+        # release 1 stored.
         for column in ("generation_reason", "llm_model"):
             raw_sql(store_settings, f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
+        for table, key in (("erased_users", "user_key"), ("erased_events", "event_id")):
+            raw_sql(
+                store_settings, f"CREATE TABLE {table} ({key} TEXT PRIMARY KEY, erased_at TEXT)"
+            )
         old.write_decisions([make_decision("e1", chosen=0), make_decision("e2", chosen=2)])
         for column in ("generation_reason", "llm_model"):
             raw_sql(store_settings, f"ALTER TABLE decisions DROP COLUMN {column}")
+        for table in ("erased_users", "erased_events"):
+            raw_sql(store_settings, f"DROP TABLE {table}")
     # What release 1 wrote: feedback rows only, in another order than the decisions, and
     # one for an event whose decision was never logged.
     times = {"e2": T0 + timedelta(minutes=1), "e9": T0 + timedelta(minutes=2)}
@@ -216,7 +224,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 4
+        assert upgraded.schema_version() == 5
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),
@@ -1033,3 +1041,44 @@ def test_erasing_a_user_keeps_what_was_learned(store: DecisionStore) -> None:
     ]
     assert [e.event_id for e in after] == ["", "b1", ""]
     assert store.erase_user("alice") == (0, 0)  # idempotent
+
+
+def test_an_erasure_is_tombstoned_so_late_rows_land_nowhere(store: DecisionStore) -> None:
+    shadow = PolicyScoresEntry("early-shadow", [make_shadow()], CANDIDATE_IDS)
+    store.write_batch([make_decision("kept", user_key="bob")], [shadow])  # shadow first
+    store.write_decisions([make_decision("old", user_key="eve")])
+    store.record_feedback(make_feedback("old"))
+    assert store.erase_users(["eve", "eve-under-a-retired-key"]) == (1, 1)
+    # Rows buffered elsewhere arrive after the erasure: decisions, scores, held feedback.
+    late = [make_decision("early-shadow", user_key="eve"), make_decision("late", user_key="eve")]
+    held = [make_feedback("late"), make_feedback("kept")]
+    scores = [PolicyScoresEntry(e, [make_shadow()], CANDIDATE_IDS) for e in ("late", "old")]
+    assert store.write_batch(late, scores, held) == 2  # both decisions dropped
+    for event_id in ("old", "late", "early-shadow"):
+        assert store.get_decision(event_id) is None and store.is_erased(event_id)
+    assert not store.is_erased("kept")
+    counts = store.counts()
+    # Only bob's decision remains, with its served run; the shadow row that came before
+    # its (dropped) decision is gone too.
+    assert (counts.decisions, counts.policy_runs, counts.feedback) == (1, 1, 0)
+    assert store.count_held_feedback() == 1  # bob's; eve's late one was refused
+    with pytest.raises(EventErased):
+        store.record_feedback(make_feedback("late"))
+    # Erasing again is harmless.
+    assert store.erase_users(["eve"]) == (0, 0)
+
+
+def test_held_feedback_waits_in_the_store_until_its_decision_is_readable(
+    store: DecisionStore,
+) -> None:
+    store.write_batch([], [], [make_feedback("a"), make_feedback("b", "dismiss", 0.0)])
+    store.write_batch([], [], [make_feedback("a", "snooze", 0.25)])  # the first held wins
+    assert store.count_held_feedback() == 2 and store.held_feedback_ready(10) == []
+    store.write_decisions([make_decision("a")])
+    (ready,) = store.held_feedback_ready(10)
+    assert ready == make_feedback("a")
+    store.delete_held_feedback(["a"])
+    # "b" never gets a decision: it expires once received before the cutoff.
+    assert store.expire_held_feedback(T0) == 0
+    assert store.expire_held_feedback(T0 + timedelta(hours=1)) == 1
+    assert store.count_held_feedback() == 0

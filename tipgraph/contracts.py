@@ -182,6 +182,11 @@ class UserErasure(BaseModel):
 
     decisions_erased: int
     feedback_erased: int
+    pending_writes: int = Field(
+        0,
+        description="This replica's decisions still waiting to be written when the erasure "
+        "ran; the user's among them are dropped when they arrive (the erasure is tombstoned)",
+    )
 
 
 class ErrorResponse(BaseModel):

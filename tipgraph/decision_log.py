@@ -44,7 +44,12 @@ from pathlib import Path
 from typing import Literal
 
 from tipgraph.store import DecisionStore, StoreUnavailable
-from tipgraph.store.records import DecisionRecord, PolicyScoresEntry, PolicyScoresRecord
+from tipgraph.store.records import (
+    DecisionRecord,
+    FeedbackRecord,
+    PolicyScoresEntry,
+    PolicyScoresRecord,
+)
 from tipgraph.wal import (
     DEAD_LETTERS,
     SEGMENT_SUFFIX,
@@ -136,6 +141,8 @@ class DecisionLog:
         self.torn_lines = 0
         self.replayed = 0
         self.shadows_dropped = 0
+        self.dropped_erased = 0  # decisions of users erased before they were written
+        self.held_unwritten = 0  # held feedback accepted, not yet in the store
         self._wake: asyncio.Event | None = None
         self._progress: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
@@ -215,6 +222,14 @@ class DecisionLog:
         except DecisionLogFull as err:
             self.shadows_dropped += 1
             logger.warning("decision log: shadow scores of %s dropped: %s", event_id, err)
+
+    async def submit_held_feedback(self, feedback: FeedbackRecord) -> None:
+        """Accept feedback whose decision cannot be read yet; it is written to the shared
+        ``held_feedback`` table (durably, as a decision would be) and applied from there.
+        Raises :class:`DecisionLogFull` like :meth:`submit`."""
+        self._ensure_running()
+        await self._accept(feedback)
+        self.held_unwritten += 1
 
     async def _accept(self, entry: Entry) -> None:
         if not self.accepting:
@@ -366,6 +381,7 @@ class DecisionLog:
         self._pending_ids.difference_update(
             e.event_id for e in batch if isinstance(e, DecisionRecord)
         )
+        self.held_unwritten -= sum(isinstance(e, FeedbackRecord) for e in batch)
         assert self._progress is not None
         async with self._progress:
             self._handled += len(batch)
@@ -420,8 +436,9 @@ class DecisionLog:
         """
         decisions = [e for e in entries if isinstance(e, DecisionRecord)]
         shadows = [e for e in entries if isinstance(e, PolicyScoresEntry)]
+        held = [e for e in entries if isinstance(e, FeedbackRecord)]
         try:
-            self._store.write_batch(decisions, shadows)
+            self.dropped_erased += self._store.write_batch(decisions, shadows, held)
         except StoreUnavailable:
             raise
         except Exception as err:

@@ -5,42 +5,31 @@ served policy (the shadows in the background).  Feedback whose decision cannot b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-import re
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from tipgraph.contracts import FeedbackRequest, FeedbackResponse
-from tipgraph.decision_log import DecisionLog
+from tipgraph.decision_log import DecisionLog, DecisionLogFull
 from tipgraph.errors import FeedbackConflict, InvalidRequest, Unavailable, UnknownEvent
+from tipgraph.event_ids import event_id_kind
 from tipgraph.metrics import Metrics
 from tipgraph.settings import TipgraphSettings
 from tipgraph.shadows import ShadowRunner
 from tipgraph.stages import Stages
-from tipgraph.store import DecisionStore, StoreError
+from tipgraph.store import DecisionStore, EventErased, StoreError
 from tipgraph.store.records import FeedbackRecord, StoredDecision
 
 logger = logging.getLogger(__name__)
 
-EVENT_ID = re.compile(r"[0-9a-f]{32}")
-"""What ``tip`` issues (uuid4 hex): anything else cannot be a decision, now or later."""
 FLUSH_WAIT_S = 2.0
 """How long feedback waits for its decision to leave this replica's writer before it is held."""
 HELD_RETRY_S = 0.5
-"""How often held feedback looks for its decision again."""
-
-
-@dataclass
-class HeldFeedback:
-    """Feedback accepted before its decision row could be read (not yet written, or the
-    database unreachable); applied by the retry loop once the row is there."""
-
-    record: FeedbackRecord
-    held_at: float
+"""How often each replica looks for held feedback whose decision has become readable."""
+HELD_BATCH = 256
+"""Held feedback applied per look: one query finds them all."""
 
 
 def _response(
@@ -57,6 +46,11 @@ def _response(
 
 
 class FeedbackService:
+    """Feedback in, rewards out.  Feedback whose decision cannot be read yet is *held*: it
+    goes through the decision log (as durable as a decision) into the shared
+    ``held_feedback`` table, and every replica's applier applies what has become readable,
+    so held feedback survives a restart and any replica may apply it."""
+
     def __init__(
         self,
         settings: TipgraphSettings,
@@ -72,14 +66,17 @@ class FeedbackService:
         self._log = log
         self._shadows = shadows
         self._metrics = metrics
-        self._held: dict[str, HeldFeedback] = {}
-        self._held_task: asyncio.Future[None] | None = None
+        self._keys = settings.privacy.all_user_key_secrets()
+        self._applier: asyncio.Task[None] | None = None
         self._access_log = settings.logs.access_log
+        self._held_stored = 0
         self.expired = 0
 
     @property
     def held(self) -> int:
-        return len(self._held)
+        """Held feedback: in the store (every replica's, as of this replica's last look)
+        and still in this replica's writer."""
+        return self._held_stored + self._log.held_unwritten
 
     async def feedback(self, request: FeedbackRequest) -> FeedbackResponse:
         rewards = self._settings.rewards
@@ -90,11 +87,10 @@ class FeedbackService:
             raise InvalidRequest(
                 f"value: must be within [{rewards.min_reward}, {rewards.max_reward}], got {reward}"
             )
-        if not EVENT_ID.fullmatch(request.event_id):
-            raise UnknownEvent(
-                f"event_id {request.event_id!r} is not a known decision: tipgraph issues "
-                "32 lowercase hex characters"
-            )
+        kind = event_id_kind(request.event_id, self._keys)
+        if kind is None:
+            raise UnknownEvent(f"event_id {request.event_id!r} is not one tipgraph issued")
+        self.start_applier()
         now = datetime.now(UTC)
         record = FeedbackRecord(
             event_id=request.event_id,
@@ -104,11 +100,16 @@ class FeedbackService:
             reacted_at=request.at or now,
             received_at=now,
         )
-        decision = await self._find_decision(request.event_id)
+        decision, readable = await self._find_decision(request.event_id)
         if decision is None:
-            return self._hold(record)
+            if readable and (kind == "legacy" or await self._erased(request.event_id)):
+                # A legacy id was written long ago, and an erased one never comes back.
+                raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision")
+            return await self._hold(record)
         try:
             return await self._apply(record, decision)
+        except EventErased as err:
+            raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision") from err
         except StoreError as err:
             # The database went away between reading the decision and storing this: hold
             # it. Retrying is safe, storing feedback is idempotent.
@@ -118,95 +119,96 @@ class FeedbackService:
                 err,
                 extra={"event_id": record.event_id},
             )
-            return self._hold(record)
+            return await self._hold(record)
 
-    def held_event_ids(self) -> Iterator[str]:
-        return iter(list(self._held))
-
-    def drop_held(self, event_id: str) -> None:
-        self._held.pop(event_id, None)
+    def start_applier(self) -> None:
+        """Start this replica's held-feedback applier (once; needs a running event loop)."""
+        if self._applier is None or self._applier.done():
+            self._applier = asyncio.get_running_loop().create_task(self._apply_held_forever())
 
     async def close(self) -> None:
-        """Give held feedback a last chance to find its decision (the writer has flushed)."""
-        if self._held:
-            await self._apply_held(expire_after_s=float("inf"))
-        if self._held:
-            logger.error("shutting down with %d feedback items still held", len(self._held))
-        if self._held_task is not None:
-            self._held_task.cancel()
+        """Give held feedback a last look (the writer has flushed), then stop the applier."""
+        if self._applier is not None:
+            self._applier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._applier
+        with contextlib.suppress(StoreError):
+            await self.apply_held()
 
-    async def _find_decision(self, event_id: str) -> StoredDecision | None:
-        """The logged decision, or None when it is not readable yet (not written, or the
-        database is unreachable): such feedback is held, never rejected."""
+    async def _find_decision(self, event_id: str) -> tuple[StoredDecision | None, bool]:
+        """The logged decision, and whether the store could be read at all: a decision not
+        readable (not written yet, or the database away) holds its feedback."""
         try:
             decision = await asyncio.to_thread(self._store.get_decision, event_id)
             if decision is None and self._log.is_pending(event_id):
-                await asyncio.wait_for(self._log.flush(), timeout=FLUSH_WAIT_S)
+                await self._log.flush(timeout_s=FLUSH_WAIT_S)
                 decision = await asyncio.to_thread(self._store.get_decision, event_id)
-        except (StoreError, TimeoutError) as err:
+        except StoreError as err:
             logger.warning(
                 "decision %s not readable now (%s); holding its feedback",
                 event_id,
                 err,
                 extra={"event_id": event_id},
             )
-            return None
-        return decision
+            return None, False
+        return decision, True
 
-    def _hold(self, record: FeedbackRecord) -> FeedbackResponse:
-        held = self._held.get(record.event_id)
-        if held is None:
-            if len(self._held) >= self._settings.store.max_buffered_rows:
-                raise Unavailable(
-                    f"{len(self._held)} feedback items are waiting for their decisions; retry"
-                )
-            held = self._held[record.event_id] = HeldFeedback(record, time.monotonic())
-            if self._access_log:
-                logger.info(
-                    "feedback held until its decision can be read",
-                    extra={"event_id": record.event_id, "reaction": record.reaction},
-                )
-            if self._held_task is None or self._held_task.done():
-                self._held_task = asyncio.ensure_future(self._retry_held())
-        elif (held.record.reaction, held.record.reward) != (record.reaction, record.reward):
-            raise FeedbackConflict(
-                f"event {record.event_id!r} already has feedback {held.record.reaction!r} "
-                f"(reward {held.record.reward}) waiting; feedback is final"
+    async def _erased(self, event_id: str) -> bool:
+        try:
+            return await asyncio.to_thread(self._store.is_erased, event_id)
+        except StoreError:
+            return False
+
+    async def _hold(self, record: FeedbackRecord) -> FeedbackResponse:
+        if self.held >= self._settings.learning.max_held_feedback:
+            raise Unavailable(f"{self.held} feedback items are waiting for their decisions; retry")
+        try:
+            await self._log.submit_held_feedback(record)
+        except DecisionLogFull as err:
+            raise Unavailable(f"feedback cannot be kept now: {err}") from err
+        if self._access_log:
+            logger.info(
+                "feedback held until its decision can be read",
+                extra={"event_id": record.event_id, "reaction": record.reaction},
             )
-        return _response(held.record, learned=False, status="pending")
+        return _response(record, learned=False, status="pending")
 
-    async def _retry_held(self) -> None:
-        """Apply held feedback as its decisions become readable; drop what can never be
-        learned (older than the reward wait, so its decision will not come)."""
-        wait_s = self._settings.learning.reward_wait_s
-        while self._held:
+    async def _apply_held_forever(self) -> None:
+        while True:
             await asyncio.sleep(HELD_RETRY_S)
-            await self._apply_held(expire_after_s=wait_s)
-
-    async def _apply_held(self, *, expire_after_s: float) -> None:
-        for event_id, held in list(self._held.items()):
             try:
-                decision = await asyncio.to_thread(self._store.get_decision, event_id)
-                if decision is not None:
-                    await self._apply(held.record, decision)
-                elif time.monotonic() - held.held_at <= expire_after_s:
-                    continue  # keep waiting for the decision
-                else:
-                    self.expired += 1
-                    logger.warning(
-                        "feedback for %s expired: its decision never appeared",
-                        event_id,
-                        extra={"event_id": event_id},
-                    )
+                await self.apply_held()
             except StoreError as err:
                 logger.warning("held feedback waits for the database: %s", err)
-                return
-            except FeedbackConflict as err:
-                # Another replica stored different feedback first: that one is final.
+            except Exception:
+                logger.exception("held feedback applier failed; trying again")
+
+    async def apply_held(self) -> int:
+        """Apply held feedback whose decision is readable now (one query for the batch),
+        expire what waited longer than the reward wait, and count what is left.  Several
+        replicas may do this at once: storing feedback is idempotent, the first wins."""
+        ready = await asyncio.to_thread(self._store.held_feedback_ready, HELD_BATCH)
+        for record in ready:
+            decision = await asyncio.to_thread(self._store.get_decision, record.event_id)
+            if decision is None:
+                continue  # erased since: the erasure deleted the held row too
+            try:
+                await self._apply(record, decision)
+            except (FeedbackConflict, EventErased) as err:
                 logger.warning(
-                    "held feedback dropped: %s", err.message, extra={"event_id": event_id}
+                    "held feedback dropped: %s", err, extra={"event_id": record.event_id}
                 )
-            self._held.pop(event_id, None)
+        if ready:
+            await asyncio.to_thread(self._store.delete_held_feedback, [r.event_id for r in ready])
+        cutoff = datetime.now(UTC) - timedelta(seconds=self._settings.learning.reward_wait_s)
+        expired = await asyncio.to_thread(self._store.expire_held_feedback, cutoff)
+        if expired:
+            self.expired += expired
+            logger.warning(
+                "%d held feedback items expired: their decisions never appeared", expired
+            )
+        self._held_stored = await asyncio.to_thread(self._store.count_held_feedback)
+        return len(ready)
 
     async def _apply(self, record: FeedbackRecord, decision: StoredDecision) -> FeedbackResponse:
         outcome = await asyncio.to_thread(

@@ -135,12 +135,12 @@ DECISION_LOG_OLDEST_UNWRITTEN = MetricSpec(
     "Age of the oldest row a replica's writer has not written yet; 0 when none waits.",
 )
 DECISION_LOG_DEAD_LETTERS = MetricSpec(
-    "tipgraph_decision_log_dead_letters_total",
+    "tipgraph_decision_log_dead_letters",
     "counter",
     "Rows the database refused for good, moved to the dead-letter file instead of retried.",
 )
 DECISION_LOG_REPLAYED = MetricSpec(
-    "tipgraph_decision_log_replayed_total",
+    "tipgraph_decision_log_replayed",
     "counter",
     "Rows replayed from the write-ahead log of a writer that died.",
 )

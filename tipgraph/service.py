@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 
 from tipgraph.contracts import (
     FeedbackRequest,
@@ -30,6 +29,7 @@ from tipgraph.contracts import (
 from tipgraph.decision_log import DecisionLog, DecisionLogFull
 from tipgraph.default_rewards import DefaultRewards
 from tipgraph.errors import InvalidRequest, Unavailable
+from tipgraph.event_ids import new_event_id
 from tipgraph.features import candidate_matrix
 from tipgraph.feedback import FeedbackService
 from tipgraph.generation import GenerationResult
@@ -40,13 +40,13 @@ from tipgraph.scoring import PolicyScore
 from tipgraph.settings import TipgraphSettings
 from tipgraph.shadows import ShadowRunner
 from tipgraph.stages import Stages
-from tipgraph.store import DecisionStore
+from tipgraph.store import DecisionStore, StoreError
 from tipgraph.store.records import DecisionRecord
 
 logger = logging.getLogger(__name__)
 
-ERASE_FLUSH_S = 10.0
-"""Longest an erasure waits for this replica's writer before refusing."""
+ERASE_FLUSH_S = 2.0
+"""Longest an erasure waits for this replica's writer: tombstones cover what is left."""
 
 
 def _ms(start: float) -> float:
@@ -84,7 +84,9 @@ class TipService:
         if problem:
             raise InvalidRequest(problem)
         start = time.perf_counter()
-        event_id = uuid.uuid4().hex
+        # Any replica applies held feedback, the one that held it may be gone: start here too.
+        self.feedback_path.start_applier()
+        event_id = new_event_id(self._secret)
         user_key = self.user_key(request.user_id)
 
         t = time.perf_counter()
@@ -190,23 +192,26 @@ class TipService:
         return await self.feedback_path.feedback(request)
 
     async def erase_user(self, user_id: str) -> UserErasure:
-        """Delete the user's decisions and feedback; learned statistics stay (the rewards
-        keep their features).  Buffered decisions are written first, so none of this
-        user's lands after the erasure from this replica; if they cannot be written within
-        ``ERASE_FLUSH_S`` the erasure is refused (503) rather than left incomplete."""
-        if not await self.log.flush(timeout_s=ERASE_FLUSH_S):
-            raise Unavailable(
-                f"erasure not started: {self.log.backlog} decisions of this replica are still "
-                f"waiting to be written (is the database down?); retry later"
-            )
-        user_key = self.user_key(user_id)
-        for event_id in self.feedback_path.held_event_ids():
-            decision = await asyncio.to_thread(self.store.get_decision, event_id)
-            if decision is not None and decision.user_key == user_key:
-                self.feedback_path.drop_held(event_id)
-        decisions, feedback = await asyncio.to_thread(self.store.erase_user, user_key)
+        """Delete the user's decisions, feedback and held feedback under every configured
+        key; learned statistics stay (the rewards keep their features).  The erasure is
+        tombstoned in the same transaction, so rows still buffered in any replica, or
+        replayed from a dead one's log, are dropped when they arrive.  This replica's
+        writer gets ``ERASE_FLUSH_S`` to write first; what it still holds is reported."""
+        flushed = await self.log.flush(timeout_s=ERASE_FLUSH_S)
+        keys = [
+            pseudonymise(secret, user_id, namespace="user")
+            for secret in self.settings.privacy.all_user_key_secrets()
+        ]
+        try:
+            decisions, feedback = await asyncio.to_thread(self.store.erase_users, keys)
+        except StoreError as err:
+            raise Unavailable(f"the erasure could not run, the store failed: {err}") from err
         logger.info("erased a user: %d decisions, %d feedback", decisions, feedback)
-        return UserErasure(decisions_erased=decisions, feedback_erased=feedback)
+        return UserErasure(
+            decisions_erased=decisions,
+            feedback_erased=feedback,
+            pending_writes=0 if flushed else self.log.backlog,
+        )
 
     def apply_default_rewards(self) -> int:
         return self.default_rewards.apply()

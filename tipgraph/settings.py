@@ -137,6 +137,12 @@ class LearningSettings(_Strict):
     default_reward: float | None = Field(
         0.0, description="Learned for a decision with no feedback within the wait; None = off"
     )
+    max_held_feedback: int = Field(
+        10_000,
+        ge=1,
+        description="Feedback waiting for its decision (all replicas together) past which "
+        "more is refused with 503",
+    )
     default_reward_check_s: float = Field(
         10.0, gt=0, description="How often the ingress applies default rewards"
     )
@@ -407,8 +413,20 @@ class ShadowSettings(_Strict):
 class PrivacySettings(_Strict):
     user_key_secret: SecretStr = Field(
         SecretStr("tipgraph-dev-only-secret"),
-        description="HMAC key that pseudonymises user ids; set TIPGRAPH_PRIVACY__USER_KEY_SECRET",
+        description="HMAC key that pseudonymises user ids and signs event ids; set "
+        "TIPGRAPH_PRIVACY__USER_KEY_SECRET",
     )
+    retired_user_key_secrets: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys rotated out, newest first: erasure also looks users up under "
+        "them, and event ids they signed stay valid",
+    )
+
+    def all_user_key_secrets(self) -> list[str]:
+        """The current key first, then the retired ones."""
+        keys = [self.user_key_secret, *self.retired_user_key_secrets]
+        return [k.get_secret_value() for k in keys]
+
     store_candidate_text: bool = Field(
         False,
         description="Persist the text of every candidate, not only of the tip shown "

@@ -24,11 +24,14 @@ from typing import Any
 from tipgraph.store.records import (
     CandidateRecord,
     DecisionRecord,
+    FeedbackRecord,
     PolicyScoresEntry,
     PolicyScoresRecord,
 )
 
-Entry = DecisionRecord | PolicyScoresEntry
+Entry = DecisionRecord | PolicyScoresEntry | FeedbackRecord
+"""A decision, a policy's scores of one event, or feedback held for its decision."""
+_KINDS = {DecisionRecord: "decision", PolicyScoresEntry: "shadows", FeedbackRecord: "held"}
 SEGMENT_SUFFIX = ".wal"
 LEGACY_SUFFIX = ".jsonl"
 """Spill files written before segments were locked; claimed and replayed the same way."""
@@ -36,8 +39,8 @@ DEAD_LETTERS = "dead-letters.jsonl"
 
 
 def encode(entry: Entry) -> str:
-    kind = "decision" if isinstance(entry, DecisionRecord) else "shadows"
-    return json.dumps({"kind": kind, "row": dataclasses.asdict(entry)}, default=_json_default)
+    row = dataclasses.asdict(entry)
+    return json.dumps({"kind": _KINDS[type(entry)], "row": row}, default=_json_default)
 
 
 def _json_default(value: object) -> str:
@@ -53,6 +56,10 @@ def decode(line: str) -> Entry:
     if data["kind"] == "shadows":
         runs = [PolicyScoresRecord(**run) for run in row["runs"]]
         return PolicyScoresEntry(row["event_id"], runs, row["candidate_ids"])
+    if data["kind"] == "held":
+        for stamp in ("reacted_at", "received_at"):
+            row[stamp] = datetime.fromisoformat(row[stamp])
+        return FeedbackRecord(**row)
     row["created_at"] = datetime.fromisoformat(row["created_at"])
     row["candidates"] = [CandidateRecord(**c) for c in row["candidates"]]
     row["served"] = PolicyScoresRecord(**row["served"])

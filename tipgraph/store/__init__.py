@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tipgraph.store.base import DecisionStore, MigrationError, StoreError, StoreUnavailable
+from tipgraph.store.base import (
+    DecisionStore,
+    EventErased,
+    MigrationError,
+    StoreError,
+    StoreUnavailable,
+)
 from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.postgres import PostgresStore
 from tipgraph.store.records import (
@@ -37,6 +43,7 @@ __all__ = [
     "CandidateRecord",
     "DecisionRecord",
     "DecisionStore",
+    "EventErased",
     "FeedbackOutcome",
     "FeedbackRecord",
     "LogFilter",

@@ -250,6 +250,19 @@ def feedback_params(feedback: FeedbackRecord) -> Params:
     )
 
 
+def feedback_record(row: Row) -> FeedbackRecord:
+    """A ``held_feedback`` row."""
+    event_id, reaction, value, reward, reacted_at, received_at = row
+    return FeedbackRecord(
+        event_id=event_id,
+        reaction=reaction,
+        value=None if value is None else float(value),
+        reward=float(reward),
+        reacted_at=utc_datetime(reacted_at),
+        received_at=utc_datetime(received_at),
+    )
+
+
 def feedback_outcome(row: Row, *, created: bool) -> FeedbackOutcome:
     """A stored feedback row with its ``learned`` flag and the reward it produced, if any.
 

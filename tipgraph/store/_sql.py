@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from tipgraph.store import _rows
-from tipgraph.store.base import DecisionStore
+from tipgraph.store.base import DecisionStore, EventErased
 from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     DecisionRecord,
@@ -86,6 +86,17 @@ class Statements:
     delete_feedback_of_user: str
     delete_policy_runs_of_user: str
     delete_decisions_of_user: str
+    insert_erased_user: str
+    insert_erased_events_of_user: str
+    insert_dropped_event: str
+    delete_runs_of_dropped_event: str
+    select_erased_event: str
+    delete_held_of_user: str
+    insert_held: str
+    select_held_ready: str
+    delete_held: str
+    expire_held: str
+    count_held: str
 
     def translated(self, rewrite: Callable[[str], str]) -> Statements:
         """The same statements for a driver with another placeholder style."""
@@ -153,6 +164,9 @@ def _logged_runs(*filters: str) -> str:
 
 QMARK_STATEMENTS = Statements(
     schema_version="SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+    # Every row checks the tombstones in its own statement, inside the write transaction
+    # (which holds the erasure lock shared: see _guard_erasure), so nothing lands for a user
+    # or event erased before it commits.  Params: the row, then what the check reads.
     insert_decision="""
         INSERT INTO decisions (
             event_id, user_key, created_at, policy_name, policy_version, feature_version,
@@ -160,26 +174,30 @@ QMARK_STATEMENTS = Statements(
             chosen_probability, latency_context_ms, latency_generation_ms,
             latency_scoring_ms, latency_total_ms, context_features, generation_reason,
             llm_model
-        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+        WHERE NOT EXISTS (SELECT 1 FROM erased_users WHERE user_key = ?)
         ON CONFLICT (event_id) DO NOTHING
     """,
     insert_candidate="""
         INSERT INTO candidates (
             event_id, candidate_id, position, kind, source, content, task_ref, model,
             prompt_version, features
-        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+        WHERE EXISTS (SELECT 1 FROM decisions WHERE event_id = ?)
         ON CONFLICT (event_id, candidate_id) DO NOTHING
     """,
     insert_policy_run="""
         INSERT INTO policy_runs (
             event_id, policy_name, policy_version, role, chosen_candidate_id,
             chosen_probability, latency_ms, error, created_at
-        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?
+        WHERE NOT EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
         ON CONFLICT (event_id, policy_name) DO NOTHING
     """,
     insert_tip_score="""
         INSERT INTO tip_scores (event_id, policy_name, candidate_id, score, probability)
-        VALUES (?, ?, ?, ?, ?)
+        SELECT ?, ?, ?, ?, ?
+        WHERE EXISTS (SELECT 1 FROM policy_runs WHERE event_id = ? AND policy_name = ?)
         ON CONFLICT (event_id, policy_name, candidate_id) DO NOTHING
     """,
     select_decision="""
@@ -270,6 +288,53 @@ QMARK_STATEMENTS = Statements(
     """,
     # Cascades to candidates; rewards keep their features (event_id set to NULL).
     delete_decisions_of_user="DELETE FROM decisions WHERE user_key = ?",
+    insert_erased_user="""
+        INSERT INTO erased_users (user_key, erased_at) VALUES (?, ?)
+        ON CONFLICT (user_key) DO NOTHING
+    """,
+    insert_erased_events_of_user="""
+        INSERT INTO erased_events (event_id, erased_at)
+        SELECT event_id, ? FROM decisions WHERE user_key = ?
+        ON CONFLICT (event_id) DO NOTHING
+    """,
+    # A decision of an erased user arriving late: remember its event, so its shadow rows
+    # and feedback are refused too.  Params: event_id, now, user_key.
+    insert_dropped_event="""
+        INSERT INTO erased_events (event_id, erased_at)
+        SELECT ?, ? WHERE EXISTS (SELECT 1 FROM erased_users WHERE user_key = ?)
+        ON CONFLICT (event_id) DO NOTHING
+    """,
+    # Shadow rows may have landed before their (dropped) decision; tip_scores cascade.
+    delete_runs_of_dropped_event="""
+        DELETE FROM policy_runs
+        WHERE event_id = ? AND EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
+    """,
+    select_erased_event="SELECT 1 FROM erased_events WHERE event_id = ?",
+    delete_held_of_user="""
+        DELETE FROM held_feedback
+        WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
+    """,
+    insert_held="""
+        INSERT INTO held_feedback (event_id, reaction, value, reward, reacted_at, received_at)
+        SELECT ?, ?, ?, ?, ?, ?
+        WHERE NOT EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
+        ON CONFLICT (event_id) DO NOTHING
+    """,
+    # Held feedback whose decision is readable now: one query for a whole batch.
+    select_held_ready="""
+        SELECT h.event_id, h.reaction, h.value, h.reward, h.reacted_at, h.received_at
+        FROM held_feedback AS h
+        JOIN decisions AS d ON d.event_id = h.event_id
+        ORDER BY h.received_at
+        LIMIT ?
+    """,
+    delete_held="DELETE FROM held_feedback WHERE event_id = ?",
+    expire_held="""
+        DELETE FROM held_feedback
+        WHERE received_at < ?
+          AND NOT EXISTS (SELECT 1 FROM decisions AS d WHERE d.event_id = held_feedback.event_id)
+    """,
+    count_held="SELECT COUNT(*) FROM held_feedback",
     # One statement, so the numbers come from one snapshot on both backends.
     select_counts="""
         SELECT (SELECT COUNT(*) FROM decisions),
@@ -342,6 +407,12 @@ class SQLDecisionStore(DecisionStore):
         database's single write lock until they end.  Postgres overrides this.
         """
 
+    def _guard_erasure(self, cur: Cursor, *, exclusive: bool) -> None:
+        """Called first in every transaction that writes event rows (shared) or erases
+        (exclusive): an erasure then waits for the writes in flight, and writes that start
+        after it see its tombstones.  SQLite's ``BEGIN IMMEDIATE`` already serialises every
+        write; Postgres overrides this with an advisory lock."""
+
     def schema_version(self) -> int:
         with self._transaction(write=False) as cur:
             cur.execute(self._sql.schema_version)
@@ -356,8 +427,11 @@ class SQLDecisionStore(DecisionStore):
         self.write_batch((), [PolicyScoresEntry(event_id, runs, candidate_ids)])
 
     def write_batch(
-        self, decisions: Sequence[DecisionRecord], policy_scores: Sequence[PolicyScoresEntry]
-    ) -> None:
+        self,
+        decisions: Sequence[DecisionRecord],
+        policy_scores: Sequence[PolicyScoresEntry],
+        held: Sequence[FeedbackRecord] = (),
+    ) -> int:
         rows = _rows.decision_rows(decisions)
         created_at = _rows.db_timestamp(datetime.now(UTC), what="now")
         run_rows, score_rows = rows.policy_runs, rows.tip_scores
@@ -368,14 +442,56 @@ class SQLDecisionStore(DecisionStore):
                 )
                 run_rows.append(run_row)
                 score_rows.extend(scores)
-        if not rows.decisions and not run_rows:
-            return
+        held_rows = [(*_rows.feedback_params(f), f.event_id) for f in held]
+        if not rows.decisions and not run_rows and not held_rows:
+            return 0
         # One transaction (one commit, one WAL sync) per flush, however many rows.
         with self._transaction(write=True) as cur:
-            _insert_many(cur, self._sql.insert_decision, rows.decisions)
-            _insert_many(cur, self._sql.insert_candidate, rows.candidates)
-            _insert_many(cur, self._sql.insert_policy_run, run_rows)
-            _insert_many(cur, self._sql.insert_tip_score, score_rows)
+            self._guard_erasure(cur, exclusive=False)
+            _insert_many(cur, self._sql.insert_decision, [(*r, r[1]) for r in rows.decisions])
+            dropped = 0
+            if rows.decisions:
+                cur.executemany(
+                    self._sql.insert_dropped_event,
+                    [(r[0], created_at, r[1]) for r in rows.decisions],
+                )
+                dropped = max(cur.rowcount, 0)
+            _insert_many(cur, self._sql.insert_candidate, [(*r, r[0]) for r in rows.candidates])
+            _insert_many(cur, self._sql.insert_policy_run, [(*r, r[0]) for r in run_rows])
+            _insert_many(cur, self._sql.insert_tip_score, [(*r, r[0], r[1]) for r in score_rows])
+            if dropped:
+                _insert_many(
+                    cur,
+                    self._sql.delete_runs_of_dropped_event,
+                    [(r[0], r[0]) for r in rows.decisions],
+                )
+            _insert_many(cur, self._sql.insert_held, held_rows)
+        return dropped
+
+    def is_erased(self, event_id: str) -> bool:
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.select_erased_event, (event_id,))
+            return cur.fetchone() is not None
+
+    def held_feedback_ready(self, limit: int) -> list[FeedbackRecord]:
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.select_held_ready, (limit,))
+            return [_rows.feedback_record(row) for row in cur.fetchall()]
+
+    def delete_held_feedback(self, event_ids: Sequence[str]) -> None:
+        with self._transaction(write=True) as cur:
+            _insert_many(cur, self._sql.delete_held, [(e,) for e in event_ids])
+
+    def expire_held_feedback(self, received_before: datetime) -> int:
+        cutoff = _rows.db_timestamp(received_before, what="received_before")
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.expire_held, (cutoff,))
+            return max(cur.rowcount, 0)
+
+    def count_held_feedback(self) -> int:
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.count_held)
+            return int(cur.fetchone()[0])
 
     def get_decision(self, event_id: str) -> StoredDecision | None:
         with self._transaction(write=False) as cur:
@@ -391,8 +507,13 @@ class SQLDecisionStore(DecisionStore):
         params = _rows.feedback_params(feedback)
         received_at = _rows.db_timestamp(feedback.received_at, what="received_at")
         with self._transaction(write=True) as cur:
+            self._guard_erasure(cur, exclusive=False)
             cur.execute(self._sql.select_decision_created_at, (feedback.event_id,))
             decision = cur.fetchone()
+            if decision is None:
+                cur.execute(self._sql.select_erased_event, (feedback.event_id,))
+                if cur.fetchone() is not None:
+                    raise EventErased(f"event {feedback.event_id!r} was erased")
             in_time = decision is not None and (
                 learn_within_s is None
                 or (feedback.received_at - _rows.utc_datetime(decision[0])).total_seconds()
@@ -490,13 +611,24 @@ class SQLDecisionStore(DecisionStore):
         return [_rows.history_item(row) for row in rows]
 
     def erase_user(self, user_key: str) -> tuple[int, int]:
+        return self.erase_users([user_key])
+
+    def erase_users(self, user_keys: Sequence[str]) -> tuple[int, int]:
+        now = _rows.db_timestamp(datetime.now(UTC), what="now")
+        decisions = feedback = 0
         with self._transaction(write=True) as cur:
-            cur.execute(self._sql.keep_reward_features_of_user, (user_key,))
-            cur.execute(self._sql.delete_feedback_of_user, (user_key,))
-            feedback = cur.rowcount
-            cur.execute(self._sql.delete_policy_runs_of_user, (user_key,))
-            cur.execute(self._sql.delete_decisions_of_user, (user_key,))
-            return cur.rowcount, feedback
+            self._guard_erasure(cur, exclusive=True)
+            for user_key in user_keys:
+                cur.execute(self._sql.insert_erased_user, (user_key, now))
+                cur.execute(self._sql.insert_erased_events_of_user, (now, user_key))
+                cur.execute(self._sql.keep_reward_features_of_user, (user_key,))
+                cur.execute(self._sql.delete_feedback_of_user, (user_key,))
+                feedback += cur.rowcount
+                cur.execute(self._sql.delete_held_of_user, (user_key,))
+                cur.execute(self._sql.delete_policy_runs_of_user, (user_key,))
+                cur.execute(self._sql.delete_decisions_of_user, (user_key,))
+                decisions += cur.rowcount
+        return decisions, feedback
 
     def counts(self) -> StoreCounts:
         with self._transaction(write=False) as cur:

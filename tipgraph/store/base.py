@@ -30,6 +30,10 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached or refused the operation for a transient reason."""
 
 
+class EventErased(LookupError):
+    """The event's decision was erased: nothing about it may be stored again."""
+
+
 class MigrationError(StoreError):
     """The schema on disk is newer than, or inconsistent with, the migrations shipped."""
 
@@ -72,9 +76,34 @@ class DecisionStore(abc.ABC):
 
     @abc.abstractmethod
     def write_batch(
-        self, decisions: Sequence[DecisionRecord], policy_scores: Sequence[PolicyScoresEntry]
-    ) -> None:
-        """Both of the above in one transaction: what the decision log writes per flush."""
+        self,
+        decisions: Sequence[DecisionRecord],
+        policy_scores: Sequence[PolicyScoresEntry],
+        held: Sequence[FeedbackRecord] = (),
+    ) -> int:
+        """Decisions, policy runs and held feedback in one transaction: what the decision
+        log writes per flush.  Rows of an erased user or event are dropped there (and a
+        dropped decision's event is tombstoned too); returns how many decisions were."""
+
+    @abc.abstractmethod
+    def is_erased(self, event_id: str) -> bool:
+        """Whether the event's decision was erased (or dropped on arrival after an erasure)."""
+
+    @abc.abstractmethod
+    def held_feedback_ready(self, limit: int) -> list[FeedbackRecord]:
+        """Held feedback whose decision is readable now, oldest first, at most ``limit``."""
+
+    @abc.abstractmethod
+    def delete_held_feedback(self, event_ids: Sequence[str]) -> None:
+        """Forget held feedback (applied, or refused for good)."""
+
+    @abc.abstractmethod
+    def expire_held_feedback(self, received_before: datetime) -> int:
+        """Delete held feedback received before then whose decision never appeared."""
+
+    @abc.abstractmethod
+    def count_held_feedback(self) -> int:
+        """Held feedback waiting, across every replica."""
 
     @abc.abstractmethod
     def get_decision(self, event_id: str) -> StoredDecision | None:
@@ -142,9 +171,15 @@ class DecisionStore(abc.ABC):
 
     @abc.abstractmethod
     def erase_user(self, user_key: str) -> tuple[int, int]:
-        """Delete the user's decisions (with their candidates and scores) and feedback;
-        returns (decisions, feedback) deleted.  Rewards stay, with the features they
-        trained on, so learned statistics are unchanged and still rebuildable."""
+        """:meth:`erase_users` for one key."""
+
+    @abc.abstractmethod
+    def erase_users(self, user_keys: Sequence[str]) -> tuple[int, int]:
+        """Erase each pseudonym (a user's under every configured key) in one transaction:
+        delete their decisions (with candidates, every policy's scores and held feedback)
+        and feedback, and tombstone the keys and events so that no later write brings any
+        of it back.  Returns (decisions, feedback) deleted.  Rewards stay, with the features
+        they trained on, so learned statistics are unchanged and still rebuildable."""
 
     @abc.abstractmethod
     def counts(self) -> StoreCounts:

@@ -34,6 +34,9 @@ POSTGRES_STATEMENTS: Statements = QMARK_STATEMENTS.translated(_pyformat)
 # from the migration lock (tipgraph.store.migrate.POSTGRES_LOCK_KEY).  ("tiprewrd")
 REWARDS_LOCK_KEY = 0x7469707265777264
 _LOCK_REWARDS = "SELECT pg_advisory_xact_lock(%s)"
+ERASURE_LOCK_KEY = 0x7469706572617365  # "tiperase"
+_LOCK_ERASURE = "SELECT pg_advisory_xact_lock(%s)"
+_LOCK_ERASURE_SHARED = "SELECT pg_advisory_xact_lock_shared(%s)"
 
 
 def _search_path(schema: str) -> Callable[[Connection], None]:
@@ -117,6 +120,12 @@ class PostgresStore(SQLDecisionStore):
         or two short statements, run one at a time across all processes.
         """
         cur.execute(_LOCK_REWARDS, (REWARDS_LOCK_KEY,))
+
+    def _guard_erasure(self, cur: Cursor, *, exclusive: bool) -> None:
+        """Writers share the erasure lock, an erasure takes it alone, until commit: the
+        tombstone check of a write and the erasure cannot interleave (READ COMMITTED would
+        otherwise let a write that checked before the erasure committed land after it)."""
+        cur.execute(_LOCK_ERASURE if exclusive else _LOCK_ERASURE_SHARED, (ERASURE_LOCK_KEY,))
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Cursor]:
