@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-profile bench-policies bench-tuning bench-shadows tune \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-shadows tune \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -64,6 +64,10 @@ bench: install
 ## bench-levers: each performance lever against the same baseline (BENCHMARKS.md)
 bench-levers: install
 	PYTHONPATH=. $(BIN)/python bench/bench_graph.py --levers
+
+## bench-durability: what store.durability=durable costs against buffered (BENCHMARKS.md)
+bench-durability: install
+	PYTHONPATH=. $(BIN)/python bench/bench_graph.py --durability --rounds 3
 
 ## bench-profile: CPU ms per request and RSS per process of the graph, py-spy by layer
 bench-profile: install

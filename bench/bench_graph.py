@@ -288,6 +288,41 @@ def lever_table(names: list[str], requests: int, tmp: Path) -> None:
         )
 
 
+def durability_table(requests: int, tmp: Path, rounds: int) -> None:
+    """What ``store.durability: durable`` (fsync before the answer) costs against
+    ``buffered``: the two alternate, ``rounds`` times, and the table gives medians."""
+    plan: Plan = [(1, None), (16, None)]
+    modes = ("buffered", "durable")
+    runs: dict[str, list[dict[tuple[int, int | None], Run]]] = {m: [] for m in modes}
+    for _ in range(rounds):
+        for mode in modes:  # interleaved: drift on a shared machine hits both alike
+            runs[mode].append(
+                measure("graph", requests, tmp, plan, {"TIPGRAPH_STORE__DURABILITY": mode})
+            )
+    print(
+        f"| durability | c | req/s | p50 ms | p99 ms | vs buffered (req/s, p50, p99) "
+        f"| errors |  (median of {rounds} interleaved rounds)"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+
+    def median(mode: str, c: int, what: str) -> float:
+        values = [
+            r[(c, None)].rps if what == "rps" else r[(c, None)].pct(int(what))
+            for r in runs[mode]
+        ]
+        return statistics.median(values)
+
+    for c in (1, 16):
+        for mode in modes:
+            rps, p50, p99 = (median(mode, c, w) for w in ("rps", "50", "99"))
+            base = [median("buffered", c, w) for w in ("rps", "50", "99")]
+            change = ", ".join(
+                f"{100 * (v / b - 1):+.1f}%" for v, b in zip((rps, p50, p99), base, strict=True)
+            )
+            errors = sum(r[(c, None)].errors for r in runs[mode])
+            print(f"| {mode} | {c} | {rps:.1f} | {p50:.1f} | {p99:.1f} | {change} | {errors} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
@@ -295,6 +330,10 @@ def main() -> None:
     parser.add_argument(
         "--lever", action="append", choices=sorted(LEVERS), help="only these levers"
     )
+    parser.add_argument(
+        "--durability", action="store_true", help="buffered vs durable decision logging"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--durability: rounds")
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -305,7 +344,9 @@ def main() -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp_dir:
-        if args.levers or args.lever:
+        if args.durability:
+            durability_table(args.requests, Path(tmp_dir), args.rounds)
+        elif args.levers or args.lever:
             lever_table(args.lever or list(LEVERS), args.requests, Path(tmp_dir))
         else:
             ratio_table(args.requests, Path(tmp_dir))

@@ -382,6 +382,7 @@ class Ingress:
                 "decision_log_dead_letters": log.dead_lettered,
                 "decision_log_torn_lines": log.torn_lines,
                 "decision_log_replayed": log.replayed,
+                "decision_log_dropped_erased": self._service.log.dropped_erased,
                 "shadows_shed": self._service.shadows_shed,
                 "shadow_failures": self._service.shadow_failures,
                 "decision_log_spilled": log.spilled,

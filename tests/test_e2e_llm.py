@@ -3,6 +3,7 @@ local server speaking the Ollama chat API in every fault mode."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import uuid
@@ -21,6 +22,7 @@ from tests.conftest import AUTH_HEADERS, drop_schemas
 from tests.factories import tip_body
 from tests.ollama_stub import OllamaStub
 from tipgraph.settings import TipgraphSettings, load_settings
+from tipgraph.text import unsafe_character
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -160,6 +162,41 @@ def test_llm_tips_reach_the_response_and_the_decision_log(
             assert answer["tip"]["model"] == model
             assert answer["tip"]["prompt_version"] == prompt_version
     assert len(seen_versions) == 2, "the A/B split should send traffic to both prompts"
+
+
+def test_control_characters_from_the_model_reach_neither_the_answer_nor_the_store(
+    llm_app: LLMApp, stub: OllamaStub
+) -> None:
+    """A NUL byte in a model's tip used to be a poison row (Postgres refuses NUL in text):
+    the writer retried it forever and every later decision of the replica waited."""
+    hostile = [
+        {"content": f"Plan\u0000 your \u202eday {i}, then rest\ud800.", "kind": "focus"}
+        for i in range(6)
+    ]
+    stub.mode, stub.content = "good", json.dumps({"tips": hostile})
+    llm_shown = 0
+    try:
+        for i in range(8):
+            response = llm_app.client.post("/v1/tips", json=tip_body(user_id=f"nul-{i}"))
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert llm_app.decision(answer["event_id"])  # logged, not stuck in the writer
+            if answer["tip"]["source"] == "llm":
+                llm_shown += 1
+                assert answer["tip"]["content"].startswith("Plan your day")
+                assert answer["tip"]["content"].endswith("then rest\ufffd.")
+            schema = llm_app.settings.store.pg_schema
+            with psycopg.connect(llm_app.postgres_url, options=f"-c search_path={schema}") as c:
+                texts = c.execute(
+                    "SELECT content FROM candidates WHERE event_id = %s AND content IS NOT NULL",
+                    (answer["event_id"],),
+                ).fetchall()
+            assert texts and not any(unsafe_character(t) for (t,) in texts)
+        ready = llm_app.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["decision_log_dead_letters"] == 0
+        print(f"{llm_shown} of 8 tips shown were the model's, cleaned; 0 dead letters")
+    finally:
+        stub.content = None
 
 
 @pytest.mark.parametrize("mode", ["good", "partial", "slow", "error", "malformed", "recover"])

@@ -470,3 +470,27 @@ async def test_erasure_races_a_second_replicas_buffered_rows_and_wins(
     counts = store.counts()
     assert counts.decisions == 1  # bob's only
     assert store.user_history(key, 10) == []
+
+
+async def test_held_feedback_outlives_the_replica_that_held_it(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    """Replica A holds feedback and goes away before the decision is written; replica B,
+    started afterwards, applies it from the shared table."""
+    writer = local_service(
+        settings, store, decision_log(store, StoreSettings(flush_interval_s=60), owner="w")
+    )
+    tip = await writer.tip(request(user_id="late"))  # written only when `writer` closes
+    a = make_service(settings, store)
+    held = await a.feedback(FeedbackRequest(event_id=tip.event_id, reaction="done"))
+    assert held.status == "pending"
+    await a.close()  # A is gone; its held feedback is in the store, not in A
+    assert store.count_held_feedback() == 1 and store.counts().feedback == 0
+    await writer.close()  # now the decision is readable
+    b = make_service(settings, store)
+    await b.tip(request(user_id="someone"))  # any request starts B's applier
+    deadline = time.monotonic() + 10
+    while store.counts().feedback == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert store.counts().feedback == 1 and store.count_held_feedback() == 0
+    await b.close()

@@ -1064,8 +1064,12 @@ def test_an_erasure_is_tombstoned_so_late_rows_land_nowhere(store: DecisionStore
     assert store.count_held_feedback() == 1  # bob's; eve's late one was refused
     with pytest.raises(EventErased):
         store.record_feedback(make_feedback("late"))
-    # Erasing again is harmless.
-    assert store.erase_users(["eve"]) == (0, 0)
+    # A decision made after the erasure is a new one: a user who stays is logged again.
+    after = datetime.now(UTC) + timedelta(seconds=1)
+    assert store.write_batch([make_decision("new", user_key="eve", created_at=after)], []) == 0
+    assert store.get_decision("new") is not None
+    # Erasing again erases that one too, and is otherwise harmless.
+    assert store.erase_users(["eve"]) == (1, 0)
 
 
 def test_held_feedback_waits_in_the_store_until_its_decision_is_readable(

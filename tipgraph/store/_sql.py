@@ -166,7 +166,9 @@ QMARK_STATEMENTS = Statements(
     schema_version="SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
     # Every row checks the tombstones in its own statement, inside the write transaction
     # (which holds the erasure lock shared: see _guard_erasure), so nothing lands for a user
-    # or event erased before it commits.  Params: the row, then what the check reads.
+    # or event erased before it commits.  A user's tombstone covers decisions made up to
+    # the erasure: a user who goes on using the app after it is logged again.  Params: the
+    # row, then what the check reads.
     insert_decision="""
         INSERT INTO decisions (
             event_id, user_key, created_at, policy_name, policy_version, feature_version,
@@ -175,7 +177,9 @@ QMARK_STATEMENTS = Statements(
             latency_scoring_ms, latency_total_ms, context_features, generation_reason,
             llm_model
         ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
-        WHERE NOT EXISTS (SELECT 1 FROM erased_users WHERE user_key = ?)
+        WHERE NOT EXISTS (
+            SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
+        )
         ON CONFLICT (event_id) DO NOTHING
     """,
     insert_candidate="""
@@ -290,7 +294,7 @@ QMARK_STATEMENTS = Statements(
     delete_decisions_of_user="DELETE FROM decisions WHERE user_key = ?",
     insert_erased_user="""
         INSERT INTO erased_users (user_key, erased_at) VALUES (?, ?)
-        ON CONFLICT (user_key) DO NOTHING
+        ON CONFLICT (user_key) DO UPDATE SET erased_at = excluded.erased_at
     """,
     insert_erased_events_of_user="""
         INSERT INTO erased_events (event_id, erased_at)
@@ -298,10 +302,12 @@ QMARK_STATEMENTS = Statements(
         ON CONFLICT (event_id) DO NOTHING
     """,
     # A decision of an erased user arriving late: remember its event, so its shadow rows
-    # and feedback are refused too.  Params: event_id, now, user_key.
+    # and feedback are refused too.  Params: event_id, now, user_key, created_at.
     insert_dropped_event="""
         INSERT INTO erased_events (event_id, erased_at)
-        SELECT ?, ? WHERE EXISTS (SELECT 1 FROM erased_users WHERE user_key = ?)
+        SELECT ?, ? WHERE EXISTS (
+            SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
+        )
         ON CONFLICT (event_id) DO NOTHING
     """,
     # Shadow rows may have landed before their (dropped) decision; tip_scores cascade.
@@ -448,12 +454,14 @@ class SQLDecisionStore(DecisionStore):
         # One transaction (one commit, one WAL sync) per flush, however many rows.
         with self._transaction(write=True) as cur:
             self._guard_erasure(cur, exclusive=False)
-            _insert_many(cur, self._sql.insert_decision, [(*r, r[1]) for r in rows.decisions])
+            _insert_many(
+                cur, self._sql.insert_decision, [(*r, r[1], r[2]) for r in rows.decisions]
+            )
             dropped = 0
             if rows.decisions:
                 cur.executemany(
                     self._sql.insert_dropped_event,
-                    [(r[0], created_at, r[1]) for r in rows.decisions],
+                    [(r[0], created_at, r[1], r[2]) for r in rows.decisions],
                 )
                 dropped = max(cur.rowcount, 0)
             _insert_many(cur, self._sql.insert_candidate, [(*r, r[0]) for r in rows.candidates])
