@@ -307,8 +307,7 @@ def durability_table(requests: int, tmp: Path, rounds: int) -> None:
 
     def median(mode: str, c: int, what: str) -> float:
         values = [
-            r[(c, None)].rps if what == "rps" else r[(c, None)].pct(int(what))
-            for r in runs[mode]
+            r[(c, None)].rps if what == "rps" else r[(c, None)].pct(int(what)) for r in runs[mode]
         ]
         return statistics.median(values)
 

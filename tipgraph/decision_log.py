@@ -12,8 +12,8 @@ write depends on why it failed:
   row goes to the dead-letter file with its error.  A poison row never blocks another row.
 
 Rows wait in memory up to ``max_buffered``; past that they wait in this replica's
-write-ahead-log segment (:mod:`tipgraph.wal`) and are read back in order once memory has
-drained.  ``durability`` says when a decision is safe:
+write-ahead log (:mod:`tipgraph.spill`, files in :mod:`tipgraph.wal`) and are read back
+in order once memory has drained.  ``durability`` says when a decision is safe:
 
 * ``buffered``: in memory when the answer leaves; the segment is fsynced at each flush.  A
   SIGKILL loses what was in memory, at most one flush interval of decisions in steady state
@@ -23,9 +23,8 @@ drained.  ``durability`` says when a decision is safe:
 
 :meth:`DecisionLog.replay_orphans` (run when a replica starts, then every
 ``store.replay_interval_s``) claims the segments of dead writers in ``spill_dir`` (a dead
-process's lock is gone) and replays them.  Past
-``max_spill_bytes`` on disk the log stops accepting (:class:`DecisionLogFull`, a 503) rather
-than lose rows.  Every insert is idempotent (``ON CONFLICT DO NOTHING``), so a row retried
+process's lock is gone) and replays them.  Past ``max_spill_bytes`` on disk the log stops
+accepting (:class:`DecisionLogFull`, a 503) rather than lose rows.  Every insert is idempotent (``ON CONFLICT DO NOTHING``), so a row retried
 or replayed twice is written once.
 """
 
@@ -34,15 +33,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tipgraph.spill import SpillFailed, SpillLog
 from tipgraph.store import DecisionStore, StoreUnavailable
 from tipgraph.store.records import (
     DecisionRecord,
@@ -50,23 +48,11 @@ from tipgraph.store.records import (
     PolicyScoresEntry,
     PolicyScoresRecord,
 )
-from tipgraph.wal import (
-    DEAD_LETTERS,
-    SEGMENT_SUFFIX,
-    DeadLetters,
-    Entry,
-    Segment,
-    claim_orphan,
-    encode,
-    orphan_candidates,
-    read_chunk,
-)
+from tipgraph.wal import DEAD_LETTERS, DeadLetters, Entry
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 5.0
-ROTATE_BYTES = 8 << 20
-"""A segment this large is retired (deleted once its rows are written) for a fresh one."""
 Durability = Literal["buffered", "durable"]
 
 
@@ -122,21 +108,16 @@ class DecisionLog:
         self._flush_interval_s = flush_interval_s
         self._batch_size = batch_size
         self._max_buffered = max_buffered
-        self._spill_dir = spill_dir
-        self._owner = owner
         self.durability: Durability = durability
         self._max_spill_bytes = max_spill_bytes
+        # Without a spill directory, memory is the only place rows can wait: never drop them.
+        self._spill = SpillLog(spill_dir, owner) if spill_dir is not None else None
         self._dead = DeadLetters(spill_dir / DEAD_LETTERS, owner) if spill_dir else None
-        # Rows in memory, FIFO; rows past them wait in the segments from _disk_from on.
-        self._queue: deque[Entry] = deque()
-        self._segment: Segment | None = None
-        self._retired: list[tuple[Segment, int]] = []  # (segment, last seq in it)
-        self._disk: deque[tuple[Segment, int]] = deque()  # (segment, read offset) to drain
-        self._disk_rows = 0
+        self._queue: deque[Entry] = deque()  # rows in memory, FIFO; the spill holds the rest
         self._pending_ids: set[str] = set()
         self._submitted = 0
         self._handled = 0  # written or dead-lettered: always a prefix of the submitted rows
-        self._marks: deque[tuple[int, float]] = deque()  # (first seq, monotonic time)
+        self._marks: deque[tuple[int, float]] = deque()  # (first row number, monotonic time)
         self.dead_lettered = 0
         self.torn_lines = 0
         self.replayed = 0
@@ -146,8 +127,6 @@ class DecisionLog:
         self._wake: asyncio.Event | None = None
         self._progress: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
-        self._to_sync: list[tuple[Segment, str, asyncio.Future[None]]] = []
-        self._syncing: asyncio.Task[None] | None = None
         self._closing = False
 
     # -- what callers read ---------------------------------------------------------------------
@@ -159,13 +138,12 @@ class DecisionLog:
     @property
     def spilled(self) -> int:
         """Rows waiting on disk only (not in memory)."""
-        return self._disk_rows
+        return self._spill.disk_rows if self._spill is not None else 0
 
     @property
     def spill_bytes(self) -> int:
-        """Bytes of this writer's segments still on disk."""
-        segments = [s for s, _ in self._retired] + ([self._segment] if self._segment else [])
-        return sum(s.size for s in segments)
+        """Bytes of this writer's write-ahead-log segments still on disk."""
+        return self._spill.size if self._spill is not None else 0
 
     @property
     def accepting(self) -> bool:
@@ -237,73 +215,25 @@ class DecisionLog:
                 f"the decision log holds {self.spill_bytes} bytes on disk (cap "
                 f"{self._max_spill_bytes}); the database has been unreachable for long"
             )
-        on_disk_only = self._spill_dir is not None and (
-            self._disk_rows > 0 or len(self._queue) >= self._max_buffered
-        )
-        if self.durability == "durable" or on_disk_only:
-            line = encode(entry)
-            segment = self._active_segment()
-            offset = segment.reserve(line)
-            if on_disk_only:  # noted now, so rows accepted meanwhile queue behind it
-                if not self._disk or self._disk[-1][0] is not segment:
-                    self._disk.append((segment, offset))
-                self._disk_rows += 1
-            self._count_submitted()
-            try:
-                await self._append(segment, line, sync=self.durability == "durable")
-            except DecisionLogFull:
-                self._handled += 1  # refused to the caller: it will never be written
-                raise
-        else:
-            self._count_submitted()
-        if not on_disk_only:
-            self._queue.append(entry)
-
-    def _count_submitted(self) -> None:
+        row_number = self._submitted
         now = time.monotonic()
         if not self._marks or now - self._marks[-1][1] >= 0.1:
-            self._marks.append((self._submitted, now))
+            self._marks.append((row_number, now))
         self._submitted += 1
-
-    def _active_segment(self) -> Segment:
-        assert self._spill_dir is not None
-        if self._segment is not None and self._segment.broken:
-            self._retired.append((self._segment, self._submitted))
-            self._segment = None
-        if self._segment is None:
-            name = f"{self._owner}-{os.getpid()}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
-            self._segment = Segment(self._spill_dir / name)
-        return self._segment
-
-    async def _append(self, segment: Segment, line: str, *, sync: bool) -> None:
-        if not sync:
+        spill = self._spill
+        disk_only = spill is not None and (
+            spill.disk_rows > 0 or len(self._queue) >= self._max_buffered
+        )
+        if spill is not None and (disk_only or self.durability == "durable"):
             try:
-                segment.append([line], sync=False)
-            except OSError as err:
-                raise DecisionLogFull(f"cannot write the local decision log: {err}") from err
-            return
-        # Group commit: every decision that arrives while an fsync runs shares the next one.
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._to_sync.append((segment, line, future))
-        if self._syncing is None or self._syncing.done():
-            self._syncing = asyncio.get_running_loop().create_task(self._sync_pending())
-        await future
-
-    async def _sync_pending(self) -> None:
-        while self._to_sync:
-            segment = self._to_sync[0][0]
-            batch = [item for item in self._to_sync if item[0] is segment]
-            self._to_sync = [item for item in self._to_sync if item[0] is not segment]
-            try:
-                await asyncio.to_thread(segment.append, [line for _, line, _ in batch], sync=True)
-            except OSError as err:
-                for _, _, future in batch:
-                    future.set_exception(
-                        DecisionLogFull(f"cannot write the local decision log: {err}")
-                    )
-            else:
-                for _, _, future in batch:
-                    future.set_result(None)
+                await spill.append(
+                    entry, row_number, disk_only=disk_only, sync=self.durability == "durable"
+                )
+            except SpillFailed as err:
+                self._handled += 1  # refused to the caller: it will never be written
+                raise DecisionLogFull(str(err)) from err
+        if not disk_only:
+            self._queue.append(entry)
 
     # -- waiting for the writer ------------------------------------------------------------------
     async def flush(self, timeout_s: float | None = None) -> bool:
@@ -330,9 +260,8 @@ class DecisionLog:
         self._wake.set()
         await self._task
         self._task = None
-        if self._segment is not None:
-            self._segment.delete()
-            self._segment = None
+        if self._spill is not None:
+            self._spill.close()
 
     # -- the writer ------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -363,70 +292,41 @@ class DecisionLog:
             backoff = self._flush_interval_s
             if written == 0 and self._closing:
                 return
-            if self._queue or self._disk_rows:
+            if self._queue or self.spilled:
                 self._wake.set()  # more waits: go on without a full interval
 
     async def _write_next(self) -> int:
         """Write one batch from the front of the queue; the number of rows handled."""
-        self._refill()
-        if self._segment is not None and self.durability == "buffered":
-            await asyncio.to_thread(self._segment.sync)
+        if self._spill is not None:
+            self._refill(self._spill)
+            if self.durability == "buffered":
+                await self._spill.sync()
         batch = [self._queue[i] for i in range(min(self._batch_size, len(self._queue)))]
-        if not batch:
-            self._collect_segments()
-            return 0
-        await asyncio.to_thread(self._write_isolating, batch)
-        for _ in batch:
-            self._queue.popleft()
-        self._pending_ids.difference_update(
-            e.event_id for e in batch if isinstance(e, DecisionRecord)
-        )
-        self.held_unwritten -= sum(isinstance(e, FeedbackRecord) for e in batch)
-        assert self._progress is not None
-        async with self._progress:
-            self._handled += len(batch)
-            self._progress.notify_all()
-        self._collect_segments()
+        if batch:
+            await asyncio.to_thread(self._write_isolating, batch)
+            for _ in batch:
+                self._queue.popleft()
+            self._pending_ids.difference_update(
+                e.event_id for e in batch if isinstance(e, DecisionRecord)
+            )
+            self.held_unwritten -= sum(isinstance(e, FeedbackRecord) for e in batch)
+            assert self._progress is not None
+            async with self._progress:
+                self._handled += len(batch)
+                self._progress.notify_all()
+        if self._spill is not None:
+            self._spill.collect(self._handled, self._submitted)
         return len(batch)
 
-    def _refill(self) -> None:
-        """Move rows waiting on disk into memory once memory has drained.
-
-        Every line from a disk run's first row on is disk-only (rows queue behind it until
-        the run is read back), so reading a segment never duplicates a row in memory.
-        """
-        while self._disk and not self._queue:
-            segment, offset = self._disk[0]
-            chunk = segment.read(offset, min(self._batch_size, self._max_buffered))
+    def _refill(self, spill: SpillLog) -> None:
+        """Move rows waiting on disk into memory once memory has drained."""
+        while not self._queue:
+            chunk = spill.read_back(min(self._batch_size, self._max_buffered))
+            if chunk is None:
+                return
             self.torn_lines += chunk.torn
             self._handled += chunk.torn  # a torn row is handled: it will never be written
             self._queue.extend(chunk.entries)
-            self._disk_rows -= len(chunk.entries) + chunk.torn
-            if self._disk_rows <= 0:
-                self._disk.clear()
-                self._disk_rows = 0
-            elif chunk.offset >= (segment.size if segment.broken else segment.end):
-                self._disk.popleft()
-            elif chunk.offset == offset:
-                return  # the next rows are reserved but not written yet
-            else:
-                self._disk[0] = (segment, chunk.offset)
-
-    def _collect_segments(self) -> None:
-        """Delete segments whose every row is handled; retire a large active one."""
-        for old, last in list(self._retired):
-            if self._handled > last and all(s is not old for s, _ in self._disk):
-                old.delete()
-                self._retired.remove((old, last))
-        segment = self._segment
-        syncing = self._syncing is not None and not self._syncing.done()
-        if segment is None or syncing or any(s is segment for s, _ in self._disk):
-            return
-        if self.backlog == 0 and segment.size > 0:
-            segment.truncate()  # everything in it is written: start over, keep the lock
-        elif segment.size >= ROTATE_BYTES:
-            self._retired.append((segment, self._submitted - 1))
-            self._segment = None
 
     def _write_isolating(self, entries: list[Entry]) -> None:
         """Write ``entries``; rows the database refuses for good go to the dead letters.
@@ -469,42 +369,9 @@ class DecisionLog:
         of rows replayed.  Blocking: run it in a thread (:class:`tipgraph.periodic.Periodic`,
         every ``store.replay_interval_s``).  A store outage stops it with StoreUnavailable;
         the segment stays for the next try (the rows it wrote are written once anyway)."""
-        if self._spill_dir is None:
+        if self._spill is None:
             return 0
-        before = self.replayed
-        for path in orphan_candidates(self._spill_dir, None):
-            # Our own segments would refuse the lock anyway (flock conflicts between two
-            # descriptors of one process too); skipping them saves opening them.
-            if path not in self._own_paths():
-                self._replay(path)
-        return self.replayed - before
-
-    def _own_paths(self) -> set[Path]:
-        segments = [s for s, _ in self._retired] + ([self._segment] if self._segment else [])
-        return {s.path for s in segments}
-
-    def _replay(self, path: Path) -> None:
-        handle = claim_orphan(path)
-        if handle is None:
-            return
-        with handle:
-            offset = 0
-            rows = torn = 0
-            while True:
-                chunk = read_chunk(handle, offset, self._batch_size)
-                torn += chunk.torn
-                if chunk.entries:
-                    self._write_isolating(chunk.entries)  # StoreUnavailable: try again later
-                    rows += len(chunk.entries)
-                if chunk.offset == offset:
-                    break
-                offset = chunk.offset
-            path.unlink(missing_ok=True)
+        rows, torn = self._spill.replay_orphans(self._write_isolating, self._batch_size)
         self.replayed += rows
         self.torn_lines += torn
-        logger.warning(
-            "decision log: replayed %d rows (%d torn lines skipped) from a dead writer's %s",
-            rows,
-            torn,
-            path.name,
-        )
+        return rows

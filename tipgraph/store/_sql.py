@@ -454,9 +454,7 @@ class SQLDecisionStore(DecisionStore):
         # One transaction (one commit, one WAL sync) per flush, however many rows.
         with self._transaction(write=True) as cur:
             self._guard_erasure(cur, exclusive=False)
-            _insert_many(
-                cur, self._sql.insert_decision, [(*r, r[1], r[2]) for r in rows.decisions]
-            )
+            _insert_many(cur, self._sql.insert_decision, [(*r, r[1], r[2]) for r in rows.decisions])
             dropped = 0
             if rows.decisions:
                 cur.executemany(
