@@ -75,6 +75,22 @@ async def test_a_poison_row_is_dead_lettered_and_blocks_no_other_row(
     await log.close()
 
 
+async def test_dead_letters_replay_once_their_cause_is_fixed(
+    store: DecisionStore, tmp_path: Path
+) -> None:
+    log = writer(store, tmp_path)
+    await log.submit(poisoned("sick"))
+    await log.submit(make_decision("well"))
+    assert await log.flush(timeout_s=30) and log.dead_lettered == 1
+    # The operator fixes the row and hands the file back as a log to replay (k3s/README.md).
+    letters = (tmp_path / DEAD_LETTERS).read_text().replace("NaN", "0.5")
+    (tmp_path / DEAD_LETTERS).unlink()
+    (tmp_path / "replay.wal").write_text(letters)
+    assert await asyncio.to_thread(log.replay_orphans) == 1
+    assert stored_ids(store, ["sick", "well"]) == {"sick", "well"}
+    await log.close()
+
+
 @pytest.mark.postgres
 async def test_a_row_postgres_itself_refuses_is_isolated(
     postgres_url: str, pg_schema: str, tmp_path: Path

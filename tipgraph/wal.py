@@ -50,8 +50,11 @@ def _json_default(value: object) -> str:
 
 
 def decode(line: str) -> Entry:
-    """The row one line holds; ValueError (or KeyError/TypeError) for a damaged line."""
+    """The row one line holds; ValueError (or KeyError/TypeError) for a damaged line.  A
+    dead-letter line holds its row too, so a dead-letter file replays like a segment."""
     data = json.loads(line)
+    if "entry" in data:
+        data = data["entry"]
     row: dict[str, Any] = data["row"]
     if data["kind"] == "shadows":
         runs = [PolicyScoresRecord(**run) for run in row["runs"]]
