@@ -241,6 +241,7 @@ def test_status_lists_applications_with_replica_counts() -> None:
         data={
             "decision_log_backlog": 7,
             "decision_log_spilled": 0,
+            "decision_log_dead_letters": 2,
             "feedback_held": 1,
             "stored": {"decisions": 10, "rewards": 8, "default_rewards": 2, "feedback": 6},
         },
@@ -249,7 +250,7 @@ def test_status_lists_applications_with_replica_counts() -> None:
     assert "application tipgraph: RUNNING" in text
     assert "scoring" in text and "replicas: 2 RUNNING, 1 STARTING" in text
     assert "champion version 3, challenger version 4" in text
-    assert "backlog 7 decisions, 0 spilled, 1 feedback held" in text
+    assert "backlog 7 decisions, 0 spilled, 1 feedback held, 2 dead-lettered" in text
     assert "store: 10 decisions, 8 rewards (2 default), 6 feedback" in text
 
 

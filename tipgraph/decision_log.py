@@ -24,8 +24,8 @@ in order once memory has drained.  ``durability`` says when a decision is safe:
 :meth:`DecisionLog.replay_orphans` (run when a replica starts, then every
 ``store.replay_interval_s``) claims the segments of dead writers in ``spill_dir`` (a dead
 process's lock is gone) and replays them.  Past ``max_spill_bytes`` on disk the log stops
-accepting (:class:`DecisionLogFull`, a 503) rather than lose rows.  Every insert is idempotent (``ON CONFLICT DO NOTHING``), so a row retried
-or replayed twice is written once.
+accepting (:class:`DecisionLogFull`, a 503) rather than lose rows.  Every insert is
+idempotent (``ON CONFLICT DO NOTHING``), so a row retried or replayed twice is written once.
 """
 
 from __future__ import annotations

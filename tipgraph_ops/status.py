@@ -171,7 +171,12 @@ def decision_log_status(
     try:
         response = httpx.get(f"{url.rstrip('/')}/readyz", timeout=timeout_s)
         ready = response.json()
-        for key in ("decision_log_backlog", "decision_log_spilled", "feedback_held"):
+        for key in (
+            "decision_log_backlog",
+            "decision_log_spilled",
+            "decision_log_dead_letters",
+            "feedback_held",
+        ):
             data[key] = ready.get(key)
         if response.status_code != 200:
             errors.append(f"{url}/readyz answered {response.status_code}: {ready.get('detail')}")
@@ -228,7 +233,8 @@ def format_status(status: Status) -> str:
     if "decision_log_backlog" in log:
         lines.append(
             f"  answering ingress replica: backlog {log['decision_log_backlog']} decisions, "
-            f"{log['decision_log_spilled']} spilled, {log['feedback_held']} feedback held"
+            f"{log['decision_log_spilled']} spilled, {log['feedback_held']} feedback held, "
+            f"{log.get('decision_log_dead_letters') or 0} dead-lettered"
         )
     if "stored" in log:
         stored = log["stored"]
