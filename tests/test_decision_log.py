@@ -303,3 +303,27 @@ async def test_llm_text_with_a_nul_is_stored_clean(store: DecisionStore, tmp_pat
     stored = store.get_decision("nul")
     assert stored is not None
     await log.close()
+
+
+async def test_a_failing_disk_refuses_the_row_and_leaves_no_count_behind(
+    store: DecisionStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No real disk fills up here: the write itself is made to fail, as ENOSPC would."""
+    log = writer(store, tmp_path, durability="durable")
+    await log.submit(make_decision("before"))
+
+    def full(self: Segment, lines: list[str], *, sync: bool) -> None:
+        self.broken = True
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Segment, "append", full)
+    with pytest.raises(DecisionLogFull, match="No space left"):
+        await log.submit(make_decision("refused"))
+    monkeypatch.undo()
+    await log.submit(make_decision("after"))  # a fresh segment takes over
+    assert await log.flush(timeout_s=10)  # the refused row is not waited for
+    assert log.backlog == 0 and stored_ids(store, ["before", "refused", "after"]) == {
+        "before",
+        "after",
+    }
+    await log.close()

@@ -1045,7 +1045,8 @@ def test_erasing_a_user_keeps_what_was_learned(store: DecisionStore) -> None:
 
 def test_an_erasure_is_tombstoned_so_late_rows_land_nowhere(store: DecisionStore) -> None:
     shadow = PolicyScoresEntry("early-shadow", [make_shadow()], CANDIDATE_IDS)
-    store.write_batch([make_decision("kept", user_key="bob")], [shadow])  # shadow first
+    early_held = make_feedback("early-shadow")  # feedback held before its decision landed
+    store.write_batch([make_decision("kept", user_key="bob")], [shadow], [early_held])
     store.write_decisions([make_decision("old", user_key="eve")])
     store.record_feedback(make_feedback("old"))
     assert store.erase_users(["eve", "eve-under-a-retired-key"]) == (1, 1)

@@ -4,12 +4,13 @@ The ingress hands each finished decision to :meth:`DecisionLog.submit`; a backgr
 writes what has accumulated every ``flush_interval_s``.  What the writer does with a failed
 write depends on why it failed:
 
-* **transient** (:class:`~tipgraph.store.StoreUnavailable`: connection lost, database busy):
+* **the data** (:class:`~tipgraph.store.RowRejected`, or a ValueError from validating a
+  row: a constraint, a number out of range, a NaN): the batch is bisected until the refused
+  rows are alone, every other row is written, and each refused row goes to the dead-letter
+  file with its error.  A poison row never blocks another row;
+* **anything else** (connection lost, database busy or read-only, the store closed, a bug):
   the rows are kept and the batch retried with backoff, so an outage delays rows, never
-  drops them;
-* **anything else** (the database refuses a row: a NUL byte, a broken invariant): the batch
-  is bisected until the refused rows are alone, every other row is written, and each refused
-  row goes to the dead-letter file with its error.  A poison row never blocks another row.
+  drops them.
 
 Rows wait in memory up to ``max_buffered``; past that they wait in this replica's
 write-ahead log (:mod:`tipgraph.spill`, files in :mod:`tipgraph.wal`) and are read back
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 from tipgraph.spill import SpillFailed, SpillLog
-from tipgraph.store import DecisionStore, StoreUnavailable
+from tipgraph.store import DecisionStore, RowRejected
 from tipgraph.store.records import (
     DecisionRecord,
     FeedbackRecord,
@@ -117,7 +119,9 @@ class DecisionLog:
         self._pending_ids: set[str] = set()
         self._submitted = 0
         self._handled = 0  # written or dead-lettered: always a prefix of the submitted rows
+        self._refused = 0  # refused to the caller after counting: never written, any order
         self._marks: deque[tuple[int, float]] = deque()  # (first row number, monotonic time)
+        self._counts = threading.Lock()  # the writer and the replay thread both count
         self.dead_lettered = 0
         self.torn_lines = 0
         self.replayed = 0
@@ -133,7 +137,7 @@ class DecisionLog:
     @property
     def backlog(self) -> int:
         """Rows accepted but not yet written (or dead-lettered)."""
-        return self._submitted - self._handled
+        return self._submitted - self._handled - self._refused
 
     @property
     def spilled(self) -> int:
@@ -162,12 +166,20 @@ class DecisionLog:
         )
 
     def oldest_unwritten_s(self) -> float:
-        """Age of the oldest row not yet written; 0 when there is none."""
+        """Age of the oldest row not yet written; 0 when there is none.  Read-only: the
+        metrics thread and /readyz call it while the writer prunes the marks."""
+        if self.backlog <= 0:
+            return 0.0
+        oldest = None
+        for first, at in list(self._marks):
+            if first > self._handled:
+                break
+            oldest = at
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+    def _prune_marks(self) -> None:
         while len(self._marks) > 1 and self._marks[1][0] <= self._handled:
             self._marks.popleft()
-        if not self._marks or self._handled >= self._submitted:
-            return 0.0
-        return time.monotonic() - self._marks[0][1]
 
     def is_pending(self, event_id: str) -> bool:
         return event_id in self._pending_ids
@@ -210,6 +222,8 @@ class DecisionLog:
         self.held_unwritten += 1
 
     async def _accept(self, entry: Entry) -> None:
+        if self._closing:
+            raise DecisionLogFull("the decision log is closing: this replica is shutting down")
         if not self.accepting:
             raise DecisionLogFull(
                 f"the decision log holds {self.spill_bytes} bytes on disk (cap "
@@ -230,7 +244,7 @@ class DecisionLog:
                     entry, row_number, disk_only=disk_only, sync=self.durability == "durable"
                 )
             except SpillFailed as err:
-                self._handled += 1  # refused to the caller: it will never be written
+                await self._count(refused=1)  # refused to the caller: never written
                 raise DecisionLogFull(str(err)) from err
         if not disk_only:
             self._queue.append(entry)
@@ -246,7 +260,7 @@ class DecisionLog:
         self._wake.set()
         try:
             async with asyncio.timeout(timeout_s), self._progress:
-                await self._progress.wait_for(lambda: self._handled >= target)
+                await self._progress.wait_for(lambda: self._handled + self._refused >= target)
         except TimeoutError:
             return False
         return True
@@ -255,7 +269,7 @@ class DecisionLog:
         if self._task is None:
             return
         await self.flush()
-        self._closing = True
+        self._closing = True  # from here on nothing is accepted
         assert self._wake is not None
         self._wake.set()
         await self._task
@@ -273,9 +287,12 @@ class DecisionLog:
             self._wake.clear()
             try:
                 written = await self._write_next()
-            except StoreUnavailable as err:
+            except Exception as err:
+                # Not the data (that is dead-lettered): an outage, a closed store, a bug.
+                # Keep every row, try again later; the writer never dies of it.
                 logger.warning(
-                    "decision log: store unavailable (%s); %d rows kept, retrying in %.2fs",
+                    "decision log: write failed (%s: %s); %d rows kept, retrying in %.2fs",
+                    type(err).__name__,
                     err,
                     self.backlog,
                     backoff,
@@ -283,17 +300,11 @@ class DecisionLog:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
-            except Exception:
-                # Not the store: a bug or a broken disk.  Log it and go on; never die silently.
-                logger.exception("decision log writer error; retrying in %.2fs", backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
-                continue
             backoff = self._flush_interval_s
-            if written == 0 and self._closing:
+            if self._closing and self.backlog == 0 and not self._spill_syncing():
                 return
-            if self._queue or self.spilled:
-                self._wake.set()  # more waits: go on without a full interval
+            if written:  # more may wait: go on without a full interval (never spin idle)
+                self._wake.set()
 
     async def _write_next(self) -> int:
         """Write one batch from the front of the queue; the number of rows handled."""
@@ -310,22 +321,32 @@ class DecisionLog:
                 e.event_id for e in batch if isinstance(e, DecisionRecord)
             )
             self.held_unwritten -= sum(isinstance(e, FeedbackRecord) for e in batch)
-            assert self._progress is not None
-            async with self._progress:
-                self._handled += len(batch)
-                self._progress.notify_all()
+            await self._count(handled=len(batch))
+        self._prune_marks()
         if self._spill is not None:
             self._spill.collect(self._handled, self._submitted)
         return len(batch)
 
+    async def _count(self, *, handled: int = 0, refused: int = 0) -> None:
+        assert self._progress is not None
+        async with self._progress:
+            self._handled += handled
+            self._refused += refused
+            self._progress.notify_all()
+
+    def _spill_syncing(self) -> bool:
+        return self._spill is not None and self._spill.syncing
+
     def _refill(self, spill: SpillLog) -> None:
-        """Move rows waiting on disk into memory once memory has drained."""
+        """Move rows waiting on disk into memory once memory has drained.  A torn line
+        stands where its row was: counting it handled keeps the count in order."""
         while not self._queue:
             chunk = spill.read_back(min(self._batch_size, self._max_buffered))
             if chunk is None:
                 return
-            self.torn_lines += chunk.torn
-            self._handled += chunk.torn  # a torn row is handled: it will never be written
+            with self._counts:
+                self.torn_lines += chunk.torn
+            self._handled += chunk.torn
             self._queue.extend(chunk.entries)
 
     def _write_isolating(self, entries: list[Entry]) -> None:
@@ -338,19 +359,21 @@ class DecisionLog:
         shadows = [e for e in entries if isinstance(e, PolicyScoresEntry)]
         held = [e for e in entries if isinstance(e, FeedbackRecord)]
         try:
-            self.dropped_erased += self._store.write_batch(decisions, shadows, held)
-        except StoreUnavailable:
-            raise
-        except Exception as err:
+            dropped = self._store.write_batch(decisions, shadows, held)
+        except (RowRejected, ValueError) as err:
             if len(entries) == 1:
                 self._dead_letter(entries[0], err)
                 return
             middle = len(entries) // 2
             self._write_isolating(entries[:middle])
             self._write_isolating(entries[middle:])
+            return
+        with self._counts:
+            self.dropped_erased += dropped
 
     def _dead_letter(self, entry: Entry, error: BaseException) -> None:
-        self.dead_lettered += 1
+        with self._counts:
+            self.dead_lettered += 1
         logger.error(
             "decision log: the store refused a row for good; dead-lettered (event %s): %s",
             entry.event_id,
@@ -372,6 +395,7 @@ class DecisionLog:
         if self._spill is None:
             return 0
         rows, torn = self._spill.replay_orphans(self._write_isolating, self._batch_size)
-        self.replayed += rows
-        self.torn_lines += torn
+        with self._counts:
+            self.replayed += rows
+            self.torn_lines += torn
         return rows

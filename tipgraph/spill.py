@@ -75,40 +75,61 @@ class SpillLog:
     async def append(self, entry: Entry, row_number: int, *, disk_only: bool, sync: bool) -> None:
         """Write ``entry`` (the ``row_number``-th row accepted); with ``sync`` it is on disk
         when this returns, with ``disk_only`` it waits here until :meth:`read_back`.
-        Raises :class:`SpillFailed`."""
-        line = encode(entry)
-        segment = self._active(row_number)
+        Raises :class:`SpillFailed`, and then the row is not in the log at all."""
+        try:
+            line = encode(entry)
+            segment = self._active(row_number)
+        except (OSError, TypeError, ValueError) as err:
+            raise SpillFailed(f"cannot write the local decision log: {err}") from err
         offset = segment.reserve(line)
         if disk_only:  # noted now, so rows accepted meanwhile queue behind it
             if not self._disk or self._disk[-1][0] is not segment:
                 self._disk.append((segment, offset))
             self.disk_rows += 1
-        if not sync:
-            try:
-                segment.append([line], sync=False)
-            except OSError as err:
-                raise SpillFailed(f"cannot write the local decision log: {err}") from err
-            return
-        # Group commit: every row that arrives while an fsync runs shares the next one.
+        try:
+            if sync:
+                await self._group_commit(segment, line)
+            else:
+                try:
+                    segment.append([line], sync=False)
+                except OSError as err:
+                    raise SpillFailed(f"cannot write the local decision log: {err}") from err
+        except SpillFailed:
+            if disk_only:  # it never reached the file: nothing to read back
+                self.disk_rows -= 1
+            raise
+
+    async def _group_commit(self, segment: Segment, line: str) -> None:
+        # Every row that arrives while an fsync runs shares the next one.
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._to_sync.append((segment, line, future))
         if self._syncing is None or self._syncing.done():
             self._syncing = asyncio.get_running_loop().create_task(self._sync_pending())
         await future
 
+    @property
+    def syncing(self) -> bool:
+        return self._syncing is not None and not self._syncing.done()
+
     async def _sync_pending(self) -> None:
         while self._to_sync:
             segment = self._to_sync[0][0]
             batch = [item for item in self._to_sync if item[0] is segment]
             self._to_sync = [item for item in self._to_sync if item[0] is not segment]
-            try:
-                await asyncio.to_thread(segment.append, [line for _, line, _ in batch], sync=True)
-            except OSError as err:
-                for _, _, future in batch:
-                    future.set_exception(SpillFailed(f"cannot write the local log: {err}"))
+            if segment.broken:  # their reserved offsets no longer hold: fail them too
+                error: Exception | None = SpillFailed("the local log segment failed earlier")
             else:
-                for _, _, future in batch:
+                try:
+                    lines = [line for _, line, _ in batch]
+                    await asyncio.to_thread(segment.append, lines, sync=True)
+                    error = None
+                except (OSError, ValueError) as err:
+                    error = SpillFailed(f"cannot write the local decision log: {err}")
+            for _, _, future in batch:
+                if error is None:
                     future.set_result(None)
+                else:
+                    future.set_exception(error)
 
     async def sync(self) -> None:
         """fsync what ``buffered`` appends wrote since the last call."""
@@ -127,6 +148,13 @@ class SpillLog:
         if self.disk_rows <= 0:
             self._disk.clear()
             self.disk_rows = 0
+        elif (
+            chunk.offset >= (segment.size if segment.broken else segment.end)
+            and len(self._disk) == 1
+        ):
+            # Read to the end of the last run: what the count still says can never come.
+            self._disk.clear()
+            self.disk_rows = 0
         elif chunk.offset >= (segment.size if segment.broken else segment.end):
             self._disk.popleft()
         elif chunk.offset == offset:
@@ -143,12 +171,13 @@ class SpillLog:
                 old.delete()
                 self._retired.remove((old, last))
         segment = self._segment
-        syncing = self._syncing is not None and not self._syncing.done()
-        if segment is None or syncing or any(s is segment for s, _ in self._disk):
+        if segment is None or any(s is segment for s, _ in self._disk):
             return
-        if handled == accepted and segment.size > 0:
+        if handled == accepted and segment.size > 0 and not self.syncing:
             segment.truncate()  # everything in it is written: start over, keep the lock
         elif segment.size >= ROTATE_BYTES:
+            # Safe while an fsync runs: its rows are not handled yet, so the retired segment
+            # stays until they are (and pending lines still go to it: they name it).
             self._retired.append((segment, accepted - 1))
             self._segment = None
 

@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +35,10 @@ Entry = DecisionRecord | PolicyScoresEntry | FeedbackRecord
 _KINDS = {DecisionRecord: "decision", PolicyScoresEntry: "shadows", FeedbackRecord: "held"}
 SEGMENT_SUFFIX = ".wal"
 LEGACY_SUFFIX = ".jsonl"
-"""Spill files written before segments were locked; claimed and replayed the same way."""
+"""Spill files written before segments were locked; claimed and replayed the same way, but
+only once untouched for ``LEGACY_QUIET_S``: their writer (an older release, during a rolling
+upgrade) holds no lock that would say it is alive."""
+LEGACY_QUIET_S = 3600.0
 DEAD_LETTERS = "dead-letters.jsonl"
 
 
@@ -113,8 +117,12 @@ class Segment:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._handle = open(path, "ab")  # noqa: SIM115 - held open (and locked) for its life
+        # Locked under a name no replica claims, then renamed: a segment never exists
+        # unlocked under its own name, where a live replica would take it for an orphan.
+        fresh = path.with_name(path.name + ".new")
+        self._handle = open(fresh, "ab")  # noqa: SIM115 - held open (and locked) for its life
         fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(fresh, path)
         self.size = self._handle.seek(0, os.SEEK_END)
         self.end = self.size
         self.broken = False
@@ -179,13 +187,19 @@ def claim_orphan(path: Path) -> Any | None:
 
 
 def orphan_candidates(directory: Path, own: Path | None) -> Iterator[Path]:
-    """Segments (and legacy spill files) in ``directory`` other than ``own``, oldest first."""
+    """Segments (and quiet legacy spill files) in ``directory`` other than ``own``, oldest
+    first."""
     if not directory.is_dir():
         return
+    quiet_since = time.time() - LEGACY_QUIET_S
     paths = [
         p
         for p in directory.iterdir()
-        if p.suffix in (SEGMENT_SUFFIX, LEGACY_SUFFIX) and p.name != DEAD_LETTERS and p != own
+        if p != own
+        and (
+            p.suffix == SEGMENT_SUFFIX
+            or (p.suffix == LEGACY_SUFFIX and p.name != DEAD_LETTERS and _mtime(p) < quiet_since)
+        )
     ]
     yield from sorted(paths, key=lambda p: _mtime(p))
 

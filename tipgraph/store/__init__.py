@@ -12,6 +12,7 @@ from tipgraph.store.base import (
     DecisionStore,
     EventErased,
     MigrationError,
+    RowRejected,
     StoreError,
     StoreUnavailable,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "PolicyScoresRecord",
     "PostgresStore",
     "ReactionHistoryItem",
+    "RowRejected",
     "SQLiteStore",
     "StoreCounts",
     "StoreError",

@@ -90,6 +90,7 @@ class Statements:
     insert_erased_events_of_user: str
     insert_dropped_event: str
     delete_runs_of_dropped_event: str
+    delete_held_of_dropped_event: str
     select_erased_event: str
     delete_held_of_user: str
     insert_held: str
@@ -294,7 +295,10 @@ QMARK_STATEMENTS = Statements(
     delete_decisions_of_user="DELETE FROM decisions WHERE user_key = ?",
     insert_erased_user="""
         INSERT INTO erased_users (user_key, erased_at) VALUES (?, ?)
-        ON CONFLICT (user_key) DO UPDATE SET erased_at = excluded.erased_at
+        ON CONFLICT (user_key) DO UPDATE SET erased_at = CASE
+            WHEN excluded.erased_at > erased_users.erased_at THEN excluded.erased_at
+            ELSE erased_users.erased_at
+        END
     """,
     insert_erased_events_of_user="""
         INSERT INTO erased_events (event_id, erased_at)
@@ -310,9 +314,14 @@ QMARK_STATEMENTS = Statements(
         )
         ON CONFLICT (event_id) DO NOTHING
     """,
-    # Shadow rows may have landed before their (dropped) decision; tip_scores cascade.
+    # Shadow rows and held feedback may have landed before their (dropped) decision;
+    # tip_scores cascade from policy_runs.
     delete_runs_of_dropped_event="""
         DELETE FROM policy_runs
+        WHERE event_id = ? AND EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
+    """,
+    delete_held_of_dropped_event="""
+        DELETE FROM held_feedback
         WHERE event_id = ? AND EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
     """,
     select_erased_event="SELECT 1 FROM erased_events WHERE event_id = ?",
@@ -465,13 +474,11 @@ class SQLDecisionStore(DecisionStore):
             _insert_many(cur, self._sql.insert_candidate, [(*r, r[0]) for r in rows.candidates])
             _insert_many(cur, self._sql.insert_policy_run, [(*r, r[0]) for r in run_rows])
             _insert_many(cur, self._sql.insert_tip_score, [(*r, r[0], r[1]) for r in score_rows])
-            if dropped:
-                _insert_many(
-                    cur,
-                    self._sql.delete_runs_of_dropped_event,
-                    [(r[0], r[0]) for r in rows.decisions],
-                )
             _insert_many(cur, self._sql.insert_held, held_rows)
+            if dropped:
+                pairs = [(r[0], r[0]) for r in rows.decisions]
+                _insert_many(cur, self._sql.delete_runs_of_dropped_event, pairs)
+                _insert_many(cur, self._sql.delete_held_of_dropped_event, pairs)
         return dropped
 
     def is_erased(self, event_id: str) -> bool:

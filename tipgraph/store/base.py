@@ -30,6 +30,11 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached or refused the operation for a transient reason."""
 
 
+class RowRejected(ValueError):
+    """The database refused the data itself (a constraint, a value out of range): trying
+    again cannot help, unlike :class:`StoreUnavailable`."""
+
+
 class EventErased(LookupError):
     """The event's decision was erased: nothing about it may be stored again."""
 

@@ -13,7 +13,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements
-from tipgraph.store.base import StoreError, StoreUnavailable
+from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
 from tipgraph.store.migrate import migrate
 
 logger = logging.getLogger(__name__)
@@ -139,3 +139,5 @@ class PostgresStore(SQLDecisionStore):
         except psycopg.OperationalError as err:
             # Includes PoolTimeout and PoolClosed (a close() racing this call).
             raise StoreUnavailable(f"Postgres is unavailable: {err}") from err
+        except (psycopg.DataError, psycopg.IntegrityError) as err:
+            raise RowRejected(f"Postgres refused the row: {err}") from err

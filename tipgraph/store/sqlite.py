@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore
-from tipgraph.store.base import StoreError, StoreUnavailable
+from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
 from tipgraph.store.migrate import migrate
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ class SQLiteStore(SQLDecisionStore):
                     conn.rollback()
                 if isinstance(err, sqlite3.Error) and _is_transient(err):
                     raise StoreUnavailable(f"SQLite database {self.path} is busy: {err}") from err
+                if isinstance(err, sqlite3.IntegrityError | sqlite3.DataError | OverflowError):
+                    raise RowRejected(f"SQLite refused the row: {err}") from err
                 raise
             finally:
                 cur.close()
