@@ -65,11 +65,16 @@ def _deploy(name: str, settings: TipgraphSettings) -> str:
 
 
 def _replica_pids(app: str, deployment: str) -> dict[str, int]:
-    from ray.util.state import list_actors
+    """Name -> PID of the live replicas.  From the GCS actor table: the state API
+    (``ray.util.state``) needs the dashboard, which the test cluster runs without."""
+    from ray._private import state
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
     prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    return {a.name: a.pid for a in actors if (a.name or "").startswith(prefix)}
+    return {
+        info["Name"]: int(info["Pid"])
+        for info in state.actors().values()
+        if info["State"] == "ALIVE" and str(info["Name"]).startswith(prefix)
+    }
 
 
 def _app_settings(
@@ -121,6 +126,12 @@ def test_a_sigkilled_ingress_loses_nothing_answered_when_durable(
                 tip = client.post("/v1/tips", json=tip_body(user_id=f"c{i % 3}"))
                 assert tip.status_code == 200, tip.text
                 answered.append(tip.json()["event_id"])
+
+            def written() -> bool:
+                query = "SELECT COUNT(*) FROM decisions WHERE event_id = ANY(%s)"
+                return _rows(postgres_url, schema, query, answered)[0][0] == len(answered)
+
+            _wait_for(written, 30)  # the steady state: every row out within a flush
             proxy.cut()  # the database is gone: decisions wait in the ingress
             for i in range(30):
                 tip = client.post("/v1/tips", json=tip_body(user_id=f"c{i % 3}"))
