@@ -103,7 +103,11 @@ def _deploy(
         **{
             **base.model_dump(exclude={"shadows", "store", "serve", "generation"}),
             "serve": {"app_name": name, "route_prefix": f"/{name}", "port": port},
-            "store": {"url": postgres_url, "pg_schema": f"e2e_{name}_{uuid.uuid4().hex[:8]}"},
+            "store": {
+                "url": postgres_url,
+                "pg_schema": f"e2e_{name}_{uuid.uuid4().hex[:8]}",
+                "spill_dir": str(tmp / "spill"),
+            },
             "shadows": [],
             "generation": {
                 "source": source,
@@ -197,6 +201,70 @@ def test_control_characters_from_the_model_reach_neither_the_answer_nor_the_stor
         print(f"{llm_shown} of 8 tips shown were the model's, cleaned; 0 dead letters")
     finally:
         stub.content = None
+
+
+def test_a_row_postgres_refuses_is_dead_lettered_and_blocks_no_other_decision(
+    serve_port: int, postgres_url: str, stub: OllamaStub, tmp_path: Path
+) -> None:
+    """The poison-row scenario with a row Postgres really refuses (a CHECK constraint added
+    for the test: a NUL no longer can be one, text is cleaned first).  Every tip is the
+    model's (source llm), and every other request's tips are poison."""
+    from ray import serve
+
+    app = _deploy(
+        "poison", port=serve_port, postgres_url=postgres_url, stub=stub, tmp=tmp_path, source="llm"
+    )
+    schema = str(app.settings.store.pg_schema)
+    clean = json.dumps(
+        {"tips": [{"content": f"Walk {i} minutes.", "kind": "focus"} for i in range(6)]}
+    )
+    poison = json.dumps({"tips": [{"content": f"POISON {i}", "kind": "focus"} for i in range(6)]})
+    try:
+        assert app.client.post("/v1/tips", json=tip_body(user_id="p-warm")).status_code == 200
+        with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as conn:
+            conn.execute(
+                "ALTER TABLE candidates ADD CONSTRAINT refuse_poison "
+                "CHECK (content IS NULL OR content NOT LIKE 'POISON%%')"
+            )
+        stub.mode = "good"
+        answered, poisoned = [], []
+        for i in range(12):
+            stub.content = poison if i % 2 else clean
+            response = app.client.post("/v1/tips", json=tip_body(user_id=f"p-{i}"))
+            assert response.status_code == 200, response.text
+            event_id = response.json()["event_id"]
+            answered.append(event_id)
+            if response.json()["tip"]["content"].startswith("POISON"):
+                poisoned.append(event_id)
+        assert len(poisoned) == 6
+        letters = Path(app.settings.store.spill_dir) / "dead-letters.jsonl"
+
+        def settled() -> bool:
+            return letters.exists() and len(letters.read_text().splitlines()) >= len(poisoned)
+
+        deadline = time.monotonic() + 60
+        while not settled() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        dead = [json.loads(line) for line in letters.read_text().splitlines()]
+        assert {d["entry"]["row"]["event_id"] for d in dead} == set(poisoned)
+        assert all("refuse_poison" in d["error"] for d in dead)
+        with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as conn:
+            stored = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT event_id FROM decisions WHERE event_id = ANY(%s)", (answered,)
+                ).fetchall()
+            }
+        assert stored == set(answered) - set(poisoned)  # nothing else waited or was lost
+        ready = app.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["decision_log_dead_letters"] == 6
+        assert ready.json()["decision_log_backlog"] == 0
+        print(f"poison: {len(answered)} tips, {len(dead)} dead-lettered, {len(stored)} stored")
+    finally:
+        stub.content = None
+        app.client.close()
+        serve.delete("poison")
+        drop_schemas(postgres_url, [schema])
 
 
 @pytest.mark.parametrize("mode", ["good", "partial", "slow", "error", "malformed", "recover"])

@@ -11,6 +11,8 @@ import pytest
 
 from tests.factories import local_service, task, tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
+from tipgraph.errors import UnknownEvent
+from tipgraph.event_ids import new_event_id
 from tipgraph.service import TipService
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
@@ -45,8 +47,11 @@ async def test_no_raw_user_id_task_text_or_secret_reaches_the_logs_or_the_store(
         tip = await service.tip(TipRequest(**tip_body(user_id=USER_ID, tasks=tasks)))
         event_ids.append(tip.event_id)
         await service.feedback(FeedbackRequest(event_id=tip.event_id, reaction="done"))
-    # An error path too: feedback held for a decision that does not exist.
-    await service.feedback(FeedbackRequest(event_id="f" * 32, reaction="done"))
+    # Error paths too: feedback held for a decision not written (yet), and a made-up id.
+    unwritten = new_event_id(settings.privacy.user_key_secret.get_secret_value())
+    await service.feedback(FeedbackRequest(event_id=unwritten, reaction="done"))
+    with pytest.raises(UnknownEvent):
+        await service.feedback(FeedbackRequest(event_id="f" * 40, reaction="done"))
     await service.close()
     store.close()  # type: ignore[attr-defined]
 

@@ -11,6 +11,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from tests.factories import local_service, local_stages, tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
@@ -494,3 +495,39 @@ async def test_held_feedback_outlives_the_replica_that_held_it(
         await asyncio.sleep(0.1)
     assert store.counts().feedback == 1 and store.count_held_feedback() == 0
     await b.close()
+
+
+async def test_a_rotated_user_key_still_erases_what_the_old_key_made(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    old = make_service(settings, store)
+    before = await old.tip(request(user_id="rotating"))
+    await old.close()
+    rotated = settings.model_copy(
+        update={
+            "privacy": settings.privacy.model_copy(
+                update={
+                    "user_key_secret": SecretStr("a-new-secret"),
+                    "user_key_id": "k2",
+                    "retired_user_key_secrets": {"k1": settings.privacy.user_key_secret},
+                }
+            )
+        }
+    )
+    new = make_service(rotated, store)
+    after = await new.tip(request(user_id="rotating"))
+    await new.log.flush()
+    rows = store_rows(store, "SELECT event_id, user_key_id FROM decisions ORDER BY created_at")
+    assert rows == [(before.event_id, "k1"), (after.event_id, "k2")]
+    # Feedback on an id the retired key signed is still taken.
+    answer = await new.feedback(FeedbackRequest(event_id=before.event_id, reaction="done"))
+    assert answer.status == "applied"
+    erased = await new.erase_user("rotating")
+    assert (erased.decisions_erased, erased.feedback_erased) == (2, 1)
+    assert store_rows(store, "SELECT COUNT(*) FROM decisions") == [(0,)]
+    await new.close()
+
+
+def test_a_retired_key_cannot_share_the_current_keys_id() -> None:
+    with pytest.raises(ValueError, match="also a retired key's id"):
+        TipgraphSettings(privacy={"user_key_id": "k1", "retired_user_key_secrets": {"k1": "old"}})

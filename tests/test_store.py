@@ -196,17 +196,17 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.setattr(migrate_module, "load_migrations", lambda dialect: shipped(dialect)[:1])
     with open_store(store_settings) as old:
         assert old.schema_version() == 1
-        # Today's writer also fills migration 0003's columns and reads 0005's tombstones:
+        # Today's writer also fills the columns of 0003 and 0005 and reads its tombstones:
         # add them for this write and drop them again, so the rows are exactly what
         # release 1 stored.
-        for column in ("generation_reason", "llm_model"):
+        for column in ("generation_reason", "llm_model", "user_key_id"):
             raw_sql(store_settings, f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
         for table, key in (("erased_users", "user_key"), ("erased_events", "event_id")):
             raw_sql(
                 store_settings, f"CREATE TABLE {table} ({key} TEXT PRIMARY KEY, erased_at TEXT)"
             )
         old.write_decisions([make_decision("e1", chosen=0), make_decision("e2", chosen=2)])
-        for column in ("generation_reason", "llm_model"):
+        for column in ("generation_reason", "llm_model", "user_key_id"):
             raw_sql(store_settings, f"ALTER TABLE decisions DROP COLUMN {column}")
         for table in ("erased_users", "erased_events"):
             raw_sql(store_settings, f"DROP TABLE {table}")

@@ -90,6 +90,7 @@ def decision_record(
         generation_source=generation.source,
         generation_reason=generation.reason,
         llm_model=generation.model,
+        user_key_id=settings.user_key_id,
         chosen_candidate_id=chosen.candidate_id,
         chosen_kind=chosen.kind,
         chosen_probability=result.chosen_probability,

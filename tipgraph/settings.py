@@ -416,16 +416,35 @@ class PrivacySettings(_Strict):
         description="HMAC key that pseudonymises user ids and signs event ids; set "
         "TIPGRAPH_PRIVACY__USER_KEY_SECRET",
     )
-    retired_user_key_secrets: list[SecretStr] = Field(
-        default_factory=list,
-        description="Keys rotated out, newest first: erasure also looks users up under "
-        "them, and event ids they signed stay valid",
+    user_key_id: str = Field(
+        "k1",
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="Names user_key_secret; every decision records the id of the key that "
+        "made its user key (change it with the key when rotating)",
     )
+    retired_user_key_secrets: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="Keys rotated out, by key id: erasure also looks users up under them, "
+        "and event ids they signed stay valid",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_key_ids(self) -> PrivacySettings:
+        if self.user_key_id in self.retired_user_key_secrets:
+            raise ValueError(
+                f"user_key_id {self.user_key_id!r} is also a retired key's id: give the new "
+                "key a new id"
+            )
+        return self
+
+    def user_key_secrets(self) -> dict[str, str]:
+        """Key id -> secret, the current key first, then the retired ones."""
+        keys = {self.user_key_id: self.user_key_secret, **self.retired_user_key_secrets}
+        return {key_id: secret.get_secret_value() for key_id, secret in keys.items()}
 
     def all_user_key_secrets(self) -> list[str]:
         """The current key first, then the retired ones."""
-        keys = [self.user_key_secret, *self.retired_user_key_secrets]
-        return [k.get_secret_value() for k in keys]
+        return list(self.user_key_secrets().values())
 
     store_candidate_text: bool = Field(
         False,

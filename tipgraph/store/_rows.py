@@ -141,6 +141,7 @@ def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
                 db_floats(decision.context_features, what=f"{decision.event_id}: context"),
                 db_text(decision.generation_reason),
                 db_text(decision.llm_model),
+                decision.user_key_id,
             )
         )
         rows.candidates.extend(

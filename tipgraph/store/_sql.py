@@ -176,8 +176,8 @@ QMARK_STATEMENTS = Statements(
             prompt_version, generation_source, chosen_candidate_id, chosen_kind,
             chosen_probability, latency_context_ms, latency_generation_ms,
             latency_scoring_ms, latency_total_ms, context_features, generation_reason,
-            llm_model
-        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+            llm_model, user_key_id
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
         WHERE NOT EXISTS (
             SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
         )

@@ -74,6 +74,8 @@ class DecisionRecord:
     served: PolicyScoresRecord
     generation_reason: str | None = None
     llm_model: str | None = None
+    user_key_id: str | None = None
+    """Which HMAC key made ``user_key`` (privacy.user_key_id); None before key ids."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,3 +21,5 @@ CREATE TABLE held_feedback (
     received_at TEXT NOT NULL
 );
 CREATE INDEX held_feedback_received_at ON held_feedback (received_at);
+-- Which HMAC key made a decision's user_key (privacy.user_key_id); NULL: before key ids.
+ALTER TABLE decisions ADD COLUMN user_key_id TEXT;
