@@ -168,47 +168,13 @@ def test_llm_tips_reach_the_response_and_the_decision_log(
     assert len(seen_versions) == 2, "the A/B split should send traffic to both prompts"
 
 
-def test_control_characters_from_the_model_reach_neither_the_answer_nor_the_store(
-    llm_app: LLMApp, stub: OllamaStub
-) -> None:
-    """A NUL byte in a model's tip used to be a poison row (Postgres refuses NUL in text):
-    the writer retried it forever and every later decision of the replica waited."""
-    hostile = [
-        {"content": f"Plan\u0000 your \u202eday {i}, then rest\ud800.", "kind": "focus"}
-        for i in range(6)
-    ]
-    stub.mode, stub.content = "good", json.dumps({"tips": hostile})
-    llm_shown = 0
-    try:
-        for i in range(8):
-            response = llm_app.client.post("/v1/tips", json=tip_body(user_id=f"nul-{i}"))
-            assert response.status_code == 200, response.text
-            answer = response.json()
-            assert llm_app.decision(answer["event_id"])  # logged, not stuck in the writer
-            if answer["tip"]["source"] == "llm":
-                llm_shown += 1
-                assert answer["tip"]["content"].startswith("Plan your day")
-                assert answer["tip"]["content"].endswith("then rest\ufffd.")
-            schema = llm_app.settings.store.pg_schema
-            with psycopg.connect(llm_app.postgres_url, options=f"-c search_path={schema}") as c:
-                texts = c.execute(
-                    "SELECT content FROM candidates WHERE event_id = %s AND content IS NOT NULL",
-                    (answer["event_id"],),
-                ).fetchall()
-            assert texts and not any(unsafe_character(t) for (t,) in texts)
-        ready = llm_app.client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["decision_log_dead_letters"] == 0
-        print(f"{llm_shown} of 8 tips shown were the model's, cleaned; 0 dead letters")
-    finally:
-        stub.content = None
-
-
 def test_a_row_postgres_refuses_is_dead_lettered_and_blocks_no_other_decision(
     serve_port: int, postgres_url: str, stub: OllamaStub, tmp_path: Path
 ) -> None:
-    """The poison-row scenario with a row Postgres really refuses (a CHECK constraint added
-    for the test: a NUL no longer can be one, text is cleaned first).  Every tip is the
-    model's (source llm), and every other request's tips are poison."""
+    """The poison-row scenario.  A NUL byte from the model used to be one (Postgres refuses
+    NUL in text, and the writer retried it forever): now text is cleaned first, which the
+    first requests check.  Then a row Postgres really refuses, through a CHECK constraint
+    added for the test, on every other request.  Every tip is the model's (source llm)."""
     from ray import serve
 
     app = _deploy(
@@ -219,14 +185,29 @@ def test_a_row_postgres_refuses_is_dead_lettered_and_blocks_no_other_decision(
         {"tips": [{"content": f"Walk {i} minutes.", "kind": "focus"} for i in range(6)]}
     )
     poison = json.dumps({"tips": [{"content": f"POISON {i}", "kind": "focus"} for i in range(6)]})
+    hostile = [
+        {"content": f"Plan\u0000 your \u202eday {i}, then rest\ud800.", "kind": "focus"}
+        for i in range(6)
+    ]
     try:
-        assert app.client.post("/v1/tips", json=tip_body(user_id="p-warm")).status_code == 200
+        stub.mode, stub.content = "good", json.dumps({"tips": hostile})
+        for i in range(3):
+            response = app.client.post("/v1/tips", json=tip_body(user_id=f"nul-{i}"))
+            assert response.status_code == 200, response.text
+            shown = response.json()["tip"]["content"]
+            assert shown.startswith("Plan your day") and shown.endswith("then rest\ufffd.")
+            assert app.decision(response.json()["event_id"])  # logged, not stuck
+            with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as conn:
+                texts = conn.execute(
+                    "SELECT content FROM candidates WHERE event_id = %s AND content <> ''",
+                    (response.json()["event_id"],),
+                ).fetchall()
+            assert texts == [(shown,)] and unsafe_character(shown) is None
         with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as conn:
             conn.execute(
                 "ALTER TABLE candidates ADD CONSTRAINT refuse_poison "
                 "CHECK (content IS NULL OR content NOT LIKE 'POISON%%')"
             )
-        stub.mode = "good"
         answered, poisoned = [], []
         for i in range(12):
             stub.content = poison if i % 2 else clean
