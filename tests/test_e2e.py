@@ -244,7 +244,12 @@ def test_tip_decision_shadows_and_feedback_are_logged_and_learned(
             422,
             "tasks[0].priority: Input should be less than or equal to 4",
         ),
-        ("/v1/feedback", {"event_id": "missing", "reaction": "done"}, 404, "not one tipgraph issued"),
+        (
+            "/v1/feedback",
+            {"event_id": "missing", "reaction": "done"},
+            404,
+            "not one tipgraph issued",
+        ),
         ("/v1/feedback", {"event_id": "e", "reaction": "meh"}, 422, "reaction: Input should be"),
     ],
 )
