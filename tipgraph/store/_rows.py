@@ -252,7 +252,7 @@ def feedback_params(feedback: FeedbackRecord) -> Params:
 
 
 def feedback_record(row: Row) -> FeedbackRecord:
-    """A ``held_feedback`` row."""
+    """A feedback row's first six columns (``feedback`` and ``held_feedback`` alike)."""
     event_id, reaction, value, reward, reacted_at, received_at = row
     return FeedbackRecord(
         event_id=event_id,
@@ -269,17 +269,9 @@ def feedback_outcome(row: Row, *, created: bool) -> FeedbackOutcome:
 
     SQLite hands ``learned`` back as 0/1, Postgres as a bool.
     """
-    event_id, reaction, value, reward, reacted_at, received_at, learned, reward_id = row
-    record = FeedbackRecord(
-        event_id=event_id,
-        reaction=reaction,
-        value=None if value is None else float(value),
-        reward=float(reward),
-        reacted_at=utc_datetime(reacted_at),
-        received_at=utc_datetime(received_at),
-    )
+    learned, reward_id = row[6:]
     return FeedbackOutcome(
-        record=record,
+        record=feedback_record(row[:6]),
         created=created,
         learned=bool(learned),
         reward_id=None if reward_id is None else int(reward_id),
