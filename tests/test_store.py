@@ -1080,8 +1080,9 @@ def test_held_feedback_waits_in_the_store_until_its_decision_is_readable(
     store.write_batch([], [], [make_feedback("a", "snooze", 0.25)])  # the first held wins
     assert store.count_held_feedback() == 2 and store.held_feedback_ready(10) == []
     store.write_decisions([make_decision("a")])
-    (ready,) = store.held_feedback_ready(10)
+    ((ready, decision),) = store.held_feedback_ready(10)
     assert ready == make_feedback("a")
+    assert decision == store.get_decision("a")  # read in the same query
     store.delete_held_feedback(["a"])
     # "b" never gets a decision: it expires once received before the cutoff.
     assert store.expire_held_feedback(T0) == 0

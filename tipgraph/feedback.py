@@ -188,10 +188,7 @@ class FeedbackService:
         expire what waited longer than the reward wait, and count what is left.  Several
         replicas may do this at once: storing feedback is idempotent, the first wins."""
         ready = await asyncio.to_thread(self._store.held_feedback_ready, HELD_BATCH)
-        for record in ready:
-            decision = await asyncio.to_thread(self._store.get_decision, record.event_id)
-            if decision is None:
-                continue  # erased since: the erasure deleted the held row too
+        for record, decision in ready:
             try:
                 await self._apply(record, decision)
             except (FeedbackConflict, EventErased) as err:
@@ -199,7 +196,8 @@ class FeedbackService:
                     "held feedback dropped: %s", err, extra={"event_id": record.event_id}
                 )
         if ready:
-            await asyncio.to_thread(self._store.delete_held_feedback, [r.event_id for r in ready])
+            applied = [record.event_id for record, _ in ready]
+            await asyncio.to_thread(self._store.delete_held_feedback, applied)
         cutoff = datetime.now(UTC) - timedelta(seconds=self._settings.learning.reward_wait_s)
         expired = await asyncio.to_thread(self._store.expire_held_feedback, cutoff)
         if expired:

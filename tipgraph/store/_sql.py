@@ -335,11 +335,16 @@ QMARK_STATEMENTS = Statements(
         WHERE NOT EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
         ON CONFLICT (event_id) DO NOTHING
     """,
-    # Held feedback whose decision is readable now: one query for a whole batch.
+    # Held feedback whose decision is readable now, with the decision (the columns of
+    # select_decision): one query for a whole batch.
     select_held_ready="""
-        SELECT h.event_id, h.reaction, h.value, h.reward, h.reacted_at, h.received_at
+        SELECT h.event_id, h.reaction, h.value, h.reward, h.reacted_at, h.received_at,
+               d.event_id, d.user_key, d.created_at, d.policy_name, d.policy_version,
+               d.chosen_candidate_id, d.chosen_kind, d.chosen_probability, c.features
         FROM held_feedback AS h
         JOIN decisions AS d ON d.event_id = h.event_id
+        JOIN candidates AS c
+          ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
         ORDER BY h.received_at
         LIMIT ?
     """,
@@ -486,10 +491,11 @@ class SQLDecisionStore(DecisionStore):
             cur.execute(self._sql.select_erased_event, (event_id,))
             return cur.fetchone() is not None
 
-    def held_feedback_ready(self, limit: int) -> list[FeedbackRecord]:
+    def held_feedback_ready(self, limit: int) -> list[tuple[FeedbackRecord, StoredDecision]]:
         with self._transaction(write=False) as cur:
             cur.execute(self._sql.select_held_ready, (limit,))
-            return [_rows.feedback_record(row) for row in cur.fetchall()]
+            rows = cur.fetchall()
+        return [(_rows.feedback_record(r[:6]), _rows.stored_decision(r[6:])) for r in rows]
 
     def delete_held_feedback(self, event_ids: Sequence[str]) -> None:
         with self._transaction(write=True) as cur:

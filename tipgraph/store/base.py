@@ -95,8 +95,9 @@ class DecisionStore(abc.ABC):
         """Whether the event's decision was erased (or dropped on arrival after an erasure)."""
 
     @abc.abstractmethod
-    def held_feedback_ready(self, limit: int) -> list[FeedbackRecord]:
-        """Held feedback whose decision is readable now, oldest first, at most ``limit``."""
+    def held_feedback_ready(self, limit: int) -> list[tuple[FeedbackRecord, StoredDecision]]:
+        """Held feedback whose decision is readable now, with that decision, oldest first,
+        at most ``limit``."""
 
     @abc.abstractmethod
     def delete_held_feedback(self, event_ids: Sequence[str]) -> None:
