@@ -266,9 +266,7 @@ class Metrics:
 
     def __init__(self, sink: MetricSink | None = None) -> None:
         self._sink: MetricSink = sink if sink is not None else NullSink()
-        self._breaker_opened_seen = 0
-        self._dead_letters_seen = 0
-        self._replayed_seen = 0
+        self._totals_seen: dict[str, float] = {}
 
     def decision(self, policy: str, policy_version: str, role: PolicyRole) -> None:
         tags = {"policy": policy, "policy_version": version_tag(policy_version), "role": role}
@@ -305,25 +303,25 @@ class Metrics:
     def generation_fallback(self, reason: str) -> None:
         self._sink.inc(GENERATION_FALLBACKS, 1, {"reason": reason})
 
+    def _count_to(self, spec: MetricSpec, total: float) -> None:
+        """Move the counter ``spec`` up to ``total``, a running total kept elsewhere and
+        sampled: only the growth since the last sample is added (a counter never falls)."""
+        growth = total - self._totals_seen.get(spec.name, 0)
+        if growth > 0:
+            self._sink.inc(spec, growth, {})
+            self._totals_seen[spec.name] = total
+
     def sample_breaker(self, breaker: BreakerView) -> None:
         self._sink.set(BREAKER_STATE, BREAKER_STATES[breaker.state], {})
-        opened = breaker.times_opened - self._breaker_opened_seen
-        if opened > 0:
-            self._sink.inc(BREAKER_OPENED, opened, {})
-            self._breaker_opened_seen = breaker.times_opened
+        self._count_to(BREAKER_OPENED, breaker.times_opened)
 
     def sample_decision_log(self, log: DecisionLogView) -> None:
         self._sink.set(DECISION_LOG_BACKLOG, log.backlog, {})
         self._sink.set(DECISION_LOG_SPILLED, log.spilled, {})
         self._sink.set(DECISION_LOG_SPILL_BYTES, log.spill_bytes, {})
         self._sink.set(DECISION_LOG_OLDEST_UNWRITTEN, log.oldest_unwritten_s(), {})
-        new_dead = log.dead_lettered - self._dead_letters_seen
-        if new_dead > 0:  # a counter only moves up
-            self._sink.inc(DECISION_LOG_DEAD_LETTERS, new_dead, {})
-            self._dead_letters_seen = log.dead_lettered
-        if log.replayed > self._replayed_seen:
-            self._sink.inc(DECISION_LOG_REPLAYED, log.replayed - self._replayed_seen, {})
-            self._replayed_seen = log.replayed
+        self._count_to(DECISION_LOG_DEAD_LETTERS, log.dead_lettered)
+        self._count_to(DECISION_LOG_REPLAYED, log.replayed)
 
     def sample_feedback_held(self, held: int) -> None:
         self._sink.set(FEEDBACK_HELD, held, {})
