@@ -194,12 +194,9 @@ class SpillLog:
         and delete it: (rows, torn lines).  StoreUnavailable from ``write`` propagates; the
         segment stays for the next try (the rows written meanwhile are written once)."""
         rows = torn = 0
-        own = self.own_paths()
-        for path in orphan_candidates(self.directory, None):
-            # Our own segments would refuse the lock anyway (flock conflicts between two
-            # descriptors of one process too); skipping them saves opening them.
-            if path in own:
-                continue
+        # Our own segments would refuse the lock anyway (flock conflicts between two
+        # descriptors of one process too); leaving them out saves opening them.
+        for path in orphan_candidates(self.directory, self.own_paths()):
             handle = claim_orphan(path)
             if handle is None:
                 continue

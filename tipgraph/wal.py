@@ -17,7 +17,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -186,16 +186,16 @@ def claim_orphan(path: Path) -> Any | None:
     return handle
 
 
-def orphan_candidates(directory: Path, own: Path | None) -> Iterator[Path]:
-    """Segments (and quiet legacy spill files) in ``directory`` other than ``own``, oldest
-    first."""
+def orphan_candidates(directory: Path, own: Collection[Path]) -> Iterator[Path]:
+    """Segments (and quiet legacy spill files) in ``directory`` other than the ``own``
+    ones, oldest first."""
     if not directory.is_dir():
         return
     quiet_since = time.time() - LEGACY_QUIET_S
     paths = [
         p
         for p in directory.iterdir()
-        if p != own
+        if p not in own
         and (
             p.suffix == SEGMENT_SUFFIX
             or (p.suffix == LEGACY_SUFFIX and p.name != DEAD_LETTERS and _mtime(p) < quiet_since)
