@@ -38,13 +38,11 @@ def poisoned(event_id: str) -> DecisionRecord:
 class Flaky:
     """A real store that is "down" (StoreUnavailable) while ``down`` is set."""
 
-    def __init__(self, store: DecisionStore) -> None:
+    def __init__(self, store: DecisionStore, *, down: bool = False) -> None:
         self.store = store
-        self.down = False
-        self.calls = 0
+        self.down = down
 
     def write_batch(self, decisions: Any, shadows: Any, held: Any = ()) -> int:
-        self.calls += 1
         if self.down:
             raise StoreUnavailable("the database is down (test)")
         return self.store.write_batch(decisions, shadows, held)
@@ -114,8 +112,7 @@ async def test_a_row_postgres_itself_refuses_is_isolated(
 async def test_an_outage_delays_rows_and_readiness_reports_their_age(
     store: DecisionStore, tmp_path: Path
 ) -> None:
-    flaky = Flaky(store)
-    flaky.down = True
+    flaky = Flaky(store, down=True)
     log = writer(flaky, tmp_path)
     ids = [f"o{i}" for i in range(30)]
     for event_id in ids:
@@ -135,8 +132,7 @@ async def test_an_outage_delays_rows_and_readiness_reports_their_age(
 async def test_a_full_spill_refuses_new_rows_instead_of_losing_them(
     store: DecisionStore, tmp_path: Path
 ) -> None:
-    flaky = Flaky(store)
-    flaky.down = True
+    flaky = Flaky(store, down=True)
     log = writer(flaky, tmp_path, max_buffered=1, max_spill_bytes=20_000)
     accepted: list[str] = []
     with pytest.raises(DecisionLogFull, match="unreachable for long"):
@@ -183,8 +179,7 @@ async def test_a_dead_writers_segment_is_replayed_once_torn_line_and_all(
 async def test_durable_rows_are_on_disk_before_submit_returns(
     store: DecisionStore, tmp_path: Path
 ) -> None:
-    flaky = Flaky(store)
-    flaky.down = True
+    flaky = Flaky(store, down=True)
     log = writer(flaky, tmp_path, durability="durable")
     ids = [f"d{i}" for i in range(12)]
     await asyncio.gather(*(log.submit(make_decision(i)) for i in ids))
@@ -207,8 +202,8 @@ CRASHING_WRITER = textwrap.dedent(
     from tipgraph.store import open_store
 
     async def main():
-        store = Flaky(open_store(StoreSettings(url=sys.argv[1])))
-        store.down = True  # the database is cut: nothing reaches it before the kill
+        # The database is cut: nothing reaches it before the kill.
+        store = Flaky(open_store(StoreSettings(url=sys.argv[1])), down=True)
         log = DecisionLog(store, flush_interval_s=0.05, batch_size=16, max_buffered=1000,
                           spill_dir=Path(sys.argv[2]), owner="ingress", durability=sys.argv[3])
         i = 0
