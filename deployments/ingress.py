@@ -134,6 +134,9 @@ class BodySizeLimit:
         received = 0
         refused = False
 
+        async def refuse() -> None:  # built only when needed: not on every request
+            await _too_large(f"request body passed {limit} bytes", limit)(scope, receive, send)
+
         async def counted() -> Message:
             nonlocal received, refused
             message = await receive()
@@ -148,12 +151,12 @@ class BodySizeLimit:
             if not refused:
                 await send(message)
             elif message["type"] == "http.response.start":
-                await _too_large(f"request body passed {limit} bytes", limit)(scope, receive, send)
+                await refuse()
 
         try:
             await self.app(scope, counted, answer)
         except BodyTooLarge:
-            await _too_large(f"request body passed {limit} bytes", limit)(scope, receive, send)
+            await refuse()
 
 
 def _too_large(what: str, limit: int) -> JSONResponse:
@@ -382,7 +385,7 @@ class Ingress:
                 "decision_log_dead_letters": log.dead_lettered,
                 "decision_log_torn_lines": log.torn_lines,
                 "decision_log_replayed": log.replayed,
-                "decision_log_dropped_erased": self._service.log.dropped_erased,
+                "decision_log_dropped_erased": log.dropped_erased,
                 "shadows_shed": self._service.shadows_shed,
                 "shadow_failures": self._service.shadow_failures,
                 "decision_log_spilled": log.spilled,

@@ -74,6 +74,7 @@ class LogHealth:
     dead_lettered: int
     torn_lines: int
     replayed: int
+    dropped_erased: int
     accepting: bool
 
 
@@ -162,6 +163,7 @@ class DecisionLog:
             dead_lettered=self.dead_lettered,
             torn_lines=self.torn_lines,
             replayed=self.replayed,
+            dropped_erased=self.dropped_erased,
             accepting=self.accepting,
         )
 
