@@ -128,7 +128,7 @@ class DecisionLog:
         self.replayed = 0
         self.shadows_dropped = 0
         self.dropped_erased = 0  # decisions of users erased before they were written
-        self.held_unwritten = 0  # held feedback accepted, not yet in the store
+        self.held_submitted = 0  # held feedback accepted, ever
         self._wake: asyncio.Event | None = None
         self._progress: asyncio.Condition | None = None
         self._task: asyncio.Task[None] | None = None
@@ -221,7 +221,7 @@ class DecisionLog:
         Raises :class:`DecisionLogFull` like :meth:`submit`."""
         self._ensure_running()
         await self._accept(feedback)
-        self.held_unwritten += 1
+        self.held_submitted += 1
 
     async def _accept(self, entry: Entry) -> None:
         if self._closing:
@@ -322,7 +322,6 @@ class DecisionLog:
             self._pending_ids.difference_update(
                 e.event_id for e in batch if isinstance(e, DecisionRecord)
             )
-            self.held_unwritten -= sum(isinstance(e, FeedbackRecord) for e in batch)
             await self._count(handled=len(batch))
         self._prune_marks()
         if self._spill is not None:

@@ -70,13 +70,16 @@ class FeedbackService:
         self._applier: asyncio.Task[None] | None = None
         self._access_log = settings.logs.access_log
         self._held_stored = 0
+        self._held_counted_at = 0  # the log's held_submitted when the last count began
         self.expired = 0
 
     @property
     def held(self) -> int:
         """Held feedback: in the store (every replica's, as of this replica's last look)
         and still in this replica's writer."""
-        return self._held_stored + self._log.held_unwritten
+        # Counted from before the last look began: a row written between the writer and
+        # that count is counted twice for a moment, never zero times.
+        return self._held_stored + self._log.held_submitted - self._held_counted_at
 
     async def feedback(self, request: FeedbackRequest) -> FeedbackResponse:
         rewards = self._settings.rewards
@@ -205,7 +208,9 @@ class FeedbackService:
             logger.warning(
                 "%d held feedback items expired: their decisions never appeared", expired
             )
+        counted_at = self._log.held_submitted
         self._held_stored = await asyncio.to_thread(self._store.count_held_feedback)
+        self._held_counted_at = counted_at
         return len(ready)
 
     async def _apply(self, record: FeedbackRecord, decision: StoredDecision) -> FeedbackResponse:
