@@ -322,6 +322,57 @@ def durability_table(requests: int, tmp: Path, rounds: int) -> None:
             print(f"| {mode} | {c} | {rps:.1f} | {p50:.1f} | {p99:.1f} | {change} | {errors} |")
 
 
+ONE_BATCH_IN_FLIGHT = {
+    # The hops and autoscaling before issue 16: LLM generation keeps one batch out, and
+    # context and generation scale on ongoing requests (a batch is one), target 1.
+    "TIPGRAPH_HOPS__LLM_GENERATION__MAX_INFLIGHT_BATCHES": "1",
+    **{
+        f"TIPGRAPH_DEPLOYMENTS__{stage}__AUTOSCALING__{key}": value
+        for stage in ("CONTEXT", "GENERATION")
+        for key, value in (("SIGNAL", "requests"), ("TARGET_ONGOING_REQUESTS", "1"))
+    },
+}
+LLM_LATENCY_S = 0.5
+
+
+def load_signal_table(requests: int, tmp: Path, rounds: int) -> None:
+    """Generation's hop before and after issue 16, in task mode and against a 0.5 s LLM
+    (the Ollama stub in "slow" mode), at c = 16: interleaved rounds, medians."""
+    configs = {"one batch in flight (before)": ONE_BATCH_IN_FLIGHT, "as shipped": {}}
+    plan: Plan = [(16, None)]
+    runs: dict[tuple[str, str], list[Run]] = {}
+    with OllamaStub() as stub:
+        stub.mode, stub.delay_s = "slow", LLM_LATENCY_S
+        modes = {
+            "tasks": {},
+            "LLM 0.5 s": {"OLLAMA_API_BASE": stub.url, "TIPGRAPH_GENERATION__SOURCE": "mixed"},
+        }
+        for _ in range(rounds):
+            for mode, mode_env in modes.items():
+                for name, env in configs.items():
+                    run = measure("graph", requests, tmp, plan, {**mode_env, **env})[(16, None)]
+                    runs.setdefault((mode, name), []).append(run)
+    print(
+        f"| mode | generation hop | req/s c = 16 | vs before | p50 ms | p99 ms "
+        f"| generation p50 ms | errors |  (median of {rounds} interleaved rounds)"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mode in modes:
+        before = statistics.median(r.rps for r in runs[(mode, "one batch in flight (before)")])
+        for name in configs:
+            group = runs[(mode, name)]
+            rps = statistics.median(r.rps for r in group)
+            p50 = statistics.median(r.pct(50) for r in group)
+            p99 = statistics.median(r.pct(99) for r in group)
+            generation = statistics.median(r.stage_p50("generation") for r in group)
+            errors = sum(r.errors for r in group)
+            print(
+                f"| {mode} | {name} | {rps:.1f} | {100 * (rps / before - 1):+.1f}% | {p50:.0f} "
+                f"| {p99:.0f} | {generation:.1f} | {errors} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400)
@@ -332,7 +383,12 @@ def main() -> None:
     parser.add_argument(
         "--durability", action="store_true", help="buffered vs durable decision logging"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="--durability: rounds")
+    parser.add_argument(
+        "--load-signal",
+        action="store_true",
+        help="generation's hop before and after issue 16, task mode and a 0.5 s LLM",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="--durability, --load-signal: rounds")
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -343,7 +399,9 @@ def main() -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp_dir:
-        if args.durability:
+        if args.load_signal:
+            load_signal_table(args.requests, Path(tmp_dir), args.rounds)
+        elif args.durability:
             durability_table(args.requests, Path(tmp_dir), args.rounds)
         elif args.levers or args.lever:
             lever_table(args.lever or list(LEVERS), args.requests, Path(tmp_dir))

@@ -6,6 +6,7 @@ import asyncio
 
 from ray import serve
 
+from tipgraph.autoscaling import ItemLoad
 from tipgraph.batching import ItemFailure, run_each
 from tipgraph.contracts import TipRequest
 from tipgraph.features import UserContext, build_context, read_history
@@ -20,12 +21,18 @@ class ContextBuilder:
         self._settings = settings
         self._logs = ReplicaLogs(settings.logs).start()
         self._store = open_store(settings.store)
+        self._load = ItemLoad()
 
     async def build_batch(
         self, items: list[tuple[TipRequest, str]]
     ) -> list[UserContext | ItemFailure]:
         """One context per (request, user_key); the store reads run in one worker thread."""
-        return await asyncio.to_thread(run_each, self._build, items)
+        with self._load.holding(len(items)):
+            return await asyncio.to_thread(run_each, self._build, items)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What ``autoscaling.signal: items`` scales on (tipgraph.autoscaling)."""
+        return self._load.report()
 
     def _build(self, item: tuple[TipRequest, str]) -> UserContext:
         request, user_key = item

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 
+from tipgraph.autoscaling import ItemLoad
 from tipgraph.batching import ItemFailure, gather_each
 from tipgraph.contracts import TipRequest
 from tipgraph.features import UserContext
@@ -22,6 +23,7 @@ class CandidateGenerator:
         self._logs = ReplicaLogs(settings.logs).start()
         metrics = replica_metrics(settings.metrics)
         self._generator: TipGenerator = build_tip_generator(settings.generation, metrics=metrics)
+        self._load = ItemLoad()
         # Sampled, not pushed on change: open turns half-open with time, not with a call.
         self._gauges = Periodic(
             settings.metrics.sample_interval_s,
@@ -33,7 +35,12 @@ class CandidateGenerator:
         self, items: list[tuple[TipRequest, UserContext, str, int]]
     ) -> list[GenerationResult | ItemFailure]:
         """Candidates for every (request, context, event_id, n); LLM calls run concurrently."""
-        return await gather_each(self._generator.generate(*item) for item in items)
+        with self._load.holding(len(items)):
+            return await gather_each(self._generator.generate(*item) for item in items)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What ``autoscaling.signal: items`` scales on (tipgraph.autoscaling)."""
+        return self._load.report()
 
     def breaker_state(self) -> dict[str, object]:
         breaker = self._generator.breaker

@@ -213,6 +213,7 @@ class HandleStages:
         scoring: DeploymentHandle,
         shadows: dict[str, DeploymentHandle],
         hops: HopsSettings,
+        generation_hop: HopSettings,
     ) -> None:
         def batched(send: Any, hop: HopSettings) -> Coalescer[Any, Any]:
             return Coalescer(
@@ -228,7 +229,7 @@ class HandleStages:
             context.build_batch.remote, hops.context
         )
         self._generation: Coalescer[tuple[TipRequest, UserContext, str, int], GenerationResult] = (
-            batched(generation.generate_batch.remote, hops.generation)
+            batched(generation.generate_batch.remote, generation_hop)
         )
         self._score: Coalescer[tuple[np.ndarray, str], PolicyScore] = batched(
             scoring.score_batch.remote, hops.scoring
@@ -314,7 +315,14 @@ class Ingress:
             )
         api.state.api_token = token.get_secret_value().encode()
         api.state.max_body_bytes = settings.limits.max_body_bytes
-        self._stages = HandleStages(context, generation, scoring, shadows, settings.hops)
+        self._stages = HandleStages(
+            context,
+            generation,
+            scoring,
+            shadows,
+            settings.hops,
+            settings.hops.for_generation(settings.generation.source),
+        )
         self._service = tip_service(
             settings,
             lambda *_: self._stages,

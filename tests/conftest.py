@@ -95,6 +95,12 @@ def free_port() -> int:
         return port
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # One Ray cluster at a time: a rehearsal starts its own three-node cluster, so it runs
+    # before anything starts the session's (ray_cluster), which lives until the end.
+    items.sort(key=lambda item: item.get_closest_marker("rehearsal") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_metrics_port() -> int:
     """Where the session cluster's node serves its Prometheus metrics (GET /metrics)."""

@@ -23,9 +23,11 @@ or, in a test module, ``from tests.ollama_stub import ollama_stub_fixture  # noq
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -138,6 +140,10 @@ def partial_tips(body: dict[str, Any]) -> list[Any]:
 class _Handler(BaseHTTPRequestHandler):
     server: _StubHTTPServer
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in separate writes: with Nagle's algorithm on, the body waits
+    # for the client's delayed ACK, 40 ms per answer that a real Ollama (Go: TCP_NODELAY)
+    # never adds.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # keep pytest output quiet
@@ -402,3 +408,27 @@ def ollama_stub_fixture() -> Iterator[OllamaStub]:
 
 # The same fixture under its own name, for ``from tests.ollama_stub import ollama_stub``.
 ollama_stub = ollama_stub_fixture
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.ollama_stub --mode slow --delay-s 0.5``: serve until SIGTERM/Ctrl-C.
+
+    The first line on stdout is the stub's URL (for a process that starts it, like
+    ``tipgraph rehearse``).
+    """
+    parser = argparse.ArgumentParser(description="Ollama-protocol stub for tipgraph")
+    parser.add_argument("--mode", choices=MODES, default="good")
+    parser.add_argument("--delay-s", type=float, default=0.0, help='"slow" mode: seconds')
+    args = parser.parse_args(argv)
+    stub = OllamaStub()
+    stub.mode, stub.delay_s = args.mode, args.delay_s
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with stub:
+        print(stub.url, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+
+
+if __name__ == "__main__":
+    main()

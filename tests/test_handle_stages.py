@@ -38,7 +38,7 @@ class Handle:
 def stages(shadows: dict[str, Handle], linger_s: float = 0.0) -> HandleStages:
     unused = Handle(lambda items: [])
     hops = HopsSettings(shadows=HopSettings(linger_s=linger_s))
-    return HandleStages(unused, unused, unused, shadows, hops)  # type: ignore[arg-type]
+    return HandleStages(unused, unused, unused, shadows, hops, hops.generation)  # type: ignore[arg-type]
 
 
 async def settle(hop: HandleStages) -> None:

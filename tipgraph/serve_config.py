@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from tipgraph.autoscaling import POLICY_FUNCTION
 from tipgraph.settings import DeploymentSettings, LogSettings, TipgraphSettings
 
 IMPORT_PATH = "graphs.tipgraph:build_app"
@@ -44,7 +45,10 @@ def logging_config(logs: LogSettings) -> dict[str, Any]:
 
 def deployment_options(deployment: DeploymentSettings, logs: LogSettings) -> dict[str, Any]:
     """The ``@serve.deployment`` options of one stage, as Serve's config schema names them."""
-    autoscaling = deployment.autoscaling.model_dump(exclude_none=True)
+    autoscaling = deployment.autoscaling.model_dump(exclude_none=True, exclude={"signal"})
+    if deployment.autoscaling.signal == "items":
+        # Serve's controller runs this policy on the items the replicas report.
+        autoscaling["policy"] = {"policy_function": POLICY_FUNCTION}
     return {
         "max_ongoing_requests": deployment.max_ongoing_requests,
         "graceful_shutdown_timeout_s": deployment.graceful_shutdown_timeout_s,
@@ -65,7 +69,7 @@ def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, An
 
 def render_serve_config(settings: TipgraphSettings, config_path: str) -> dict[str, Any]:
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": settings.serve.proxy_location,
         "http_options": {"host": settings.serve.host, "port": settings.serve.port},
         "applications": [
             {

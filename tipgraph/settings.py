@@ -44,6 +44,11 @@ class ServeSettings(_Strict):
     route_prefix: str = "/"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode",
+        description="Where Serve runs HTTP proxies; HeadOnly when every node shares one "
+        "machine's ports (the local rehearsal)",
+    )
 
 
 class StoreSettings(_Strict):
@@ -339,12 +344,22 @@ _POLICY_CLASSES: tuple[type[_PolicyBase], ...] = (
 
 
 class AutoscalingSettings(_Strict):
+    signal: Literal["requests", "items"] = Field(
+        "requests",
+        description="What target_ongoing_requests counts. requests: Serve's ongoing "
+        "requests, where a batched hop's batch is one (CPU-light stages); items: the "
+        "requests inside the batches, which the replica reports "
+        "(tipgraph.autoscaling; stages that wait on the LLM or the store)",
+    )
     min_replicas: int = Field(1, ge=0)
     initial_replicas: int | None = None
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Serve averages the load over this window before deciding"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSettings:
@@ -388,9 +403,19 @@ class HopsSettings(_Strict):
     """Batching of the ingress's calls to each stage; every shadow uses ``shadows``."""
 
     context: HopSettings = HopSettings()
-    generation: HopSettings = HopSettings()
+    generation: HopSettings = Field(
+        HopSettings(), description="Generation from the tasks (generation.source: tasks)"
+    )
+    llm_generation: HopSettings = Field(
+        HopSettings(max_inflight_batches=64),
+        description="Generation when it waits on the LLM (generation.source: llm or mixed)",
+    )
     scoring: HopSettings = HopSettings()
     shadows: HopSettings = HopSettings()
+
+    def for_generation(self, source: Literal["tasks", "llm", "mixed"]) -> HopSettings:
+        """Task tips cost microseconds of CPU; an LLM call, seconds of waiting."""
+        return self.generation if source == "tasks" else self.llm_generation
 
 
 class FaultSettings(_Strict):

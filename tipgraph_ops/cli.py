@@ -1,6 +1,6 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
 render-serve-config, render-k3s, render-config-docs, config show, migrate, export, status,
-report."""
+report, rehearse."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ from tipgraph.store import LogFilter, StoreError, make_store, open_store
 from tipgraph_ops.config_docs import render_config_docs
 from tipgraph_ops.k3s import generated_files
 from tipgraph_ops.registry_view import format_version, format_versions
+from tipgraph_ops.rehearsal.runner import RehearsalOptions, run_rehearsal
+from tipgraph_ops.rehearsal.scenarios import SCENARIOS, SHORT
 from tipgraph_ops.status import collect, format_status
 from tuning import report as report_command
 from tuning import sweep as tune_command
@@ -37,6 +39,7 @@ from tuning.export import export_log, parse_timestamp
 logger = logging.getLogger("tipgraph")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
+REHEARSAL_STORE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 LOCAL_DEV_TOKEN = "local-dev-token"  # what `make run` sets when TIPGRAPH_API_TOKEN is unset
 
 
@@ -349,6 +352,24 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK if status.healthy else EXIT_ERROR
 
 
+def _rehearse(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "tests" / "ollama_stub.py").exists():
+        print("tipgraph: error: rehearse runs from a source checkout", file=sys.stderr)
+        return EXIT_ERROR
+    options = RehearsalOptions(
+        root=root,
+        out_dir=Path(args.out).resolve(),
+        store_url=args.store_url,
+        scenarios=SHORT if args.short else tuple(args.scenario or SCENARIOS),
+        llm_latency_s=args.llm_latency_s,
+        concurrency=args.concurrency,
+    )
+    result = run_rehearsal(options, log=lambda line: print(line, flush=True))
+    print(f"\nwrote {options.out_dir / 'result.json'} and {options.out_dir / 'timeline.png'}")
+    return EXIT_OK if result["passed"] else EXIT_ERROR
+
+
 def _export(args: argparse.Namespace) -> int:
     log_filter = LogFilter(
         since=parse_timestamp(args.since, "--since"),
@@ -566,6 +587,28 @@ def _add_operations_commands(commands: Commands) -> None:
     status.add_argument("--format", choices=("text", "json"), default="text")
     status.set_defaults(func=_status)
 
+    rehearse = commands.add_parser(
+        "rehearse",
+        help="3 Ray nodes on this machine, Postgres and the Ollama stub: scale out and in, "
+        "in-place update, node loss and database restart under load "
+        "(var/rehearsal/result.json, timeline.png; exit 1 if a scenario fails)",
+    )
+    rehearse.add_argument(
+        "--short", action="store_true", help="the CI form: " + " and ".join(SHORT)
+    )
+    rehearse.add_argument(
+        "--scenario", action="append", choices=list(SCENARIOS), help="only these, in order"
+    )
+    rehearse.add_argument("--llm-latency-s", type=float, default=0.5)
+    rehearse.add_argument("--concurrency", type=int, default=16)
+    rehearse.add_argument(
+        "--store-url",
+        default=os.environ.get("TIPGRAPH_REHEARSAL_STORE_URL", REHEARSAL_STORE_URL),
+        help="Postgres for the decisions; each run uses a schema of its own",
+    )
+    rehearse.add_argument("--out", default="var/rehearsal")
+    rehearse.set_defaults(func=_rehearse)
+
     export = commands.add_parser(
         "export", help="logged decisions with rewards to CSV or Parquet (the import format)"
     )
@@ -590,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for name in ("users", "decisions", "block", "seeds", "last", "workers"):
+    for name in ("users", "decisions", "block", "seeds", "last", "workers", "concurrency"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name} must be >= 1")
     try:
