@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-shadows tune \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-shadows tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -57,9 +57,16 @@ bench-policies: install
 bench-tuning: install
 	$(BIN)/python bench/bench_tuning.py
 
-## bench: the Serve graph vs a single-process baseline, same run (BENCHMARKS.md)
+## bench: the Serve graph vs a single-process baseline, same run; then generation's hop
+## before and after issue 16, task mode and a 0.5 s LLM, interleaved (BENCHMARKS.md)
 bench: install
 	PYTHONPATH=. $(BIN)/python bench/bench_graph.py
+	PYTHONPATH=. $(BIN)/python bench/bench_graph.py --load-signal --rounds 3
+
+## rehearsal: 3 Ray nodes on this machine, Postgres, the Ollama stub (0.5 s): scale out and
+## in, in-place update, node loss, database restart (var/rehearsal/result.json, timeline.png)
+rehearsal: install postgres
+	$(BIN)/tipgraph rehearse
 
 ## bench-levers: each performance lever against the same baseline (BENCHMARKS.md)
 bench-levers: install

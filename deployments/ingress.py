@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,6 +51,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 422, 503)
 }
 PROTECTED_PREFIX = "/v1/"
+REPLICA_GONE = (RayActorError, ActorUnavailableError)
+"""A call failed because its replica died or is unreachable (a lost node, a replica
+stopped in an update): not the request's fault, and safe to send again."""
+STAGE_RETRIES = 2
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -215,12 +220,16 @@ class HandleStages:
         hops: HopsSettings,
         generation_hop: HopSettings,
     ) -> None:
-        def batched(send: Any, hop: HopSettings) -> Coalescer[Any, Any]:
+        def batched(
+            send: Any, hop: HopSettings, retries: int = STAGE_RETRIES
+        ) -> Coalescer[Any, Any]:
             return Coalescer(
                 send,
                 max_batch_size=hop.max_batch_size,
                 max_inflight=hop.max_inflight_batches,
                 linger_s=hop.linger_s,
+                retry_on=REPLICA_GONE,
+                retries=retries,
             )
 
         self._scoring = scoring
@@ -235,7 +244,7 @@ class HandleStages:
             scoring.score_batch.remote, hops.scoring
         )
         self._shadow_score: dict[str, Coalescer[ShadowItem, str | None]] = {
-            name: batched(handle.shadow_batch.remote, hops.shadows)
+            name: batched(handle.shadow_batch.remote, hops.shadows, retries=0)
             for name, handle in shadows.items()
         }
 

@@ -8,6 +8,7 @@ deployment stay identical through :meth:`PolicyService.sync` (see tipgraph.scori
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -20,7 +21,7 @@ from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService, ShadowItem
-from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings
+from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings, parse_policy
 from tipgraph.shadows import ShadowScorer
 from tipgraph.store import open_store
 from tipgraph.wiring import decision_log
@@ -42,6 +43,7 @@ class PolicyScorer:
         self._logs = ReplicaLogs(settings.logs).start()
         self._metrics = replica_metrics(settings.metrics)
         self._fault = fault or FaultSettings()
+        self._configured = policy
         self._service = PolicyService(
             make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
         )
@@ -100,6 +102,29 @@ class PolicyScorer:
         if self._shadow is None:
             raise RuntimeError("shadow_batch is for shadow deployments (bound with shadow=True)")
         return await self._shadow.score_batch(items)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's ``user_config`` (``tipgraph.serve_config.policy_user_config``): a policy
+        changed in the deployed config replaces the served one in place, rebuilt from the
+        rewards log, with no replica restarted."""
+        policy = parse_policy(config["policy"])
+        if policy == self._configured:
+            return
+        self._configured = policy
+        if self._follower is not None and self._service.model_ref is not None:
+            logger.info("policy %s configured; the registry's champion still serves", policy.name)
+            return
+        candidate = PolicyService(
+            make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
+        )
+        caught_up = candidate.sync(self._store)
+        self._service.swap(candidate)
+        logger.info(
+            "now serving %s (%s), rebuilt from %d logged rewards",
+            policy.name,
+            candidate.policy.version,
+            caught_up,
+        )
 
     def learn(self, reward_id: int, features: list[float], reward: float) -> bool:
         return self._service.learn(reward_id, features, reward)

@@ -179,3 +179,39 @@ async def test_a_full_batch_does_not_linger() -> None:
     assert stage.batches == [[0, 1]]  # [2] lingers on; drain sends it
     await hop.drain()
     assert calls[2].result() == 20 and stage.batches == [[0, 1], [2]]
+
+
+class ReplicaGone(Exception):
+    pass
+
+
+async def test_a_call_whose_replica_died_is_sent_again() -> None:
+    sent: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int]:
+        sent.append(items)
+        if len(sent) < 3:
+            raise ReplicaGone("actor died")
+        return [i * 10 for i in items]
+
+    hop = Coalescer(send, max_batch_size=8, max_inflight=1, retry_on=(ReplicaGone,), retries=2)
+    assert await hop(4) == 40
+    assert sent == [[4], [4], [4]] and hop.retried == 2
+
+
+async def test_retries_give_up_and_other_errors_are_not_retried() -> None:
+    calls = 0
+
+    async def send(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        raise ReplicaGone("actor died") if calls < 10 else ValueError("bad")
+
+    hop = Coalescer(send, max_batch_size=8, max_inflight=1, retry_on=(ReplicaGone,), retries=1)
+    with pytest.raises(ReplicaGone):
+        await hop(1)
+    assert calls == 2
+    calls = 9
+    with pytest.raises(ValueError):
+        await hop(2)
+    assert calls == 10  # not retried

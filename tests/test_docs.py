@@ -70,6 +70,10 @@ EXERCISED: dict[str, list[str]] = {
         "tests/test_cli.py::test_the_configuration_reference_matches_the_settings_model"
     ],
     "tipgraph --help": ["tests/test_docs.py::test_every_command_has_help"],
+    "tipgraph rehearse": [
+        "tests/test_rehearsal.py::"
+        "test_the_short_rehearsal_scales_generation_alone_and_survives_a_node_loss"
+    ],
     "curl": ["tests/test_e2e.py::test_readme_curl_examples_work"],
     "tee": ["tests/test_e2e.py::test_readme_curl_examples_work"],  # in the curl block
 }
@@ -82,12 +86,13 @@ BY_HAND = {
     "make bench-shadows": "BENCHMARKS.md",
     "make bench-policies": "BENCHMARKS.md",
     "make bench-tuning": "BENCHMARKS.md",
+    "make rehearsal": "BENCHMARKS.md and k3s/README.md (CI runs `tipgraph rehearse --short`)",
     "make lock": "re-resolves the lockfiles against the registry",
     "mlflow ui": "MLflow's own UI",
 }
 # The runbook's cluster commands: no cluster here. What they apply is checked offline
 # (tests/test_k3s.py builds every overlay and validates it against the KubeRay CRDs).
-CLUSTER_ONLY = {"kubectl", "helm", "docker", "cat", "rm", "openssl", "head"}
+CLUSTER_ONLY = {"kubectl", "helm", "docker", "cat", "rm", "openssl", "head", "watch"}
 
 
 def _shell_commands(text: str) -> list[list[str]]:

@@ -12,6 +12,10 @@ fewer than ``max_inflight`` batches are out; otherwise it waits for the next fre
 which takes everything queued by then (up to ``max_batch_size``).  An idle graph sends
 each request alone, and a busy one sends larger batches: the same adaptive rule as group
 commit in databases.
+
+A call that fails as a whole because its replica died can be sent again
+(``retry_on``): Serve routes the retry to a live replica.  Only for stages whose calls are
+safe to repeat (context reads, generation, scoring: nothing is written there).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+RETRY_BACKOFF_S = 0.1
+"""Before the first retry of a failed call; the second waits twice as long."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class Coalescer(Generic[T, R]):
         max_batch_size: int,
         max_inflight: int,
         linger_s: float = 0.0,
+        retry_on: tuple[type[BaseException], ...] = (),
+        retries: int = 0,
     ) -> None:
         if max_batch_size < 1 or max_inflight < 1:
             raise ValueError(
@@ -83,6 +91,9 @@ class Coalescer(Generic[T, R]):
         self._max_batch_size = max_batch_size
         self._max_inflight = max_inflight
         self._linger_s = linger_s
+        self._retry_on = retry_on
+        self._retries = retries
+        self.retried = 0
         self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._inflight = 0
@@ -153,9 +164,20 @@ class Coalescer(Generic[T, R]):
         self._timer = None
         self._dispatch()
 
+    async def _send_retrying(self, items: list[T]) -> Sequence[R | ItemFailure]:
+        """``send``, again up to ``retries`` times when the whole call fails with one of
+        ``retry_on`` (the replica died: for a stage whose calls are safe to repeat)."""
+        for attempt in range(self._retries):
+            try:
+                return await self._send(items)
+            except self._retry_on:
+                self.retried += 1
+                await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
+        return await self._send(items)
+
     async def _deliver(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
-            results = await self._send([item for item, _ in batch])
+            results = await self._send_retrying([item for item, _ in batch])
             if len(results) != len(batch):
                 raise StageError(f"a stage answered {len(results)} items for {len(batch)}")
         except asyncio.CancelledError:

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from tipgraph.autoscaling import POLICY_FUNCTION
-from tipgraph.settings import DeploymentSettings, LogSettings, TipgraphSettings
+from tipgraph.settings import DeploymentSettings, LogSettings, PolicySettings, TipgraphSettings
 
 IMPORT_PATH = "graphs.tipgraph:build_app"
 
@@ -59,12 +59,23 @@ def deployment_options(deployment: DeploymentSettings, logs: LogSettings) -> dic
 
 
 def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, Any]]:
-    """Deployment name -> options, for every stage and shadow of the graph."""
+    """Deployment name -> options, for every stage and shadow of the graph.
+
+    Policies travel as Serve's ``user_config``: a changed hyperparameter in a deployed
+    config reaches the running replicas through ``reconfigure``, without restarting them.
+    """
     logs = settings.logs
     options = {name: deployment_options(dep, logs) for name, dep in settings.deployments.items()}
+    options["scoring"]["user_config"] = policy_user_config(settings.policy)
     for shadow in settings.shadows:
         options[shadow.deployment_name] = deployment_options(shadow.deployment, logs)
+        options[shadow.deployment_name]["user_config"] = policy_user_config(shadow.policy)
     return options
+
+
+def policy_user_config(policy: PolicySettings) -> dict[str, Any]:
+    """What ``PolicyScorer.reconfigure`` reads (``tipgraph.settings.parse_policy`` parses it)."""
+    return {"policy": policy.model_dump(mode="json")}
 
 
 def render_serve_config(settings: TipgraphSettings, config_path: str) -> dict[str, Any]:

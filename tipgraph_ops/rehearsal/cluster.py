@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 LOOPBACK = "127.0.0.1"
+NODE_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -58,6 +59,16 @@ def _stat(pid: int) -> list[str] | None:
     except OSError:
         return None
     return text[text.rindex(")") + 2 :].split()
+
+
+def _in_sessions(sessions: set[int]) -> set[int]:
+    """Every live process whose session is one of ``sessions``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        stat = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat is not None and int(stat[3]) in sessions and stat[0] != "Z":
+            found.add(int(entry.name))
+    return found
 
 
 def _descendants(root: int) -> set[int]:
@@ -131,6 +142,7 @@ class LocalCluster:
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.nodes: list[Node] = []
+        self._discarded: list[Node] = []
 
     @property
     def address(self) -> str:
@@ -166,19 +178,37 @@ class LocalCluster:
             ],
         )
         self._wait_for_nodes(1, timeout_s)
+        # One at a time, and again if one dies starting: a raylet that cannot register
+        # with a busy GCS within Ray's 30 s exits (seen on this 2-core machine).
         for index in range(1, self.workers + 1):
-            self._start_node(
-                f"worker-{index}",
-                [
-                    f"--address={self.address}",
-                    f"--node-manager-port={free_port()}",
-                    f"--object-manager-port={free_port()}",
-                ],
-            )
-        self._wait_for_nodes(1 + self.workers, timeout_s)
+            name = f"worker-{index}"
+            for attempt in range(1, NODE_ATTEMPTS + 1):
+                self._start_node(
+                    name,
+                    [
+                        f"--address={self.address}",
+                        f"--node-manager-port={free_port()}",
+                        f"--object-manager-port={free_port()}",
+                    ],
+                )
+                try:
+                    self._wait_for_nodes(1 + index, timeout_s)
+                    break
+                except NodeExited:
+                    if attempt == NODE_ATTEMPTS:
+                        raise
+                    self._discard(name)
         for node in self.nodes:
             node.remember()
         return self
+
+    def _discard(self, name: str) -> None:
+        """Forget a node that died starting; its processes are ended with the rest."""
+        node = next(n for n in self.nodes if n.name == name)
+        node.remember()
+        self.nodes.remove(node)
+        self._discarded.append(node)
+        (self.log_dir / f"{name}.log").rename(self.log_dir / f"{name}.failed-start.log")
 
     def _start_node(self, name: str, args: list[str]) -> None:
         command = [
@@ -211,7 +241,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             for node in self.nodes:
                 if node.process.poll() is not None:
-                    raise RuntimeError(
+                    raise NodeExited(
                         f"ray node {node.name} exited ({node.process.returncode}); "
                         f"see {self.log_dir / node.name}.log"
                     )
@@ -247,19 +277,24 @@ class LocalCluster:
 
     def stop(self, grace_s: float = 15.0) -> None:
         """End every process the nodes started: SIGTERM, then SIGKILL after ``grace_s``."""
-        for node in self.nodes:
+        nodes = self.nodes + self._discarded
+        for node in nodes:
             node.remember()
-        for node in reversed(self.nodes):
+        for node in reversed(nodes):
             if node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for node in self.nodes:
+        for node in nodes:
             try:
                 node.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 node.process.kill()
                 node.process.wait(5)
-        leftover = {p for node in self.nodes for p in node.known if p.alive()}
+        # Processes started after the last look (HAProxy restarts itself on every change of
+        # the ingress replicas, also while the cluster stops) are still in a node's session.
+        sessions = {node.process.pid for node in nodes}
+        leftover = {p for node in nodes for p in node.known if p.alive()}
+        leftover |= {p for pid in _in_sessions(sessions) if (p := ProcessId.read(pid))}
         for proc in leftover:
             _signal(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
@@ -272,9 +307,19 @@ class LocalCluster:
         shutil.rmtree(self.temp_root, ignore_errors=True)
 
     def _keep_serve_logs(self) -> None:
-        """Serve's logs (controller, proxy, every replica) next to the nodes' own."""
-        for serve_logs in self.temp_root.glob("ray/session_*/logs/serve"):
-            shutil.copytree(serve_logs, self.log_dir / "serve", dirs_exist_ok=True)
+        """Serve's logs (controller, proxy, every replica) and Ray's own errors next to
+        the nodes' logs."""
+        for logs in self.temp_root.glob("ray/session_*/logs"):
+            if (logs / "serve").is_dir():
+                shutil.copytree(logs / "serve", self.log_dir / "serve", dirs_exist_ok=True)
+            kept = self.log_dir / "ray"
+            kept.mkdir(exist_ok=True)
+            for path in (
+                *logs.glob("*.err"),
+                *logs.glob("raylet*.out"),
+                *logs.glob("gcs_server*.out"),
+            ):
+                shutil.copy2(path, kept / path.name)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -283,6 +328,10 @@ class LocalCluster:
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class NodeExited(RuntimeError):
+    """A node's ``ray start`` process ended."""
 
 
 def _resource(node: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tipgraph.serve_config import SERVE_ENV
-from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings
+from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings, merge_overlay
 from tipgraph.store import open_store
 from tipgraph_ops.k3s import BASE_CONFIG, serve_config_v2
 from tipgraph_ops.rehearsal.cluster import LocalCluster, free_port
@@ -141,6 +141,10 @@ def run_rehearsal(options: RehearsalOptions, log: Any = print) -> dict[str, Any]
         **SERVE_ENV,
         **CLUSTER_ENV,
         "PYTHONPATH": str(options.root),
+        # HAProxy's own listeners (Ray binds them on every interface, fixed ports 9101 and
+        # 8404 by default): free ports, so nothing else on the machine is in the way.
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "TIPGRAPH_API_TOKEN": token,
         "OLLAMA_API_BASE": stub.url,
     }
@@ -160,19 +164,33 @@ def run_rehearsal(options: RehearsalOptions, log: Any = print) -> dict[str, Any]
             headers=cluster.headers,
         )
 
-        def deploy(extra: dict[str, Any] | None) -> dict[str, Any]:
-            names = list(overlays)
-            if extra is not None:
-                path = out / f"change-{len(list(out.glob('change-*.yaml'))) + 1}.yaml"
-                path.write_text(yaml.safe_dump(extra), encoding="utf-8")
-                names.append(str(path))
+        def deploy(
+            change: dict[str, Any] | None,
+        ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+            # A change goes into the run's overlay file, as an operator edits
+            # configs/k3s/<env>.yaml: the app's args (file names) stay the same, so Serve
+            # updates what changed in place instead of rebuilding the app.
+            if change is not None:
+                current = yaml.safe_load(run_overlay.read_text(encoding="utf-8"))
+                run_overlay.write_text(yaml.safe_dump(merge_overlay(current, change)))
             config = out / "serve-config.yaml"
-            config.write_text(serve_config_v2(_settings(options.root, names), names))
+            rendered = serve_config_v2(_settings(options.root, overlays), overlays)
+            config.write_text(rendered)
             app.deploy(config)
-            return {"config": BASE_CONFIG, "overlays": names}
+            deployments = yaml.safe_load(rendered)["applications"][0]["deployments"]
+            # Once applied, every deployment reports these in its config (REST API).
+            expected = {
+                d["name"]: {
+                    "user_config": d.get("user_config"),
+                    "autoscaling_config.max_replicas": d["autoscaling_config"]["max_replicas"],
+                }
+                for d in deployments
+            }
+            return {"config": BASE_CONFIG, "overlays": overlays}, expected
 
         log("serve deploy (the dashboard's REST API, as KubeRay does)")
-        waited = app.wait_running(deploy(None), timeout_s=300)
+        args, expected = deploy(None)
+        waited = app.wait_running(args, timeout_s=300, options=expected)
         log(f"app running after {waited:.0f} s")
         sampler = Sampler(
             app, lambda: time.monotonic() - t0, interval_s=1.0, also=cluster.remember_all

@@ -46,8 +46,9 @@ class Rig:
     token: str
     now: Callable[[], float]
     t0: float
-    redeploy: Callable[[dict[str, Any]], dict[str, Any]]
-    """Deploy the base overlays plus this one; returns the new app args."""
+    redeploy: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
+    """Deploy with this change to the config; returns the app's args and what each
+    deployment's options must read once it is applied."""
     restart_database: list[str]
     llm_latency_s: float
     concurrency: int
@@ -83,6 +84,17 @@ class Rig:
         store_timeout_s: float = 90.0,
     ) -> ScenarioResult:
         answered = [o.event_id for o in outcomes if o.ok and o.event_id]
+        failures = [o for o in outcomes if not o.ok]
+        measured = dict(measured or {})
+        if failures:
+            measured["failures"] = dict(
+                Counter(str(o.status) if o.status else o.error for o in failures)
+            )
+            measured["failures_between_s"] = [
+                round(min(o.started for o in failures), 1),
+                round(max(o.started + o.latency_s for o in failures), 1),
+            ]
+            measured["failure_sample"] = sorted({o.error[:160] for o in failures})[:3]
         stored = self.store.stored(answered, store_timeout_s)
         checks["every answered decision is in the store"] = stored == len(answered)
         ended = self.now()
@@ -98,7 +110,7 @@ class Rig:
             timeline=timeline_rows(self.sampler.samples, started, ended),
             events=events,
             recovery_s=None if recovery_s is None else round(recovery_s, 1),
-            measured=measured or {},
+            measured=measured,
             outcomes=list(outcomes),
         )
 
@@ -197,8 +209,8 @@ def in_place_update(rig: Rig) -> ScenarioResult:
             f"serve deploy: policy alpha {alpha} -> {alpha * 2}, "
             f"generation max_replicas -> {new_max}"
         )
-        args = rig.redeploy(change)
-        waited = rig.app.wait_running(args, timeout_s=300)
+        args, options = rig.redeploy(change)
+        waited = rig.app.wait_running(args, timeout_s=300, options=options)
         done = rig.event(f"new config running ({waited:.0f} s)")
         time.sleep(10)
         rig.event("load off")
@@ -283,7 +295,6 @@ def node_loss(rig: Rig) -> ScenarioResult:
         rig.event("load off")
     failures = [o for o in load.outcomes if not o.ok]
     last_failure = max((o.started + o.latency_s for o in failures), default=killed)
-    kinds = Counter(str(o.status) if o.status else o.error for o in failures)
     recovery = None if back is None else max(back.t, last_failure) - killed
     return rig.result(
         "node-loss",
@@ -295,7 +306,6 @@ def node_loss(rig: Rig) -> ScenarioResult:
             "node": victim,
             "replicas_lost": {n: c for n, c in lost.items() if c},
             "failed": len(failures),
-            "failures": dict(kinds),
             "replicas_back_s": None if back is None else round(back.t - killed, 1),
         },
         store_timeout_s=180,

@@ -56,8 +56,14 @@ class ServeApp:
         app: dict[str, Any] | None = response.json().get("applications", {}).get(self.app_name)
         return app
 
-    def wait_running(self, args: dict[str, Any], timeout_s: float) -> float:
-        """Wait until the app runs ``args`` with every deployment healthy; seconds waited."""
+    def wait_running(
+        self,
+        args: dict[str, Any],
+        timeout_s: float,
+        options: dict[str, dict[str, Any]] | None = None,
+    ) -> float:
+        """Wait until the app runs ``args`` with every deployment healthy and running the
+        given ``options`` (deployment -> option -> value); seconds waited."""
         started = time.monotonic()
         last = "no application yet"
         while time.monotonic() - started < timeout_s:
@@ -69,7 +75,12 @@ class ServeApp:
             if app is not None:
                 deployed = (app.get("deployed_app_config") or {}).get("args")
                 healthy = all(d["status"] == "HEALTHY" for d in app["deployments"].values())
-                if app["status"] == "RUNNING" and deployed == args and healthy:
+                if (
+                    app["status"] == "RUNNING"
+                    and deployed == args
+                    and healthy
+                    and _runs(app, options or {})
+                ):
                     return time.monotonic() - started
                 if app["status"] == "DEPLOY_FAILED":
                     raise DeployError(f"the app failed to deploy: {app.get('message', '')}")
@@ -148,3 +159,17 @@ class Sampler:
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.2)
+
+
+def _runs(app: dict[str, Any], options: dict[str, dict[str, Any]]) -> bool:
+    """Whether every deployment in ``options`` reports those values in its config (a key
+    ``a.b`` is ``config["a"]["b"]``)."""
+    for name, wanted in options.items():
+        config = app["deployments"].get(name, {}).get("deployment_config", {})
+        for key, value in wanted.items():
+            found: Any = config
+            for part in key.split("."):
+                found = found.get(part) if isinstance(found, dict) else None
+            if found != value:
+                return False
+    return True
