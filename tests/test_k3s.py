@@ -24,6 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tipgraph.autoscaling import POLICY_FUNCTION
 from tipgraph.serve_config import all_deployment_options
 from tipgraph_ops.k3s import (
     OVERLAYS,
@@ -307,6 +308,15 @@ def test_serve_config_v2_is_a_serve_config_from_the_same_source(env: str) -> Non
         assert actor_options is not None
         assert actor_options.model_dump(exclude_unset=True) == expected["ray_actor_options"]
         assert deployment.max_ongoing_requests == expected["max_ongoing_requests"]
+        if "user_config" in expected:  # the policies (scoring, shadows)
+            assert deployment.user_config == expected["user_config"]
+    # The stages that wait on I/O scale on items there too (tipgraph.autoscaling).
+    on_items = {
+        d.name
+        for d in app.deployments
+        if (d.autoscaling_config or {}).get("policy", {}).get("policy_function") == POLICY_FUNCTION
+    }
+    assert on_items == {"context", "generation"}
     # What the app builder loads on the cluster is what the config says.
     assert settings.store.url.startswith("postgresql://") and settings.serve.host == "0.0.0.0"
     assert settings.registry.serve_alias == "champion"

@@ -112,6 +112,8 @@ class ScenarioResult:
     recovery_s: float | None = None
     measured: dict[str, Any] = field(default_factory=dict)
     """Scenario-specific figures (scale-out time, steady throughput, ...)."""
+    goals: dict[str, bool] = field(default_factory=dict)
+    """Speed figures against a bound: reported, not part of ``passed``."""
     outcomes: list[Outcome] = field(default_factory=list, repr=False)
     """Every request of the scenario (not written out: ``series`` sums them per second)."""
 
@@ -125,6 +127,7 @@ class ScenarioResult:
             "name": self.name,
             "passed": self.passed,
             "checks": self.checks,
+            "goals": self.goals,
             "requests": figures["requests"],
             "failed": figures["failed"],
             "p50_ms": figures["p50_ms"],
@@ -161,6 +164,13 @@ def summary_table(results: Sequence[dict[str, Any]]) -> str:
     ]
     if failed:
         lines += ["", "Checks that did not hold:", *failed]
+    goals = [
+        f"- {r['name']}: {goal}: {'met' if met else 'NOT met'}"
+        for r in results
+        for goal, met in r.get("goals", {}).items()
+    ]
+    if goals:
+        lines += ["", "Speed goals (figures, not checks):", *goals]
     return "\n".join(lines)
 
 
