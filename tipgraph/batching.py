@@ -21,10 +21,13 @@ safe to repeat (context reads, generation, scoring: nothing is written there).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -170,8 +173,9 @@ class Coalescer(Generic[T, R]):
         for attempt in range(self._retries):
             try:
                 return await self._send(items)
-            except self._retry_on:
+            except self._retry_on as err:
                 self.retried += 1
+                logger.warning("sending a batch of %d again: %s", len(items), _failure(err).error)
                 await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
         return await self._send(items)
 
