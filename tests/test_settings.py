@@ -66,6 +66,17 @@ def test_env_overrides_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"polcy": {}}, "Extra inputs are not permitted"),
         ({"deployments": {"ingress": {}}}, "missing"),
         ({"shadows": [{"policy": {"name": "linucb", "kind": "uniform"}}]}, "unique"),
+        (
+            {
+                "shadows": [
+                    {
+                        "policy": {"name": "u", "kind": "uniform"},
+                        "deployment": {"autoscaling": {"signal": "items"}},
+                    }
+                ]
+            },
+            r"signal 'items' of \['shadow_u'\]: only \['context', 'generation'\]",
+        ),
     ],
 )
 def test_bad_config_fails_loudly(data: dict[str, object], match: str) -> None:

@@ -32,6 +32,8 @@ PolicyKind = Literal["linucb", "lints", "egreedy", "softmax", "squarecb", "unifo
 FeatureGroup = Literal["kind", "time", "workload", "history", "task"]
 """Blocks of the joint feature vector a policy may be restricted to (tipgraph.features)."""
 STAGES = ("ingress", "context", "generation", "scoring")
+ITEM_STAGES = ("context", "generation")
+"""The stages whose replicas report the items inside them (autoscaling.signal: items)."""
 
 
 class _Strict(BaseModel):
@@ -594,6 +596,15 @@ class TipgraphSettings(BaseSettings):
         names = [self.policy.name] + [shadow.policy.name for shadow in self.shadows]
         if len(set(names)) != len(names):
             raise ValueError(f"policy names must be unique across served and shadows: {names}")
+        scaling = {name: d.autoscaling for name, d in self.deployments.items()} | {
+            s.deployment_name: s.deployment.autoscaling for s in self.shadows
+        }
+        wrong = [n for n, a in scaling.items() if a.signal == "items" and n not in ITEM_STAGES]
+        if wrong:
+            raise ValueError(
+                f"autoscaling.signal 'items' of {wrong}: only {list(ITEM_STAGES)} replicas "
+                "report their items (tipgraph.autoscaling); use 'requests'"
+            )
         return self
 
     def masked_dump(self) -> dict[str, Any]:
