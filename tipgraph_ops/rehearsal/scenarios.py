@@ -137,7 +137,7 @@ def scale_out_and_in(rig: Rig) -> ScenarioResult:
         if reached is not None:
             rig.event(f"generation at {generation.max_replicas} replicas")
         steady_from = rig.now()
-        time.sleep(15 if rig.short else 30)
+        time.sleep(10 if rig.short else 30)
         steady_to = rig.now()
         off = rig.event("load off")
     bound = generation.downscale_delay_s + generation.look_back_period_s + SCALE_IN_MARGIN_S
@@ -274,7 +274,7 @@ def node_loss(rig: Rig) -> ScenarioResult:
     """SIGKILL one worker node's raylet under load: its replicas come back elsewhere."""
     started = rig.now()
     with rig.load() as load:
-        time.sleep(10)
+        time.sleep(6 if rig.short else 10)
         ids = rig.cluster.node_ids()
         before = rig.sampler.latest()
         assert before is not None, "no replica sample yet"
@@ -297,7 +297,7 @@ def node_loss(rig: Rig) -> ScenarioResult:
         back = rig.sampler.wait_for(restored, timeout_s=180, since=killed + 1)
         if back is not None:
             rig.event("every deployment back to its replicas on the surviving nodes")
-        time.sleep(10)
+        time.sleep(5 if rig.short else 10)
         rig.event("load off")
     failures = [o for o in load.outcomes if not o.ok]
     last_failure = max((o.started + o.latency_s for o in failures), default=killed)
