@@ -15,11 +15,9 @@ from ray import serve
 
 from tipgraph.batching import ItemFailure, run_each
 from tipgraph.champion import ChampionFollower
-from tipgraph.features import FEATURE_SPEC
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
-from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService, ShadowItem
 from tipgraph.settings import FaultSettings, PolicySettings, TipgraphSettings, parse_policy
 from tipgraph.shadows import ShadowScorer
@@ -44,9 +42,7 @@ class PolicyScorer:
         self._metrics = replica_metrics(settings.metrics)
         self._fault = fault or FaultSettings()
         self._configured = policy
-        self._service = PolicyService(
-            make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
-        )
+        self._service = PolicyService.for_features(policy)
         self._store = open_store(settings.store)
         # A shadow logs its own runs: the ingress, which every request waits on, spends
         # nothing on rows that no response needs.
@@ -114,11 +110,8 @@ class PolicyScorer:
         if self._follower is not None and self._service.model_ref is not None:
             logger.info("policy %s configured; the registry's champion still serves", policy.name)
             return
-        candidate = PolicyService(
-            make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
-        )
-        caught_up = candidate.sync(self._store)
-        self._service.swap(candidate)
+        candidate = PolicyService.for_features(policy)
+        caught_up = self._service.swap(candidate, self._store)
         logger.info(
             "now serving %s (%s), rebuilt from %d logged rewards",
             policy.name,

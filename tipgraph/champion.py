@@ -55,7 +55,6 @@ class ChampionFollower:
         candidate = PolicyService(
             loaded.policy, model_ref=loaded.ref, watermark=loaded.trained_through_reward_id
         )
-        caught_up = candidate.sync(self._store)
-        self._service.swap(candidate)
+        caught_up = self._service.swap(candidate, self._store)
         logger.info("now serving %s (@%s), caught up on %d rewards", ref, self._alias, caught_up)
         return True

@@ -13,11 +13,10 @@ import numpy as np
 
 from tipgraph.contracts import TipRequest
 from tipgraph.decision_log import DecisionLog
-from tipgraph.features import FEATURE_SPEC, UserContext, build_context, read_history
+from tipgraph.features import UserContext, build_context, read_history
 from tipgraph.generation import Completer, GenerationResult
 from tipgraph.generation.litellm_client import build_tip_generator
 from tipgraph.metrics import Metrics
-from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService
 from tipgraph.settings import PolicySettings, TipgraphSettings
 from tipgraph.shadows import ShadowScorer
@@ -90,8 +89,6 @@ async def _first(errors: Awaitable[list[str | None]]) -> str | None:
 
 
 def _service(policy: PolicySettings, store: DecisionStore) -> PolicyService:
-    service = PolicyService(
-        make_policy(policy, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
-    )
+    service = PolicyService.for_features(policy)
     service.sync(store)  # rebuild from the log
     return service

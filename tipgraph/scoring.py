@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tipgraph.policies import Policy
-from tipgraph.settings import FaultSettings
+from tipgraph.features import FEATURE_SPEC
+from tipgraph.policies import Policy, make_policy
+from tipgraph.settings import FaultSettings, PolicySettings
 from tipgraph.store import DecisionStore
 from tipgraph.store.records import TrainingEvent
 
@@ -67,6 +68,11 @@ class PolicyService:
         self.learned_by_sync = 0
         # Scoring runs on the event loop, syncing in a background thread: one lock.
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_features(cls, settings: PolicySettings) -> PolicyService:
+        """A new, untrained policy of ``settings`` over the served feature layout."""
+        return cls(make_policy(settings, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version))
 
     def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
         with self._lock:
@@ -130,13 +136,16 @@ class PolicyService:
         self._ahead.add(reward_id)
         return True
 
-    def swap(self, other: PolicyService) -> None:
-        """Serve ``other``'s model from now on (a new champion), atomically."""
+    def swap(self, other: PolicyService, store: DecisionStore) -> int:
+        """Catch ``other`` up on the rewards log, then serve its model from now on (a new
+        champion, a reconfigured policy), atomically; returns the rewards caught up."""
+        caught_up = other.sync(store)
         with self._lock:
             self.policy = other.policy
             self.model_ref = other.model_ref
             self.watermark = other.watermark
             self._ahead = set(other._ahead)
+        return caught_up
 
     def snapshot(self) -> dict[str, object]:
         """The learned state, for tests and status pages."""
