@@ -20,7 +20,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -61,25 +60,17 @@ def _stat(pid: int) -> list[str] | None:
     return text[text.rindex(")") + 2 :].split()
 
 
-def _in_sessions(sessions: set[int]) -> set[int]:
-    """Every live process whose session is one of ``sessions``."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        stat = _stat(int(entry.name)) if entry.name.isdigit() else None
-        if stat is not None and int(stat[3]) in sessions and stat[0] != "Z":
-            found.add(int(entry.name))
-    return found
-
-
 def _descendants(root: int) -> set[int]:
-    """``root`` and every process whose parent chain leads to it, or that shares its
-    session (Ray's agents outlive their parent and are re-parented to init)."""
+    """The live processes of the session ``root`` leads (Ray's agents outlive their parent
+    and are re-parented to init) and every process whose parent chain leads to one of
+    them; ``root`` itself only while it runs (once reaped, its PID may be another's)."""
     parents: dict[int, int] = {}
     sessions: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+        stat = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat is not None and stat[0] != "Z":
             parents[int(entry.name)], sessions[int(entry.name)] = int(stat[1]), int(stat[3])
-    found = {pid for pid, session in sessions.items() if session == root} | {root}
+    found = {pid for pid, session in sessions.items() if session == root}
     grew = True
     while grew:
         children = {pid for pid, parent in parents.items() if parent in found} - found
@@ -111,7 +102,7 @@ class Node:
 
 
 class LocalCluster:
-    """A head and ``workers`` worker nodes; ``with LocalCluster(...) as cluster: ...``."""
+    """A head and ``workers`` worker nodes: :meth:`start`, then always :meth:`stop`."""
 
     def __init__(
         self,
@@ -198,8 +189,7 @@ class LocalCluster:
                     if attempt == NODE_ATTEMPTS:
                         raise
                     self._discard(name)
-        for node in self.nodes:
-            node.remember()
+        self.remember_all()
         return self
 
     def _discard(self, name: str) -> None:
@@ -292,9 +282,9 @@ class LocalCluster:
                 node.process.wait(5)
         # Processes started after the last look (HAProxy restarts itself on every change of
         # the ingress replicas, also while the cluster stops) are still in a node's session.
-        sessions = {node.process.pid for node in nodes}
+        for node in nodes:
+            node.remember()
         leftover = {p for node in nodes for p in node.known if p.alive()}
-        leftover |= {p for pid in _in_sessions(sessions) if (p := ProcessId.read(pid))}
         for proc in leftover:
             _signal(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
@@ -320,14 +310,6 @@ class LocalCluster:
                 *logs.glob("gcs_server*.out"),
             ):
                 shutil.copy2(path, kept / path.name)
-
-    def __enter__(self) -> LocalCluster:
-        return self.start()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 class NodeExited(RuntimeError):

@@ -61,8 +61,7 @@ class Load:
         token: str,
         *,
         concurrency: int,
-        clock: Callable[[], float] = time.monotonic,
-        t0: float = 0.0,
+        now: Callable[[], float] = time.monotonic,
         users: int = 500,
         timeout_s: float = 10.0,
         seed: int = 0,
@@ -70,8 +69,8 @@ class Load:
         self.url = url
         self.token = token
         self.concurrency = concurrency
-        self._clock = clock
-        self._t0 = t0
+        self._now = now
+        """Seconds on the rehearsal's clock (what ``Outcome.started`` is in)."""
         self.users = users
         self.timeout_s = timeout_s
         self._rng = random.Random(seed)
@@ -86,13 +85,9 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def stop(self) -> list[Outcome]:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        return self.outcomes
-
-    def _now(self) -> float:
-        return self._clock() - self._t0
 
     def _run(self) -> None:
         asyncio.run(self._clients())
@@ -117,12 +112,12 @@ class Load:
                 )
                 await asyncio.sleep(0.05)  # a refused connection returns at once
                 continue
-            outcome = Outcome(started, self._now() - started, response.status_code)
+            latency_s = self._now() - started
             if response.status_code == 200:
                 answer = response.json()
                 outcome = Outcome(
                     started,
-                    outcome.latency_s,
+                    latency_s,
                     200,
                     event_id=answer.get("event_id"),
                     policy_version=(answer.get("policy") or {}).get("version"),
@@ -130,6 +125,6 @@ class Load:
                 )
             else:
                 outcome = Outcome(
-                    started, outcome.latency_s, response.status_code, error=response.text[:200]
+                    started, latency_s, response.status_code, error=response.text[:200]
                 )
             self.outcomes.append(outcome)

@@ -153,9 +153,13 @@ def run_rehearsal(options: RehearsalOptions, log: Any = print) -> dict[str, Any]
     cluster = LocalCluster(out / "nodes", env, ray_bin=Path(sys.executable).parent / "ray")
     sampler: Sampler | None = None
     try:
-        log(f"starting a Ray cluster of 3 nodes (dashboard {cluster.dashboard_url})")
+        log(f"starting a Ray cluster of {1 + cluster.workers} nodes ({cluster.dashboard_url})")
         cluster.start()
         t0 = time.monotonic()
+
+        def now() -> float:
+            return time.monotonic() - t0
+
         app = ServeApp(
             cluster.dashboard_url,
             settings.serve.app_name,
@@ -192,9 +196,7 @@ def run_rehearsal(options: RehearsalOptions, log: Any = print) -> dict[str, Any]
         args, expected = deploy(None)
         waited = app.wait_running(args, timeout_s=300, options=expected)
         log(f"app running after {waited:.0f} s")
-        sampler = Sampler(
-            app, lambda: time.monotonic() - t0, interval_s=1.0, also=cluster.remember_all
-        ).start()
+        sampler = Sampler(app, now, interval_s=1.0, also=cluster.remember_all).start()
         rig = Rig(
             settings=settings,
             cluster=cluster,
@@ -203,8 +205,7 @@ def run_rehearsal(options: RehearsalOptions, log: Any = print) -> dict[str, Any]
             store=StoreCheck(settings.store),
             url=f"http://127.0.0.1:{settings.serve.port}",
             token=token,
-            now=lambda: time.monotonic() - t0,
-            t0=t0,
+            now=now,
             redeploy=deploy,
             restart_database=list(options.restart_database) or default_restart_command(),
             llm_latency_s=options.llm_latency_s,
@@ -239,7 +240,7 @@ def run_rehearsal(options: RehearsalOptions, log: Any = print) -> dict[str, Any]
             "scenarios": list(options.scenarios),
             "llm_latency_s": options.llm_latency_s,
             "concurrency": options.concurrency,
-            "nodes": 3,
+            "nodes": 1 + cluster.workers,
             "store": "postgres",
         },
         "scenarios": scenarios,

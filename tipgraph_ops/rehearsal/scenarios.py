@@ -45,7 +45,7 @@ class Rig:
     url: str
     token: str
     now: Callable[[], float]
-    t0: float
+    """Seconds on the rehearsal's clock (samples, events and outcomes all use it)."""
     redeploy: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, dict[str, Any]]]]
     """Deploy with this change to the config; returns the app's args and what each
     deployment's options must read once it is applied."""
@@ -61,8 +61,7 @@ class Rig:
             self.url,
             self.token,
             concurrency=concurrency or self.concurrency,
-            clock=time.monotonic,
-            t0=self.t0,
+            now=self.now,
             timeout_s=10.0,
         )
 
@@ -149,7 +148,9 @@ def scale_out_and_in(rig: Rig) -> ScenarioResult:
     if back is not None:
         rig.event(f"generation back to {generation.min_replicas} replica(s)")
     loaded = [s for s in rig.sampler.samples if on <= s.t <= off]
-    most = {n: max((s.replicas.get(n, 0) for s in loaded), default=0) for n in CPU_STAGES_AT_MIN}
+    most = {
+        n: max((s.replicas.get(n, 0) for s in loaded), default=0) for n in rig.settings.deployments
+    }
     steady = LoadFigures.of(load.outcomes, steady_from, steady_to)
     p50_bound = rig.llm_latency_s * 1000 + 100
     checks = {
@@ -189,10 +190,7 @@ def scale_out_and_in(rig: Rig) -> ScenarioResult:
             "steady_p50_ms": steady.p50_ms,
             "steady_p99_ms": steady.p99_ms,
             "steady_stage_p50_ms": stage_p50_ms(load.outcomes, steady_from, steady_to),
-            "max_replicas_under_load": {
-                n: max((s.replicas.get(n, 0) for s in loaded), default=0)
-                for n in rig.settings.deployments
-            },
+            "max_replicas_under_load": most,
             "llm_latency_s": rig.llm_latency_s,
             "concurrency": rig.concurrency,
         },
@@ -222,16 +220,13 @@ def in_place_update(rig: Rig) -> ScenarioResult:
         rig.event("load off")
     before = {o.policy_version for o in load.outcomes if o.ok and o.started < deploy}
     after = {o.policy_version for o in load.outcomes if o.ok and o.started >= done + 1.0}
-    details = rig.app.details() or {}
-    generation = details.get("deployments", {}).get("generation", {})
-    deployed_max = (
-        generation.get("deployment_config", {}).get("autoscaling_config", {}).get("max_replicas")
-    )
     checks = {
         "no request failed": all(o.ok for o in load.outcomes),
         "only the new policy version answers after the update": bool(after)
         and not (after & before),
-        f"generation runs with max_replicas {new_max}": deployed_max == new_max,
+        f"generation runs with max_replicas {new_max}": rig.app.runs(
+            {"generation": {"autoscaling_config.max_replicas": new_max}}
+        ),
     }
     return rig.result(
         "in-place-update",
@@ -242,7 +237,6 @@ def in_place_update(rig: Rig) -> ScenarioResult:
         measured={
             "versions_before": sorted(v for v in before if v),
             "versions_after": sorted(v for v in after if v),
-            "rollout_s": round(done - deploy, 1),
         },
     )
 
@@ -257,15 +251,13 @@ def database_restart(rig: Rig) -> ScenarioResult:
         up = rig.event("database accepting connections")
         time.sleep(15)
         rig.event("load off")
-    failures = [o for o in load.outcomes if not o.ok]
-    last_failure = max((o.started + o.latency_s for o in failures), default=up)
     return rig.result(
         "database-restart",
         started,
         load.outcomes,
         {},
-        recovery_s=max(up, last_failure) - restart,
-        measured={"database_down_s": round(up - restart, 1), "failed": len(failures)},
+        recovery_s=max(up, _last_failure_end(load.outcomes, up)) - restart,
+        measured={"database_down_s": round(up - restart, 1)},
         store_timeout_s=180,
     )
 
@@ -299,8 +291,7 @@ def node_loss(rig: Rig) -> ScenarioResult:
             rig.event("every deployment back to its replicas on the surviving nodes")
         time.sleep(5 if rig.short else 10)
         rig.event("load off")
-    failures = [o for o in load.outcomes if not o.ok]
-    last_failure = max((o.started + o.latency_s for o in failures), default=killed)
+    last_failure = _last_failure_end(load.outcomes, killed)
     recovery = None if back is None else max(back.t, last_failure) - killed
     return rig.result(
         "node-loss",
@@ -311,11 +302,15 @@ def node_loss(rig: Rig) -> ScenarioResult:
         measured={
             "node": victim,
             "replicas_lost": {n: c for n, c in lost.items() if c},
-            "failed": len(failures),
             "replicas_back_s": None if back is None else round(back.t - killed, 1),
         },
         store_timeout_s=180,
     )
+
+
+def _last_failure_end(outcomes: Sequence[Outcome], default: float) -> float:
+    """When the last failed request ended, or ``default`` if none failed."""
+    return max((o.started + o.latency_s for o in outcomes if not o.ok), default=default)
 
 
 def _busiest_worker(sample: Sample, ids: dict[str, str]) -> str:

@@ -88,6 +88,11 @@ class ServeApp:
             time.sleep(1.0)
         raise DeployError(f"the app was not running within {timeout_s:.0f} s ({last})")
 
+    def runs(self, options: dict[str, dict[str, Any]]) -> bool:
+        """Whether the deployments report these options now (see :meth:`wait_running`)."""
+        app = self.details()
+        return app is not None and _runs(app, options)
+
     def sample(self, t: float) -> Sample | None:
         try:
             app = self.details()
