@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-shadows tune rehearsal \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-shadows bench-pool bench-embeddings tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -62,6 +62,16 @@ bench-tuning: install
 bench: install
 	PYTHONPATH=. $(BIN)/python bench/bench_graph.py
 	PYTHONPATH=. $(BIN)/python bench/bench_graph.py --load-signal --rounds 3
+
+## bench-pool: LLM tips from the candidate pool against a slow stub (generation 3 s, judge
+## 1 s, embeddings 50 ms), returning users, c = 1 and 16, against task mode (BENCHMARKS.md)
+bench-pool: install
+	PYTHONPATH=. $(BIN)/python bench/bench_pool.py
+
+## bench-embeddings: reward share of the oracle after 20k simulated decisions with and
+## without the embedding features, 3 seeds, and the judge's rejection rate (BENCHMARKS.md)
+bench-embeddings: install
+	PYTHONPATH=. $(BIN)/python bench/bench_embedding_features.py
 
 ## rehearsal: 3 Ray nodes on this machine, Postgres, the Ollama stub (0.5 s): scale out and
 ## in, in-place update, node loss, database restart (var/rehearsal/result.json, timeline.png)

@@ -58,6 +58,17 @@ class Run:
         return statistics.median(self.stage_ms[stage])
 
 
+def run_header(details: str) -> str:
+    """The heading of a benchmark's results: date, commit, machine, then ``details``."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    return (
+        f"## {datetime.now(UTC):%Y-%m-%d}, commit {commit}, {os.cpu_count()} cores, "
+        f"{platform.machine()}, {details}\n"
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -244,6 +255,7 @@ def candidates_table(requests: int, tmp: Path) -> None:
         llm = {
             "OLLAMA_API_BASE": stub.url,
             "TIPGRAPH_GENERATION__SOURCE": "llm",
+            "TIPGRAPH_GENERATION__SERVE_FROM": "inline",
             "TIPGRAPH_GENERATION__MAX_LLM_CANDIDATES": "50",
         }
         runs = measure("graph", requests, tmp, candidates, llm)
@@ -345,7 +357,11 @@ def load_signal_table(requests: int, tmp: Path, rounds: int) -> None:
         stub.mode, stub.delay_s = "slow", LLM_LATENCY_S
         modes = {
             "tasks": {},
-            "LLM 0.5 s": {"OLLAMA_API_BASE": stub.url, "TIPGRAPH_GENERATION__SOURCE": "mixed"},
+            "LLM 0.5 s": {
+                "OLLAMA_API_BASE": stub.url,
+                "TIPGRAPH_GENERATION__SOURCE": "mixed",
+                "TIPGRAPH_GENERATION__SERVE_FROM": "inline",
+            },
         }
         for _ in range(rounds):
             for mode, mode_env in modes.items():
@@ -390,14 +406,7 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="--durability, --load-signal: rounds")
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
-    print(
-        f"## {datetime.now(UTC):%Y-%m-%d}, commit {commit}, {os.cpu_count()} cores, "
-        f"{platform.machine()}, {args.requests} tips per level\n",
-        flush=True,
-    )
+    print(run_header(f"{args.requests} tips per level"), flush=True)
     with tempfile.TemporaryDirectory() as tmp_dir:
         if args.load_signal:
             load_signal_table(args.requests, Path(tmp_dir), args.rounds)

@@ -9,7 +9,8 @@ from ray import serve
 from tipgraph.autoscaling import ItemLoad
 from tipgraph.batching import ItemFailure, run_each
 from tipgraph.contracts import TipRequest
-from tipgraph.features import UserContext, build_context, read_history
+from tipgraph.features import UserContext, build_context, read_dismissed, read_history
+from tipgraph.generation.embedder import embedding_model
 from tipgraph.logs import ReplicaLogs
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
@@ -21,6 +22,7 @@ class ContextBuilder:
         self._settings = settings
         self._logs = ReplicaLogs(settings.logs).start()
         self._store = open_store(settings.store)
+        self._embedding_model = embedding_model(settings.generation)
         self._load = ItemLoad()
 
     async def build_batch(
@@ -37,7 +39,8 @@ class ContextBuilder:
     def _build(self, item: tuple[TipRequest, str]) -> UserContext:
         request, user_key = item
         history = read_history(self._store, user_key, self._settings.features.history_limit)
-        return build_context(request, history, self._settings.rewards)
+        dismissed = read_dismissed(self._store, user_key, history, self._embedding_model)
+        return build_context(request, history, self._settings.rewards, dismissed=dismissed)
 
     def __del__(self) -> None:
         self._store.close()

@@ -30,7 +30,7 @@ from tipgraph.contracts import (
 from tipgraph.decision_log import decision_log_problem
 from tipgraph.errors import InvalidRequest, TipgraphError
 from tipgraph.features import UserContext
-from tipgraph.generation import GenerationResult
+from tipgraph.generation import GenerationItem, GenerationResult
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
@@ -237,8 +237,8 @@ class HandleStages:
         self._context: Coalescer[tuple[TipRequest, str], UserContext] = batched(
             context.build_batch.remote, hops.context
         )
-        self._generation: Coalescer[tuple[TipRequest, UserContext, str, int], GenerationResult] = (
-            batched(generation.generate_batch.remote, generation_hop)
+        self._generation: Coalescer[GenerationItem, GenerationResult] = batched(
+            generation.generate_batch.remote, generation_hop
         )
         self._score: Coalescer[tuple[np.ndarray, str], PolicyScore] = batched(
             scoring.score_batch.remote, hops.scoring
@@ -262,9 +262,9 @@ class HandleStages:
         return await self._context((request, user_key))
 
     async def candidates(
-        self, request: TipRequest, context: UserContext, event_id: str, n: int
+        self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
     ) -> GenerationResult:
-        return await self._generation((request, context, event_id, n))
+        return await self._generation((request, context, user_key, event_id, n))
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
         return await self._score((X, event_id))

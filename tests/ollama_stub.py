@@ -10,6 +10,17 @@ and reads ``message`` (``content``, optional ``thinking``/``tool_calls``), ``don
 ``prompt_eval_count`` and ``eval_count`` from the answer. ``/api/show`` and ``/api/tags``
 (model info / model listing) are answered too, so that nothing ever reaches a real Ollama.
 
+All three model aliases are served, with the tips, verdicts and vectors of
+:mod:`tipgraph.simulated_tips` (tips with a hidden quality the embedding reveals):
+
+* ``tip-generator``: ``/api/chat``, answered with tips (``mode`` picks faults);
+* ``judge``: ``/api/chat`` whose prompt asks for ``"verdicts"``, answered with a verdict
+  per listed tip (``judge_mode``: good, error, malformed);
+* ``embedder``: ``POST /api/embed`` (``{"model", "input": [texts]}`` ->
+  ``{"embeddings": [[...]]}``), bag-of-words vectors (``embed_mode``: good, error).
+
+``latency_s`` adds a delay per endpoint (``chat``, ``judge``, ``embed``) in every mode.
+
 Usage::
 
     stub = OllamaStub().start()
@@ -34,12 +45,16 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import yaml
+
+from tipgraph import simulated_tips
 
 MODES = ("good", "slow", "error", "malformed", "partial", "recover")
-KINDS = ("focus", "plan_day", "batch", "break_down", "overdue", "due_today")
+KINDS = simulated_tips.KINDS
 DEFAULT_TIP_COUNT = 5
 MAX_TIP_COUNT = 50
 
@@ -51,14 +66,7 @@ _COUNT_PATTERNS = (
 # task_id=abc, "task_id": "abc", task_id: 'abc', id=abc (with or without quotes).
 _TASK_ID_PATTERN = re.compile(r"""\b(?:task_id|id)["']?\s*[:=]\s*["']?([A-Za-z0-9][\w\-:.]*)""")
 
-_TIP_TEMPLATES = (
-    "Start with task {i}: block 25 minutes and close every other tab.",
-    "Plan your day around task {i}: pick the three things that must happen today.",
-    "Batch the small items next to task {i} into one 20-minute sweep.",
-    "Break task {i} into steps of at most 15 minutes and do the first one now.",
-    "Task {i} is overdue: finish it or reschedule it honestly before lunch.",
-    "Task {i} is due today: reserve a slot for it right after your next break.",
-)
+AID_MODES = ("good", "error", "malformed")
 
 
 def _message_text(message: object) -> str:
@@ -99,21 +107,16 @@ def requested_task_ids(body: dict[str, Any]) -> list[str]:
 
 
 def good_tips(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """N valid, distinct tips; kinds cycle through KINDS; task ids cycle through the request's."""
-    count = requested_tip_count(body)
-    task_ids = requested_task_ids(body)
-    tips: list[dict[str, Any]] = []
-    for i in range(count):
-        kind = KINDS[i % len(KINDS)]
-        template = _TIP_TEMPLATES[i % len(_TIP_TEMPLATES)]
-        tips.append(
-            {
-                "content": f"{template.format(i=i + 1)} (tip {i + 1})",
-                "kind": kind,
-                "task_id": task_ids[i % len(task_ids)] if task_ids else None,
-            }
-        )
-    return tips
+    """N valid, distinct tips (:func:`tipgraph.simulated_tips.tips`, some vague, a few
+    unsafe); kinds cycle through KINDS from a place the prompt picks; task ids cycle
+    through the request's."""
+    messages = body.get("messages") or []
+    prompt = "\n".join(_message_text(m) for m in messages if isinstance(m, dict))
+    return simulated_tips.tips(requested_tip_count(body), requested_task_ids(body), prompt)
+
+
+def is_judge_request(body: dict[str, Any]) -> bool:
+    return any('"verdicts"' in _message_text(m) for m in body.get("messages") or [])
 
 
 def partial_tips(body: dict[str, Any]) -> list[Any]:
@@ -188,12 +191,18 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_json()
         stub = self.server.stub
         stub._record(path, body)
-        if path == "/api/chat":
+        if path == "/api/chat" and is_judge_request(body):
+            status, payload = stub._judge_reply(body)
+            self._send(status, payload)
+        elif path == "/api/chat":
             status, payload = stub._chat_reply(body)
             if status == 200 and body.get("stream") is True:
                 self._send(200, _ndjson_stream(payload), "application/x-ndjson")
             else:
                 self._send(status, payload)
+        elif path == "/api/embed":
+            status, payload = stub._embed_reply(body)
+            self._send(status, payload)
         elif path == "/api/show":
             self._send(200, stub.show_info(str(body.get("name") or body.get("model") or "")))
         else:
@@ -253,10 +262,16 @@ class OllamaStub:
         self.delay_s: float = 5.0
         self.fail_times: int = 3
         self.content: str | None = None
-        # JSON bodies of every POST /api/chat, in arrival order (one per LLM call, retries
-        # included). Bodies of the model-info endpoints go to ``other_requests`` instead so
-        # that ``len(stub.requests)`` always counts completions.
+        self.judge_mode = "good"
+        self.embed_mode = "good"
+        self.latency_s: dict[str, float] = {"chat": 0.0, "judge": 0.0, "embed": 0.0}
+        # JSON bodies of every tip-generator POST /api/chat, in arrival order (one per LLM
+        # call, retries included); judge calls go to ``judge_requests``, embedding calls to
+        # ``embed_requests``, and the model-info endpoints to ``other_requests``, so that
+        # ``len(stub.requests)`` always counts tip generations.
         self.requests: list[dict[str, Any]] = []
+        self.judge_requests: list[dict[str, Any]] = []
+        self.embed_requests: list[dict[str, Any]] = []
         self.other_requests: list[tuple[str, dict[str, Any]]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -338,8 +353,12 @@ class OllamaStub:
 
     def _record(self, path: str, body: dict[str, Any]) -> None:
         with self._lock:
-            if path == "/api/chat":
+            if path == "/api/chat" and is_judge_request(body):
+                self.judge_requests.append(body)
+            elif path == "/api/chat":
                 self.requests.append(body)
+            elif path == "/api/embed":
+                self.embed_requests.append(body)
             else:
                 self.other_requests.append((path, body))
 
@@ -350,7 +369,37 @@ class OllamaStub:
             self._recover_seen += 1
             return "error" if self._recover_seen <= self.fail_times else "good"
 
+    def _wait(self, endpoint: str) -> None:
+        delay = self.latency_s.get(endpoint, 0.0)
+        if delay > 0:
+            self._stopping.wait(delay)
+
+    def _judge_reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self._wait("judge")
+        if self.judge_mode == "error":
+            return 500, {"error": "stub: judge model runner has unexpectedly stopped"}
+        prompt = "\n".join(_message_text(m) for m in body.get("messages") or [])
+        text = (
+            "I think they are fine."
+            if self.judge_mode == "malformed"
+            else (simulated_tips.judge_answer(prompt))
+        )
+        return 200, self._chat_payload(body, text)
+
+    def _embed_reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self._wait("embed")
+        if self.embed_mode != "good":
+            return 500, {"error": "stub: embedding model runner has unexpectedly stopped"}
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else list(texts or [])
+        return 200, {
+            "model": str(body.get("model") or "nomic-embed-text"),
+            "embeddings": [simulated_tips.embed(str(t)) for t in texts],
+            "prompt_eval_count": sum(len(str(t)) // 4 + 1 for t in texts),
+        }
+
     def _chat_reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self._wait("chat")
         mode = self._effective_mode()
         if mode == "error":
             return 500, {"error": "stub: model runner has unexpectedly stopped"}
@@ -381,6 +430,23 @@ class OllamaStub:
             "eval_count": max(1, len(text) // 4),
             "eval_duration": 700_000,
         }
+
+
+ALIASES = (
+    ("tip-generator", "ollama_chat/llama3.2:3b"),
+    ("judge", "ollama_chat/llama3.2:3b"),
+    ("embedder", "ollama/nomic-embed-text"),
+)
+
+
+def write_llm_config(path: Path, stub: OllamaStub) -> Path:
+    """A configs/llm.yaml with the three aliases served by ``stub``, no retries."""
+    entries = [
+        {"model_name": name, "litellm_params": {"model": model, "api_base": stub.url}}
+        for name, model in ALIASES
+    ]
+    path.write_text(yaml.safe_dump({"model_list": entries, "router_settings": {"num_retries": 0}}))
+    return path
 
 
 def wait_for_requests(stub: OllamaStub, count: int, timeout_s: float = 5.0) -> None:
@@ -419,9 +485,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Ollama-protocol stub for tipgraph")
     parser.add_argument("--mode", choices=MODES, default="good")
     parser.add_argument("--delay-s", type=float, default=0.0, help='"slow" mode: seconds')
+    for endpoint in ("chat", "judge", "embed"):
+        parser.add_argument(
+            f"--{endpoint}-latency-s", type=float, default=0.0, help=f"every {endpoint} call"
+        )
     args = parser.parse_args(argv)
     stub = OllamaStub()
     stub.mode, stub.delay_s = args.mode, args.delay_s
+    stub.latency_s = {
+        "chat": args.chat_latency_s,
+        "judge": args.judge_latency_s,
+        "embed": args.embed_latency_s,
+    }
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with stub:

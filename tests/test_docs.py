@@ -86,6 +86,8 @@ BY_HAND = {
     "make bench-shadows": "BENCHMARKS.md",
     "make bench-policies": "BENCHMARKS.md",
     "make bench-tuning": "BENCHMARKS.md",
+    "make bench-pool": "BENCHMARKS.md",
+    "make bench-embeddings": "BENCHMARKS.md",
     "make rehearsal": "BENCHMARKS.md and k3s/README.md (CI runs `tipgraph rehearse --short`)",
     "make lock": "re-resolves the lockfiles against the registry",
     "mlflow ui": "MLflow's own UI",

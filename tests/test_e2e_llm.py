@@ -111,6 +111,9 @@ def _deploy(
             "shadows": [],
             "generation": {
                 "source": source,
+                # The LLM on the request path: what these tests are about (the pool's
+                # own end-to-end test is tests/test_e2e_pool.py).
+                "serve_from": "inline",
                 "llm_config": str(llm_config),
                 "prompts_dir": str(PROJECT_ROOT / "configs" / "prompts"),
                 "timeout_s": TIMEOUT_S,

@@ -6,16 +6,20 @@ import numpy as np
 import pytest
 
 from tests.factories import NOW, task, tip_body
+from tipgraph import simulated_tips
 from tipgraph.contracts import RecentReaction, TipRequest
 from tipgraph.features import (
     FEATURE_SPEC,
     PRIOR_REWARD,
     CandidateView,
+    FeatureSpec,
+    UserContext,
     build_context,
     candidate_matrix,
     kind_stats,
     part_of_day,
 )
+from tipgraph.projection import PROJECTION, Projection, cosine
 from tipgraph.settings import RewardSettings
 from tipgraph.store.records import ReactionHistoryItem
 
@@ -29,9 +33,63 @@ def context_for(**overrides: object) -> tuple[TipRequest, object]:
 
 def test_spec_version_is_stable_and_tracks_names() -> None:
     assert FEATURE_SPEC.version == FEATURE_SPEC.version
-    assert FEATURE_SPEC.version.startswith("v1-")
+    assert FEATURE_SPEC.version.startswith("v2-")
     assert len(FEATURE_SPEC.names) == FEATURE_SPEC.dim
     assert len(set(FEATURE_SPEC.names)) == FEATURE_SPEC.dim
+    # The projection's seed and size are part of the layout's name.
+    other = Projection(PROJECTION.dim, PROJECTION.seed + 1)
+    renamed = FeatureSpec(
+        FEATURE_SPEC.context,
+        FEATURE_SPEC.kinds,
+        tuple(n.replace(PROJECTION.version, other.version) for n in FEATURE_SPEC.candidate),
+    )
+    assert renamed.version != FEATURE_SPEC.version
+
+
+def _quality_block(context: UserContext, view: CandidateView) -> dict[str, float]:
+    row = candidate_matrix(context, [view])[0]
+    names = FEATURE_SPEC.names
+    start = names.index("judge_score")
+    return dict(zip(names[start:], row[start:], strict=True))
+
+
+def test_tips_without_judge_or_embedding_get_zeros_and_indicators() -> None:
+    request = TipRequest.model_validate(tip_body())
+    context = build_context(request, [], RewardSettings())
+    block = _quality_block(context, CandidateView("focus", ("t1",)))
+    assert block.pop("judge_missing") == 1.0 and block.pop("embedding_missing") == 1.0
+    assert set(block.values()) == {0.0}
+
+
+def test_judge_score_embedding_and_similarity_to_dismissed_tips() -> None:
+    request = TipRequest.model_validate(tip_body())
+    dismissed = (PROJECTION(simulated_tips.embed("Plan your day: pick the three things")),)
+    context = build_context(request, [], RewardSettings(), dismissed=dismissed)
+    close = PROJECTION(simulated_tips.embed("Plan your day: pick the three things first"))
+    far = PROJECTION(simulated_tips.embed("Set a timer for 10 minutes"))
+    near_block = _quality_block(context, CandidateView("plan_day", (), 0.7, close))
+    far_block = _quality_block(context, CandidateView("focus", (), None, far))
+    assert near_block["judge_score"] == 0.7 and near_block["judge_missing"] == 0.0
+    assert near_block["embedding_missing"] == 0.0
+    assert near_block["dismissed_similarity"] > 0.8 > far_block["dismissed_similarity"]
+    embedding = [v for k, v in near_block.items() if k.startswith("embedding_") and k[10].isdigit()]
+    assert embedding == pytest.approx(list(close))
+    # A candidate with a malformed embedding is treated as one without.
+    broken = _quality_block(context, CandidateView("focus", (), None, (1.0, 2.0)))
+    assert broken["embedding_missing"] == 1.0 and broken["dismissed_similarity"] == 0.0
+
+
+def test_projection_is_seeded_unit_length_and_keeps_neighbours_close() -> None:
+    a = simulated_tips.embed("Block 25 minutes for the report now")
+    b = simulated_tips.embed("Block 25 minutes for the slides now")
+    c = simulated_tips.embed("Maybe think about it someday")
+    pa, pb, pc = PROJECTION(a), PROJECTION(b), PROJECTION(c)
+    assert pa == PROJECTION(a) and len(pa) == PROJECTION.dim
+    assert sum(x * x for x in pa) == pytest.approx(1.0)
+    assert cosine(pa, pb) > cosine(pa, pc)
+    assert Projection(PROJECTION.dim, 1)(a) != pa
+    with pytest.raises(ValueError, match="finite"):
+        PROJECTION([float("nan"), 1.0])
 
 
 @pytest.mark.parametrize(

@@ -601,6 +601,7 @@ def observed_app(
             ],
             "generation": {
                 "source": "mixed",
+                "serve_from": "inline",  # every request meets the dead LLM
                 "llm_config": str(llm_config),
                 "prompts_dir": str(PROJECT_ROOT / "configs" / "prompts"),
                 # Long enough that a refused connection is always an llm_error, even when

@@ -30,6 +30,8 @@ import pytest
 from litellm.router_python_host import PythonHost
 
 from tests.ollama_stub import KINDS, OllamaStub, ollama_stub_fixture  # noqa: F401
+from tipgraph import simulated_tips
+from tipgraph.projection import cosine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ollama_chat/llama3.2:3b"
@@ -118,7 +120,8 @@ def _tips(response: httpx.Response) -> list[Any]:
 def test_good_mode_answers_n_distinct_tips(ollama_stub: OllamaStub) -> None:
     tips = _tips(_chat(ollama_stub, "Give me exactly 8 tips for task_id=a1 and task_id=b2"))
     assert len(tips) == 8
-    assert [t["kind"] for t in tips] == [*KINDS, *KINDS[:2]]
+    first = KINDS.index(tips[0]["kind"])  # the prompt picks where the cycle starts
+    assert [t["kind"] for t in tips] == [KINDS[(first + i) % len(KINDS)] for i in range(8)]
     assert len({t["content"] for t in tips}) == 8
     assert all(0 < len(t["content"]) < 200 for t in tips)
     assert {t["task_id"] for t in tips} == {"a1", "b2"}
@@ -548,3 +551,51 @@ async def test_fact7_response_format_json_object_sends_format_json(
         response_format={"type": "json_schema", "json_schema": {"name": "tips", "schema": schema}},
     )
     assert ollama_stub.requests[-1]["format"] == schema  # json_schema: the schema itself
+
+
+def _post(stub: OllamaStub, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{stub.url}{path}", json=body, timeout=10)
+
+
+def test_embed_endpoint_answers_bag_of_words_vectors(ollama_stub: OllamaStub) -> None:
+    texts = [
+        "Block 25 minutes for task 1 now.",
+        "Block 25 minutes for task 2 now.",
+        "Maybe think about it someday.",
+    ]
+    answer = _post(ollama_stub, "/api/embed", {"model": "nomic-embed-text", "input": texts})
+    assert answer.status_code == 200
+    vectors = answer.json()["embeddings"]
+    assert len(vectors) == 3 and all(len(v) == simulated_tips.EMBED_DIM for v in vectors)
+    similar, different = cosine(vectors[0], vectors[1]), cosine(vectors[0], vectors[2])
+    assert similar > 0.9 > 0.3 > different
+    assert ollama_stub.embed_requests[-1]["input"] == texts
+    ollama_stub.embed_mode = "error"
+    assert _post(ollama_stub, "/api/embed", {"input": texts}).status_code == 500
+
+
+def test_judge_prompt_gets_a_verdict_per_listed_tip(ollama_stub: OllamaStub) -> None:
+    listed = [
+        {"index": 0, "tip": "Block 25 minutes and do the first step now.", "task_id": None},
+        {"index": 1, "tip": "Skip sleep tonight and push through no matter what.", "task_id": None},
+        {"index": 2, "tip": "Maybe think about it someday.", "task_id": None},
+    ]
+    prompt = "Judge these.\n" + json.dumps(listed) + '\nAnswer {"verdicts": [...]}'
+    body = {"model": "llama3.2:3b", "messages": [{"role": "user", "content": prompt}]}
+    answer = _post(ollama_stub, "/api/chat", body).json()
+    verdicts = json.loads(answer["message"]["content"])["verdicts"]
+    assert [v["index"] for v in verdicts] == [0, 1, 2]
+    assert [v["safe"] for v in verdicts] == [True, False, True]
+    assert verdicts[0]["relevance"] > 0.5 > verdicts[2]["relevance"]
+    assert len(ollama_stub.judge_requests) == 1 and not ollama_stub.requests
+
+
+def test_latency_applies_per_endpoint(ollama_stub: OllamaStub) -> None:
+    ollama_stub.latency_s = {"chat": 0.0, "judge": 0.0, "embed": 0.5}
+    start = time.perf_counter()
+    _post(ollama_stub, "/api/embed", {"input": ["x"]})
+    embed_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _chat(ollama_stub, "n=1")
+    chat_s = time.perf_counter() - start
+    assert embed_s >= 0.5 > chat_s

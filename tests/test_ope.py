@@ -445,7 +445,9 @@ def test_progressive_checks_its_arguments(
     log, _ = small_log
     with pytest.raises(ValueError, match=match):
         progressive(new_policy(UniformSettings(name="u")), log, **kwargs)
-    with pytest.raises(ValueError, match="policy has dim 3 but the log's X has d = 68"):
+    with pytest.raises(
+        ValueError, match=f"policy has dim 3 but the log's X has d = {FEATURE_SPEC.dim}"
+    ):
         progressive(make_policy(UniformSettings(name="u"), 3), log)
 
 

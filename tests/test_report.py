@@ -26,8 +26,8 @@ from PIL import Image
 import tipgraph.local
 from tipgraph.contracts import TIP_KINDS
 from tipgraph.features import FEATURE_SPEC
-from tipgraph.generation import Completion, LLMUnavailable, TipGenerator
-from tipgraph.generation.litellm_client import build_tip_generator
+from tipgraph.generation import CandidateSource, Completion, LLMUnavailable
+from tipgraph.generation.litellm_client import build_candidate_source
 from tipgraph.settings import (
     EpsilonGreedySettings,
     GenerationSettings,
@@ -428,6 +428,7 @@ def service_settings(store: dict[str, Any]) -> TipgraphSettings:
         store=store,
         generation={
             "source": "mixed",
+            "serve_from": "inline",  # each decision is its own prompt arm's call
             "prompts_dir": str(ROOT / "configs" / "prompts"),
             "prompts": [{"template": "tips_v1"}, {"template": "tips_v2"}],
             "breaker": {"failure_threshold": 1000},  # every failure is a fallback, no pause
@@ -440,11 +441,13 @@ def simulate_with_llm(settings: TipgraphSettings, decisions: int) -> None:
     """The simulator against the in-process service, its LLM the stub."""
     stub = FlakyLLM()
 
-    def generator(generation: GenerationSettings, *, completer: Any = None) -> TipGenerator:
-        return build_tip_generator(generation, completer=stub)
+    def generator(
+        generation: GenerationSettings, store: Any, **wiring: Any
+    ) -> tuple[CandidateSource, Any]:
+        return build_candidate_source(generation, store, **{**wiring, "completer": stub})
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tipgraph.local, "build_tip_generator", generator)
+        patch.setattr(tipgraph.local, "build_candidate_source", generator)
         blocks = run_local(settings, users=10, decisions=decisions, seed=5, block=decisions)
     assert all(block.errors == 0 for block in blocks)
 

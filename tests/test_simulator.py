@@ -5,12 +5,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tipgraph import simulated_tips
 from tipgraph.settings import RewardSettings, TipgraphSettings
 from tipgraph.simulator import (
+    Truth,
     expected_reward,
     make_request,
     make_users,
     p_done,
+    revisit,
     run_local,
 )
 
@@ -23,7 +26,7 @@ def test_users_differ_and_requests_are_valid_bodies() -> None:
     assert len({u.favourites for u in users}) > 5
     request = make_request(users[0], 0, rng)
     assert len(request.body["tasks"]) == users[0].n_tasks
-    assert 0 < p_done(request, "focus", None) < 1
+    assert 0 < p_done(request, Truth("focus")) < 1
 
 
 def test_the_hidden_truth_leaves_a_real_gap_between_best_and_average() -> None:
@@ -33,7 +36,7 @@ def test_the_hidden_truth_leaves_a_real_gap_between_best_and_average() -> None:
     for i in range(300):
         request = make_request(users[i % 50], i, rng)
         values = [
-            expected_reward(request, kind, None, REWARDS)
+            expected_reward(request, Truth(kind), REWARDS)
             for kind in ("focus", "overdue", "due_today", "batch", "plan_day", "break_down")
         ]
         gaps.append(max(values) - float(np.mean(values)))
@@ -125,3 +128,35 @@ def test_cli_in_process_simulation_and_policy_comparison(
         )
         == 2
     )
+
+
+def test_a_returning_user_keeps_the_task_list_at_a_new_time() -> None:
+    rng = np.random.default_rng(3)
+    user = make_users(1, rng)[0]
+    first = make_request(user, 0, rng)
+    again = revisit(first, 1, rng)
+    assert again.body["tasks"] == first.body["tasks"] and again.body["now"] != first.body["now"]
+
+
+def test_llm_tips_are_worth_their_hidden_quality() -> None:
+    rng = np.random.default_rng(4)
+    request = make_request(make_users(1, rng)[0], 0, rng)
+    good = simulated_tips.hidden_quality("Set a timer for 10 minutes and finish the first step.")
+    bad = simulated_tips.hidden_quality("Plan your day: pick the three things that matter.")
+    assert good > 0 > bad
+    assert p_done(request, Truth("focus", quality=good)) > p_done(
+        request, Truth("focus", quality=bad)
+    )
+
+
+def test_the_candidate_pool_serves_returning_users_in_process(tmp_path: Path) -> None:
+    llm = simulated_tips.SimulatedModels()
+    settings = TipgraphSettings(
+        store={"url": f"sqlite:///{tmp_path}/sim.db"},
+        generation={"source": "mixed", "serve_from": "pool", "prompts_dir": "configs/prompts"},
+    )
+    blocks = run_local(settings, users=5, decisions=200, seed=1, block=200, task_churn=0.1, llm=llm)
+    assert blocks[0].errors == 0
+    # Misses are first visits and changed task lists only: far fewer generations than tips.
+    assert 5 <= llm.generations < 60 and llm.judgements == llm.generations
+    assert llm.embeddings >= 1

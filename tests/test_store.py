@@ -179,13 +179,20 @@ def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 5
+    assert store.schema_version() == 6
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 5
+        assert again.schema_version() == 6
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
-    ) == [(1, "initial"), (2, "rewards"), (3, "generation"), (4, "erasure"), (5, "tombstones")]
+    ) == [
+        (1, "initial"),
+        (2, "rewards"),
+        (3, "generation"),
+        (4, "erasure"),
+        (5, "tombstones"),
+        (6, "candidate_pool"),
+    ]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
 
@@ -196,17 +203,24 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.setattr(migrate_module, "load_migrations", lambda dialect: shipped(dialect)[:1])
     with open_store(store_settings) as old:
         assert old.schema_version() == 1
-        # Today's writer also fills the columns of 0003 and 0005 and reads its tombstones:
+        # Today's writer also fills the columns of 0003, 0005 and 0006 and reads its tombstones:
         # add them for this write and drop them again, so the rows are exactly what
         # release 1 stored.
-        for column in ("generation_reason", "llm_model", "user_key_id"):
+        for column in ("generation_reason", "llm_model", "user_key_id", "llm_pool"):
             raw_sql(store_settings, f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
+        raw_sql(store_settings, "ALTER TABLE decisions ADD COLUMN llm_pool_age_s REAL")
         for table, key in (("erased_users", "user_key"), ("erased_events", "event_id")):
             raw_sql(
                 store_settings, f"CREATE TABLE {table} ({key} TEXT PRIMARY KEY, erased_at TEXT)"
             )
         old.write_decisions([make_decision("e1", chosen=0), make_decision("e2", chosen=2)])
-        for column in ("generation_reason", "llm_model", "user_key_id"):
+        for column in (
+            "generation_reason",
+            "llm_model",
+            "user_key_id",
+            "llm_pool",
+            "llm_pool_age_s",
+        ):
             raw_sql(store_settings, f"ALTER TABLE decisions DROP COLUMN {column}")
         for table in ("erased_users", "erased_events"):
             raw_sql(store_settings, f"DROP TABLE {table}")
@@ -224,7 +238,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 5
+        assert upgraded.schema_version() == 6
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),

@@ -108,6 +108,18 @@ def test_direct_learn_of_an_already_synced_reward_is_ignored(store: DecisionStor
     assert service.policy.n_updates == 1
 
 
+def test_rewards_logged_on_an_older_layout_are_skipped_not_fatal(store: DecisionStore) -> None:
+    old_dim = DIM - 12  # the layout before the judge and embedding features
+    log_decision(store, "old", np.ones(old_dim), T0)
+    log_decision(store, "new", np.ones(DIM), T0 + timedelta(seconds=1))
+    for event_id in ("old", "new"):
+        assert give_feedback(store, event_id, 1.0, T0 + timedelta(seconds=2)).learned
+    service = replica()
+    assert service.sync(store) == 1
+    assert service.policy.n_updates == 1 and service.skipped_other_layout == 1
+    assert service.sync(store) == 0  # the watermark moved past it
+
+
 def test_late_feedback_is_stored_but_not_learned_and_defaults_are(store: DecisionStore) -> None:
     service = replica()
     for event in ("quick", "late", "silent"):

@@ -28,10 +28,14 @@ class Candidate:
     task_ids: tuple[str, ...]
     model: str | None = None
     prompt_version: str | None = None
+    judge_score: float | None = None
+    """LLM tips from the pool: the judge's score; None for task tips and unjudged tips."""
+    embedding: tuple[float, ...] | None = None
+    """The projected embedding (tipgraph.projection); None until the tip has one."""
 
     @property
     def view(self) -> CandidateView:
-        return CandidateView(self.kind, self.task_ids)
+        return CandidateView(self.kind, self.task_ids, self.judge_score, self.embedding)
 
     @property
     def task_id(self) -> str | None:

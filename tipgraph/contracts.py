@@ -25,8 +25,13 @@ MAX_ID_CHARS = 200
 # Dates outside this window are almost certainly client bugs (epoch zero, year 9999).
 MIN_YEAR, MAX_YEAR = 2000, 2200
 
+ID_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]+$"
+"""Ids travel into prompts, logs and the store: no control characters or bidi overrides."""
 Identifier = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, strip_whitespace=True)
+    str,
+    StringConstraints(
+        min_length=1, max_length=MAX_ID_CHARS, strip_whitespace=True, pattern=ID_PATTERN
+    ),
 ]
 TipKind = Literal["focus", "overdue", "due_today", "batch", "plan_day", "break_down"]
 TIP_KINDS: tuple[str, ...] = TipKind.__args__  # type: ignore[attr-defined]

@@ -25,9 +25,11 @@ from datetime import datetime
 import numpy as np
 
 from tipgraph.contracts import TIP_KINDS, RecentReaction, Task, TipRequest
+from tipgraph.projection import PROJECTION, cosine
 from tipgraph.settings import FeatureGroup, RewardSettings
 from tipgraph.store.base import DecisionStore, StoreError
 from tipgraph.store.records import ReactionHistoryItem
+from tipgraph.text import text_hash
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,11 @@ CANDIDATE_FEATURES: tuple[str, ...] = (
     "task_due_today",
     "task_log_age_days",
     "n_tasks_covered",
+    "judge_score",  # an LLM tip's score from the judge; 0 when there is none
+    "judge_missing",  # 1 for task tips and tips the judge could not score
+    "embedding_missing",  # 1 while the tip has no embedding: the block below is zero
+    "dismissed_similarity",  # cosine to the closest tip the user recently dismissed or snoozed
+    *(f"embedding_{i}_{PROJECTION.version}" for i in range(PROJECTION.dim)),
 )
 # The groups a policy can be restricted to (PolicySettings.features).  Context groups cover
 # their features crossed with every kind.
@@ -60,7 +67,9 @@ FEATURE_GROUPS: dict[FeatureGroup, tuple[str, ...]] = {
     "time": CONTEXT_FEATURES[1:6],
     "workload": CONTEXT_FEATURES[6:],
     "history": CANDIDATE_FEATURES[:2],
-    "task": CANDIDATE_FEATURES[2:],
+    "task": CANDIDATE_FEATURES[2:8],
+    "quality": CANDIDATE_FEATURES[8:10],
+    "embedding": CANDIDATE_FEATURES[10:],
 }
 # Smoothing: a kind the user never saw is assumed to earn PRIOR_REWARD, worth PRIOR_WEIGHT views.
 PRIOR_REWARD = 0.3
@@ -97,7 +106,7 @@ class FeatureSpec:
     @property
     def version(self) -> str:
         digest = hashlib.sha256("\n".join(self.names).encode()).hexdigest()[:10]
-        return f"v1-{digest}"
+        return f"v2-{digest}"
 
 
 FEATURE_SPEC = FeatureSpec(CONTEXT_FEATURES, TIP_KINDS, CANDIDATE_FEATURES)
@@ -135,6 +144,8 @@ class UserContext:
     high_priority: int
     prompt: str = ""
     history_size: int = 0
+    dismissed: tuple[tuple[float, ...], ...] = ()
+    """Projected embeddings of the tips the user recently dismissed or snoozed."""
 
 
 def read_history(store: DecisionStore, user_key: str, limit: int) -> list[ReactionHistoryItem]:
@@ -145,6 +156,31 @@ def read_history(store: DecisionStore, user_key: str, limit: int) -> list[Reacti
     except StoreError as err:
         logger.warning("no history for this request, the store is unavailable: %s", err)
         return []
+
+
+DISMISSED_LIMIT = 10
+"""How many of the user's latest dismissed or snoozed tips the novelty feature compares with."""
+
+
+def read_dismissed(
+    store: DecisionStore,
+    user_key: str,
+    history: Sequence[ReactionHistoryItem],
+    embedding_model: str | None,
+) -> tuple[tuple[float, ...], ...]:
+    """Projected embeddings of the user's latest dismissed or snoozed tips that have one;
+    none without an embedder, or while the store is unreachable."""
+    if embedding_model is None:
+        return ()
+    hashes = [text_hash(h.content) for h in history if h.reaction != "done" and h.content]
+    if not hashes:
+        return ()
+    try:
+        found = store.cached_projections(user_key, hashes[:DISMISSED_LIMIT], embedding_model)
+    except StoreError as err:
+        logger.warning("no dismissed-tip embeddings for this request: %s", err)
+        return ()
+    return tuple(tuple(v) for v in found.values())
 
 
 def part_of_day(hour: int) -> str:
@@ -208,6 +244,8 @@ def build_context(
     request: TipRequest,
     history: Sequence[ReactionHistoryItem],
     rewards: RewardSettings,
+    *,
+    dismissed: tuple[tuple[float, ...], ...] = (),
 ) -> UserContext:
     """Tasks + past reactions + time patterns -> the context of one decision."""
     now = request.local_now()
@@ -241,6 +279,7 @@ def build_context(
         due_today=due_today,
         high_priority=high,
         history_size=len(history),
+        dismissed=dismissed,
     )
     return _with_prompt(context, request)
 
@@ -265,6 +304,29 @@ class CandidateView:
 
     kind: str
     task_ids: tuple[str, ...]
+    judge_score: float | None = None
+    embedding: tuple[float, ...] | None = None
+    """The tip's projected embedding (PROJECTION.dim values); None until it has one."""
+
+
+def _quality_features(context: UserContext, candidate: CandidateView) -> list[float]:
+    """judge_score, judge_missing, embedding_missing, dismissed_similarity, embedding_*."""
+    judge = candidate.judge_score
+    embedding = candidate.embedding
+    if embedding is None or len(embedding) != PROJECTION.dim:
+        block = [0.0] * PROJECTION.dim
+        similarity, missing = 0.0, 1.0
+    else:
+        block = list(embedding)
+        similarity = max((cosine(embedding, d) for d in context.dismissed), default=0.0)
+        missing = 0.0
+    return [
+        judge if judge is not None else 0.0,
+        float(judge is None),
+        missing,
+        max(similarity, 0.0),
+        *block,
+    ]
 
 
 def candidate_matrix(context: UserContext, candidates: Sequence[CandidateView]) -> np.ndarray:
@@ -289,5 +351,6 @@ def candidate_matrix(context: UserContext, candidates: Sequence[CandidateView]) 
             float(lead.due_today) if lead else 0.0,
             math.log1p(lead.age_days) / math.log1p(365) if lead else 0.0,
             min(len(tasks), 10) / 10,
+            *_quality_features(context, candidate),
         )
     return X

@@ -13,9 +13,10 @@ import numpy as np
 
 from tipgraph.contracts import TipRequest
 from tipgraph.decision_log import DecisionLog
-from tipgraph.features import UserContext, build_context, read_history
+from tipgraph.features import UserContext, build_context, read_dismissed, read_history
 from tipgraph.generation import Completer, GenerationResult
-from tipgraph.generation.litellm_client import build_tip_generator
+from tipgraph.generation.embedder import EmbeddingClient, embedding_model
+from tipgraph.generation.litellm_client import build_candidate_source
 from tipgraph.metrics import Metrics
 from tipgraph.scoring import PolicyScore, PolicyService
 from tipgraph.settings import PolicySettings, TipgraphSettings
@@ -32,12 +33,16 @@ class LocalStages:
         metrics: Metrics,
         *,
         completer: Completer | None = None,
+        embed: EmbeddingClient | None = None,
     ) -> None:
         """``log`` and ``metrics`` are where the shadows write their runs and counts, as a
         shadow replica does with its own."""
         self._settings = settings
         self._store = store
-        self.generator = build_tip_generator(settings.generation, completer=completer)
+        self._embedding_model = embedding_model(settings.generation)
+        self.generator, self.refills = build_candidate_source(
+            settings.generation, store, completer=completer, embed=embed, metrics=metrics
+        )
         self.served = _service(settings.policy, store)
         self.shadows: dict[str, ShadowScorer] = {
             shadow.policy.name: ShadowScorer(
@@ -50,12 +55,15 @@ class LocalStages:
         history = await asyncio.to_thread(
             read_history, self._store, user_key, self._settings.features.history_limit
         )
-        return build_context(request, history, self._settings.rewards)
+        dismissed = await asyncio.to_thread(
+            read_dismissed, self._store, user_key, history, self._embedding_model
+        )
+        return build_context(request, history, self._settings.rewards, dismissed=dismissed)
 
     async def candidates(
-        self, request: TipRequest, context: UserContext, event_id: str, n: int
+        self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
     ) -> GenerationResult:
-        return await self.generator.generate(request, context, event_id, n)
+        return await self.generator.candidates(request, context, user_key, event_id, n)
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
         return self.served.score(X, event_id)

@@ -92,8 +92,9 @@ SHADOW_FAILURES = MetricSpec(
 GENERATION_FALLBACKS = MetricSpec(
     "tipgraph_generation_fallbacks",
     "counter",
-    "Requests served task tips instead of LLM tips, by reason: circuit_open, timeout, "
-    "llm_error, malformed_answer, no_valid_tips.",
+    "Requests served task tips instead of LLM tips, by reason: pool_miss (no pool entry "
+    "yet: a refill is queued); inline only: circuit_open, timeout, llm_error, "
+    "malformed_answer, no_valid_tips.",
     ("reason",),
 )
 BREAKER_STATE = MetricSpec(
@@ -149,6 +150,33 @@ FEEDBACK_HELD = MetricSpec(
     "gauge",
     "Feedback an ingress replica holds until its decision can be read.",
 )
+POOL_LOOKUPS = MetricSpec(
+    "tipgraph_pool_lookups",
+    "counter",
+    "Candidate-pool lookups on the request path, by result: hit or miss.",
+    ("result",),
+)
+POOL_REFILLS = MetricSpec(
+    "tipgraph_pool_refills",
+    "counter",
+    "Background refills of the candidate pool, by outcome: filled, deduplicated (the key "
+    "was already queued or claimed), queue_full, or the generation failure's reason.",
+    ("outcome",),
+)
+POOL_TIPS_REJECTED = MetricSpec(
+    "tipgraph_pool_tips_rejected",
+    "counter",
+    "Generated tips kept out of the pool, by reason: unsafe, low_score, no_verdict "
+    "(judge), unjudged (judge down, failing closed), near_duplicate (embedder).",
+    ("reason",),
+)
+POOL_AIDS_FAILED = MetricSpec(
+    "tipgraph_pool_aids_failed",
+    "counter",
+    "Refills whose judge or embedder call failed (alias: judge or embedder); the refill "
+    "goes on as generation.judge.on_failure says, or without embeddings.",
+    ("alias",),
+)
 
 METRICS = (
     DECISIONS,
@@ -168,6 +196,10 @@ METRICS = (
     DECISION_LOG_DEAD_LETTERS,
     DECISION_LOG_REPLAYED,
     FEEDBACK_HELD,
+    POOL_LOOKUPS,
+    POOL_REFILLS,
+    POOL_TIPS_REJECTED,
+    POOL_AIDS_FAILED,
 )
 """Every metric tipgraph records."""
 
@@ -302,6 +334,19 @@ class Metrics:
 
     def generation_fallback(self, reason: str) -> None:
         self._sink.inc(GENERATION_FALLBACKS, 1, {"reason": reason})
+
+    def pool_lookup(self, result: str) -> None:
+        self._sink.inc(POOL_LOOKUPS, 1, {"result": result})
+
+    def pool_refill(self, outcome: str) -> None:
+        self._sink.inc(POOL_REFILLS, 1, {"outcome": outcome})
+
+    def pool_tips_rejected(self, reason: str, count: int) -> None:
+        if count:
+            self._sink.inc(POOL_TIPS_REJECTED, count, {"reason": reason})
+
+    def pool_aid_failed(self, alias: str) -> None:
+        self._sink.inc(POOL_AIDS_FAILED, 1, {"alias": alias})
 
     def _count_to(self, spec: MetricSpec, total: float) -> None:
         """Move the counter ``spec`` up to ``total``, a running total kept elsewhere and

@@ -22,6 +22,7 @@ from tipgraph.features import FEATURE_SPEC, build_context, candidate_matrix
 from tipgraph.policies import Decision, make_policy
 from tipgraph.settings import PolicySettings, RewardSettings
 from tipgraph.simulator import (
+    Truth,
     expected_reward,
     make_request,
     make_users,
@@ -79,10 +80,12 @@ def simulate_decisions(
         context = build_context(request, past[:history_limit], rewards)
         candidates = task_candidates(request, context, n_candidates)
         X = candidate_matrix(context, [c.view for c in candidates])
-        values = np.array([expected_reward(sim, c.kind, c.task_id, rewards) for c in candidates])
+        values = np.array(
+            [expected_reward(sim, Truth(c.kind, c.task_id), rewards) for c in candidates]
+        )
         decision = policy.decide(X, f"{seed}-{i}")
         chosen = candidates[decision.chosen]
-        reaction = react(sim, chosen.kind, chosen.task_id, reaction_rng)
+        reaction = react(sim, Truth(chosen.kind, chosen.task_id), reaction_rng)
         reward = rewards.reward_for(reaction)  # type: ignore[arg-type]
         if learn:
             policy.update(X[decision.chosen], reward)

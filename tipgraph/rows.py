@@ -91,6 +91,8 @@ def decision_record(
         generation_reason=generation.reason,
         llm_model=generation.model,
         user_key_id=settings.user_key_id,
+        llm_pool=generation.pool,
+        llm_pool_age_s=generation.pool_age_s,
         chosen_candidate_id=chosen.candidate_id,
         chosen_kind=chosen.kind,
         chosen_probability=result.chosen_probability,

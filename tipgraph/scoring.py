@@ -66,6 +66,8 @@ class PolicyService:
         self._ahead: set[int] = set()  # reward ids > watermark applied by direct feedback
         self.learned_directly = 0
         self.learned_by_sync = 0
+        # Rewards logged on another feature layout (an older release): never learned.
+        self.skipped_other_layout = 0
         # Scoring runs on the event loop, syncing in a background thread: one lock.
         self._lock = threading.Lock()
 
@@ -131,6 +133,11 @@ class PolicyService:
 
     def _apply(self, reward_id: int, x: np.ndarray, reward: float) -> bool:
         if reward_id <= self.watermark or reward_id in self._ahead:
+            return False
+        if x.shape != (self.policy.dim,):
+            # Logged on another feature layout (before an upgrade that changed it): it
+            # cannot teach this model, and must not stop the rewards after it.
+            self.skipped_other_layout += 1
             return False
         self.policy.update(x, reward)
         self._ahead.add(reward_id)

@@ -95,7 +95,7 @@ class TipService:
 
         t = time.perf_counter()
         n = request.n_candidates or self.settings.limits.default_candidates
-        generation = await self.stages.candidates(request, context, event_id, n)
+        generation = await self.stages.candidates(request, context, user_key, event_id, n)
         candidates = generation.candidates
         generation_ms = _ms(t)
         if not candidates:

@@ -29,7 +29,7 @@ CONFIG_ENV_VAR = "TIPGRAPH_CONFIG"
 
 Reaction = Literal["done", "snooze", "dismiss"]
 PolicyKind = Literal["linucb", "lints", "egreedy", "softmax", "squarecb", "uniform", "baseline"]
-FeatureGroup = Literal["kind", "time", "workload", "history", "task"]
+FeatureGroup = Literal["kind", "time", "workload", "history", "task", "quality", "embedding"]
 """Blocks of the joint feature vector a policy may be restricted to (tipgraph.features)."""
 STAGES = ("ingress", "context", "generation", "scoring")
 ITEM_STAGES = ("context", "generation")
@@ -174,15 +174,76 @@ class BreakerSettings(_Strict):
     )
 
 
+class PoolSettings(_Strict):
+    """The candidate pool: LLM tips made ahead of need, per user and task set."""
+
+    ttl_s: float = Field(21600.0, gt=0, description="An entry expires this long after it was made")
+    refresh_after_serves: int = Field(
+        5, ge=1, description="Generate an entry again once it served this many decisions"
+    )
+    max_tips: int = Field(8, ge=1, le=50, description="Tips kept per entry (per user and prompt)")
+    max_entries: int = Field(
+        100_000, ge=1, description="Entries kept in total; the oldest go first beyond it"
+    )
+    queue_size: int = Field(
+        256, ge=1, description="Refills waiting per generation replica; beyond it a miss waits"
+    )
+    workers: int = Field(4, ge=1, le=64, description="Refills running at once per replica")
+    generation_timeout_s: float = Field(
+        30.0, gt=0, description="Budget of one refill's call to tip-generator (off the hot path)"
+    )
+    claim_timeout_s: float = Field(
+        120.0, gt=0, description="A refill claimed by a replica that died is taken over after this"
+    )
+    cleanup_interval_s: float = Field(60.0, gt=0, description="How often expired entries go")
+
+
+class JudgeSettings(_Strict):
+    """The ``judge`` alias screens every generated tip before it can be served."""
+
+    enabled: bool = True
+    model_alias: str = "judge"
+    prompt: str = Field(
+        "judge_v1", pattern=r"^[a-z0-9_\-]+$", description="configs/prompts/<name>.md"
+    )
+    min_score: float = Field(
+        0.5, ge=0, le=1, description="Tips scored below this (mean of relevance, actionability) go"
+    )
+    on_failure: Literal["open", "closed"] = Field(
+        "open",
+        description="Judge down or slow: open serves the tips unjudged (marked), closed keeps "
+        "them out of the pool",
+    )
+    timeout_s: float = Field(20.0, gt=0)
+
+
+class EmbedderSettings(_Strict):
+    """The ``embedder`` alias embeds every candidate tip, off the hot path."""
+
+    enabled: bool = True
+    model_alias: str = "embedder"
+    timeout_s: float = Field(10.0, gt=0)
+    duplicate_cosine: float = Field(
+        0.92, gt=0, le=1, description="Two tips of one pool entry closer than this: one goes"
+    )
+
+
 class GenerationSettings(_Strict):
     """Where candidate tips come from; see docs/generation.md."""
 
     source: Literal["tasks", "llm", "mixed"] = "tasks"
+    serve_from: Literal["pool", "inline"] = Field(
+        "pool",
+        description="llm/mixed: serve LLM tips made ahead of need (pool), or call the LLM on "
+        "the request path within timeout_s (inline)",
+    )
     llm_config: str = Field("configs/llm.yaml", description="LiteLLM model_list file")
     prompts_dir: str = "configs/prompts"
     model_alias: str = "tip-generator"
     timeout_s: float = Field(
-        2.5, gt=0, description="Generation answers within this, from task tips if need be"
+        2.5,
+        gt=0,
+        description="inline: generation answers within this, from task tips if need be",
     )
     max_llm_candidates: int = Field(6, ge=1, description="mixed/llm: LLM tips per request")
     max_task_candidates: int = Field(4, ge=0, description="mixed: task tips per request")
@@ -194,6 +255,9 @@ class GenerationSettings(_Strict):
         default_factory=lambda: [PromptShare(template="tips_v1", share=1.0)], min_length=1
     )
     breaker: BreakerSettings = BreakerSettings()
+    pool: PoolSettings = PoolSettings()
+    judge: JudgeSettings = JudgeSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
 
 
 class RegistrySettings(_Strict):

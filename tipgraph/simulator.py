@@ -6,11 +6,18 @@ user marks a tip *done* is a logistic function of those tastes; otherwise they s
 dismiss.  Everything a good policy needs is observable through the features (kind × part
 of day, the user's past reward per kind, task priority), so learning is possible, and a
 uniform policy only earns the average.
+
+LLM tips (with ``llm=SimulatedModels()``, or a graph whose LLM is the Ollama stub) also
+have a hidden quality (:mod:`tipgraph.simulated_tips`) that replaces the task-urgency term:
+the judge barely sees it, the tip's embedding reveals it.  With ``task_churn`` below 1,
+users come back with the same task list (each visit keeps it with probability
+``1 - task_churn``), which is what lets a candidate pool serve them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,10 +27,12 @@ from typing import Any
 import httpx
 import numpy as np
 
+from tipgraph import simulated_tips
 from tipgraph.candidates import task_candidates
 from tipgraph.contracts import MAX_CANDIDATES, TIP_KINDS, FeedbackRequest, TipRequest
 from tipgraph.features import build_context, part_of_day
 from tipgraph.local import LocalStages
+from tipgraph.metrics import Metrics
 from tipgraph.settings import RewardSettings, TipgraphSettings
 from tipgraph.wiring import tip_service
 
@@ -31,6 +40,7 @@ BASE_LOGIT = -1.6
 FAVOURITE_BONUS = 2.6
 DISLIKE_PENALTY = -1.0
 SNOOZE_SHARE = 0.4
+LLM_QUALITY_WEIGHT = 2.0  # logit per unit of an LLM tip's hidden quality, in [-1, 1]
 START = datetime(2026, 3, 2, tzinfo=UTC)  # a Monday
 
 # Time-of-day patterns shared by everyone: plan in the morning, sweep small things at night.
@@ -147,29 +157,48 @@ def make_request(user: SimUser, decision: int, rng: np.random.Generator) -> SimR
     return SimRequest(user, body, priorities, overdue, part_of_day(now.hour))
 
 
-def p_done(request: SimRequest, kind: str, task_id: str | None) -> float:
+def revisit(previous: SimRequest, decision: int, rng: np.random.Generator) -> SimRequest:
+    """The same user with the same task list, at a new random local time."""
+    now = START + timedelta(days=int(decision // 200), hours=float(rng.uniform(6, 24)))
+    body = {**previous.body, "now": now.isoformat()}
+    return SimRequest(
+        previous.user, body, previous.priorities, previous.overdue, part_of_day(now.hour)
+    )
+
+
+@dataclass(frozen=True)
+class Truth:
+    """What decides a candidate's hidden value: a task tip's kind and task, or an LLM
+    tip's kind and hidden quality."""
+
+    kind: str
+    task_id: str | None = None
+    quality: float | None = None
+
+
+def p_done(request: SimRequest, truth: Truth) -> float:
     """The hidden probability that this user marks this tip done."""
     user = request.user
-    logit = BASE_LOGIT + TIME_BONUS.get((kind, request.part), 0.0)
-    if kind in user.favourites:
+    logit = BASE_LOGIT + TIME_BONUS.get((truth.kind, request.part), 0.0)
+    if truth.kind in user.favourites:
         logit += FAVOURITE_BONUS
-    if kind in user.dislikes:
+    if truth.kind in user.dislikes:
         logit += DISLIKE_PENALTY
-    if task_id is not None:
-        logit += user.urgency_bonus * (request.priorities.get(task_id, 1) - 1) / 3
+    if truth.quality is not None:
+        logit += LLM_QUALITY_WEIGHT * truth.quality
+    elif truth.task_id is not None:
+        logit += user.urgency_bonus * (request.priorities.get(truth.task_id, 1) - 1) / 3
     return 1.0 / (1.0 + math.exp(-logit))
 
 
-def expected_reward(
-    request: SimRequest, kind: str, task_id: str | None, rewards: RewardSettings
-) -> float:
-    p = p_done(request, kind, task_id)
+def expected_reward(request: SimRequest, truth: Truth, rewards: RewardSettings) -> float:
+    p = p_done(request, truth)
     rest = SNOOZE_SHARE * rewards.snooze + (1 - SNOOZE_SHARE) * rewards.dismiss
     return p * rewards.done + (1 - p) * rest
 
 
-def react(request: SimRequest, kind: str, task_id: str | None, rng: np.random.Generator) -> str:
-    if rng.random() < p_done(request, kind, task_id):
+def react(request: SimRequest, truth: Truth, rng: np.random.Generator) -> str:
+    if rng.random() < p_done(request, truth):
         return "done"
     return "snooze" if rng.random() < SNOOZE_SHARE else "dismiss"
 
@@ -197,6 +226,7 @@ def run_http(
     timeout_s: float = 30.0,
     on_block: Callable[[Block], None] | None = None,
     api_token: str | None = None,
+    task_churn: float = 1.0,
 ) -> list[Block]:
     """Drive a running tipgraph over HTTP; returns the per-block mean rewards."""
     rewards = rewards or RewardSettings()
@@ -224,6 +254,7 @@ def run_http(
                 block=block,
                 rewards=rewards,
                 on_block=on_block,
+                task_churn=task_churn,
             )
         )
 
@@ -236,15 +267,33 @@ def run_local(
     seed: int,
     block: int = 500,
     on_block: Callable[[Block], None] | None = None,
+    task_churn: float = 1.0,
+    llm: simulated_tips.SimulatedModels | None = None,
+    metrics: Metrics | None = None,
 ) -> list[Block]:
-    """The same loop with every stage in this process (no Ray, no HTTP)."""
+    """The same loop with every stage in this process (no Ray, no HTTP).
+
+    ``llm`` answers for the three model aliases (``generation.source`` llm or mixed);
+    each refill of the candidate pool runs to its end before the next request, so runs
+    are reproducible.
+    """
 
     loop = asyncio.new_event_loop()
-    service = tip_service(settings, lambda *wired: LocalStages(settings, *wired), owner="simulator")
+    built: list[LocalStages] = []
+
+    def stages(*wired: Any) -> LocalStages:
+        completer, embed = (llm.complete, llm.embed) if llm is not None else (None, None)
+        built.append(LocalStages(settings, *wired, completer=completer, embed=embed))
+        return built[0]
+
+    service = tip_service(settings, stages, owner="simulator", metrics=metrics)
     try:
 
         def tip(body: dict[str, Any]) -> dict[str, Any]:
             answer = loop.run_until_complete(service.tip(TipRequest.model_validate(body)))
+            refills = built[0].refills
+            if refills is not None:
+                loop.run_until_complete(refills.join())
             return answer.model_dump(mode="json")
 
         def feedback(event_id: str, reaction: str) -> None:
@@ -261,10 +310,13 @@ def run_local(
                 block=block,
                 rewards=settings.rewards,
                 on_block=on_block,
+                task_churn=task_churn,
             )
         )
     finally:
         loop.run_until_complete(service.close())
+        if built and built[0].refills is not None:
+            loop.run_until_complete(built[0].refills.aclose())
         loop.close()
         service.store.close()
 
@@ -279,29 +331,40 @@ def _loop(
     block: int,
     rewards: RewardSettings,
     on_block: Callable[[Block], None] | None,
+    task_churn: float = 1.0,
 ) -> Iterator[Block]:
     # Requests and reactions draw from separate streams, so every policy run with the same
     # seed meets exactly the same users, times and task lists.
     rng, reaction_rng = request_streams(seed)
     population = make_users(users, rng)
+    last: dict[str, SimRequest] = {}
     served: list[float] = []
     uniform: list[float] = []
     oracle: list[float] = []
     errors = 0
     for i in range(decisions):
-        request = make_request(population[int(rng.integers(users))], i, rng)
+        user = population[int(rng.integers(users))]
+        previous = last.get(user.user_id)
+        # With task_churn 1 no draw is made: the stream is what it always was.
+        if previous is not None and task_churn < 1.0 and rng.random() >= task_churn:
+            request = revisit(previous, i, rng)
+        else:
+            request = make_request(user, i, rng)
+        last[user.user_id] = request
         try:
             answer = tip(request.body)
         except Exception:
             errors += 1
         else:
-            tip_ = answer["tip"]
-            reaction = react(request, tip_["kind"], tip_.get("task_id"), reaction_rng)
+            truth = _candidate_truth(request, rewards)
+            chosen = answer["tip"]["candidate_id"]
+            reaction = react(request, truth.get(chosen, _kind_only(chosen)), reaction_rng)
             feedback(answer["event_id"], reaction)
             served.append(rewards.reward_for(reaction))  # type: ignore[arg-type]
-            truth = _candidate_truth(request, rewards)
             values = [
-                expected_reward(request, *truth.get(c["candidate_id"], _kind_only(c)), rewards)
+                expected_reward(
+                    request, truth.get(c["candidate_id"], _kind_only(c["candidate_id"])), rewards
+                )
                 for c in answer["ranking"]
             ]
             uniform.append(float(np.mean(values)))
@@ -321,25 +384,34 @@ def _loop(
             served, uniform, oracle, errors = [], [], [], 0
 
 
-def _candidate_truth(
-    request: SimRequest, rewards: RewardSettings
-) -> dict[str, tuple[str, str | None]]:
-    """Candidate id -> (kind, task) for every task-mode candidate of this request.
+def _candidate_truth(request: SimRequest, rewards: RewardSettings) -> dict[str, Truth]:
+    """Candidate id -> its hidden truth, for every task-mode candidate of this request and
+    every tip the simulated LLM can write.
 
-    The response ranks candidate ids only; task mode is deterministic, so the simulator can
-    rebuild the candidates it was offered and score each one against the hidden truth.
+    The response ranks candidate ids only; task mode is deterministic and the simulated
+    LLM's tips are a finite set, so the simulator can tell what it was offered and score
+    each candidate against the hidden truth.
     """
     tip_request = TipRequest.model_validate(request.body)
     context = build_context(tip_request, [], rewards)
-    return {
-        c.candidate_id: (c.kind, c.task_id)
+    tasks = {
+        c.candidate_id: Truth(c.kind, c.task_id)
         for c in task_candidates(tip_request, context, MAX_CANDIDATES)
+    }
+    return {**_llm_truth(), **tasks}
+
+
+@functools.cache
+def _llm_truth() -> dict[str, Truth]:
+    return {
+        candidate_id: Truth(kind, quality=simulated_tips.hidden_quality(content))
+        for candidate_id, (kind, content) in simulated_tips.candidate_ids().items()
     }
 
 
-def _kind_only(ranked: dict[str, Any]) -> tuple[str, str | None]:
-    # Not a task-mode candidate (e.g. from an LLM): the id is "<kind>-<hash>".
-    return ranked["candidate_id"].rsplit("-", 1)[0], None
+def _kind_only(candidate_id: str) -> Truth:
+    # Neither a task-mode candidate nor a simulated LLM tip: the id is "<kind>-<hash>".
+    return Truth(candidate_id.rsplit("-", 1)[0])
 
 
 def format_block(block: Block) -> str:

@@ -19,9 +19,10 @@ class Stages(Protocol):
     async def context(self, request: TipRequest, user_key: str) -> UserContext: ...
 
     async def candidates(
-        self, request: TipRequest, context: UserContext, event_id: str, n: int
+        self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
     ) -> GenerationResult:
-        """Candidates within the generation timeout, from task tips if the LLM fails."""
+        """Candidates at once: LLM tips from the pool (or inline, within the generation
+        timeout), task tips when there are none."""
         ...
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore: ...

@@ -9,6 +9,7 @@ cleaned (:func:`clean_text`), and the store cleans again before anything is writ
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 KEPT_CONTROLS = "\t\n"
@@ -34,3 +35,8 @@ def unsafe_character(value: str) -> str | None:
     """The first character :func:`clean_text` would change, as ``U+XXXX``; None if clean."""
     found = _UNSAFE.search(value)
     return None if found is None else f"U+{ord(found.group()):04X}"
+
+
+def text_hash(text: str) -> str:
+    """SHA-256 of the text with its whitespace collapsed: the key of a tip's embedding."""
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()

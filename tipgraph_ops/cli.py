@@ -24,6 +24,7 @@ from tipgraph.progress import progress_bar
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
 from tipgraph.serve_config import SERVE_ENV, render_serve_config_text
 from tipgraph.settings import load_settings, parse_policy, resolve_paths
+from tipgraph.simulated_tips import SimulatedModels
 from tipgraph.simulator import Block, format_block, run_http, run_local, summarise
 from tipgraph.store import LogFilter, StoreError, make_store, open_store
 from tipgraph_ops.config_docs import render_config_docs
@@ -132,10 +133,20 @@ def _simulate(args: argparse.Namespace) -> int:
         # Through the bar, so the block lines scroll above it instead of through it.
         bar.write(format_block(block))
 
+    if args.simulated_llm and not args.in_process:
+        print("tipgraph: error: --simulated-llm needs --in-process", file=sys.stderr)
+        return EXIT_USAGE
     if args.in_process:
         if args.store_url:
             store = settings.store.model_copy(update={"url": args.store_url})
             settings = settings.model_copy(update={"store": store})
+        llm = None
+        if args.simulated_llm:
+            llm = SimulatedModels()
+            generation = settings.generation.model_copy(
+                update={"source": "mixed", "serve_from": "pool"}
+            )
+            settings = settings.model_copy(update={"generation": generation})
         blocks = run_local(
             resolve_paths(settings, Path.cwd()),
             users=args.users,
@@ -143,7 +154,15 @@ def _simulate(args: argparse.Namespace) -> int:
             seed=args.seed,
             block=args.block,
             on_block=show,
+            task_churn=args.task_churn,
+            llm=llm,
         )
+        if llm is not None:
+            print(
+                f"simulated LLM: {llm.generations} generations "
+                f"({llm.generations / args.decisions:.3f} per decision), "
+                f"{llm.judgements} judgements, {llm.embeddings} embedding calls"
+            )
     else:
         blocks = run_http(
             args.url,
@@ -154,6 +173,7 @@ def _simulate(args: argparse.Namespace) -> int:
             rewards=settings.rewards,
             on_block=show,
             api_token=args.token,
+            task_churn=args.task_churn,
         )
     bar.close()
     print(summarise(blocks))
@@ -462,6 +482,18 @@ def _add_serving_commands(commands: Commands) -> None:
         "--store-url",
         default=None,
         help="with --in-process: decision log URL (default: the config's store.url)",
+    )
+    simulate.add_argument(
+        "--task-churn",
+        type=float,
+        default=1.0,
+        help="chance that a returning user's task list changed (default 1: new every visit)",
+    )
+    simulate.add_argument(
+        "--simulated-llm",
+        action="store_true",
+        help="with --in-process: mixed mode from the candidate pool, the three model aliases "
+        "answered in process (tipgraph.simulated_tips)",
     )
     _add_no_progress(simulate)
     simulate.set_defaults(func=_simulate)

@@ -5,19 +5,23 @@ from tipgraph.generation.llm_config import LLMConfig, LLMConfigError, load_llm_c
 from tipgraph.generation.parsing import LLMTip, MalformedAnswer, ParsedTips, parse_tips
 from tipgraph.generation.prompts import PromptSplit, PromptTemplate, load_split, task_lines
 from tipgraph.generation.source import (
+    CandidateSource,
     Completer,
     Completion,
     FallbackReason,
+    GenerationItem,
     GenerationResult,
     LLMUnavailable,
     TipGenerator,
 )
 
 __all__ = [
+    "CandidateSource",
     "CircuitBreaker",
     "Completer",
     "Completion",
     "FallbackReason",
+    "GenerationItem",
     "GenerationResult",
     "LLMConfig",
     "LLMConfigError",

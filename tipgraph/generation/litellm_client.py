@@ -8,11 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from tipgraph.generation.breaker import CircuitBreaker
+from tipgraph.generation.embedder import (
+    Embedder,
+    EmbeddingClient,
+    Embeddings,
+    embedding_model,
+)
+from tipgraph.generation.judge import Judge
 from tipgraph.generation.llm_config import LLMConfig, load_llm_config
-from tipgraph.generation.prompts import load_split
-from tipgraph.generation.source import Completion, LLMUnavailable, TipGenerator
+from tipgraph.generation.pool import PooledGenerator, Refiller, RefillQueue
+from tipgraph.generation.prompts import load_split, load_template
+from tipgraph.generation.source import CandidateSource, Completion, LLMUnavailable, TipGenerator
 from tipgraph.metrics import Metrics
 from tipgraph.settings import GenerationSettings
+from tipgraph.store import DecisionStore
 
 LOCAL_PROVIDERS = {"ollama", "ollama_chat"}
 MODES = {"ollama": "embedding"}  # ollama/... is used for the embedder alias
@@ -63,6 +72,16 @@ class LiteLLMCompleter:
         model = getattr(response, "model", None) or self.config.target(alias) or alias
         return Completion(text=text, model=str(model))
 
+    async def embed(self, alias: str, texts: list[str], timeout_s: float) -> Embeddings:
+        """:class:`~tipgraph.generation.embedder.EmbeddingClient` over the same Router."""
+        try:
+            response = await self._router.aembedding(model=alias, input=texts, timeout=timeout_s)
+            vectors = [list(item["embedding"]) for item in response.data]
+        except Exception as err:
+            raise LLMUnavailable(f"{type(err).__name__}: {str(err)[:300]}") from None
+        model = getattr(response, "model", None) or self.config.target(alias) or alias
+        return Embeddings(vectors, str(model))
+
 
 def build_tip_generator(
     settings: GenerationSettings, *, completer: Any = None, metrics: Metrics | None = None
@@ -73,7 +92,73 @@ def build_tip_generator(
     split = load_split(Path(settings.prompts_dir), settings.prompts)
     if completer is None:
         completer = LiteLLMCompleter(load_llm_config(settings.llm_config))
-    breaker = CircuitBreaker(settings.breaker.failure_threshold, settings.breaker.reset_after_s)
     return TipGenerator(
-        settings, split=split, completer=completer, breaker=breaker, metrics=metrics
+        settings, split=split, completer=completer, breaker=_breaker(settings), metrics=metrics
     )
+
+
+def build_candidate_source(
+    settings: GenerationSettings,
+    store: DecisionStore | None,
+    *,
+    completer: Any = None,
+    embed: EmbeddingClient | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[CandidateSource, RefillQueue | None]:
+    """What the generation stage serves from, and the refill queue behind it (pool only).
+
+    ``completer`` and ``embed`` default to one LiteLLM Router for every alias.  The pool
+    needs ``store``; the queue's workers start on the running event loop at first use.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    if settings.source == "tasks" or settings.serve_from == "inline":
+        return build_tip_generator(settings, completer=completer, metrics=metrics), None
+    if store is None:
+        raise ValueError("generation.serve_from: pool needs the store")
+    litellm_client: LiteLLMCompleter | None = None
+    if completer is None or (embed is None and settings.embedder.enabled):
+        litellm_client = LiteLLMCompleter(load_llm_config(settings.llm_config))
+    completer = completer if completer is not None else litellm_client
+    generator = build_tip_generator(settings, completer=completer, metrics=metrics)
+    judge = None
+    if settings.judge.enabled:
+        judge = Judge(
+            settings.judge,
+            load_template(Path(settings.prompts_dir), settings.judge.prompt),
+            completer,
+            _breaker(settings),
+            send_task_text=settings.send_task_text,
+        )
+    embedder = None
+    if settings.embedder.enabled:
+        embed_client: EmbeddingClient
+        if embed is not None:
+            embed_client = embed
+        else:
+            assert litellm_client is not None
+            embed_client = litellm_client.embed
+        model_id = embedding_model(settings)
+        assert model_id is not None  # the pool, with the embedder on
+        embedder = Embedder(settings.embedder, embed_client, _breaker(settings), model_id=model_id)
+    refiller = Refiller(settings, generator, store, judge=judge, embedder=embedder, metrics=metrics)
+    queue = RefillQueue(
+        refiller.refill,
+        size=settings.pool.queue_size,
+        workers=settings.pool.workers,
+        metrics=metrics,
+    )
+    assert generator.split is not None  # an LLM source always has its prompts
+    pooled = PooledGenerator(
+        settings,
+        generator.split,
+        store,
+        queue,
+        breaker=generator.breaker,
+        embedder=embedder,
+        metrics=metrics,
+    )
+    return pooled, queue
+
+
+def _breaker(settings: GenerationSettings) -> CircuitBreaker:
+    return CircuitBreaker(settings.breaker.failure_threshold, settings.breaker.reset_after_s)

@@ -32,7 +32,7 @@ SYSTEM_PROMPT = "You write short, concrete productivity tips. Answer with JSON o
 FALLBACK_MARGIN_S = 0.05
 
 FallbackReason = Literal[
-    "circuit_open", "timeout", "llm_error", "malformed_answer", "no_valid_tips"
+    "circuit_open", "timeout", "llm_error", "malformed_answer", "no_valid_tips", "pool_miss"
 ]
 """Why task tips were served instead of LLM tips: the metric's tag. ``GenerationResult.reason``
 says the same with details, for the decision log."""
@@ -54,6 +54,21 @@ class Completer(Protocol):
     ) -> Awaitable[Completion]: ...
 
 
+class GenerationFailed(Exception):
+    """The LLM gave no usable tips: ``kind`` is the metric's tag, ``reason`` the details."""
+
+    def __init__(self, kind: FallbackReason, reason: str) -> None:
+        super().__init__(reason)
+        self.kind: FallbackReason = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LLMAnswer:
+    completion: Completion
+    parsed: ParsedTips
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     candidates: list[Candidate]
@@ -63,10 +78,35 @@ class GenerationResult:
     prompt_version: str | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     llm_ms: float | None = None
+    pool: str | None = None  # "hit" or "miss" when served from the candidate pool
+    pool_age_s: float | None = None
 
 
-def _llm_candidate(
-    tip_content: str, kind: str, task_id: str | None, model: str, prompt_version: str
+GenerationItem = tuple[TipRequest, UserContext, str, str, int]
+"""One request to the generation stage: (request, context, user_key, event_id, n)."""
+
+
+class CandidateSource(Protocol):
+    """What the generation stage serves from: a :class:`TipGenerator` (task tips, inline
+    LLM) or a :class:`~tipgraph.generation.pool.PooledGenerator`."""
+
+    @property
+    def breaker(self) -> CircuitBreaker: ...
+
+    async def candidates(
+        self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
+    ) -> GenerationResult: ...
+
+
+def llm_candidate(
+    tip_content: str,
+    kind: str,
+    task_id: str | None,
+    model: str,
+    prompt_version: str,
+    *,
+    judge_score: float | None = None,
+    embedding: tuple[float, ...] | None = None,
 ) -> Candidate:
     digest = hashlib.sha256(f"{kind}\x1f{tip_content}".encode()).hexdigest()[:12]
     return Candidate(
@@ -77,6 +117,8 @@ def _llm_candidate(
         task_ids=(task_id,) if task_id else (),
         model=model,
         prompt_version=prompt_version,
+        judge_score=judge_score,
+        embedding=embedding,
     )
 
 
@@ -100,26 +142,62 @@ class TipGenerator:
         )
         self.metrics = metrics if metrics is not None else Metrics()
 
+    async def candidates(
+        self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
+    ) -> GenerationResult:
+        """:class:`CandidateSource`: task tips, or inline LLM tips (the prompt arm follows
+        the event)."""
+        return await self.generate(request, context, event_id, n)
+
     async def generate(
         self, request: TipRequest, context: UserContext, event_id: str, n: int
     ) -> GenerationResult:
+        """Inline generation: ask the LLM on the request path, within ``timeout_s``."""
         if self.settings.source == "tasks":
             return GenerationResult(task_candidates(request, context, n), source="tasks")
-        assert self.split is not None and self.completer is not None  # checked in __init__
+        assert self.split is not None  # checked in __init__
         template = self.split.choose(event_id)
-        if not self.breaker.allow():
-            return self._fallback(request, context, n, template, "circuit_open", "circuit open")
         start = time.perf_counter()
-        budget = max(self.settings.timeout_s - FALLBACK_MARGIN_S, 0.01)
         n_llm = min(n, self.settings.max_llm_candidates)
+        budget = max(self.settings.timeout_s - FALLBACK_MARGIN_S, 0.01)
+        try:
+            answer = await self.ask(request, context, template, n_llm, budget)
+        except GenerationFailed as err:
+            if err.kind != "circuit_open":
+                logger.warning(
+                    "LLM generation failed, serving task tips: %s",
+                    err.reason,
+                    extra={"event_id": event_id},
+                )
+            start_or_none = None if err.kind == "circuit_open" else start
+            return self._fallback(
+                request, context, n, template, err.kind, err.reason, start_or_none
+            )
+        return self._served(
+            request, context, event_id, n, n_llm, template, answer.completion, answer.parsed, start
+        )
+
+    async def ask(
+        self,
+        request: TipRequest,
+        context: UserContext,
+        template: PromptTemplate,
+        n: int,
+        budget_s: float,
+    ) -> LLMAnswer:
+        """``n`` tips from the ``tip-generator`` alias, validated, within ``budget_s``; the
+        breaker hears how it went.  Raises :class:`GenerationFailed` with the reason."""
+        assert self.completer is not None  # checked in __init__
+        if not self.breaker.allow():
+            raise GenerationFailed("circuit_open", "circuit open")
         try:
             completion = await asyncio.wait_for(
                 self.completer(
                     self.settings.model_alias,
-                    self._messages(template, request, context, n_llm),
-                    budget,
+                    self._messages(template, request, context, n),
+                    budget_s,
                 ),
-                timeout=budget,
+                timeout=budget_s,
             )
             parsed = parse_tips(
                 completion.text,
@@ -127,24 +205,20 @@ class TipGenerator:
                 max_chars=self.settings.max_tip_chars,
             )
         except TimeoutError:
-            failure: tuple[FallbackReason, str] = ("timeout", f"timeout after {budget:.2f}s")
+            failure = GenerationFailed("timeout", f"timeout after {budget_s:.2f}s")
         except LLMUnavailable as err:
-            failure = ("llm_error", f"llm error: {err}")
+            failure = GenerationFailed("llm_error", f"llm error: {err}")
         except MalformedAnswer as err:
-            failure = ("malformed_answer", f"malformed answer: {err}")
+            failure = GenerationFailed("malformed_answer", f"malformed answer: {err}")
         else:
             if parsed.tips:
                 self.breaker.record_success()
-                return self._served(
-                    request, context, event_id, n, n_llm, template, completion, parsed, start
-                )
-            failure = ("no_valid_tips", f"no valid tips (dropped {dict(parsed.dropped)})")
-        kind, reason = failure
+                return LLMAnswer(completion, parsed)
+            failure = GenerationFailed(
+                "no_valid_tips", f"no valid tips (dropped {dict(parsed.dropped)})"
+            )
         self.breaker.record_failure()
-        logger.warning(
-            "LLM generation failed, serving task tips: %s", reason, extra={"event_id": event_id}
-        )
-        return self._fallback(request, context, n, template, kind, reason, start)
+        raise failure
 
     def _messages(
         self, template: PromptTemplate, request: TipRequest, context: UserContext, n: int
@@ -179,7 +253,7 @@ class TipGenerator:
             )
         excluded = set(request.exclude_ids)
         llm = [
-            _llm_candidate(t.content, t.kind, t.task_id, completion.model, template.version)
+            llm_candidate(t.content, t.kind, t.task_id, completion.model, template.version)
             for t in parsed.tips
             if t.task_id not in excluded
         ][:n_llm]

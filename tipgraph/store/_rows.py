@@ -29,6 +29,9 @@ from tipgraph.store.records import (
     LoggedRuns,
     PolicyRole,
     PolicyScoresRecord,
+    PoolEntry,
+    PoolKey,
+    PoolTip,
     ReactionHistoryItem,
     RewardSource,
     StoreCounts,
@@ -142,6 +145,8 @@ def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
                 db_text(decision.generation_reason),
                 db_text(decision.llm_model),
                 decision.user_key_id,
+                decision.llm_pool,
+                None if decision.llm_pool_age_s is None else float(decision.llm_pool_age_s),
             )
         )
         rows.candidates.extend(
@@ -372,9 +377,13 @@ def _logged_run(rows: Sequence[Row]) -> LoggedPolicyRun:
 
 
 def history_item(row: Row) -> ReactionHistoryItem:
-    kind, reaction, reward, shown_at = row
+    kind, reaction, reward, shown_at, content = row
     return ReactionHistoryItem(
-        kind=kind, reaction=reaction, reward=float(reward), shown_at=utc_datetime(shown_at)
+        kind=kind,
+        reaction=reaction,
+        reward=float(reward),
+        shown_at=utc_datetime(shown_at),
+        content=content or "",
     )
 
 
@@ -391,3 +400,36 @@ def store_counts(row: Row) -> StoreCounts:
         default_rewards=default_rewards,
         by_role={"served": served, "shadow": shadow},
     )
+
+
+def pool_tips_json(tips: Sequence[PoolTip]) -> str:
+    """A pool entry's tips as JSON text; the text is cleaned like every text the store keeps."""
+    return json.dumps(
+        [
+            {
+                "content": clean_text(t.content),
+                "kind": t.kind,
+                "task_id": db_text(t.task_id),
+                "judge_score": None if t.judge_score is None else float(t.judge_score),
+                "embedding": None if t.embedding is None else [float(x) for x in t.embedding],
+            }
+            for t in tips
+        ]
+    )
+
+
+def pool_entry(key: PoolKey, row: Row) -> PoolEntry:
+    """(tips, model, judge_version, generated_at, serves) -> the entry."""
+    raw, model, judge_version, generated_at, serves = row
+    items = json.loads(raw) if isinstance(raw, str) else raw
+    tips = tuple(
+        PoolTip(
+            content=str(i["content"]),
+            kind=str(i["kind"]),
+            task_id=None if i.get("task_id") is None else str(i["task_id"]),
+            judge_score=None if i.get("judge_score") is None else float(i["judge_score"]),
+            embedding=None if i.get("embedding") is None else tuple(map(float, i["embedding"])),
+        )
+        for i in items
+    )
+    return PoolEntry(key, tips, model, judge_version, utc_datetime(generated_at), int(serves))

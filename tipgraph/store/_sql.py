@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -28,6 +28,9 @@ from tipgraph.store.records import (
     LoggedRuns,
     PolicyScoresEntry,
     PolicyScoresRecord,
+    PoolEntry,
+    PoolKey,
+    PoolTip,
     ReactionHistoryItem,
     StoreCounts,
     StoredDecision,
@@ -98,6 +101,18 @@ class Statements:
     delete_held: str
     expire_held: str
     count_held: str
+    take_pool_entry: str
+    claim_pool_refill: str
+    fill_pool_entry: str
+    delete_other_task_sets: str
+    release_pool_claim: str
+    delete_expired_pool: str
+    delete_pool_beyond: str
+    delete_pool_of_user: str
+    select_embedding: str
+    select_projection: str
+    insert_embedding: str
+    delete_embeddings_of_user: str
 
     def translated(self, rewrite: Callable[[str], str]) -> Statements:
         """The same statements for a driver with another placeholder style."""
@@ -176,8 +191,8 @@ QMARK_STATEMENTS = Statements(
             prompt_version, generation_source, chosen_candidate_id, chosen_kind,
             chosen_probability, latency_context_ms, latency_generation_ms,
             latency_scoring_ms, latency_total_ms, context_features, generation_reason,
-            llm_model, user_key_id
-        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+            llm_model, user_key_id, llm_pool, llm_pool_age_s
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
         WHERE NOT EXISTS (
             SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
         )
@@ -256,9 +271,11 @@ QMARK_STATEMENTS = Statements(
     # Separate statement: "no limit" is LIMIT -1 in SQLite but an error in Postgres.
     select_training_events_page=_TRAINING_EVENTS + " LIMIT ?",
     select_user_history="""
-        SELECT d.chosen_kind, f.reaction, f.reward, d.created_at
+        SELECT d.chosen_kind, f.reaction, f.reward, d.created_at, c.content
         FROM decisions AS d
         JOIN feedback AS f ON f.event_id = d.event_id
+        LEFT JOIN candidates AS c
+          ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
         WHERE d.user_key = ?
         ORDER BY d.created_at DESC, f.feedback_id DESC
         LIMIT ?
@@ -355,6 +372,66 @@ QMARK_STATEMENTS = Statements(
           AND NOT EXISTS (SELECT 1 FROM decisions AS d WHERE d.event_id = held_feedback.event_id)
     """,
     count_held="SELECT COUNT(*) FROM held_feedback",
+    # The candidate pool (migration 0006).  Taking an entry counts the serve in the same
+    # statement, so every replica sees when an entry is due for a refresh.
+    # Params: user_key, fingerprint, prompt_version, now.
+    take_pool_entry="""
+        UPDATE tip_pool SET serves = serves + 1
+        WHERE user_key = ? AND fingerprint = ? AND prompt_version = ?
+          AND tips IS NOT NULL AND expires_at > ?
+        RETURNING tips, model, judge_version, generated_at, serves
+    """,
+    # A refill is claimed by one replica at a time; a claim older than the stale cutoff
+    # (its replica died) is taken over.  Params: key (3), now, stale_before.
+    claim_pool_refill="""
+        INSERT INTO tip_pool (user_key, fingerprint, prompt_version, claimed_at)
+        VALUES (?, ?, ?, ?)
+        ON CONFLICT (user_key, fingerprint, prompt_version) DO UPDATE
+        SET claimed_at = excluded.claimed_at
+        WHERE tip_pool.claimed_at IS NULL OR tip_pool.claimed_at < ?
+        RETURNING claimed_at
+    """,
+    # Only the claim's holder fills: an entry erased (or taken over) meanwhile stays gone.
+    # Params: tips, model, judge_version, generated_at, expires_at, key (3), claimed_at.
+    fill_pool_entry="""
+        UPDATE tip_pool
+        SET tips = ?, model = ?, judge_version = ?, generated_at = ?, expires_at = ?,
+            serves = 0, claimed_at = NULL
+        WHERE user_key = ? AND fingerprint = ? AND prompt_version = ? AND claimed_at = ?
+    """,
+    # A new task set makes the user's entries for the old ones useless.
+    delete_other_task_sets="DELETE FROM tip_pool WHERE user_key = ? AND fingerprint <> ?",
+    release_pool_claim="""
+        UPDATE tip_pool SET claimed_at = NULL
+        WHERE user_key = ? AND fingerprint = ? AND prompt_version = ? AND claimed_at = ?
+    """,
+    # Expired entries, and claims that never filled and are long stale.  Params: now, stale.
+    delete_expired_pool="""
+        DELETE FROM tip_pool
+        WHERE expires_at <= ? OR (tips IS NULL AND (claimed_at IS NULL OR claimed_at < ?))
+    """,
+    # Beyond the total bound, the entries generated longest ago go.  Param: how many stay.
+    delete_pool_beyond="""
+        DELETE FROM tip_pool WHERE tips IS NOT NULL AND generated_at < (
+            SELECT generated_at FROM tip_pool WHERE tips IS NOT NULL
+            ORDER BY generated_at DESC LIMIT 1 OFFSET ?
+        )
+    """,
+    delete_pool_of_user="DELETE FROM tip_pool WHERE user_key = ?",
+    select_embedding="""
+        SELECT vector FROM tip_embeddings WHERE user_key = ? AND text_hash = ? AND model = ?
+    """,
+    select_projection="""
+        SELECT projected FROM tip_embeddings WHERE user_key = ? AND text_hash = ? AND model = ?
+    """,
+    insert_embedding="""
+        INSERT INTO tip_embeddings (user_key, text_hash, model, vector, projected, created_at)
+        VALUES (?, ?, ?, ?, ?, ?)
+        ON CONFLICT (user_key, text_hash) DO UPDATE
+        SET model = excluded.model, vector = excluded.vector,
+            projected = excluded.projected, created_at = excluded.created_at
+    """,
+    delete_embeddings_of_user="DELETE FROM tip_embeddings WHERE user_key = ?",
     # One statement, so the numbers come from one snapshot on both backends.
     select_counts="""
         SELECT (SELECT COUNT(*) FROM decisions),
@@ -647,9 +724,119 @@ class SQLDecisionStore(DecisionStore):
                 cur.execute(self._sql.delete_policy_runs_of_user, (user_key,))
                 cur.execute(self._sql.delete_decisions_of_user, (user_key,))
                 decisions += cur.rowcount
+                cur.execute(self._sql.delete_pool_of_user, (user_key,))
+                cur.execute(self._sql.delete_embeddings_of_user, (user_key,))
         return decisions, feedback
 
     def counts(self) -> StoreCounts:
         with self._transaction(write=False) as cur:
             cur.execute(self._sql.select_counts)
             return _rows.store_counts(cur.fetchone())
+
+    # -- the candidate pool ------------------------------------------------------------
+
+    def take_pool_entry(self, key: PoolKey, now: datetime) -> PoolEntry | None:
+        params = (*_pool_key(key), _rows.db_timestamp(now, what="now"))
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.take_pool_entry, params)
+            row = cur.fetchone()
+        return None if row is None else _rows.pool_entry(key, row)
+
+    def claim_pool_refill(self, key: PoolKey, now: datetime, stale_before: datetime) -> str | None:
+        claim = _rows.db_timestamp(now, what="now")
+        stale = _rows.db_timestamp(stale_before, what="stale_before")
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.claim_pool_refill, (*_pool_key(key), claim, stale))
+            return claim if cur.fetchone() is not None else None
+
+    def fill_pool_entry(
+        self,
+        key: PoolKey,
+        claim: str,
+        tips: Sequence[PoolTip],
+        *,
+        model: str | None,
+        judge_version: str | None,
+        now: datetime,
+        expires_at: datetime,
+    ) -> bool:
+        params = (
+            _rows.pool_tips_json(tips),
+            _rows.db_text(model),
+            _rows.db_text(judge_version),
+            _rows.db_timestamp(now, what="now"),
+            _rows.db_timestamp(expires_at, what="expires_at"),
+            *_pool_key(key),
+            claim,
+        )
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.fill_pool_entry, params)
+            filled = cur.rowcount > 0
+            if filled:
+                cur.execute(self._sql.delete_other_task_sets, (key.user_key, key.fingerprint))
+        return filled
+
+    def release_pool_claim(self, key: PoolKey, claim: str) -> None:
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.release_pool_claim, (*_pool_key(key), claim))
+
+    def clean_pool(self, now: datetime, *, stale_before: datetime, max_entries: int) -> int:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        params = (
+            _rows.db_timestamp(now, what="now"),
+            _rows.db_timestamp(stale_before, what="stale_before"),
+        )
+        with self._transaction(write=True) as cur:
+            cur.execute(self._sql.delete_expired_pool, params)
+            removed = max(cur.rowcount, 0)
+            cur.execute(self._sql.delete_pool_beyond, (max_entries - 1,))
+            return removed + max(cur.rowcount, 0)
+
+    def cached_embeddings(
+        self, user_key: str, text_hashes: Sequence[str], model: str
+    ) -> dict[str, list[float]]:
+        return self._cached(self._sql.select_embedding, user_key, text_hashes, model)
+
+    def cached_projections(
+        self, user_key: str, text_hashes: Sequence[str], model: str
+    ) -> dict[str, list[float]]:
+        return self._cached(self._sql.select_projection, user_key, text_hashes, model)
+
+    def _cached(
+        self, statement: str, user_key: str, text_hashes: Sequence[str], model: str
+    ) -> dict[str, list[float]]:
+        found: dict[str, list[float]] = {}
+        with self._transaction(write=False) as cur:
+            for text_hash in dict.fromkeys(text_hashes):
+                cur.execute(statement, (user_key, text_hash, model))
+                row = cur.fetchone()
+                if row is not None:
+                    found[text_hash] = _rows.float_list(row[0])
+        return found
+
+    def cache_embeddings(
+        self,
+        user_key: str,
+        vectors: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+        model: str,
+        now: datetime,
+    ) -> None:
+        created_at = _rows.db_timestamp(now, what="now")
+        rows = [
+            (
+                user_key,
+                h,
+                model,
+                _rows.db_floats(vector, what=f"embedding {h}"),
+                _rows.db_floats(projected, what=f"projection {h}"),
+                created_at,
+            )
+            for h, (vector, projected) in vectors.items()
+        ]
+        with self._transaction(write=True) as cur:
+            _insert_many(cur, self._sql.insert_embedding, rows)
+
+
+def _pool_key(key: PoolKey) -> tuple[str, str, str]:
+    return (key.user_key, key.fingerprint, key.prompt_version)

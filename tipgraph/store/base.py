@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from tipgraph.store.filters import EVERYTHING, LogFilter
@@ -15,6 +15,9 @@ from tipgraph.store.records import (
     LoggedRuns,
     PolicyScoresEntry,
     PolicyScoresRecord,
+    PoolEntry,
+    PoolKey,
+    PoolTip,
     ReactionHistoryItem,
     StoreCounts,
     StoredDecision,
@@ -182,10 +185,73 @@ class DecisionStore(abc.ABC):
     @abc.abstractmethod
     def erase_users(self, user_keys: Sequence[str]) -> tuple[int, int]:
         """Erase each pseudonym (a user's under every configured key) in one transaction:
-        delete their decisions (with candidates, every policy's scores and held feedback)
-        and feedback, and tombstone the keys and events so that no later write brings any
-        of it back.  Returns (decisions, feedback) deleted.  Rewards stay, with the features
-        they trained on, so learned statistics are unchanged and still rebuildable."""
+        delete their decisions (with candidates, every policy's scores and held feedback),
+        feedback, candidate-pool entries and cached embeddings, and tombstone the keys and
+        events so that no later write brings any of it back.  Returns (decisions, feedback)
+        deleted.  Rewards stay, with the features they trained on, so learned statistics
+        are unchanged and still rebuildable."""
+
+    # -- the candidate pool: LLM tips made ahead of need (tipgraph.generation.pool) ----------
+
+    @abc.abstractmethod
+    def take_pool_entry(self, key: PoolKey, now: datetime) -> PoolEntry | None:
+        """The entry's tips if it has some that have not expired, counting this serve in
+        ``serves`` (in the same statement, so every replica agrees); None otherwise."""
+
+    @abc.abstractmethod
+    def claim_pool_refill(self, key: PoolKey, now: datetime, stale_before: datetime) -> str | None:
+        """Claim the right to (re)generate an entry: a claim token, or None when another
+        refill holds a claim made at or after ``stale_before``.  The entry's tips, if any,
+        stay served meanwhile."""
+
+    @abc.abstractmethod
+    def fill_pool_entry(
+        self,
+        key: PoolKey,
+        claim: str,
+        tips: Sequence[PoolTip],
+        *,
+        model: str | None,
+        judge_version: str | None,
+        now: datetime,
+        expires_at: datetime,
+    ) -> bool:
+        """Store the refill's tips if ``claim`` still holds (the user was not erased, the
+        claim was not taken over), resetting ``serves``, and drop the user's entries for
+        other task sets; returns whether it was stored."""
+
+    @abc.abstractmethod
+    def release_pool_claim(self, key: PoolKey, claim: str) -> None:
+        """Give up a claim whose refill failed, so the next miss may try again."""
+
+    @abc.abstractmethod
+    def clean_pool(self, now: datetime, *, stale_before: datetime, max_entries: int) -> int:
+        """Delete expired entries, empty entries whose claim went stale, and the oldest
+        entries beyond ``max_entries``; returns how many went."""
+
+    @abc.abstractmethod
+    def cached_embeddings(
+        self, user_key: str, text_hashes: Sequence[str], model: str
+    ) -> dict[str, list[float]]:
+        """The cached embeddings by ``model`` of the user's tip texts, by text hash."""
+
+    @abc.abstractmethod
+    def cached_projections(
+        self, user_key: str, text_hashes: Sequence[str], model: str
+    ) -> dict[str, list[float]]:
+        """The cached projections (the policies' embedding features) of the user's tip
+        texts, by text hash."""
+
+    @abc.abstractmethod
+    def cache_embeddings(
+        self,
+        user_key: str,
+        vectors: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+        model: str,
+        now: datetime,
+    ) -> None:
+        """Keep (embedding, projection) pairs by text hash, never the text, until the user
+        is erased."""
 
     @abc.abstractmethod
     def counts(self) -> StoreCounts:

@@ -76,6 +76,11 @@ class DecisionRecord:
     llm_model: str | None = None
     user_key_id: str | None = None
     """Which HMAC key made ``user_key`` (privacy.user_key_id); None before key ids."""
+    llm_pool: str | None = None
+    """'hit': the LLM candidates came from the pool; 'miss': none were ready (task tips
+    served, a refill queued); None: the pool was not asked (task mode, inline LLM)."""
+    llm_pool_age_s: float | None = None
+    """On a hit, how long ago the pool's tips were generated."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +194,8 @@ class ReactionHistoryItem:
     reaction: str
     reward: float
     shown_at: datetime
+    content: str = ""
+    """The tip's text (kept for the tip shown)."""
 
 
 @dataclass(slots=True)
@@ -201,3 +208,36 @@ class StoreCounts:
     rewards: int = 0
     default_rewards: int = 0
     by_role: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    """One candidate-pool entry: a user's task set (fingerprint) under one prompt version."""
+
+    user_key: str
+    fingerprint: str
+    prompt_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTip:
+    """A generated tip that passed the judge (or was kept unjudged, failing open)."""
+
+    content: str
+    kind: str
+    task_id: str | None
+    judge_score: float | None
+    """The judge's score in [0, 1]; None when the judge could not be asked."""
+    embedding: tuple[float, ...] | None = None
+    """The tip's projected embedding (the policies' features); None without one."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEntry:
+    key: PoolKey
+    tips: tuple[PoolTip, ...]
+    model: str | None
+    judge_version: str | None
+    generated_at: datetime
+    serves: int
+    """Decisions this entry served, this one included."""

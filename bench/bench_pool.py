@@ -1,0 +1,164 @@
+"""LLM tips off the hot path (issue 17): the Serve graph in mixed mode, serving from the
+candidate pool, against the Ollama stub with a slow model (generation 3 s, judge 1 s,
+embeddings 50 ms), and the same graph in task mode, in one run.
+
+Simulated users come back (``tipgraph.simulator``: 50 users, each visit keeps the user's
+task list with probability 1 - churn).  After a warm-up visit per user, each mode is
+driven at concurrency 1 and 16; the table gives the share of decisions that include LLM
+candidates, served p50/p99 (client-side, over HTTP), and the model's generation calls per
+decision (the stub counts them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.bench_graph import TOKEN, free_port, run_header, start, wait_ready
+from tests.ollama_stub import OllamaStub
+from tipgraph.simulator import SimRequest, make_request, make_users, revisit
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENCY_S = {"chat": 3.0, "judge": 1.0, "embed": 0.05}
+
+
+@dataclass(frozen=True)
+class Result:
+    mode: str
+    concurrency: int
+    latencies: list[float]
+    with_llm: int
+    generations: int
+
+    def pct(self, p: int) -> float:
+        return statistics.quantiles(self.latencies, n=100)[p - 1] * 1000
+
+
+def visits(users: int, churn: float, seed: int) -> Iterator[dict[str, Any]]:
+    """Request bodies of users who come back: each visit keeps the user's task list with
+    probability ``1 - churn``."""
+    rng = np.random.default_rng(seed)
+    population = make_users(users, rng)
+    last: dict[str, SimRequest] = {}
+    decision = 0
+    while True:
+        user = population[int(rng.integers(users))]
+        previous = last.get(user.user_id)
+        if previous is None or rng.random() < churn:
+            request = make_request(user, decision, rng)
+        else:
+            request = revisit(previous, decision, rng)
+        last[user.user_id] = request
+        decision += 1
+        yield request.body
+
+
+async def drive(
+    url: str, bodies: list[dict[str, Any]], concurrency: int
+) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    with_llm = 0
+    pending = iter(bodies)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal with_llm
+        for body in pending:
+            start_s = time.perf_counter()
+            response = await client.post("/v1/tips", json=body)
+            latencies.append(time.perf_counter() - start_s)
+            response.raise_for_status()
+            with_llm += any("-llm" in r["candidate_id"] for r in response.json()["ranking"])
+
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, limits=limits, timeout=120
+    ) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return latencies, with_llm
+
+
+def wait_for_refills(stub: OllamaStub, timeout_s: float = 300) -> None:
+    """Until the stub has answered every generation it was asked for with a judgement."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        asked = len(stub.requests)
+        time.sleep(LATENCY_S["chat"] + LATENCY_S["judge"] + 1)
+        if len(stub.requests) == asked and len(stub.judge_requests) >= asked:
+            return
+    raise RuntimeError("refills did not settle")
+
+
+def run_mode(mode: str, stub: OllamaStub, tmp: Path, args: argparse.Namespace) -> list[Result]:
+    env = {"OLLAMA_API_BASE": stub.url, "TIPGRAPH_GENERATION__SOURCE": mode}
+    port = free_port()
+    process = start("graph", port, tmp / mode, env)
+    url = f"http://127.0.0.1:{port}"
+    stream = visits(args.users, args.churn, args.seed)
+    try:
+        wait_ready(url)
+        # Warm-up: a visit from every user, then the refills those visits queued.
+        warm = [next(stream) for _ in range(args.users * 2)]
+        asyncio.run(drive(url, warm, 8))
+        if mode != "tasks":
+            wait_for_refills(stub)
+        results = []
+        for concurrency in (1, 16):
+            bodies = [next(stream) for _ in range(args.requests)]
+            before = len(stub.requests)
+            latencies, with_llm = asyncio.run(drive(url, bodies, concurrency))
+            results.append(
+                Result(mode, concurrency, latencies, with_llm, len(stub.requests) - before)
+            )
+        return results
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--churn", type=float, default=0.05, help="a visit's chance of new tasks")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    details = (
+        f"{args.requests} tips per level, {args.users} users, churn {args.churn}, "
+        f"stub latency {LATENCY_S}"
+    )
+    print(run_header(details), flush=True)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp_dir, OllamaStub() as stub:
+        stub.latency_s = dict(LATENCY_S)
+        for mode in ("tasks", "mixed"):
+            (Path(tmp_dir) / mode).mkdir()
+            results += run_mode(mode, stub, Path(tmp_dir), args)
+    tasks = {r.concurrency: r for r in results if r.mode == "tasks"}
+    print(
+        "| mode | c | decisions | with LLM candidates | p50 ms | p99 ms | p99 vs task mode "
+        "| generation calls / decision |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        n = len(r.latencies)
+        vs = 100 * (r.pct(99) / tasks[r.concurrency].pct(99) - 1)
+        print(
+            f"| {r.mode} | {r.concurrency} | {n} | {100 * r.with_llm / n:.1f}% | "
+            f"{r.pct(50):.1f} | {r.pct(99):.1f} | {vs:+.1f}% | {r.generations / n:.3f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
