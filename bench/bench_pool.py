@@ -2,11 +2,12 @@
 candidate pool, against the Ollama stub with a slow model (generation 3 s, judge 1 s,
 embeddings 50 ms), and the same graph in task mode, in one run.
 
-Simulated users come back (``tipgraph.simulator``: 50 users, each visit keeps the user's
-task list with probability 1 - churn).  After a warm-up visit per user, each mode is
-driven at concurrency 1 and 16; the table gives the share of decisions that include LLM
-candidates, served p50/p99 (client-side, over HTTP), and the model's generation calls per
-decision (the stub counts them).
+Simulated users come back (``tipgraph.simulator``: 600 users, each visit keeps the
+user's task list with probability 1 - churn, and a user comes back at least 5 s after
+their last visit, longer than a refill takes).  After warm-up visits (every user, until
+their pool entries are filled), each mode is driven at concurrency 1 and 16; the table
+gives the share of decisions that include LLM candidates, served p50/p99 (client-side,
+over HTTP), and the model's generation calls per decision (the stub counts them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ import numpy as np
 
 from bench.bench_graph import TOKEN, free_port, run_header, start, wait_ready
 from tests.ollama_stub import OllamaStub
-from tipgraph.simulator import SimRequest, make_request, make_users, revisit
+from tipgraph.simulator import SimRequest, SimUser, make_request, make_users, revisit
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENCY_S = {"chat": 3.0, "judge": 1.0, "embed": 0.05}
+WARM_UP_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -44,35 +46,59 @@ class Result:
         return statistics.quantiles(self.latencies, n=100)[p - 1] * 1000
 
 
-def visits(users: int, churn: float, seed: int) -> Iterator[dict[str, Any]]:
-    """Request bodies of users who come back: each visit keeps the user's task list with
-    probability ``1 - churn``."""
-    rng = np.random.default_rng(seed)
-    population = make_users(users, rng)
-    last: dict[str, SimRequest] = {}
-    decision = 0
-    while True:
-        user = population[int(rng.integers(users))]
-        previous = last.get(user.user_id)
-        if previous is None or rng.random() < churn:
-            request = make_request(user, decision, rng)
+class Users:
+    """Simulated users who come back: a visit is from a user whose last visit was at least
+    ``gap_s`` ago (real users come back after minutes or hours; the gap only has to be
+    longer than a refill), and keeps the user's task list with probability ``1 - churn``."""
+
+    def __init__(self, users: int, churn: float, gap_s: float, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._population = make_users(users, self._rng)
+        self._churn = churn
+        self._gap_s = gap_s
+        self._last: dict[str, SimRequest] = {}
+        self._seen_at: dict[str, float] = {}
+        self._visits = 0
+
+    def every_user(self) -> list[dict[str, Any]]:
+        """One visit from every user (the warm-up)."""
+        return [self._visit(user) for user in self._population]
+
+    async def next_visit(self) -> dict[str, Any]:
+        while True:
+            now = time.monotonic()
+            ready = [
+                u
+                for u in self._population
+                if now - self._seen_at.get(u.user_id, -1e9) >= self._gap_s
+            ]
+            if ready:
+                return self._visit(ready[int(self._rng.integers(len(ready)))])
+            await asyncio.sleep(0.02)
+
+    def _visit(self, user: SimUser) -> dict[str, Any]:
+        previous = self._last.get(user.user_id)
+        if previous is None or self._rng.random() < self._churn:
+            request = make_request(user, self._visits, self._rng)
         else:
-            request = revisit(previous, decision, rng)
-        last[user.user_id] = request
-        decision += 1
-        yield request.body
+            request = revisit(previous, self._visits, self._rng)
+        self._last[user.user_id] = request
+        self._seen_at[user.user_id] = time.monotonic()
+        self._visits += 1
+        return request.body
 
 
 async def drive(
-    url: str, bodies: list[dict[str, Any]], concurrency: int
+    url: str, visits: Callable[[], Awaitable[dict[str, Any]]], count: int, concurrency: int
 ) -> tuple[list[float], int]:
     latencies: list[float] = []
     with_llm = 0
-    pending = iter(bodies)
+    remaining = iter(range(count))
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal with_llm
-        for body in pending:
+        for _ in remaining:
+            body = await visits()
             start_s = time.perf_counter()
             response = await client.post("/v1/tips", json=body)
             latencies.append(time.perf_counter() - start_s)
@@ -100,23 +126,39 @@ def wait_for_refills(stub: OllamaStub, timeout_s: float = 300) -> None:
 
 
 def run_mode(mode: str, stub: OllamaStub, tmp: Path, args: argparse.Namespace) -> list[Result]:
-    env = {"OLLAMA_API_BASE": stub.url, "TIPGRAPH_GENERATION__SOURCE": mode}
+    env = {
+        "OLLAMA_API_BASE": stub.url,
+        "TIPGRAPH_GENERATION__SOURCE": mode,
+        "TIPGRAPH_GENERATION__POOL__WORKERS": str(args.workers),
+    }
     port = free_port()
     process = start("graph", port, tmp / mode, env)
     url = f"http://127.0.0.1:{port}"
-    stream = visits(args.users, args.churn, args.seed)
+    users = Users(args.users, args.churn, args.gap_s, args.seed)
     try:
         wait_ready(url)
-        # Warm-up: a visit from every user, then the refills those visits queued.
-        warm = [next(stream) for _ in range(args.users * 2)]
-        asyncio.run(drive(url, warm, 8))
-        if mode != "tasks":
+        # Warm-up: a visit from every user, then the refills those visits queued, again
+        # until a round queues none: a burst of new users beyond pool.queue_size gets task
+        # tips and is queued at its next visit (backpressure, by design).
+        for _ in range(WARM_UP_ROUNDS):
+            before = len(stub.requests)
+            visits = iter(users.every_user())
+
+            async def visit(visits: Iterator[dict[str, Any]] = visits) -> dict[str, Any]:
+                return next(visits)
+
+            asyncio.run(drive(url, visit, args.users, 16))
+            if mode == "tasks":
+                break
             wait_for_refills(stub)
+            if len(stub.requests) == before:
+                break
         results = []
         for concurrency in (1, 16):
-            bodies = [next(stream) for _ in range(args.requests)]
             before = len(stub.requests)
-            latencies, with_llm = asyncio.run(drive(url, bodies, concurrency))
+            latencies, with_llm = asyncio.run(
+                drive(url, users.next_visit, args.requests, concurrency)
+            )
             results.append(
                 Result(mode, concurrency, latencies, with_llm, len(stub.requests) - before)
             )
@@ -129,13 +171,19 @@ def run_mode(mode: str, stub: OllamaStub, tmp: Path, args: argparse.Namespace) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
-    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--users", type=int, default=600)
     parser.add_argument("--churn", type=float, default=0.05, help="a visit's chance of new tasks")
+    parser.add_argument(
+        "--gap-s", type=float, default=5.0, help="least time between two visits of one user"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=32, help="generation.pool.workers (refills at once)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     details = (
         f"{args.requests} tips per level, {args.users} users, churn {args.churn}, "
-        f"stub latency {LATENCY_S}"
+        f"gap {args.gap_s} s, pool.workers {args.workers}, stub latency {LATENCY_S}"
     )
     print(run_header(details), flush=True)
     results: list[Result] = []

@@ -16,6 +16,7 @@ from tipgraph.autoscaling import ItemLoad
 from tipgraph.batching import ItemFailure, gather_each
 from tipgraph.generation import CandidateSource, GenerationItem, GenerationResult
 from tipgraph.generation.litellm_client import build_candidate_source
+from tipgraph.generation.pool import PooledGenerator
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
@@ -23,6 +24,9 @@ from tipgraph.settings import TipgraphSettings
 from tipgraph.store import DecisionStore, StoreError, open_store
 
 logger = logging.getLogger(__name__)
+
+SERVES_FLUSH_S = 1.0
+"""How often a replica writes the pool serves it counted (refreshes lag this much)."""
 
 
 @serve.deployment(name="generation")
@@ -50,6 +54,12 @@ class CandidateGenerator:
                 generation.pool.cleanup_interval_s, self._clean_pool, name="pool-cleanup"
             ).start()
             if pooled
+            else None
+        )
+        source = self._source
+        self._serves = (
+            Periodic(SERVES_FLUSH_S, source.flush_serves, name="pool-serves").start()
+            if isinstance(source, PooledGenerator)
             else None
         )
         self._pool = generation.pool
@@ -98,6 +108,8 @@ class CandidateGenerator:
 
     def __del__(self) -> None:
         self._gauges.stop()
+        if self._serves is not None:
+            self._serves.stop()
         if self._cleanup is not None:
             self._cleanup.stop()
         if self._refills is not None:

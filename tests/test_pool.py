@@ -56,22 +56,25 @@ def _fill(
 # --- the store: both backends ------------------------------------------------------------
 
 
-def test_miss_then_hit_counts_serves(store: DecisionStore) -> None:
-    assert store.take_pool_entry(KEY, T0) is None
+def test_miss_then_hit_and_serves_counted_for_the_tips_served(store: DecisionStore) -> None:
+    assert store.read_pool_entry(KEY, T0) is None
     _fill(store)
-    first = store.take_pool_entry(KEY, T0 + timedelta(seconds=1))
-    second = store.take_pool_entry(KEY, T0 + timedelta(seconds=2))
-    assert first is not None and second is not None
+    first = store.read_pool_entry(KEY, T0 + timedelta(seconds=1))
+    assert first is not None
     assert first.tips == tuple(TIPS) and first.model == "ollama_chat/llama3.2:3b"
     assert first.generated_at == T0 and first.judge_version == "judge_v1-1"
-    assert (first.serves, second.serves) == (1, 2)
-    assert store.take_pool_entry(PoolKey("user-a", "fp-1", "tips_v2-0000"), T0) is None
+    assert first.serves == 0
+    store.count_pool_serves({(KEY, T0): 2})
+    store.count_pool_serves({(KEY, T0): 1, (KEY, T0 - timedelta(seconds=9)): 5})
+    second = store.read_pool_entry(KEY, T0 + timedelta(seconds=2))
+    assert second is not None and second.serves == 3  # the older tips' count is dropped
+    assert store.read_pool_entry(PoolKey("user-a", "fp-1", "tips_v2-0000"), T0) is None
 
 
 def test_entries_expire(store: DecisionStore) -> None:
     _fill(store, ttl_s=60)
-    assert store.take_pool_entry(KEY, T0 + timedelta(seconds=59)) is not None
-    assert store.take_pool_entry(KEY, T0 + timedelta(seconds=60)) is None
+    assert store.read_pool_entry(KEY, T0 + timedelta(seconds=59)) is not None
+    assert store.read_pool_entry(KEY, T0 + timedelta(seconds=60)) is None
     removed = store.clean_pool(T0 + timedelta(seconds=61), stale_before=T0, max_entries=10)
     assert removed == 1
     # Gone for good: a new claim starts from nothing.
@@ -104,11 +107,10 @@ def test_one_claim_at_a_time_and_a_stale_one_is_taken_over(store: DecisionStore)
 
 def test_a_refill_keeps_the_old_tips_serving_and_resets_serves(store: DecisionStore) -> None:
     _fill(store)
-    for i in range(3):
-        store.take_pool_entry(KEY, T0 + timedelta(seconds=i))
+    store.count_pool_serves({(KEY, T0): 4})
     claim = store.claim_pool_refill(KEY, T0 + timedelta(seconds=5), T0)
     assert claim is not None
-    during = store.take_pool_entry(KEY, T0 + timedelta(seconds=6))
+    during = store.read_pool_entry(KEY, T0 + timedelta(seconds=6))
     assert during is not None and during.serves == 4  # still served while refilling
     new = [PoolTip("Break the report into three steps.", "break_down", "t1", 0.8)]
     assert store.fill_pool_entry(
@@ -120,8 +122,9 @@ def test_a_refill_keeps_the_old_tips_serving_and_resets_serves(store: DecisionSt
         now=T0 + timedelta(seconds=7),
         expires_at=T0 + timedelta(seconds=600),
     )
-    after = store.take_pool_entry(KEY, T0 + timedelta(seconds=8))
-    assert after is not None and after.tips == tuple(new) and after.serves == 1
+    store.count_pool_serves({(KEY, T0): 2})  # late counts for the replaced tips
+    after = store.read_pool_entry(KEY, T0 + timedelta(seconds=8))
+    assert after is not None and after.tips == tuple(new) and after.serves == 0
 
 
 def test_new_task_set_replaces_the_users_old_entries(store: DecisionStore) -> None:
@@ -129,8 +132,8 @@ def test_new_task_set_replaces_the_users_old_entries(store: DecisionStore) -> No
     other_user = PoolKey("user-b", "fp-1", KEY.prompt_version)
     _fill(store, other_user)
     _fill(store, PoolKey("user-a", "fp-2", KEY.prompt_version), now=T0 + timedelta(seconds=1))
-    assert store.take_pool_entry(KEY, T0 + timedelta(seconds=2)) is None
-    assert store.take_pool_entry(other_user, T0 + timedelta(seconds=2)) is not None
+    assert store.read_pool_entry(KEY, T0 + timedelta(seconds=2)) is None
+    assert store.read_pool_entry(other_user, T0 + timedelta(seconds=2)) is not None
 
 
 def test_total_bound_evicts_the_oldest(store: DecisionStore) -> None:
@@ -140,7 +143,7 @@ def test_total_bound_evicts_the_oldest(store: DecisionStore) -> None:
     removed = store.clean_pool(T0 + timedelta(seconds=10), stale_before=T0, max_entries=3)
     assert removed == 2
     now = T0 + timedelta(seconds=11)
-    assert [store.take_pool_entry(k, now) is not None for k in keys] == [
+    assert [store.read_pool_entry(k, now) is not None for k in keys] == [
         False,
         False,
         True,
@@ -158,13 +161,13 @@ def test_erasure_removes_pool_entries_and_embeddings_and_a_late_fill(
     late_claim = store.claim_pool_refill(late, T0, T0 - timedelta(seconds=1))
     assert late_claim is not None
     store.erase_users(["user-a"])
-    assert store.take_pool_entry(KEY, T0) is None
+    assert store.read_pool_entry(KEY, T0) is None
     assert store.cached_embeddings("user-a", ["h1"], "embedder-model") == {}
     # A refill that was running during the erasure finds its claim gone: nothing lands.
     assert not store.fill_pool_entry(
         late, late_claim, TIPS, model=None, judge_version=None, now=T0, expires_at=T0
     )
-    assert store.take_pool_entry(late, T0 - timedelta(seconds=1)) is None
+    assert store.read_pool_entry(late, T0 - timedelta(seconds=1)) is None
 
 
 def test_unsafe_text_never_reaches_the_pool(store: DecisionStore) -> None:
@@ -174,7 +177,7 @@ def test_unsafe_text_never_reaches_the_pool(store: DecisionStore) -> None:
     store.fill_pool_entry(
         KEY, claim, [dirty], model="m\x00", judge_version=None, now=T0, expires_at=T0 + timedelta(1)
     )
-    entry = store.take_pool_entry(KEY, T0)
+    entry = store.read_pool_entry(KEY, T0)
     assert entry is not None
     (tip,) = entry.tips
     assert unsafe_character(tip.content) is None and tip.content == "Block time for it now."
@@ -309,7 +312,7 @@ async def test_a_miss_serves_task_tips_at_once_and_the_next_request_hits(
     pooled = Pooled(_settings(tmp_path, ollama_stub), sqlite_store)
     miss = await pooled.ask()
     # Answered while the refill is still waiting for the model.
-    assert pooled.queue.pending == 1 and not pooled.store.take_pool_entry(
+    assert pooled.queue.pending == 1 and not pooled.store.read_pool_entry(
         pooled.source.key(pooled.request, "user-a")[0], datetime.now(UTC)
     )
     assert (miss.source, miss.pool) == ("fallback", "miss")
@@ -350,6 +353,33 @@ async def test_an_entry_is_refreshed_after_serving_and_tips_change(
     await pooled.queue.join()
     assert len(ollama_stub.requests) == 2  # the second serve queued a refresh
     assert (await pooled.ask()).pool == "hit"
+    await pooled.queue.join()
+    assert len(ollama_stub.requests) == 2  # new tips: their first serve
+    # Another replica's serves reach this one through the store.
+    pooled.source.flush_serves()
+    other = Pooled(settings, sqlite_store)
+    assert (await other.ask()).pool == "hit"
+    await other.queue.join()
+    assert len(ollama_stub.requests) == 3  # 1 flushed + 1 here = 2: due for a refresh
+    await other.queue.aclose()
+    await pooled.queue.aclose()
+
+
+async def test_a_dead_model_trips_the_breaker_and_misses_stop_calling_it(
+    tmp_path: Path, ollama_stub: OllamaStub, sqlite_store: DecisionStore
+) -> None:
+    ollama_stub.mode = "error"
+    settings = _settings(tmp_path, ollama_stub, breaker={"failure_threshold": 2})
+    pooled = Pooled(settings, sqlite_store)
+    for i in range(5):
+        answer = await pooled.ask(user_key=f"user-{i}")
+        assert answer.pool == "miss" and answer.candidates  # task tips, always
+        await pooled.queue.join()
+    assert len(ollama_stub.requests) == 2 and pooled.source.breaker.state == "open"
+    assert pooled.queue.outcomes == {"llm_error": 2, "circuit_open": 3}
+    # The failed refills gave their claims back: the next miss may try again.
+    key = pooled.source.key(pooled.request, "user-0")[0]
+    assert sqlite_store.claim_pool_refill(key, datetime.now(UTC), datetime.now(UTC)) is not None
     await pooled.queue.aclose()
 
 
@@ -464,7 +494,7 @@ async def test_nul_bidi_and_overlong_model_output_is_never_stored_or_served(
     await pooled.ask()
     await pooled.queue.join()
     key = pooled.source.key(pooled.request, "user-a")[0]
-    entry = sqlite_store.take_pool_entry(key, datetime.now(UTC))
+    entry = sqlite_store.read_pool_entry(key, datetime.now(UTC))
     assert entry is not None
     assert [t.content for t in entry.tips] == [
         "Block 25 minutes now for t1.",

@@ -1,7 +1,8 @@
 """The candidate pool: LLM tips generated ahead of need, served at task-mode speed.
 
-A request looks up the pool entry of its user's task set (:func:`task_fingerprint`) under
-the user's prompt version, one store statement that also counts the serve.  A hit serves
+A request reads the pool entry of its user's task set (:func:`task_fingerprint`) under the
+user's prompt version: one read, never a write on the request path (serves are counted
+in memory and flushed every second, :meth:`PooledGenerator.flush_serves`).  A hit serves
 its tips at once; a miss serves task tips at once and queues a refill, so the user's next
 request finds LLM tips.  An entry is refilled once it has served
 ``pool.refresh_after_serves`` decisions (its tips keep serving meanwhile), expires after
@@ -21,6 +22,8 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import threading
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -290,6 +293,8 @@ class PooledGenerator:
         self.queue = queue
         self.embedder = embedder
         self.breaker = breaker
+        self._serves: Counter[tuple[PoolKey, datetime]] = Counter()
+        self._serves_lock = threading.Lock()
         """The tip-generator's breaker, which the refills use (for status and metrics)."""
         self.metrics = metrics
         self._clock = clock
@@ -310,7 +315,7 @@ class PooledGenerator:
         key, template = self.key(request, user_key)
         now = self._clock()
         try:
-            entry = await asyncio.to_thread(self.store.take_pool_entry, key, now)
+            entry = await asyncio.to_thread(self.store.read_pool_entry, key, now)
         except StoreError as err:
             logger.warning("candidate pool unreadable, serving task tips: %s", err)
             entry = None
@@ -328,10 +333,31 @@ class PooledGenerator:
             )
         else:
             self.metrics.pool_lookup("hit")
-            if entry.serves >= self.settings.pool.refresh_after_serves:
+            if self._count_serve(entry) >= self.settings.pool.refresh_after_serves:
                 self.queue.submit(job)
             result = self._served(request, context, n, entry, now)
         return await self._with_task_embeddings(result, user_key)
+
+    def _count_serve(self, entry: PoolEntry) -> int:
+        """Count this serve of ``entry``; its serves so far, as far as this replica knows
+        (the store's count plus what this replica has not flushed yet)."""
+        generation = (entry.key, entry.generated_at)
+        with self._serves_lock:
+            self._serves[generation] += 1
+            return entry.serves + self._serves[generation]
+
+    def flush_serves(self) -> None:
+        """Write the serves counted since the last flush, in one transaction, so that
+        every replica sees when an entry is due for a refresh.  Kept for the next flush
+        if the store fails."""
+        with self._serves_lock:
+            serves, self._serves = self._serves, Counter()
+        try:
+            self.store.count_pool_serves(serves)
+        except StoreError as err:
+            logger.warning("candidate-pool serves not counted yet, the store failed: %s", err)
+            with self._serves_lock:
+                self._serves.update(serves)
 
     async def _with_task_embeddings(
         self, result: GenerationResult, user_key: str

@@ -101,7 +101,8 @@ class Statements:
     delete_held: str
     expire_held: str
     count_held: str
-    take_pool_entry: str
+    read_pool_entry: str
+    count_pool_serves: str
     claim_pool_refill: str
     fill_pool_entry: str
     delete_other_task_sets: str
@@ -372,14 +373,19 @@ QMARK_STATEMENTS = Statements(
           AND NOT EXISTS (SELECT 1 FROM decisions AS d WHERE d.event_id = held_feedback.event_id)
     """,
     count_held="SELECT COUNT(*) FROM held_feedback",
-    # The candidate pool (migration 0006).  Taking an entry counts the serve in the same
-    # statement, so every replica sees when an entry is due for a refresh.
+    # The candidate pool (migration 0006).  The request path only reads; serves are
+    # counted in batches, for the entry as generated then (an increment that arrives after
+    # a refill belongs to the old tips and is dropped).
     # Params: user_key, fingerprint, prompt_version, now.
-    take_pool_entry="""
-        UPDATE tip_pool SET serves = serves + 1
+    read_pool_entry="""
+        SELECT tips, model, judge_version, generated_at, serves FROM tip_pool
         WHERE user_key = ? AND fingerprint = ? AND prompt_version = ?
           AND tips IS NOT NULL AND expires_at > ?
-        RETURNING tips, model, judge_version, generated_at, serves
+    """,
+    # Params: count, user_key, fingerprint, prompt_version, generated_at.
+    count_pool_serves="""
+        UPDATE tip_pool SET serves = serves + ?
+        WHERE user_key = ? AND fingerprint = ? AND prompt_version = ? AND generated_at = ?
     """,
     # A refill is claimed by one replica at a time; a claim older than the stale cutoff
     # (its replica died) is taken over.  Params: key (3), now, stale_before.
@@ -735,12 +741,22 @@ class SQLDecisionStore(DecisionStore):
 
     # -- the candidate pool ------------------------------------------------------------
 
-    def take_pool_entry(self, key: PoolKey, now: datetime) -> PoolEntry | None:
+    def read_pool_entry(self, key: PoolKey, now: datetime) -> PoolEntry | None:
         params = (*_pool_key(key), _rows.db_timestamp(now, what="now"))
-        with self._transaction(write=True) as cur:
-            cur.execute(self._sql.take_pool_entry, params)
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.read_pool_entry, params)
             row = cur.fetchone()
         return None if row is None else _rows.pool_entry(key, row)
+
+    def count_pool_serves(self, serves: Mapping[tuple[PoolKey, datetime], int]) -> None:
+        rows = [
+            (count, *_pool_key(key), _rows.db_timestamp(generated_at, what="generated_at"))
+            for (key, generated_at), count in serves.items()
+            if count > 0
+        ]
+        if rows:
+            with self._transaction(write=True) as cur:
+                _insert_many(cur, self._sql.count_pool_serves, rows)
 
     def claim_pool_refill(self, key: PoolKey, now: datetime, stale_before: datetime) -> str | None:
         claim = _rows.db_timestamp(now, what="now")

@@ -194,9 +194,14 @@ class DecisionStore(abc.ABC):
     # -- the candidate pool: LLM tips made ahead of need (tipgraph.generation.pool) ----------
 
     @abc.abstractmethod
-    def take_pool_entry(self, key: PoolKey, now: datetime) -> PoolEntry | None:
-        """The entry's tips if it has some that have not expired, counting this serve in
-        ``serves`` (in the same statement, so every replica agrees); None otherwise."""
+    def read_pool_entry(self, key: PoolKey, now: datetime) -> PoolEntry | None:
+        """The entry if it has tips that have not expired; None otherwise.  Reads only:
+        the request path never waits for a write lock."""
+
+    @abc.abstractmethod
+    def count_pool_serves(self, serves: Mapping[tuple[PoolKey, datetime], int]) -> None:
+        """Add serves to entries, each for the entry generated at that time: counts for
+        tips a refill has replaced since are dropped."""
 
     @abc.abstractmethod
     def claim_pool_refill(self, key: PoolKey, now: datetime, stale_before: datetime) -> str | None:

@@ -240,4 +240,5 @@ class PoolEntry:
     judge_version: str | None
     generated_at: datetime
     serves: int
-    """Decisions this entry served, this one included."""
+    """Decisions this entry served, as counted in the store (replicas flush their counts
+    every second or so)."""
