@@ -38,6 +38,7 @@ WARM_UP_ROUNDS = 4
 class Result:
     mode: str
     concurrency: int
+    churn: float
     latencies: list[float]
     with_llm: int
     generations: int
@@ -54,7 +55,7 @@ class Users:
     def __init__(self, users: int, churn: float, gap_s: float, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
         self._population = make_users(users, self._rng)
-        self._churn = churn
+        self.churn = churn
         self._gap_s = gap_s
         self._last: dict[str, SimRequest] = {}
         self._seen_at: dict[str, float] = {}
@@ -78,7 +79,7 @@ class Users:
 
     def _visit(self, user: SimUser) -> dict[str, Any]:
         previous = self._last.get(user.user_id)
-        if previous is None or self._rng.random() < self._churn:
+        if previous is None or self._rng.random() < self.churn:
             request = make_request(user, self._visits, self._rng)
         else:
             request = revisit(previous, self._visits, self._rng)
@@ -154,14 +155,16 @@ def run_mode(mode: str, stub: OllamaStub, tmp: Path, args: argparse.Namespace) -
             if len(stub.requests) == before:
                 break
         results = []
-        for concurrency in (1, 16):
+        # Last, c = 16 with no task list changing: what refills running beside the
+        # requests (one per changed task list) cost on this 2-core machine.
+        for concurrency, churn in ((1, args.churn), (16, args.churn), (16, 0.0)):
+            users.churn = churn
             before = len(stub.requests)
             latencies, with_llm = asyncio.run(
                 drive(url, users.next_visit, args.requests, concurrency)
             )
-            results.append(
-                Result(mode, concurrency, latencies, with_llm, len(stub.requests) - before)
-            )
+            generations = len(stub.requests) - before
+            results.append(Result(mode, concurrency, churn, latencies, with_llm, generations))
         return results
     finally:
         process.terminate()
@@ -192,17 +195,17 @@ def main() -> None:
         for mode in ("tasks", "mixed"):
             (Path(tmp_dir) / mode).mkdir()
             results += run_mode(mode, stub, Path(tmp_dir), args)
-    tasks = {r.concurrency: r for r in results if r.mode == "tasks"}
+    tasks = {(r.concurrency, r.churn): r for r in results if r.mode == "tasks"}
     print(
-        "| mode | c | decisions | with LLM candidates | p50 ms | p99 ms | p99 vs task mode "
-        "| generation calls / decision |"
+        "| mode | c | churn | decisions | with LLM candidates | p50 ms | p99 ms "
+        "| p99 vs task mode | generation calls / decision |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         n = len(r.latencies)
-        vs = 100 * (r.pct(99) / tasks[r.concurrency].pct(99) - 1)
+        vs = 100 * (r.pct(99) / tasks[(r.concurrency, r.churn)].pct(99) - 1)
         print(
-            f"| {r.mode} | {r.concurrency} | {n} | {100 * r.with_llm / n:.1f}% | "
+            f"| {r.mode} | {r.concurrency} | {r.churn} | {n} | {100 * r.with_llm / n:.1f}% | "
             f"{r.pct(50):.1f} | {r.pct(99):.1f} | {vs:+.1f}% | {r.generations / n:.3f} |",
             flush=True,
         )

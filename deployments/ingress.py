@@ -330,7 +330,7 @@ class Ingress:
             scoring,
             shadows,
             settings.hops,
-            settings.hops.for_generation(settings.generation.source),
+            settings.hops.for_generation(settings.generation),
         )
         self._service = tip_service(
             settings,

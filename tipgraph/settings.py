@@ -470,18 +470,21 @@ class HopsSettings(_Strict):
 
     context: HopSettings = HopSettings()
     generation: HopSettings = Field(
-        HopSettings(), description="Generation from the tasks (generation.source: tasks)"
+        HopSettings(),
+        description="Generation from the tasks or the candidate pool (serve_from: pool)",
     )
     llm_generation: HopSettings = Field(
         HopSettings(max_inflight_batches=64),
-        description="Generation when it waits on the LLM (generation.source: llm or mixed)",
+        description="Generation when it waits on the LLM (serve_from: inline)",
     )
     scoring: HopSettings = HopSettings()
     shadows: HopSettings = HopSettings()
 
-    def for_generation(self, source: Literal["tasks", "llm", "mixed"]) -> HopSettings:
-        """Task tips cost microseconds of CPU; an LLM call, seconds of waiting."""
-        return self.generation if source == "tasks" else self.llm_generation
+    def for_generation(self, generation: GenerationSettings) -> HopSettings:
+        """Task tips and the candidate pool cost a store read at most; an LLM call on the
+        request path (``serve_from: inline``), seconds of waiting."""
+        inline = generation.source != "tasks" and generation.serve_from == "inline"
+        return self.llm_generation if inline else self.generation
 
 
 class FaultSettings(_Strict):
