@@ -69,6 +69,11 @@ class CandidateGenerator:
     ) -> list[GenerationResult | ItemFailure]:
         """Candidates for every (request, context, user_key, event_id, n), concurrently."""
         with self._load.holding(len(items)):
+            if isinstance(self._source, PooledGenerator):
+                try:
+                    return list(await self._source.candidates_many(items))
+                except Exception:
+                    logger.exception("candidate-pool batch failed; serving it item by item")
             return await gather_each(self._source.candidates(*item) for item in items)
 
     def record_autoscaling_stats(self) -> dict[str, float]:

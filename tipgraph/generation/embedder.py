@@ -102,16 +102,14 @@ class Embedder:
                 )
         return [cached[h] for h in hashes]
 
-    async def projections(
+    def projections(
         self, store: DecisionStore, user_key: str, texts: Sequence[str]
     ) -> list[tuple[float, ...] | None]:
-        """Each text's cached projection, None where there is none yet: the request path
-        reads, never embeds."""
+        """Each text's cached projection, None where there is none yet (or the store
+        failed): the request path reads, never embeds.  Blocking: call it in a thread."""
         hashes = [text_hash(t) for t in texts]
         try:
-            found = await asyncio.to_thread(
-                store.cached_projections, user_key, hashes, self.model_id
-            )
+            found = store.cached_projections(user_key, hashes, self.model_id)
         except StoreError:
             found = {}
         return [tuple(found[h]) if h in found else None for h in hashes]

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +38,7 @@ from tipgraph.generation.parsing import LLMTip
 from tipgraph.generation.prompts import PromptSplit, PromptTemplate
 from tipgraph.generation.source import (
     GenerationFailed,
+    GenerationItem,
     GenerationResult,
     TipGenerator,
     llm_candidate,
@@ -307,36 +308,68 @@ class PooledGenerator:
     async def candidates(
         self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
     ) -> GenerationResult:
-        return await self.generate(request, context, user_key, n)
+        (result,) = await self.candidates_many([(request, context, user_key, event_id, n)])
+        return result
 
     async def generate(
         self, request: TipRequest, context: UserContext, user_key: str, n: int
     ) -> GenerationResult:
-        key, template = self.key(request, user_key)
+        return await self.candidates(request, context, user_key, "", n)
+
+    async def candidates_many(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
+        """Candidates for a batch: its pool entries are read in one worker-thread call, and
+        its task tips' cached projections in another (a thread hop per request would
+        cost more than the reads)."""
         now = self._clock()
-        try:
-            entry = await asyncio.to_thread(self.store.read_pool_entry, key, now)
-        except StoreError as err:
-            logger.warning("candidate pool unreadable, serving task tips: %s", err)
-            entry = None
+        keys = [self.key(request, user_key) for request, _, user_key, _, _ in items]
+        entries = await asyncio.to_thread(self._read_entries, [key for key, _ in keys], now)
+        results = [
+            self._result(request, context, n, key, template, entry, now)
+            for (request, context, _, _, n), (key, template), entry in zip(
+                items, keys, entries, strict=True
+            )
+        ]
+        if self.embedder is None:
+            return results
+        user_keys = [user_key for _, _, user_key, _, _ in items]
+        return await asyncio.to_thread(self._with_task_embeddings, results, user_keys)
+
+    def _read_entries(self, keys: list[PoolKey], now: datetime) -> list[PoolEntry | None]:
+        entries: list[PoolEntry | None] = []
+        for key in keys:
+            try:
+                entries.append(self.store.read_pool_entry(key, now))
+            except StoreError as err:
+                logger.warning("candidate pool unreadable, serving task tips: %s", err)
+                entries.append(None)
+        return entries
+
+    def _result(
+        self,
+        request: TipRequest,
+        context: UserContext,
+        n: int,
+        key: PoolKey,
+        template: PromptTemplate,
+        entry: PoolEntry | None,
+        now: datetime,
+    ) -> GenerationResult:
         job = RefillJob(key, request, context, template)
         if entry is None:
             self.metrics.pool_lookup("miss")
             outcome = self.queue.submit(job)
             self.metrics.generation_fallback("pool_miss")
-            result = GenerationResult(
+            return GenerationResult(
                 task_candidates(request, context, n),
                 source="fallback",
                 reason=f"pool miss: refill {outcome}",
                 prompt_version=template.version,
                 pool="miss",
             )
-        else:
-            self.metrics.pool_lookup("hit")
-            if self._count_serve(entry) >= self.settings.pool.refresh_after_serves:
-                self.queue.submit(job)
-            result = self._served(request, context, n, entry, now)
-        return await self._with_task_embeddings(result, user_key)
+        self.metrics.pool_lookup("hit")
+        if self._count_serve(entry) >= self.settings.pool.refresh_after_serves:
+            self.queue.submit(job)
+        return self._served(request, context, n, entry, now)
 
     def _count_serve(self, entry: PoolEntry) -> int:
         """Count this serve of ``entry``; its serves so far, as far as this replica knows
@@ -359,21 +392,27 @@ class PooledGenerator:
             with self._serves_lock:
                 self._serves.update(serves)
 
-    async def _with_task_embeddings(
-        self, result: GenerationResult, user_key: str
-    ) -> GenerationResult:
-        """Task tips get the projections cached by earlier refills, where there are some."""
-        tasks = [i for i, c in enumerate(result.candidates) if c.source == "tasks"]
-        if self.embedder is None or not tasks:
-            return result
-        candidates = list(result.candidates)
-        found = await self.embedder.projections(
-            self.store, user_key, [candidates[i].content for i in tasks]
-        )
-        for i, embedding in zip(tasks, found, strict=True):
-            if embedding is not None:
-                candidates[i] = dataclasses.replace(candidates[i], embedding=embedding)
-        return dataclasses.replace(result, candidates=candidates)
+    def _with_task_embeddings(
+        self, results: list[GenerationResult], user_keys: list[str]
+    ) -> list[GenerationResult]:
+        """Task tips get the projections cached by earlier refills, where there are some
+        (blocking reads: called in a worker thread)."""
+        assert self.embedder is not None
+        out = []
+        for result, user_key in zip(results, user_keys, strict=True):
+            tasks = [i for i, c in enumerate(result.candidates) if c.source == "tasks"]
+            if not tasks:
+                out.append(result)
+                continue
+            candidates = list(result.candidates)
+            found = self.embedder.projections(
+                self.store, user_key, [candidates[i].content for i in tasks]
+            )
+            for i, embedding in zip(tasks, found, strict=True):
+                if embedding is not None:
+                    candidates[i] = dataclasses.replace(candidates[i], embedding=embedding)
+            out.append(dataclasses.replace(result, candidates=candidates))
+        return out
 
     def _served(
         self, request: TipRequest, context: UserContext, n: int, entry: PoolEntry, now: datetime
