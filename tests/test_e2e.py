@@ -31,6 +31,7 @@ from graphs.tipgraph import PROJECT_ROOT, build_app, build_graph
 from tests.conftest import AUTH_HEADERS, drop_schemas
 from tests.factories import local_service, tip_body
 from tipgraph.contracts import TipRequest
+from tipgraph.features import FEATURE_SPEC
 from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings
 from tipgraph.store import open_store
 from tipgraph.store.migrate import load_migrations
@@ -206,7 +207,7 @@ def test_tip_decision_shadows_and_feedback_are_logged_and_learned(
     )
     assert decision[0] != "e2e-user"  # pseudonymised
     assert decision[1:4] == ("linucb", decision[2], tip["tip"]["candidate_id"])
-    assert decision[2].startswith("v1-")
+    assert decision[2] == FEATURE_SPEC.version
     assert decision[4] == pytest.approx(tip["probability"])
     assert decision[5] > 0
     runs = dict(

@@ -383,6 +383,27 @@ async def test_a_dead_model_trips_the_breaker_and_misses_stop_calling_it(
     await pooled.queue.aclose()
 
 
+async def test_a_refill_that_breaks_gives_its_claim_back(
+    tmp_path: Path,
+    ollama_stub: OllamaStub,
+    sqlite_store: DecisionStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pooled = Pooled(_settings(tmp_path, ollama_stub), sqlite_store)
+    refiller = pooled.queue._refill.__self__  # type: ignore[attr-defined]
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the judge")
+
+    monkeypatch.setattr(refiller.judge, "screen", broken)
+    assert (await pooled.ask()).pool == "miss"
+    await pooled.queue.join()
+    assert pooled.queue.outcomes == {"error": 1}
+    key = pooled.source.key(pooled.request, "user-a")[0]
+    assert sqlite_store.claim_pool_refill(key, datetime.now(UTC), datetime.now(UTC)) is not None
+    await pooled.queue.aclose()
+
+
 @pytest.mark.parametrize("on_failure", ["open", "closed"])
 async def test_a_dead_judge_fails_open_or_closed(
     tmp_path: Path, ollama_stub: OllamaStub, sqlite_store: DecisionStore, on_failure: str

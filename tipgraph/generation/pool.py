@@ -200,6 +200,9 @@ class Refiller:
         except GenerationFailed as err:
             await self._release(job.key, claim)
             return err.kind
+        except Exception:
+            await self._release(job.key, claim)  # the next miss may try again at once
+            raise
         filled_at = self._clock()
         try:
             filled = await asyncio.to_thread(
