@@ -84,17 +84,6 @@ class CandidateGenerator:
         breaker = self._source.breaker
         return {"state": breaker.state, "times_opened": breaker.times_opened}
 
-    def pool_state(self) -> dict[str, object]:
-        """This replica's refill queue: refills waiting or running, and outcomes so far."""
-        if self._refills is None:
-            return {"pending": 0, "outcomes": {}}
-        return {"pending": self._refills.pending, "outcomes": dict(self._refills.outcomes)}
-
-    async def drain_refills(self) -> None:
-        """Wait for this replica's queued refills (tests and benchmarks)."""
-        if self._refills is not None:
-            await self._refills.join()
-
     def _clean_pool(self) -> None:
         if self._store is None:
             return

@@ -314,11 +314,6 @@ class PooledGenerator:
         (result,) = await self.candidates_many([(request, context, user_key, event_id, n)])
         return result
 
-    async def generate(
-        self, request: TipRequest, context: UserContext, user_key: str, n: int
-    ) -> GenerationResult:
-        return await self.candidates(request, context, user_key, "", n)
-
     async def candidates_many(self, items: Sequence[GenerationItem]) -> list[GenerationResult]:
         """Candidates for a batch: its pool entries are read in one worker-thread call, and
         its task tips' cached projections in another (a thread hop per request would
