@@ -1,59 +1,70 @@
 """Generation stage: candidate tips from the tasks, an LLM, or both (tipgraph.generation).
 
-With ``generation.serve_from: pool`` the request path reads the candidate pool and this
-replica's background workers refill it (tipgraph.generation.pool); the replica also
-removes expired entries every ``pool.cleanup_interval_s``.
+With ``generation.serve_from: pool`` the request path reads the candidate pool and sends
+the refills it finds due to the pool deployment (deployments/pool.py) without waiting for
+them: this replica calls no model and loads no LLM client.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from tipgraph.autoscaling import ItemLoad
 from tipgraph.batching import ItemFailure, gather_each
 from tipgraph.generation import CandidateSource, GenerationItem, GenerationResult
 from tipgraph.generation.litellm_client import build_candidate_source
-from tipgraph.generation.pool import PooledGenerator
+from tipgraph.generation.pool import PooledGenerator, RefillJob, RefillSender
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
 from tipgraph.settings import TipgraphSettings
-from tipgraph.store import DecisionStore, StoreError, open_store
+from tipgraph.store import DecisionStore, open_store
 
 logger = logging.getLogger(__name__)
 
 SERVES_FLUSH_S = 1.0
 """How often a replica writes the pool serves it counted (refreshes lag this much)."""
+REFILL_CALLS_IN_FLIGHT = 32
+"""Calls to the pool deployment out at once per replica; beyond, refills wait for a later
+request (tipgraph.generation.pool.RefillSender)."""
 
 
 @serve.deployment(name="generation")
 class CandidateGenerator:
-    def __init__(self, settings: TipgraphSettings) -> None:
+    def __init__(self, settings: TipgraphSettings, pool: DeploymentHandle | None = None) -> None:
+        """``pool``: the pool deployment, in the graph when generation serves from it."""
         # LiteLLM itself loads only when the configuration asks for an LLM (litellm_client).
         self._logs = ReplicaLogs(settings.logs).start()
         metrics = replica_metrics(settings.metrics)
         generation = settings.generation
-        pooled = generation.source != "tasks" and generation.serve_from == "pool"
-        self._store: DecisionStore | None = open_store(settings.store) if pooled else None
+        self._store: DecisionStore | None = None
+        refills = None
+        if generation.pooled:
+            if pool is None:
+                raise ValueError("generation.serve_from: pool needs the pool deployment")
+            self._store = open_store(settings.store)
+
+            async def send(jobs: list[RefillJob]) -> object:
+                return await pool.submit.remote(jobs)
+
+            refills = RefillSender(send, max_in_flight=REFILL_CALLS_IN_FLIGHT, metrics=metrics)
         self._source: CandidateSource
-        self._source, self._refills = build_candidate_source(
-            generation, self._store, metrics=metrics
+        self._source, _ = build_candidate_source(
+            generation, self._store, refills=refills, metrics=metrics
         )
         self._load = ItemLoad()
+        breaker = self._source.breaker
         # Sampled, not pushed on change: open turns half-open with time, not with a call.
-        self._gauges = Periodic(
-            settings.metrics.sample_interval_s,
-            lambda: metrics.sample_breaker(self._source.breaker),
-            name="metrics",
-        ).start()
-        self._cleanup = (
+        self._gauges = (
             Periodic(
-                generation.pool.cleanup_interval_s, self._clean_pool, name="pool-cleanup"
+                settings.metrics.sample_interval_s,
+                lambda: metrics.sample_breaker(breaker),
+                name="metrics",
             ).start()
-            if pooled
+            if breaker is not None
             else None
         )
         source = self._source
@@ -62,7 +73,6 @@ class CandidateGenerator:
             if isinstance(source, PooledGenerator)
             else None
         )
-        self._pool = generation.pool
 
     async def generate_batch(
         self, items: list[GenerationItem]
@@ -81,33 +91,17 @@ class CandidateGenerator:
         return self._load.report()
 
     def breaker_state(self) -> dict[str, object]:
+        """The tip-generator's breaker; serving from the pool, the pool replicas hold it."""
         breaker = self._source.breaker
+        if breaker is None:
+            return {"state": "none", "times_opened": 0}
         return {"state": breaker.state, "times_opened": breaker.times_opened}
 
-    def _clean_pool(self) -> None:
-        if self._store is None:
-            return
-        now = datetime.now(UTC)
-        try:
-            removed = self._store.clean_pool(
-                now,
-                stale_before=now - timedelta(seconds=self._pool.claim_timeout_s),
-                max_entries=self._pool.max_entries,
-            )
-        except StoreError as err:
-            logger.warning("candidate-pool cleanup skipped, the store failed: %s", err)
-            return
-        if removed:
-            logger.info("candidate pool: %d expired or evicted entries removed", removed)
-
     def __del__(self) -> None:
-        self._gauges.stop()
+        if self._gauges is not None:
+            self._gauges.stop()
         if self._serves is not None:
             self._serves.stop()
-        if self._cleanup is not None:
-            self._cleanup.stop()
-        if self._refills is not None:
-            self._refills.close()
         if self._store is not None:
             self._store.close()
         self._logs.close()

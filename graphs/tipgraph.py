@@ -1,4 +1,5 @@
-"""The tipgraph Serve application: ingress -> context -> generation -> scoring (+ shadows).
+"""The tipgraph Serve application: ingress -> context -> generation -> scoring (+ shadows);
+generation -> pool when it serves LLM tips from the candidate pool.
 
 ``serve run serve_config.yaml`` imports :func:`build_app`; tests and ``tipgraph serve``
 call :func:`build_graph` with settings they already hold.
@@ -14,9 +15,10 @@ from ray.serve import Application, Deployment
 from deployments.context import ContextBuilder
 from deployments.generation import CandidateGenerator
 from deployments.ingress import Ingress
+from deployments.pool import PoolRefiller
 from deployments.scoring import PolicyScorer
 from tipgraph.serve_config import all_deployment_options
-from tipgraph.settings import TipgraphSettings, load_settings, resolve_paths
+from tipgraph.settings import POOL_DEPLOYMENT, TipgraphSettings, load_settings, resolve_paths
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +32,14 @@ def build_graph(settings: TipgraphSettings) -> Application:
     options = all_deployment_options(settings)
     scorer = _deployment(PolicyScorer)
     context = _deployment(ContextBuilder).options(**options["context"]).bind(settings)
-    generation = _deployment(CandidateGenerator).options(**options["generation"]).bind(settings)
+    pool = (
+        _deployment(PoolRefiller).options(**options[POOL_DEPLOYMENT]).bind(settings)
+        if settings.generation.pooled
+        else None
+    )
+    generation = (
+        _deployment(CandidateGenerator).options(**options["generation"]).bind(settings, pool)
+    )
     scoring = scorer.options(**options["scoring"]).bind(
         settings, settings.policy, follow_registry=True
     )

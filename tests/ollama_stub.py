@@ -183,6 +183,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, {"models": [self.server.stub.model_card()]})
         elif path == "/api/version":
             self._send(200, {"version": "0.6.0"})
+        elif path == "/stub/counts":  # not Ollama's: what a stub in another process answered
+            self._send(200, self.server.stub.counts())
         else:
             self._send(404, {"error": f"not found: {self.path}"})
 
@@ -350,6 +352,15 @@ class OllamaStub:
             "details": self.model_card()["details"],
             "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
         }
+
+    def counts(self) -> dict[str, int]:
+        """Calls answered so far, by endpoint (``GET /stub/counts`` serves it)."""
+        with self._lock:
+            return {
+                "chat": len(self.requests),
+                "judge": len(self.judge_requests),
+                "embed": len(self.embed_requests),
+            }
 
     def _record(self, path: str, body: dict[str, Any]) -> None:
         with self._lock:

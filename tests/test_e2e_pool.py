@@ -1,9 +1,9 @@
 """End to end: LLM tips from the candidate pool through the real Serve graph, real LiteLLM
 (all three aliases) and real Postgres, against the Ollama-protocol stub with a slow model.
 
-After the first request of a task set (a miss: task tips at once, a refill queued), the
-user's requests are served from the pool, and the served latency does not include the
-model's delay."""
+After the first request of a task set (a miss: task tips at once, a refill sent to the
+pool deployment), the user's requests are served from the pool, and the served latency
+does not include the model's delay."""
 
 from __future__ import annotations
 
@@ -156,3 +156,20 @@ def test_erasing_a_user_erases_their_pool_entries(pool_app: PoolApp) -> None:
     assert erased.status_code == 200, erased.text
     after = pool_app.query(count_pool)[0][0], pool_app.query(count_embeddings)[0][0]
     assert after == before
+
+
+def test_refills_run_in_the_pool_deployment_at_lower_cpu_priority(pool_app: PoolApp) -> None:
+    from ray import serve
+
+    pool_app.client.post("/v1/tips", json=tip_body(user_id=f"pool-{uuid.uuid4().hex[:6]}"))
+    pool_app.wait_for_pool(1)
+    refills = serve.get_deployment_handle("pool", app_name=APP)
+    status = refills.status.remote().result()
+    # Below every other replica's priority (Ray starts them all at the same niceness).
+    increment = pool_app.settings.generation.pool.nice
+    assert status["nice"] == min(status["nice_before"] + increment, 19) > status["nice_before"]
+    assert status["outcomes"].get("filled", 0) >= 1
+    assert refills.breaker_state.remote().result()["state"] == "closed"
+    # The generation replicas call no model: the breaker lives where the refills run.
+    generation = serve.get_deployment_handle("generation", app_name=APP)
+    assert generation.breaker_state.remote().result() == {"state": "none", "times_opened": 0}

@@ -299,6 +299,7 @@ def test_serve_config_v2_is_a_serve_config_from_the_same_source(env: str) -> Non
             "context",
             "generation",
             "scoring",
+            "pool",  # k3s serves LLM tips from the candidate pool
         }
     )
     for deployment in app.deployments:
@@ -310,13 +311,14 @@ def test_serve_config_v2_is_a_serve_config_from_the_same_source(env: str) -> Non
         assert deployment.max_ongoing_requests == expected["max_ongoing_requests"]
         if "user_config" in expected:  # the policies (scoring, shadows)
             assert deployment.user_config == expected["user_config"]
-    # The stages that wait on I/O scale on items there too (tipgraph.autoscaling).
+    # The stages that wait on I/O scale on items there too (tipgraph.autoscaling), and
+    # the pool on the refills queued in it.
     on_items = {
         d.name
         for d in app.deployments
         if (d.autoscaling_config or {}).get("policy", {}).get("policy_function") == POLICY_FUNCTION
     }
-    assert on_items == {"context", "generation"}
+    assert on_items == {"context", "generation", "pool"}
     # What the app builder loads on the cluster is what the config says.
     assert settings.store.url.startswith("postgresql://") and settings.serve.host == "0.0.0.0"
     assert settings.registry.serve_alias == "champion"

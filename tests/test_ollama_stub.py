@@ -588,6 +588,9 @@ def test_judge_prompt_gets_a_verdict_per_listed_tip(ollama_stub: OllamaStub) -> 
     assert [v["safe"] for v in verdicts] == [True, False, True]
     assert verdicts[0]["relevance"] > 0.5 > verdicts[2]["relevance"]
     assert len(ollama_stub.judge_requests) == 1 and not ollama_stub.requests
+    # What a stub in another process answered, for the process that started it.
+    counts = httpx.get(f"{ollama_stub.url}/stub/counts", timeout=5).json()
+    assert counts == {"chat": 0, "judge": 1, "embed": 0}
 
 
 def test_latency_applies_per_endpoint(ollama_stub: OllamaStub) -> None:

@@ -22,7 +22,13 @@ from tipgraph.features import FEATURE_SPEC, build_context, candidate_matrix
 from tipgraph.generation.embedder import near_duplicates
 from tipgraph.generation.judge import parse_verdicts
 from tipgraph.generation.litellm_client import build_candidate_source
-from tipgraph.generation.pool import PooledGenerator, RefillJob, RefillQueue, task_fingerprint
+from tipgraph.generation.pool import (
+    PooledGenerator,
+    RefillJob,
+    RefillQueue,
+    RefillSender,
+    task_fingerprint,
+)
 from tipgraph.generation.prompts import PromptTemplate
 from tipgraph.metrics import Metrics
 from tipgraph.projection import PROJECTION
@@ -248,8 +254,11 @@ async def test_refill_queue_holds_each_key_once_and_is_bounded() -> None:
     assert [queue.submit(job) for _ in range(3)] == ["queued", "deduplicated", "deduplicated"]
     assert queue.submit(_job(PoolKey("u", "f", "p"))) == "queued"
     assert queue.submit(_job(PoolKey("v", "f", "p"))) == "queue_full"
+    # What the pool deployment scales on: refills queued or running.
+    assert queue.pending == queue.load.items == 2
     release.set()
     await queue.join()
+    assert queue.load.items == 0
     assert started == [KEY, PoolKey("u", "f", "p")]
     assert queue.outcomes == {"deduplicated": 2, "queue_full": 1, "filled": 2}
     assert queue.submit(job) == "queued"  # done: the key may be queued again
@@ -326,6 +335,53 @@ async def test_a_miss_serves_task_tips_at_once_and_the_next_request_hits(
     assert hit.pool_age_s is not None and hit.pool_age_s >= 0
     assert len(ollama_stub.requests) == 1 and len(ollama_stub.judge_requests) == 1
     await pooled.queue.aclose()
+
+
+async def test_remote_refills_leave_in_one_call_per_batch_and_never_hold_a_request(
+    tmp_path: Path, ollama_stub: OllamaStub, sqlite_store: DecisionStore
+) -> None:
+    """The Serve graph's request path: refills go to the pool deployment (here a function
+    that does not answer until told), and this process calls no model."""
+    sink = RecordingSink()
+    metrics = Metrics(sink)
+    sent: list[list[PoolKey]] = []
+    answer = asyncio.Event()
+
+    async def send(jobs: list[RefillJob]) -> list[str]:
+        sent.append([job.key for job in jobs])
+        await answer.wait()
+        return ["queued"] * len(jobs)
+
+    sender = RefillSender(send, max_in_flight=1, metrics=metrics)
+    settings = _settings(tmp_path, ollama_stub)
+    source, queue = build_candidate_source(settings, sqlite_store, refills=sender, metrics=metrics)
+    assert isinstance(source, PooledGenerator) and queue is None and source.breaker is None
+    request = TipRequest.model_validate(tip_body())
+    context = build_context(request, [], RewardSettings())
+    batch = [(request, context, user, f"e{i}", 8) for i, user in enumerate("aaab")]
+    results = await asyncio.wait_for(source.candidates_many(batch), timeout=5)
+    assert [r.pool for r in results] == ["miss"] * 4
+    assert results[0].reason == "pool miss: refill requested"
+    await asyncio.sleep(0)  # the call leaves on the event loop, after the answer
+    # One call for the batch, one refill per key.
+    assert sent == [[source.key(request, "a")[0], source.key(request, "b")[0]]]
+    assert sender.in_flight == 1
+    # A batch while the one call allowed is out: its refill is dropped and counted; the
+    # next request of that task set finds its entry still missing and asks again.
+    await source.candidates_many(batch[:1])
+    assert sink.total("tipgraph_pool_refills", outcome="not_sent") == 1
+    answer.set()
+    await sender.drain()
+    assert sender.in_flight == 0
+
+    async def unreachable(jobs: list[RefillJob]) -> list[str]:
+        raise RuntimeError("no pool replica")
+
+    failing = RefillSender(unreachable, max_in_flight=4, metrics=metrics)
+    failing.submit_many([_job(KEY), _job(PoolKey("u", "f", "p"))])
+    await failing.drain()
+    assert sink.total("tipgraph_pool_refills", outcome="not_sent") == 3
+    assert ollama_stub.requests == [] and ollama_stub.judge_requests == []
 
 
 async def test_a_burst_for_one_key_causes_one_generation(

@@ -75,7 +75,7 @@ def test_env_overrides_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
                     }
                 ]
             },
-            r"signal 'items' of \['shadow_u'\]: only \['context', 'generation'\]",
+            r"signal 'items' of \['shadow_u'\]: only \['context', 'generation', 'pool'\]",
         ),
     ],
 )

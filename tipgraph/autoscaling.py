@@ -45,11 +45,11 @@ class ItemLoad:
     @contextmanager
     def holding(self, count: int) -> Iterator[None]:
         """Count ``count`` items as inside the replica for the ``with`` block."""
-        self._change(count)
+        self.change(count)
         try:
             yield
         finally:
-            self._change(-count)
+            self.change(-count)
 
     def report(self) -> dict[str, float]:
         """``{ITEMS_METRIC: mean items since the last report}``, what the replica's
@@ -61,7 +61,8 @@ class ItemLoad:
         self._window_start, self._area = now, 0.0
         return {ITEMS_METRIC: mean}
 
-    def _change(self, delta: int) -> None:
+    def change(self, delta: int) -> None:
+        """Items entered (``delta`` > 0) or left the replica."""
         self._advance(self._clock())
         self._items += delta
 

@@ -100,12 +100,13 @@ GENERATION_FALLBACKS = MetricSpec(
 BREAKER_STATE = MetricSpec(
     "tipgraph_generation_breaker_state",
     "gauge",
-    "The LLM circuit breaker of a generation replica: 0 closed, 1 half-open, 2 open.",
+    "The tip-generator circuit breaker of a generation replica (of a pool replica when "
+    "serving from the candidate pool): 0 closed, 1 half-open, 2 open.",
 )
 BREAKER_OPENED = MetricSpec(
     "tipgraph_generation_breaker_opened",
     "counter",
-    "Times a generation replica's LLM circuit breaker opened.",
+    "Times the tip-generator circuit breaker of a generation or pool replica opened.",
 )
 STAGE_LATENCY = MetricSpec(
     "tipgraph_stage_latency_ms",
@@ -160,7 +161,9 @@ POOL_REFILLS = MetricSpec(
     "tipgraph_pool_refills",
     "counter",
     "Background refills of the candidate pool, by outcome: filled, deduplicated (the key "
-    "was already queued or claimed), queue_full, or the generation failure's reason.",
+    "was already queued or claimed), queue_full, not_sent (a generation replica could not "
+    "hand it to the pool deployment: unreachable, or too many calls out), or the "
+    "generation failure's reason.",
     ("outcome",),
 )
 POOL_TIPS_REJECTED = MetricSpec(
@@ -338,8 +341,8 @@ class Metrics:
     def pool_lookup(self, result: str) -> None:
         self._sink.inc(POOL_LOOKUPS, 1, {"result": result})
 
-    def pool_refill(self, outcome: str) -> None:
-        self._sink.inc(POOL_REFILLS, 1, {"outcome": outcome})
+    def pool_refill(self, outcome: str, count: int = 1) -> None:
+        self._sink.inc(POOL_REFILLS, count, {"outcome": outcome})
 
     def pool_tips_rejected(self, reason: str, count: int) -> None:
         if count:

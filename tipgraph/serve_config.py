@@ -12,7 +12,13 @@ from typing import Any
 import yaml
 
 from tipgraph.autoscaling import POLICY_FUNCTION
-from tipgraph.settings import DeploymentSettings, LogSettings, PolicySettings, TipgraphSettings
+from tipgraph.settings import (
+    POOL_DEPLOYMENT,
+    DeploymentSettings,
+    LogSettings,
+    PolicySettings,
+    TipgraphSettings,
+)
 
 IMPORT_PATH = "graphs.tipgraph:build_app"
 
@@ -59,7 +65,8 @@ def deployment_options(deployment: DeploymentSettings, logs: LogSettings) -> dic
 
 
 def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, Any]]:
-    """Deployment name -> options, for every stage and shadow of the graph.
+    """Deployment name -> options, for every stage and shadow of the graph, and the pool
+    deployment when generation serves from the candidate pool.
 
     Policies travel as Serve's ``user_config``: a changed hyperparameter in a deployed
     config reaches the running replicas through ``reconfigure``, without restarting them.
@@ -70,6 +77,8 @@ def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, An
     for shadow in settings.shadows:
         options[shadow.deployment_name] = deployment_options(shadow.deployment, logs)
         options[shadow.deployment_name]["user_config"] = policy_user_config(shadow.policy)
+    if settings.generation.pooled:
+        options[POOL_DEPLOYMENT] = deployment_options(settings.generation.pool.deployment, logs)
     return options
 
 

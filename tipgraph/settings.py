@@ -32,7 +32,9 @@ PolicyKind = Literal["linucb", "lints", "egreedy", "softmax", "squarecb", "unifo
 FeatureGroup = Literal["kind", "time", "workload", "history", "task", "quality", "embedding"]
 """Blocks of the joint feature vector a policy may be restricted to (tipgraph.features)."""
 STAGES = ("ingress", "context", "generation", "scoring")
-ITEM_STAGES = ("context", "generation")
+POOL_DEPLOYMENT = "pool"
+"""The refill workers' deployment, in the graph when ``generation.serve_from`` is pool."""
+ITEM_STAGES = ("context", "generation", POOL_DEPLOYMENT)
 """The stages whose replicas report the items inside them (autoscaling.signal: items)."""
 
 
@@ -174,6 +176,40 @@ class BreakerSettings(_Strict):
     )
 
 
+class AutoscalingSettings(_Strict):
+    signal: Literal["requests", "items"] = Field(
+        "requests",
+        description="What target_ongoing_requests counts. requests: Serve's ongoing "
+        "requests, where a batched hop's batch is one (CPU-light stages); items: the "
+        "requests inside the batches, which the replica reports "
+        "(tipgraph.autoscaling; stages that wait on the LLM or the store)",
+    )
+    min_replicas: int = Field(1, ge=0)
+    initial_replicas: int | None = None
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="Serve averages the load over this window before deciding"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}"
+            )
+        return self
+
+
+class DeploymentSettings(_Strict):
+    num_cpus: float = Field(0.25, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
+
+
 class PoolSettings(_Strict):
     """The candidate pool: LLM tips made ahead of need, per user and task set."""
 
@@ -186,9 +222,9 @@ class PoolSettings(_Strict):
         100_000, ge=1, description="Entries kept in total; the oldest go first beyond it"
     )
     queue_size: int = Field(
-        256, ge=1, description="Refills waiting per generation replica; beyond it a miss waits"
+        256, ge=1, description="Refills waiting per pool replica; beyond it a miss waits"
     )
-    workers: int = Field(4, ge=1, le=64, description="Refills running at once per replica")
+    workers: int = Field(4, ge=1, le=64, description="Refills running at once per pool replica")
     generation_timeout_s: float = Field(
         30.0, gt=0, description="Budget of one refill's call to tip-generator (off the hot path)"
     )
@@ -196,6 +232,25 @@ class PoolSettings(_Strict):
         120.0, gt=0, description="A refill claimed by a replica that died is taken over after this"
     )
     cleanup_interval_s: float = Field(60.0, gt=0, description="How often expired entries go")
+    nice: int = Field(
+        4,
+        ge=0,
+        le=19,
+        description="Added to the pool replicas' niceness, like nice -n (Ray starts every "
+        "replica at 15, 19 is the lowest priority): on a node shared with the request path, "
+        "refills get less of the CPU",
+    )
+    deployment: DeploymentSettings = Field(
+        DeploymentSettings(
+            num_cpus=0.1,
+            max_ongoing_requests=64,
+            autoscaling=AutoscalingSettings(
+                signal="items", min_replicas=1, max_replicas=2, target_ongoing_requests=32
+            ),
+        ),
+        description="The pool deployment, where refills run off the request path; "
+        "signal items counts the refills queued and running in a replica",
+    )
 
 
 class JudgeSettings(_Strict):
@@ -258,6 +313,11 @@ class GenerationSettings(_Strict):
     pool: PoolSettings = PoolSettings()
     judge: JudgeSettings = JudgeSettings()
     embedder: EmbedderSettings = EmbedderSettings()
+
+    @property
+    def pooled(self) -> bool:
+        """LLM tips served from the candidate pool, refilled by the pool deployment."""
+        return self.source != "tasks" and self.serve_from == "pool"
 
 
 class RegistrySettings(_Strict):
@@ -407,40 +467,6 @@ _POLICY_CLASSES: tuple[type[_PolicyBase], ...] = (
     UniformSettings,
     BaselineSettings,
 )
-
-
-class AutoscalingSettings(_Strict):
-    signal: Literal["requests", "items"] = Field(
-        "requests",
-        description="What target_ongoing_requests counts. requests: Serve's ongoing "
-        "requests, where a batched hop's batch is one (CPU-light stages); items: the "
-        "requests inside the batches, which the replica reports "
-        "(tipgraph.autoscaling; stages that wait on the LLM or the store)",
-    )
-    min_replicas: int = Field(1, ge=0)
-    initial_replicas: int | None = None
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(30.0, ge=0)
-    look_back_period_s: float = Field(
-        30.0, gt=0, description="Serve averages the load over this window before deciding"
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> AutoscalingSettings:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(
-                f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}"
-            )
-        return self
-
-
-class DeploymentSettings(_Strict):
-    num_cpus: float = Field(0.25, ge=0)
-    max_ongoing_requests: int = Field(32, ge=1)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
-    autoscaling: AutoscalingSettings = AutoscalingSettings()
 
 
 class HopSettings(_Strict):
@@ -666,6 +692,7 @@ class TipgraphSettings(BaseSettings):
         scaling = {name: d.autoscaling for name, d in self.deployments.items()} | {
             s.deployment_name: s.deployment.autoscaling for s in self.shadows
         }
+        scaling[POOL_DEPLOYMENT] = self.generation.pool.deployment.autoscaling
         wrong = [n for n, a in scaling.items() if a.signal == "items" and n not in ITEM_STAGES]
         if wrong:
             raise ValueError(

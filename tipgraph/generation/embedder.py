@@ -102,18 +102,6 @@ class Embedder:
                 )
         return [cached[h] for h in hashes]
 
-    def projections(
-        self, store: DecisionStore, user_key: str, texts: Sequence[str]
-    ) -> list[tuple[float, ...] | None]:
-        """Each text's cached projection, None where there is none yet (or the store
-        failed): the request path reads, never embeds.  Blocking: call it in a thread."""
-        hashes = [text_hash(t) for t in texts]
-        try:
-            found = store.cached_projections(user_key, hashes, self.model_id)
-        except StoreError:
-            found = {}
-        return [tuple(found[h]) if h in found else None for h in hashes]
-
     async def _embed(self, texts: list[str]) -> list[list[float]] | None:
         if not texts:
             return []
@@ -135,3 +123,17 @@ class Embedder:
             return None
         self.breaker.record_success()
         return vectors
+
+
+def cached_projections(
+    store: DecisionStore, user_key: str, texts: Sequence[str], model_id: str
+) -> list[tuple[float, ...] | None]:
+    """Each text's cached projection under ``model_id``, None where there is none yet (or
+    the store failed): the request path reads, never embeds.  Blocking: call it in a
+    thread."""
+    hashes = [text_hash(t) for t in texts]
+    try:
+        found = store.cached_projections(user_key, hashes, model_id)
+    except StoreError:
+        found = {}
+    return [tuple(found[h]) if h in found else None for h in hashes]

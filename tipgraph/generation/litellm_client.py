@@ -16,7 +16,7 @@ from tipgraph.generation.embedder import (
 )
 from tipgraph.generation.judge import Judge
 from tipgraph.generation.llm_config import LLMConfig, load_llm_config
-from tipgraph.generation.pool import PooledGenerator, Refiller, RefillQueue
+from tipgraph.generation.pool import PooledGenerator, Refiller, RefillQueue, Refills
 from tipgraph.generation.prompts import load_split, load_template
 from tipgraph.generation.source import CandidateSource, Completion, LLMUnavailable, TipGenerator
 from tipgraph.metrics import Metrics
@@ -97,24 +97,20 @@ def build_tip_generator(
     )
 
 
-def build_candidate_source(
+def build_refill_queue(
     settings: GenerationSettings,
-    store: DecisionStore | None,
+    store: DecisionStore,
     *,
     completer: Any = None,
     embed: EmbeddingClient | None = None,
     metrics: Metrics | None = None,
-) -> tuple[CandidateSource, RefillQueue | None]:
-    """What the generation stage serves from, and the refill queue behind it (pool only).
+) -> tuple[RefillQueue, CircuitBreaker]:
+    """The refill queue of the candidate pool, and the tip-generator's breaker behind it.
 
-    ``completer`` and ``embed`` default to one LiteLLM Router for every alias.  The pool
-    needs ``store``; the queue's workers start on the running event loop at first use.
+    ``completer`` and ``embed`` default to one LiteLLM Router for every alias; the queue's
+    workers start on the running event loop at first use.
     """
     metrics = metrics if metrics is not None else Metrics()
-    if settings.source == "tasks" or settings.serve_from == "inline":
-        return build_tip_generator(settings, completer=completer, metrics=metrics), None
-    if store is None:
-        raise ValueError("generation.serve_from: pool needs the store")
     litellm_client: LiteLLMCompleter | None = None
     if completer is None or (embed is None and settings.embedder.enabled):
         litellm_client = LiteLLMCompleter(load_llm_config(settings.llm_config))
@@ -147,15 +143,44 @@ def build_candidate_source(
         workers=settings.pool.workers,
         metrics=metrics,
     )
-    assert generator.split is not None  # an LLM source always has its prompts
+    return queue, generator.breaker
+
+
+def build_candidate_source(
+    settings: GenerationSettings,
+    store: DecisionStore | None,
+    *,
+    refills: Refills | None = None,
+    completer: Any = None,
+    embed: EmbeddingClient | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[CandidateSource, RefillQueue | None]:
+    """What the generation stage serves from, and the refill queue it runs (pool only).
+
+    Serving from the pool needs ``store``.  Given ``refills`` (the Serve graph sends them
+    to the pool deployment), this process loads no LLM client; without, the refills run
+    here, on a :func:`build_refill_queue` that is returned.
+    """
+    metrics = metrics if metrics is not None else Metrics()
+    if not settings.pooled:
+        return build_tip_generator(settings, completer=completer, metrics=metrics), None
+    if store is None:
+        raise ValueError("generation.serve_from: pool needs the store")
+    queue: RefillQueue | None = None
+    breaker: CircuitBreaker | None = None
+    if refills is None:
+        queue, breaker = build_refill_queue(
+            settings, store, completer=completer, embed=embed, metrics=metrics
+        )
+        refills = queue
     pooled = PooledGenerator(
         settings,
-        generator.split,
+        load_split(Path(settings.prompts_dir), settings.prompts),
         store,
-        queue,
-        breaker=generator.breaker,
-        embedder=embedder,
+        refills,
+        embedding_model=embedding_model(settings),
         metrics=metrics,
+        breaker=breaker,
     )
     return pooled, queue
 

@@ -8,11 +8,13 @@ request finds LLM tips.  An entry is refilled once it has served
 ``pool.refresh_after_serves`` decisions (its tips keep serving meanwhile), expires after
 ``pool.ttl_s``, and is replaced when the user's tasks change.
 
-Refills run in the background of the generation replicas through a bounded queue that
-holds each key once (:class:`RefillQueue`); across replicas, a claim in the store lets one
-refill per key run at a time (:class:`Refiller`).  A refill asks the ``tip-generator``
-alias, screens the tips with the ``judge`` alias, embeds them with the ``embedder``
-alias and drops near-duplicates, then stores what is left.
+Refills run off the request path: in the Serve graph, the generation replicas send them
+(:class:`RefillSender`) to the ``pool`` deployment, whose replicas run at a lower CPU
+priority; in one process (:class:`tipgraph.local.LocalStages`), beside the requests.  A
+bounded queue holds each key once (:class:`RefillQueue`); across replicas, a claim in the
+store lets one refill per key run at a time (:class:`Refiller`).  A refill asks the
+``tip-generator`` alias, screens the tips with the ``judge`` alias, embeds them with the
+``embedder`` alias and drops near-duplicates, then stores what is left.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
+from tipgraph.autoscaling import ItemLoad
 from tipgraph.candidates import Candidate, task_candidates
 from tipgraph.contracts import MAX_CANDIDATES, TipRequest
 from tipgraph.features import UserContext
 from tipgraph.generation.breaker import CircuitBreaker
-from tipgraph.generation.embedder import Embedder, near_duplicates
+from tipgraph.generation.embedder import Embedder, cached_projections, near_duplicates
 from tipgraph.generation.judge import Judge
 from tipgraph.generation.parsing import LLMTip
 from tipgraph.generation.prompts import PromptSplit, PromptTemplate
@@ -79,6 +83,12 @@ class RefillJob:
     template: PromptTemplate
 
 
+class Refills(Protocol):
+    """Where the request path sends the refills it finds due, without waiting for them."""
+
+    def submit_many(self, jobs: Sequence[RefillJob]) -> object: ...
+
+
 class RefillQueue:
     """A bounded queue of refills that holds each key at most once, queued or running,
     worked by ``workers`` tasks on the running event loop (started on first use)."""
@@ -90,8 +100,11 @@ class RefillQueue:
         size: int,
         workers: int,
         metrics: Metrics,
+        load: ItemLoad | None = None,
     ) -> None:
         self._refill = refill
+        self.load = load if load is not None else ItemLoad()
+        """Refills queued or running, over time: what the pool deployment scales on."""
         self._size = size
         self._n_workers = workers
         self._metrics = metrics
@@ -108,13 +121,18 @@ class RefillQueue:
             outcome = "queue_full"
         else:
             self._pending[job.key] = job
+            self.load.change(1)
             self._started().put_nowait(job)
             return "queued"
         self._count(outcome)
         return outcome
 
+    def submit_many(self, jobs: Sequence[RefillJob]) -> list[str]:
+        return [self.submit(job) for job in jobs]
+
     @property
     def pending(self) -> int:
+        """Refills queued or running."""
         return len(self._pending)
 
     async def join(self) -> None:
@@ -154,12 +172,59 @@ class RefillQueue:
                 outcome = "error"
             finally:
                 self._pending.pop(job.key, None)
+                self.load.change(-1)
                 self._queue.task_done()
             self._count(outcome)
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         self._metrics.pool_refill(outcome)
+
+
+class RefillSender:
+    """The request path's side of a remote refill queue: sends each batch's refills in one
+    call and does not wait for it.  At most ``max_in_flight`` calls are out at once; the
+    refills of a batch beyond that are dropped (counted as ``not_sent``): the next request
+    of the same task set finds its entry still due and sends them again."""
+
+    def __init__(
+        self,
+        send: Callable[[list[RefillJob]], Awaitable[object]],
+        *,
+        max_in_flight: int,
+        metrics: Metrics,
+    ) -> None:
+        self._send = send
+        self._max_in_flight = max_in_flight
+        self._metrics = metrics
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    def submit_many(self, jobs: Sequence[RefillJob]) -> None:
+        if not jobs:
+            return
+        if len(self._in_flight) >= self._max_in_flight:
+            self._metrics.pool_refill("not_sent", len(jobs))
+            return
+        task = asyncio.get_running_loop().create_task(self._deliver(list(jobs)))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def drain(self) -> None:
+        """Wait until every call out has been answered (tests, shutdown)."""
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _deliver(self, jobs: list[RefillJob]) -> None:
+        try:
+            await self._send(jobs)
+        except Exception as err:  # the pool replicas are down or busy: a later request resends
+            self._metrics.pool_refill("not_sent", len(jobs))
+            logger.warning(
+                "%d candidate-pool refills not sent: %s", len(jobs), clean_text(str(err))[:200]
+            )
 
 
 class Refiller:
@@ -284,22 +349,23 @@ class PooledGenerator:
         settings: GenerationSettings,
         split: PromptSplit,
         store: DecisionStore,
-        queue: RefillQueue,
+        refills: Refills,
         *,
-        breaker: CircuitBreaker,
-        embedder: Embedder | None,
+        embedding_model: str | None,
         metrics: Metrics,
+        breaker: CircuitBreaker | None = None,
         clock: Clock = _utcnow,
     ) -> None:
         self.settings = settings
         self.split = split
         self.store = store
-        self.queue = queue
-        self.embedder = embedder
+        self.refills = refills
+        self.embedding_model = embedding_model
+        """Whose cached projections task tips get; None: the embedder is off."""
         self.breaker = breaker
+        """The tip-generator's breaker where the refills run in this process; else None."""
         self._serves: Counter[tuple[PoolKey, datetime]] = Counter()
         self._serves_lock = threading.Lock()
-        """The tip-generator's breaker, which the refills use (for status and metrics)."""
         self.metrics = metrics
         self._clock = clock
 
@@ -321,13 +387,17 @@ class PooledGenerator:
         now = self._clock()
         keys = [self.key(request, user_key) for request, _, user_key, _, _ in items]
         entries = await asyncio.to_thread(self._read_entries, [key for key, _ in keys], now)
-        results = [
-            self._result(request, context, n, key, template, entry, now)
-            for (request, context, _, _, n), (key, template), entry in zip(
-                items, keys, entries, strict=True
-            )
-        ]
-        if self.embedder is None:
+        due: dict[PoolKey, RefillJob] = {}
+        results = []
+        for (request, context, _, _, n), (key, template), entry in zip(
+            items, keys, entries, strict=True
+        ):
+            result, refill = self._result(request, context, n, key, template, entry, now)
+            results.append(result)
+            if refill:
+                due.setdefault(key, RefillJob(key, request, context, template))
+        self.refills.submit_many(list(due.values()))
+        if self.embedding_model is None:
             return results
         user_keys = [user_key for _, _, user_key, _, _ in items]
         return await asyncio.to_thread(self._with_task_embeddings, results, user_keys)
@@ -351,23 +421,22 @@ class PooledGenerator:
         template: PromptTemplate,
         entry: PoolEntry | None,
         now: datetime,
-    ) -> GenerationResult:
-        job = RefillJob(key, request, context, template)
+    ) -> tuple[GenerationResult, bool]:
+        """The candidates, and whether the entry is due for a refill."""
         if entry is None:
             self.metrics.pool_lookup("miss")
-            outcome = self.queue.submit(job)
             self.metrics.generation_fallback("pool_miss")
-            return GenerationResult(
+            miss = GenerationResult(
                 task_candidates(request, context, n),
                 source="fallback",
-                reason=f"pool miss: refill {outcome}",
+                reason="pool miss: refill requested",
                 prompt_version=template.version,
                 pool="miss",
             )
+            return miss, True
         self.metrics.pool_lookup("hit")
-        if self._count_serve(entry) >= self.settings.pool.refresh_after_serves:
-            self.queue.submit(job)
-        return self._served(request, context, n, entry, now)
+        due = self._count_serve(entry) >= self.settings.pool.refresh_after_serves
+        return self._served(request, context, n, entry, now), due
 
     def _count_serve(self, entry: PoolEntry) -> int:
         """Count this serve of ``entry``; its serves so far, as far as this replica knows
@@ -395,7 +464,7 @@ class PooledGenerator:
     ) -> list[GenerationResult]:
         """Task tips get the projections cached by earlier refills, where there are some
         (blocking reads: called in a worker thread)."""
-        assert self.embedder is not None
+        assert self.embedding_model is not None
         out = []
         for result, user_key in zip(results, user_keys, strict=True):
             tasks = [i for i, c in enumerate(result.candidates) if c.source == "tasks"]
@@ -403,8 +472,8 @@ class PooledGenerator:
                 out.append(result)
                 continue
             candidates = list(result.candidates)
-            found = self.embedder.projections(
-                self.store, user_key, [candidates[i].content for i in tasks]
+            found = cached_projections(
+                self.store, user_key, [candidates[i].content for i in tasks], self.embedding_model
             )
             for i, embedding in zip(tasks, found, strict=True):
                 if embedding is not None:

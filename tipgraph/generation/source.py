@@ -91,7 +91,10 @@ class CandidateSource(Protocol):
     LLM) or a :class:`~tipgraph.generation.pool.PooledGenerator`."""
 
     @property
-    def breaker(self) -> CircuitBreaker: ...
+    def breaker(self) -> CircuitBreaker | None:
+        """The tip-generator's breaker where this process calls it; None where it does not
+        (the pool's request path, when the pool deployment runs the refills)."""
+        ...
 
     async def candidates(
         self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
