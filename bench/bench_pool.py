@@ -151,14 +151,16 @@ async def drive(
     return latencies, with_llm
 
 
-def wait_for_refills(stub: StubProcess, timeout_s: float = 300) -> None:
-    """Until the stub has answered every generation it was asked for with a judgement."""
+def wait_for_refills(stub: StubProcess, at_least: int, timeout_s: float = 300) -> None:
+    """Until the stub has answered ``at_least`` generations, and every generation it was
+    asked for with a judgement (the pool replica may still be starting: Serve routes
+    requests once the ingress is up, and the refills wait at the handle)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         asked = stub.counts()["chat"]
         time.sleep(LATENCY_S["chat"] + LATENCY_S["judge"] + 1)
         counts = stub.counts()
-        if counts["chat"] == asked and counts["judge"] >= asked:
+        if counts["chat"] == asked >= at_least and counts["judge"] >= asked:
             return
     raise RuntimeError("refills did not settle")
 
@@ -172,7 +174,7 @@ def run_mode(
         "TIPGRAPH_GENERATION__POOL__WORKERS": str(args.workers),
     }
     port = free_port()
-    process = start("graph", port, tmp / mode, env)
+    process = start("graph", port, tmp, env)
     url = f"http://127.0.0.1:{port}"
     users = Users(args.users, args.churn, args.gap_s, args.seed)
     try:
@@ -180,7 +182,7 @@ def run_mode(
         # Warm-up: a visit from every user, then the refills those visits queued, again
         # until a round queues none: a burst of new users beyond pool.queue_size gets task
         # tips and is queued at its next visit (backpressure, by design).
-        for _ in range(WARM_UP_ROUNDS):
+        for warm_up in range(WARM_UP_ROUNDS):
             before = stub.counts()["chat"]
             visits = iter(users.every_user())
 
@@ -190,7 +192,7 @@ def run_mode(
             asyncio.run(drive(url, visit, args.users, 16))
             if mode == "tasks":
                 break
-            wait_for_refills(stub)
+            wait_for_refills(stub, at_least=before + 1 if warm_up == 0 else before)
             if stub.counts()["chat"] == before:
                 break
         results = []
