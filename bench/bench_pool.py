@@ -152,15 +152,17 @@ async def drive(
 
 
 def wait_for_refills(stub: StubProcess, at_least: int, timeout_s: float = 300) -> None:
-    """Until the stub has answered ``at_least`` generations, and every generation it was
-    asked for with a judgement (the pool replica may still be starting: Serve routes
-    requests once the ingress is up, and the refills wait at the handle)."""
+    """Until the stub has answered ``at_least`` generations and then a whole refill's time
+    (generation, judge) passed without a new call: nothing is in flight.  (The pool
+    replica may still be starting: Serve routes requests once the ingress is up, and the
+    refills wait at the handle.)"""
     deadline = time.monotonic() + timeout_s
+    quiet_s = LATENCY_S["chat"] + LATENCY_S["judge"] + 1
     while time.monotonic() < deadline:
-        asked = stub.counts()["chat"]
-        time.sleep(LATENCY_S["chat"] + LATENCY_S["judge"] + 1)
-        counts = stub.counts()
-        if counts["chat"] == asked >= at_least and counts["judge"] >= asked:
+        before = stub.counts()
+        time.sleep(quiet_s)
+        after = stub.counts()
+        if after == before and after["chat"] >= at_least:
             return
     raise RuntimeError("refills did not settle")
 
@@ -205,8 +207,13 @@ def run_mode(
                 drive(url, users.next_visit, args.requests, concurrency)
             )
             generations = stub.counts()["chat"] - before
-            results.append(
-                Result(round_, mode, concurrency, churn, latencies, with_llm, generations)
+            result = Result(round_, mode, concurrency, churn, latencies, with_llm, generations)
+            results.append(result)
+            print(
+                f"  {mode} c={concurrency} churn={churn}: p50 {result.pct(50):.1f} ms, "
+                f"p99 {result.pct(99):.1f} ms, with LLM {with_llm}/{len(latencies)}, "
+                f"generations {generations}",
+                flush=True,
             )
         return results
     finally:
