@@ -94,7 +94,8 @@ BY_HAND = {
 }
 # The runbook's cluster commands: no cluster here. What they apply is checked offline
 # (tests/test_k3s.py builds every overlay and validates it against the KubeRay CRDs).
-CLUSTER_ONLY = {"kubectl", "helm", "docker", "cat", "rm", "openssl", "head", "watch"}
+# sudo: preparing a node; curl against the cluster's MLflow is the same curl as above.
+CLUSTER_ONLY = {"kubectl", "helm", "docker", "cat", "rm", "openssl", "head", "watch", "sudo"}
 
 
 def _shell_commands(text: str) -> list[list[str]]:

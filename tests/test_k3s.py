@@ -134,15 +134,24 @@ def one(name: str, kind: str, object_name: str | None = None) -> dict[str, Any]:
     return copy.deepcopy(found[0])
 
 
-def pod_specs(document: dict[str, Any]) -> list[dict[str, Any]]:
+def pod_templates(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pod template of a document: workloads, Ray head and worker groups, and a
+    RayJob's submitter."""
     spec = document.get("spec", {})
     if document["kind"] in ("Deployment", "StatefulSet"):
-        return [spec["template"]["spec"]]
+        return [spec["template"]]
+    templates = []
     cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
     if cluster:
         groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
-        return [g["template"]["spec"] for g in groups]
-    return []
+        templates += [g["template"] for g in groups]
+    if "submitterPodTemplate" in spec:
+        templates.append(spec["submitterPodTemplate"])
+    return templates
+
+
+def pod_specs(document: dict[str, Any]) -> list[dict[str, Any]]:
+    return [template["spec"] for template in pod_templates(document)]
 
 
 @pytest.mark.skipif(not SHARED_SCHEMAS.exists(), reason="no ../shared checkout beside the repo")
@@ -261,9 +270,9 @@ def test_core_objects_are_valid_kubernetes_in_strict_mode() -> None:
         if not doc["apiVersion"].startswith("ray.io/"):
             assert core_errors(doc) == [], (name, doc["kind"], doc["metadata"]["name"])
             checked += 1
-    assert (
-        checked == 2 * 11
-    )  # per overlay: Namespace, ConfigMap, 3 Services, StatefulSet, 2 PVCs, 2 Deployments, Ingress
+    # Per overlay: Namespace, ConfigMap, 3 Services, StatefulSet, 3 PVCs, 2 Deployments,
+    # Ingress, 6 NetworkPolicies.
+    assert checked == 2 * 18
 
 
 def test_a_wrong_core_manifest_is_rejected() -> None:
@@ -515,3 +524,188 @@ def test_every_serving_pod_keeps_the_decision_log_on_the_node() -> None:
                 mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
                 assert spill_dir in mounts, (name, container["name"])
                 assert "hostPath" in volumes[mounts[spill_dir]], (name, container["name"])
+
+
+# -- hardening (issue 19) ---------------------------------------------------------------------
+HARDENED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def test_every_container_runs_non_root_on_a_read_only_root_filesystem() -> None:
+    checked = 0
+    for name, doc in all_documents():
+        for spec in pod_specs(doc):
+            pod = spec.get("securityContext", {})
+            assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, (name, doc["kind"])
+            for container in _containers(spec):
+                context = container.get("securityContext", {})
+                where = (name, doc["metadata"]["name"], container["name"])
+                assert {k: context.get(k) for k in HARDENED_CONTAINER} == HARDENED_CONTAINER, where
+                assert context.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, where
+                user = context.get("runAsUser", pod.get("runAsUser"))
+                assert isinstance(user, int) and user > 0, where
+                # A read-only root needs somewhere to write: Ray, MLflow and Postgres use /tmp.
+                assert "/tmp" in {m["mountPath"] for m in container.get("volumeMounts", [])}, where
+                checked += 1
+        if doc["kind"] == "RayService":
+            sidecar = doc["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"]
+            assert {k: sidecar.get(k) for k in HARDENED_CONTAINER} == HARDENED_CONTAINER
+            assert sidecar.get("runAsNonRoot") is True
+    assert checked >= 13  # 2 overlays x (postgres, mlflow, ollama, head, worker) + 3 tuning
+
+
+def test_only_the_ray_head_mounts_a_service_account_token() -> None:
+    """The head's autoscaler sidecar scales the worker pods through the Kubernetes API;
+    nothing else calls it."""
+    for name, doc in all_documents():
+        templates = pod_templates(doc)
+        head = (
+            doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+            if (doc["kind"] == "RayService")
+            else None
+        )
+        for template in templates:
+            if template is not head:
+                assert template["spec"].get("automountServiceAccountToken") is False, (
+                    name,
+                    doc["metadata"]["name"],
+                )
+
+
+def _selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
+    wanted = policy["spec"]["podSelector"].get("matchLabels", {})
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def test_every_pod_is_selected_by_a_network_policy_over_a_default_deny() -> None:
+    tune_templates = [t for doc in build("tune") for t in pod_templates(doc)]
+    assert tune_templates
+    for env in OVERLAYS:
+        docs = build(f"overlays/{env}")
+        policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+        (deny,) = [p for p in policies if p["spec"]["podSelector"] == {}]
+        assert deny["spec"]["policyTypes"] == ["Ingress"] and not deny["spec"].get("ingress")
+        allowing = [p for p in policies if p is not deny]
+        templates = [t for doc in docs for t in pod_templates(doc)] + tune_templates
+        assert len(templates) >= 6
+        for template in templates:
+            labels = template.get("metadata", {}).get("labels", {})
+            assert labels and any(_selects(p, labels) for p in allowing), labels
+
+
+def _sources(policy: dict[str, Any]) -> list[dict[str, Any]]:
+    return [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+
+
+def test_only_serve_reaches_ollama_and_the_store() -> None:
+    for env in OVERLAYS:
+        docs = build(f"overlays/{env}")
+        policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+        ray = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "tipgraph-ray"}}}
+        assert _sources(policies["ollama"]) == [ray]
+        assert [r["ports"] for r in policies["ollama"]["spec"]["ingress"]] == [
+            [{"protocol": "TCP", "port": 11434}]
+        ]
+        store = _sources(policies["postgres"])
+        names = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in store}
+        assert names == {"tipgraph-ray", "mlflow", "tipgraph-tune"}
+        # Nothing from outside the namespace reaches the store.
+        assert all("namespaceSelector" not in peer for peer in store)
+
+
+def test_the_ingress_serves_tls_only() -> None:
+    for env in OVERLAYS:
+        ingress = one(f"overlays/{env}", "Ingress")
+        annotations = ingress["metadata"]["annotations"]
+        assert annotations["traefik.ingress.kubernetes.io/router.entrypoints"] == "websecure"
+        assert annotations["traefik.ingress.kubernetes.io/router.tls"] == "true"
+        (tls,) = ingress["spec"]["tls"]
+        assert tls["secretName"] == "tipgraph-tls"
+        hosts = [rule.get("host") for rule in ingress["spec"]["rules"]]
+        assert hosts and all(host in tls["hosts"] for host in hosts)
+
+
+def test_mlflow_users_are_not_under_the_served_artifact_root() -> None:
+    """``--serve-artifacts`` hands out every file under the artifact destination to
+    anyone who may read: the basic-auth database must live elsewhere."""
+    readme = (K3S / "README.md").read_text(encoding="utf-8")
+    (database,) = set(re.findall(r"database_uri = sqlite:///([^\s`]+)", readme))
+    for env in OVERLAYS:
+        (container,) = pod_specs(one(f"overlays/{env}", "Deployment", "mlflow"))[0]["containers"]
+        (artifacts,) = [
+            a.split("=", 1)[1]
+            for a in container["command"]
+            if a.startswith("--artifacts-destination=")
+        ]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert not Path(database).is_relative_to(artifacts)
+        database_mount = next(p for p in mounts if Path(database).is_relative_to(p))
+        assert mounts[database_mount] != mounts[artifacts]
+
+
+def test_pods_reach_mlflow_with_their_own_account_never_admin() -> None:
+    """Serving only reads the registry (READ); the tuning job writes with its own user."""
+    expected = {"RayService": "serving", "RayJob": "tuning"}
+    seen = set()
+    for name, doc in all_documents():
+        for spec in pod_specs(doc):
+            for container in spec["containers"]:
+                keys = {
+                    env["name"]: env["valueFrom"]["secretKeyRef"]["key"]
+                    for env in container.get("env", [])
+                    if env["name"].startswith("MLFLOW_TRACKING_")
+                }
+                if not keys:
+                    continue
+                account = expected[doc["kind"]]
+                assert keys == {
+                    "MLFLOW_TRACKING_USERNAME": f"{account}-username",
+                    "MLFLOW_TRACKING_PASSWORD": f"{account}-password",
+                }, (name, container["name"])
+                seen.add(doc["kind"])
+    assert seen == set(expected)
+
+
+def test_each_workload_reaches_postgres_as_its_own_role() -> None:
+    """Serve as tipgraph_app, the tuning job as the read-only tipgraph_tuning, MLflow as
+    mlflow; the superuser's password only in Postgres's own pod."""
+    password_keys: dict[str, set[str]] = {}
+    for _, doc in all_documents():
+        for spec in pod_specs(doc):
+            for container in spec["containers"]:
+                for env in container.get("env", []):
+                    ref = env.get("valueFrom", {}).get("secretKeyRef", {})
+                    if ref.get("name") == "tipgraph-postgres":
+                        password_keys.setdefault(doc["kind"], set()).add(ref["key"])
+    assert password_keys == {
+        "RayService": {"app-password"},
+        "RayJob": {"tuning-password"},
+        "Deployment": {"mlflow-password"},  # MLflow
+        "StatefulSet": {
+            "superuser-password",
+            "app-password",
+            "tuning-password",
+            "mlflow-password",
+        },
+    }
+    for env in OVERLAYS:
+        store = overlay_settings(REPO, env).store
+        assert store.url.startswith("postgresql://tipgraph_app@") and store.pg_schema
+        (mlflow,) = pod_specs(one(f"overlays/{env}", "Deployment", "mlflow"))[0]["containers"]
+        assert (
+            "--backend-store-uri=postgresql+psycopg://mlflow@postgres:5432/mlflow"
+            in (mlflow["command"])
+        )
+    for spec in pod_specs(one("tune", "RayJob")):
+        for container in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            if env:
+                assert env["TIPGRAPH_STORE__URL"].startswith("postgresql://tipgraph_tuning@")
+                assert env["TIPGRAPH_STORE__MIGRATE"] == "false"

@@ -17,6 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 import tipgraph.store.migrate as migrate_module
 from tipgraph.settings import StoreSettings
@@ -1102,3 +1103,61 @@ def test_held_feedback_waits_in_the_store_until_its_decision_is_readable(
     assert store.expire_held_feedback(T0) == 0
     assert store.expire_held_feedback(T0 + timedelta(hours=1)) == 1
     assert store.count_held_feedback() == 0
+
+
+# -- a role that may only read (store.migrate: false, the tuning job) -------------------------
+def test_without_migrate_an_empty_or_old_sqlite_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ro.db'}"
+    with pytest.raises(MigrationError, match="no tipgraph schema yet"):
+        SQLiteStore(url, migrate=False).open()
+    SQLiteStore(url).open()  # migrates (and leaves it current)
+    current = SQLiteStore(url, migrate=False)
+    current.open()
+    assert current.logged_events() == []
+    current.close()
+    with closing(sqlite3.connect(sqlite_path(url))) as conn, conn:
+        conn.execute(
+            "DELETE FROM schema_migrations "
+            "WHERE version = (SELECT MAX(version) FROM schema_migrations)"
+        )
+    with pytest.raises(MigrationError, match="this code needs"):
+        SQLiteStore(url, migrate=False).open()
+
+
+@pytest.mark.postgres
+def test_a_read_only_postgres_role_opens_a_current_schema_without_migrating(
+    postgres_url: str, pg_schema: str
+) -> None:
+    owner = PostgresStore(postgres_url, schema=pg_schema)
+    owner.open()
+    owner.close()
+    role = f"ro_{pg_schema}"
+    reader_url = make_conninfo(postgres_url, user=role)  # trust auth: no password
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        for grant in (
+            "GRANT USAGE ON SCHEMA {} TO {}",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}",
+        ):
+            conn.execute(sql.SQL(grant).format(sql.Identifier(pg_schema), sql.Identifier(role)))
+    try:
+        # Migrating needs rights the role does not have, even on a current schema.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            PostgresStore(reader_url, schema=pg_schema).open()
+        reader = PostgresStore(reader_url, schema=pg_schema, migrate=False)
+        reader.open()
+        assert reader.logged_events() == []
+        reader.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL(
+                    "DELETE FROM {}.schema_migrations WHERE version = "
+                    "(SELECT MAX(version) FROM {}.schema_migrations)"
+                ).format(sql.Identifier(pg_schema), sql.Identifier(pg_schema))
+            )
+        with pytest.raises(MigrationError, match="this code needs"):
+            PostgresStore(reader_url, schema=pg_schema, migrate=False).open()
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

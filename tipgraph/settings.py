@@ -63,6 +63,11 @@ class StoreSettings(_Strict):
     pg_schema: str | None = Field(
         None, description="Postgres schema for all tables (created if missing); None = public"
     )
+    migrate: bool = Field(
+        True,
+        description="Apply pending schema migrations on open; false: only check that the "
+        "schema is current, for a role that may only read (the tuning job)",
+    )
     pool_min_size: int = Field(1, ge=0)
     pool_max_size: int = Field(4, ge=1)
     flush_interval_s: float = Field(

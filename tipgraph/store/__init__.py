@@ -79,7 +79,7 @@ def make_store(settings: StoreSettings) -> DecisionStore:
     """The backend ``settings.url`` names, configured but not connected yet."""
     scheme = settings.url.partition(":")[0]
     if scheme == "sqlite":
-        return SQLiteStore(settings.url)
+        return SQLiteStore(settings.url, migrate=settings.migrate)
     if scheme in ("postgresql", "postgres"):
         return PostgresStore(
             settings.url,
@@ -87,12 +87,14 @@ def make_store(settings: StoreSettings) -> DecisionStore:
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
             timeout=settings.timeout_s,
+            migrate=settings.migrate,
         )
     raise ValueError(f"store.url must start with sqlite:// or postgresql://, got {settings.url!r}")
 
 
 def open_store(settings: StoreSettings) -> DecisionStore:
-    """:func:`make_store`, connected and migrated; the caller closes it."""
+    """:func:`make_store`, connected and migrated (or checked current, with
+    ``store.migrate: false``); the caller closes it."""
     store = make_store(settings)
     store.open()
     return store

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Literal
 
+import psycopg
 from psycopg import sql
 
 from tipgraph.store._sql import Cursor
@@ -135,7 +136,12 @@ def _prepare(cur: Cursor, dialect: Dialect, pg_schema: str | None) -> None:
     if dialect == "postgres":
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (POSTGRES_LOCK_KEY,))
         if pg_schema is not None:
-            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(pg_schema)))
+            # Only when missing: CREATE SCHEMA IF NOT EXISTS needs the right to create
+            # schemas in the database even when there is nothing to create, which a role
+            # that owns just its schema (k3s: tipgraph_app) does not have.
+            cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (pg_schema,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(pg_schema)))
     cur.execute(_BOOKKEEPING[dialect])
 
 
@@ -169,3 +175,29 @@ def migrate(transaction: Transaction, dialect: Dialect, *, pg_schema: str | None
             _run_script(cur, dialect, step.sql)
             cur.execute(_RECORD[dialect], (step.version, step.name))
         logger.info("applied %s migration %04d_%s", dialect, step.version, step.name)
+
+
+def check_current(transaction: Transaction, dialect: Dialect) -> int:
+    """The schema version, if it is the one this code ships; never writes.
+
+    For processes whose database role may only read (``store.migrate: false``, the tuning
+    job): another process (``tipgraph serve``) migrates, this one refuses a schema it does
+    not know instead of failing on its first query.
+    """
+    shipped = load_migrations(dialect)
+    try:
+        with transaction() as cur:
+            cur.execute(_APPLIED)
+            applied = int(cur.fetchone()[0])
+    except (sqlite3.OperationalError, psycopg.errors.UndefinedTable) as err:
+        raise MigrationError(
+            f"the store has no tipgraph schema yet ({err}); start something that migrates it "
+            "(tipgraph serve), or open it with store.migrate: true"
+        ) from err
+    if pending_migrations(applied, shipped):
+        raise MigrationError(
+            f"the database schema is at version {applied} but this code needs "
+            f"{shipped[-1].version}; start something that migrates it (tipgraph serve), or "
+            "open it with store.migrate: true"
+        )
+    return applied

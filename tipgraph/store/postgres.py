@@ -14,7 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements
 from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
-from tipgraph.store.migrate import migrate
+from tipgraph.store.migrate import check_current, migrate
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,13 @@ class PostgresStore(SQLDecisionStore):
         min_size: int = 1,
         max_size: int = 4,
         timeout: float = 30.0,
+        migrate: bool = True,
     ) -> None:
+        """``migrate=False``: only check that the schema is current (a read-only role)."""
         super().__init__(POSTGRES_STATEMENTS)
         self.url = url
         self.schema = schema
+        self.migrate = migrate
         self.min_size = min_size
         self.max_size = max_size
         self.timeout = timeout
@@ -95,7 +98,12 @@ class PostgresStore(SQLDecisionStore):
                     pool.open(wait=True, timeout=self.timeout)
                 except psycopg.OperationalError as err:
                     raise StoreUnavailable(f"cannot connect to Postgres: {err}") from err
-                migrate(lambda: self._transaction(write=True), "postgres", pg_schema=self.schema)
+                if self.migrate:
+                    migrate(
+                        lambda: self._transaction(write=True), "postgres", pg_schema=self.schema
+                    )
+                else:
+                    check_current(lambda: self._transaction(write=False), "postgres")
             except BaseException:
                 self._pool = None
                 pool.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore
 from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
-from tipgraph.store.migrate import migrate
+from tipgraph.store.migrate import check_current, migrate
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,11 @@ def _is_transient(err: sqlite3.Error) -> bool:
 class SQLiteStore(SQLDecisionStore):
     """Decision store in a local SQLite file (or ``:memory:``, for one process only)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        """``migrate=False``: only check that the schema is current."""
         super().__init__(QMARK_STATEMENTS)
         self.url = url
+        self.migrate = migrate
         self.path = sqlite_path(url)
         # Reentrant: open() holds it while migrate() runs transactions through it.
         self._lock = threading.RLock()
@@ -65,7 +67,10 @@ class SQLiteStore(SQLDecisionStore):
                 return
             try:
                 self._conn = self._connect()
-                migrate(lambda: self._transaction(write=True), "sqlite")
+                if self.migrate:
+                    migrate(lambda: self._transaction(write=True), "sqlite")
+                else:
+                    check_current(lambda: self._transaction(write=False), "sqlite")
             except BaseException:
                 self.close()
                 raise
