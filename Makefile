@@ -20,7 +20,8 @@ install: $(STAMP)
 
 ## run: serve the graph on http://127.0.0.1:8000 (SQLite decision log, task-mode tips)
 run: install
-	TIPGRAPH_API_TOKEN=$${TIPGRAPH_API_TOKEN:-local-dev-token} $(BIN)/tipgraph serve
+	@test -n "$$TIPGRAPH_PRIVACY__USER_KEY_SECRET" || echo "make run: no TIPGRAPH_PRIVACY__USER_KEY_SECRET, so user ids are pseudonymised with the public development key (local runs only)"
+	TIPGRAPH_API_TOKEN=$${TIPGRAPH_API_TOKEN:-local-dev-token} TIPGRAPH_PRIVACY__ALLOW_DEV_SECRET=true $(BIN)/tipgraph serve
 
 ## test: lint, type-check, import contracts and every test (needs the local Postgres; started if down)
 test: install postgres lint

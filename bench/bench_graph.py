@@ -32,6 +32,7 @@ from tests.ollama_stub import OllamaStub
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
+USER_KEY_SECRET = "bench-user-key-secret-synthetic-users-only"
 CONCURRENCY = (1, 8, 16, 32)
 HOPS = ("CONTEXT", "GENERATION", "SCORING", "SHADOWS")
 STAGES = ("INGRESS", "CONTEXT", "GENERATION", "SCORING")
@@ -168,6 +169,7 @@ def start(
         **os.environ,
         **(extra_env or {}),
         "TIPGRAPH_API_TOKEN": TOKEN,
+        "TIPGRAPH_PRIVACY__USER_KEY_SECRET": USER_KEY_SECRET,
         "TIPGRAPH_STORE__URL": f"sqlite:///{tmp}/{kind}.db",
         "TIPGRAPH_STORE__SPILL_DIR": str(tmp / "spill"),
         "RAY_USAGE_STATS_ENABLED": "0",

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from bench.bench_graph import free_port
+from bench.bench_graph import USER_KEY_SECRET, free_port
 from tests.factories import tip_body
 from tipgraph.settings import TipgraphSettings, load_settings
 
@@ -31,6 +31,7 @@ FAULTY = [
 def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["TIPGRAPH_API_TOKEN"] = TOKEN
+    os.environ["TIPGRAPH_PRIVACY__USER_KEY_SECRET"] = USER_KEY_SECRET
     import ray
     from ray import serve
 

@@ -23,6 +23,9 @@ from tipgraph.store import DecisionStore, open_store
 TEST_API_TOKEN = "tipgraph-test-token"
 os.environ["TIPGRAPH_API_TOKEN"] = TEST_API_TOKEN
 AUTH_HEADERS = {"Authorization": f"Bearer {TEST_API_TOKEN}"}
+# ... and a user-key secret: nothing that serves starts without one.
+TEST_USER_KEY_SECRET = "tipgraph-test-user-key-secret-never-in-production"
+os.environ["TIPGRAPH_PRIVACY__USER_KEY_SECRET"] = TEST_USER_KEY_SECRET
 
 PG_URL_ENV = "TIPGRAPH_TEST_PG_URL"
 # The local test server trusts TCP connections from 127.0.0.1; "postgres" is its superuser.

@@ -22,7 +22,7 @@ def test_config_show_prints_the_effective_config_with_every_secret_masked(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TIPGRAPH_API_TOKEN", "token-abc123")
-    monkeypatch.setenv("TIPGRAPH_PRIVACY__USER_KEY_SECRET", "hmac-key-xyz")
+    monkeypatch.setenv("TIPGRAPH_PRIVACY__USER_KEY_SECRET", "hmac-key-xyz-long-enough-to-be-kept")
     monkeypatch.setenv("TIPGRAPH_STORE__URL", "postgresql://tipgraph:hunter2@db:5432/tipgraph")
     monkeypatch.setenv("TIPGRAPH_HOPS__SCORING__MAX_BATCH_SIZE", "7")
 

@@ -115,3 +115,50 @@ def test_the_api_token_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert "from-env" not in repr(TipgraphSettings())  # never printed by accident
     monkeypatch.delenv("TIPGRAPH_API_TOKEN")
     assert TipgraphSettings().auth.api_token is None
+
+
+def test_serve_refuses_to_start_without_a_user_key_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tipgraph_ops.cli import EXIT_USAGE, main
+
+    monkeypatch.delenv("TIPGRAPH_PRIVACY__USER_KEY_SECRET", raising=False)
+    monkeypatch.delenv("TIPGRAPH_PRIVACY__ALLOW_DEV_SECRET", raising=False)
+    assert main(["serve"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "privacy.user_key_secret is not set" in err
+    assert "TIPGRAPH_PRIVACY__USER_KEY_SECRET" in err and "Traceback" not in err
+
+
+def test_a_short_user_key_secret_is_refused_and_the_dev_key_needs_saying_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    from tipgraph.settings import DEV_USER_KEY_SECRET, MissingUserKeySecret, TipgraphSettings
+
+    monkeypatch.delenv("TIPGRAPH_PRIVACY__USER_KEY_SECRET")  # the environment wins
+    with pytest.raises(ValidationError, match="it needs at least 32"):
+        TipgraphSettings(privacy={"user_key_secret": "too-short"})
+    unset = TipgraphSettings()
+    with pytest.raises(MissingUserKeySecret, match="not set"):
+        unset.privacy.current_secret()
+    with pytest.raises(MissingUserKeySecret):
+        unset.privacy.user_key_secrets()
+    dev = TipgraphSettings(privacy={"allow_dev_secret": True})
+    assert dev.privacy.uses_dev_secret and dev.privacy.current_secret() == DEV_USER_KEY_SECRET
+    # A real key wins over the flag.
+    real = TipgraphSettings(privacy={"allow_dev_secret": True, "user_key_secret": "x" * 32})
+    assert not real.privacy.uses_dev_secret and real.privacy.current_secret() == "x" * 32
+
+
+def test_nothing_that_pseudonymises_starts_without_the_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tipgraph.settings import MissingUserKeySecret, TipgraphSettings
+    from tipgraph.wiring import tip_service
+
+    monkeypatch.delenv("TIPGRAPH_PRIVACY__USER_KEY_SECRET")
+    settings = TipgraphSettings(store={"url": f"sqlite:///{tmp_path / 'x.db'}"})
+    with pytest.raises(MissingUserKeySecret):
+        tip_service(settings, lambda *wired: None, owner="test")  # type: ignore[arg-type,return-value]

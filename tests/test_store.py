@@ -1108,9 +1108,15 @@ def test_held_feedback_waits_in_the_store_until_its_decision_is_readable(
 # -- a role that may only read (store.migrate: false, the tuning job) -------------------------
 def test_without_migrate_an_empty_or_old_sqlite_schema_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ro.db'}"
+    with pytest.raises(StoreUnavailable, match="cannot open"):
+        SQLiteStore(url, migrate=False).open()  # read-only: makes no file
+    assert not (tmp_path / "ro.db").exists()
+    sqlite3.connect(tmp_path / "ro.db").close()
     with pytest.raises(MigrationError, match="no tipgraph schema yet"):
         SQLiteStore(url, migrate=False).open()
-    SQLiteStore(url).open()  # migrates (and leaves it current)
+    migrating = SQLiteStore(url)
+    migrating.open()  # migrates (and leaves it current)
+    migrating.close()
     current = SQLiteStore(url, migrate=False)
     current.open()
     assert current.logged_events() == []

@@ -68,7 +68,7 @@ class TipService:
         self.store = store
         self.log = log
         self.metrics = metrics if metrics is not None else Metrics()
-        self._secret = settings.privacy.user_key_secret.get_secret_value()
+        self._secret = settings.privacy.current_secret()
         self._access_log = settings.logs.access_log
         self.shadows = ShadowRunner(stages, self.metrics)
         self.feedback_path = FeedbackService(

@@ -535,11 +535,27 @@ class ShadowSettings(_Strict):
         return f"shadow_{self.policy.name}"
 
 
+DEV_USER_KEY_SECRET = "tipgraph-dev-only-secret"
+"""The public key of ``privacy.allow_dev_secret``: pseudonyms made with it can be reversed."""
+MIN_SECRET_CHARS = 32
+
+
+class MissingUserKeySecret(RuntimeError):
+    """Nothing that pseudonymises users starts without a secret key."""
+
+
 class PrivacySettings(_Strict):
-    user_key_secret: SecretStr = Field(
-        SecretStr("tipgraph-dev-only-secret"),
-        description="HMAC key that pseudonymises user ids and signs event ids; set "
-        "TIPGRAPH_PRIVACY__USER_KEY_SECRET",
+    user_key_secret: SecretStr | None = Field(
+        None,
+        description="HMAC key that pseudonymises user ids and signs event ids, at least "
+        f"{MIN_SECRET_CHARS} characters: set TIPGRAPH_PRIVACY__USER_KEY_SECRET. Required: "
+        "nothing that serves starts without it, unless allow_dev_secret",
+    )
+    allow_dev_secret: bool = Field(
+        False,
+        description="Local runs only: without user_key_secret, pseudonymise with a public "
+        "development key, which anyone can reverse by dictionary (`make run` sets it and "
+        "says so)",
     )
     user_key_id: str = Field(
         "k1",
@@ -553,6 +569,16 @@ class PrivacySettings(_Strict):
         "and event ids they signed stay valid",
     )
 
+    @field_validator("user_key_secret")
+    @classmethod
+    def _long_enough(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and len(secret.get_secret_value()) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"user_key_secret has {len(secret.get_secret_value())} characters; it needs "
+                f"at least {MIN_SECRET_CHARS} (e.g. `openssl rand -hex 32`)"
+            )
+        return secret
+
     @model_validator(mode="after")
     def _distinct_key_ids(self) -> PrivacySettings:
         if self.user_key_id in self.retired_user_key_secrets:
@@ -562,10 +588,27 @@ class PrivacySettings(_Strict):
             )
         return self
 
+    @property
+    def uses_dev_secret(self) -> bool:
+        return self.user_key_secret is None and self.allow_dev_secret
+
+    def current_secret(self) -> str:
+        """The key that pseudonymises now; :class:`MissingUserKeySecret` when there is none."""
+        if self.user_key_secret is not None:
+            return self.user_key_secret.get_secret_value()
+        if self.allow_dev_secret:
+            return DEV_USER_KEY_SECRET
+        raise MissingUserKeySecret(
+            "privacy.user_key_secret is not set: set TIPGRAPH_PRIVACY__USER_KEY_SECRET "
+            f"({MIN_SECRET_CHARS}+ characters, e.g. `openssl rand -hex 32`; k3s: from the "
+            "Secret tipgraph-app). Pseudonyms made with a public key can be reversed. For a "
+            "local run only, TIPGRAPH_PRIVACY__ALLOW_DEV_SECRET=true (what `make run` sets)"
+        )
+
     def user_key_secrets(self) -> dict[str, str]:
         """Key id -> secret, the current key first, then the retired ones."""
-        keys = {self.user_key_id: self.user_key_secret, **self.retired_user_key_secrets}
-        return {key_id: secret.get_secret_value() for key_id, secret in keys.items()}
+        retired = {k: v.get_secret_value() for k, v in self.retired_user_key_secrets.items()}
+        return {self.user_key_id: self.current_secret(), **retired}
 
     def all_user_key_secrets(self) -> list[str]:
         """The current key first, then the retired ones."""

@@ -278,6 +278,10 @@ def run_local(
     are reproducible.
     """
 
+    if settings.privacy.user_key_secret is None:
+        # Simulated users, a throw-away log: no one to protect, so no key is required.
+        privacy = settings.privacy.model_copy(update={"allow_dev_secret": True})
+        settings = settings.model_copy(update={"privacy": privacy})
     loop = asyncio.new_event_loop()
     built: list[LocalStages] = []
 

@@ -23,7 +23,7 @@ from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
 from tipgraph.serve_config import SERVE_ENV, render_serve_config_text
-from tipgraph.settings import load_settings, parse_policy, resolve_paths
+from tipgraph.settings import MissingUserKeySecret, load_settings, parse_policy, resolve_paths
 from tipgraph.simulated_tips import SimulatedModels
 from tipgraph.simulator import Block, format_block, run_http, run_local, summarise
 from tipgraph.store import LogFilter, StoreError, make_store, open_store
@@ -73,6 +73,18 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    try:
+        settings.privacy.current_secret()
+    except MissingUserKeySecret as err:
+        print(f"tipgraph: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if settings.privacy.uses_dev_secret:
+        print(
+            "tipgraph: warning: user ids are pseudonymised with the public development key "
+            "(privacy.allow_dev_secret): fine for a local run, never for real users",
+            file=sys.stderr,
+            flush=True,
+        )
     ray.init(
         include_dashboard=False,
         num_cpus=args.num_cpus,

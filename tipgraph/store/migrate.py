@@ -191,8 +191,9 @@ def check_current(transaction: Transaction, dialect: Dialect) -> int:
             applied = int(cur.fetchone()[0])
     except (sqlite3.OperationalError, psycopg.errors.UndefinedTable) as err:
         raise MigrationError(
-            f"the store has no tipgraph schema yet ({err}); start something that migrates it "
-            "(tipgraph serve), or open it with store.migrate: true"
+            f"the store has no tipgraph schema yet, or this role may not read it ({err}); "
+            "start something that migrates it (tipgraph serve), or open it with "
+            "store.migrate: true"
         ) from err
     if pending_migrations(applied, shipped):
         raise MigrationError(

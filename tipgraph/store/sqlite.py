@@ -83,21 +83,25 @@ class SQLiteStore(SQLDecisionStore):
                 self._conn = None
 
     def _connect(self) -> sqlite3.Connection:
+        # Without migrating, never write: read-only, no directory, file or WAL switch made.
+        read_only = not self.migrate and self.path != MEMORY
         try:
-            if self.path != MEMORY:
+            if self.path != MEMORY and not read_only:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             # timeout= is SQLite's busy_timeout.  isolation_level=None: no implicit BEGIN,
             # _transaction says when a transaction starts and of which kind.
             conn = sqlite3.connect(
-                self.path,
+                f"{Path(self.path).resolve().as_uri()}?mode=ro" if read_only else self.path,
                 timeout=BUSY_TIMEOUT_S,
                 isolation_level=None,
                 check_same_thread=False,
+                uri=read_only,
             )
         except (OSError, sqlite3.OperationalError) as err:
             raise StoreUnavailable(f"cannot open SQLite database {self.path}: {err}") from err
         try:
-            _enable_wal(conn)
+            if not read_only:
+                _enable_wal(conn)
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as err:
             conn.close()

@@ -146,6 +146,7 @@ def run_rehearsal(options: RehearsalOptions, log: Any = print) -> dict[str, Any]
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "TIPGRAPH_API_TOKEN": token,
+        "TIPGRAPH_PRIVACY__USER_KEY_SECRET": secrets.token_hex(32),
         "OLLAMA_API_BASE": stub.url,
     }
     results: list[ScenarioResult] = []
