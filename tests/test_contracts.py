@@ -53,6 +53,19 @@ def test_configured_limits_can_only_tighten() -> None:
     assert check_limits(request, LimitSettings(max_tasks=3)) == "tasks: at most 3 tasks, got 6"
     message = check_limits(request, LimitSettings(max_content_chars=10))
     assert message is not None and message.startswith("tasks[0].content: at most 10")
+    labelled = TipRequest.model_validate(
+        tip_body(
+            tasks=[task("a", labels=["x", "y", "z"])],
+            recent_reactions=[{"kind": "focus", "reaction": "done"}] * 3,
+        )
+    )
+    assert check_limits(labelled, LimitSettings(max_labels=3, max_recent_reactions=3)) is None
+    assert check_limits(labelled, LimitSettings(max_labels=2)) == (
+        "tasks[0].labels: at most 2 labels, got 3"
+    )
+    assert check_limits(labelled, LimitSettings(max_recent_reactions=2)) == (
+        "recent_reactions: at most 2, got 3"
+    )
 
 
 @pytest.mark.parametrize(

@@ -211,6 +211,15 @@ def check_limits(request: TipRequest, limits: LimitSettings) -> str | None:
                 f"tasks[{index}].content: at most {limits.max_content_chars} characters, "
                 f"got {len(task.content)}"
             )
+        if len(task.labels) > limits.max_labels:
+            return (
+                f"tasks[{index}].labels: at most {limits.max_labels} labels, got {len(task.labels)}"
+            )
+    if len(request.recent_reactions) > limits.max_recent_reactions:
+        return (
+            f"recent_reactions: at most {limits.max_recent_reactions}, "
+            f"got {len(request.recent_reactions)}"
+        )
     if request.n_candidates is not None and request.n_candidates > limits.max_candidates:
         return f"n_candidates: at most {limits.max_candidates}, got {request.n_candidates}"
     return None
