@@ -37,8 +37,10 @@ class PoolRefiller:
         metrics = replica_metrics(settings.metrics)
         self._pool = settings.generation.pool
         self._store = open_store(settings.store)
-        self._queue, breaker = build_refill_queue(settings.generation, self._store, metrics=metrics)
-        self._breaker = breaker
+        self._queue, generator = build_refill_queue(
+            settings.generation, self._store, metrics=metrics
+        )
+        breaker = self._breaker = generator.breaker
         self._gauges = Periodic(
             settings.metrics.sample_interval_s,
             lambda: metrics.sample_breaker(breaker),

@@ -42,7 +42,7 @@ def embedding_model(settings: GenerationSettings) -> str | None:
     projection's version, so a new model or projection embeds again.  None when this
     configuration embeds nothing (task mode, inline LLM, embedder off)."""
     embedder = settings.embedder
-    if settings.source == "tasks" or settings.serve_from != "pool" or not embedder.enabled:
+    if not settings.pooled or not embedder.enabled:
         return None
     target = load_llm_config(settings.llm_config).target(embedder.model_alias)
     return f"{target or embedder.model_alias}|{PROJECTION.version}"

@@ -104,8 +104,9 @@ def build_refill_queue(
     completer: Any = None,
     embed: EmbeddingClient | None = None,
     metrics: Metrics | None = None,
-) -> tuple[RefillQueue, CircuitBreaker]:
-    """The refill queue of the candidate pool, and the tip-generator's breaker behind it.
+) -> tuple[RefillQueue, TipGenerator]:
+    """The refill queue of the candidate pool, and the tip-generator its refills ask (its
+    breaker and prompt split).
 
     ``completer`` and ``embed`` default to one LiteLLM Router for every alias; the queue's
     workers start on the running event loop at first use.
@@ -143,7 +144,7 @@ def build_refill_queue(
         workers=settings.pool.workers,
         metrics=metrics,
     )
-    return queue, generator.breaker
+    return queue, generator
 
 
 def build_candidate_source(
@@ -166,16 +167,17 @@ def build_candidate_source(
         return build_tip_generator(settings, completer=completer, metrics=metrics), None
     if store is None:
         raise ValueError("generation.serve_from: pool needs the store")
-    queue: RefillQueue | None = None
-    breaker: CircuitBreaker | None = None
-    if refills is None:
-        queue, breaker = build_refill_queue(
+    if refills is not None:
+        split, breaker, queue = load_split(Path(settings.prompts_dir), settings.prompts), None, None
+    else:
+        queue, generator = build_refill_queue(
             settings, store, completer=completer, embed=embed, metrics=metrics
         )
-        refills = queue
+        assert generator.split is not None  # an LLM source always has its prompts
+        split, breaker, refills = generator.split, generator.breaker, queue
     pooled = PooledGenerator(
         settings,
-        load_split(Path(settings.prompts_dir), settings.prompts),
+        split,
         store,
         refills,
         embedding_model=embedding_model(settings),

@@ -177,6 +177,20 @@ def migrate(transaction: Transaction, dialect: Dialect, *, pg_schema: str | None
         logger.info("applied %s migration %04d_%s", dialect, step.version, step.name)
 
 
+def open_schema(
+    transaction: Callable[[bool], AbstractContextManager[Cursor]],
+    dialect: Dialect,
+    *,
+    apply: bool,
+    pg_schema: str | None = None,
+) -> int:
+    """A store's schema on open: :func:`migrate` it, or with ``apply=False`` only
+    :func:`check_current` it.  ``transaction(write)`` gives the store's transactions."""
+    if apply:
+        return migrate(lambda: transaction(True), dialect, pg_schema=pg_schema)
+    return check_current(lambda: transaction(False), dialect)
+
+
 def check_current(transaction: Transaction, dialect: Dialect) -> int:
     """The schema version, if it is the one this code ships; never writes.
 

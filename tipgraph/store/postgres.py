@@ -14,7 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements
 from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
-from tipgraph.store.migrate import check_current, migrate
+from tipgraph.store.migrate import open_schema
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +98,12 @@ class PostgresStore(SQLDecisionStore):
                     pool.open(wait=True, timeout=self.timeout)
                 except psycopg.OperationalError as err:
                     raise StoreUnavailable(f"cannot connect to Postgres: {err}") from err
-                if self.migrate:
-                    migrate(
-                        lambda: self._transaction(write=True), "postgres", pg_schema=self.schema
-                    )
-                else:
-                    check_current(lambda: self._transaction(write=False), "postgres")
+                open_schema(
+                    lambda write: self._transaction(write=write),
+                    "postgres",
+                    apply=self.migrate,
+                    pg_schema=self.schema,
+                )
             except BaseException:
                 self._pool = None
                 pool.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore
 from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
-from tipgraph.store.migrate import check_current, migrate
+from tipgraph.store.migrate import open_schema
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,9 @@ class SQLiteStore(SQLDecisionStore):
                 return
             try:
                 self._conn = self._connect()
-                if self.migrate:
-                    migrate(lambda: self._transaction(write=True), "sqlite")
-                else:
-                    check_current(lambda: self._transaction(write=False), "sqlite")
+                open_schema(
+                    lambda write: self._transaction(write=write), "sqlite", apply=self.migrate
+                )
             except BaseException:
                 self.close()
                 raise
