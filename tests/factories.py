@@ -1,10 +1,15 @@
-"""Small builders for request bodies used across tests."""
+"""Small builders for request bodies (and token files) used across tests."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from tipgraph.auth import hash_token
 from tipgraph.decision_log import DecisionLog
 from tipgraph.local import LocalStages
 from tipgraph.metrics import Metrics
@@ -73,3 +78,15 @@ def local_stages(settings: TipgraphSettings, store: DecisionStore) -> LocalStage
     return LocalStages(
         settings, store, decision_log(store, settings.store, owner="test"), Metrics()
     )
+
+
+def token_entry(token_id: str, token: str, *scopes: str, **extra: str) -> dict[str, object]:
+    """One auth.tokens_file entry: the token's hash, never the token."""
+    return {"id": token_id, "sha256": hash_token(token), "scopes": list(scopes), **extra}
+
+
+def write_tokens(path: Path, *entries: dict[str, object]) -> None:
+    """Replace the token file whole, as a Secret volume swaps its files: never half a file."""
+    staged = path.with_suffix(".new")
+    staged.write_text(yaml.safe_dump({"tokens": list(entries)}))
+    os.replace(staged, path)

@@ -66,6 +66,9 @@ EXERCISED: dict[str, list[str]] = {
         "tests/test_report.py::test_cli_entry_points_render_with_filters",
     ],
     "tipgraph config show": ["tests/test_cli.py::test_config_show_as_json"],
+    "tipgraph token": [
+        "tests/test_auth.py::test_token_new_prints_the_token_once_and_entries_that_append_to_a_file"
+    ],
     "tipgraph render-config-docs": [
         "tests/test_cli.py::test_the_configuration_reference_matches_the_settings_model"
     ],
@@ -95,12 +98,24 @@ BY_HAND = {
 # The runbook's cluster commands: no cluster here. What they apply is checked offline
 # (tests/test_k3s.py builds every overlay and validates it against the KubeRay CRDs).
 # sudo: preparing a node; curl against the cluster's MLflow is the same curl as above.
-CLUSTER_ONLY = {"kubectl", "helm", "docker", "cat", "rm", "openssl", "head", "watch", "sudo"}
+CLUSTER_ONLY = {
+    "kubectl",
+    "helm",
+    "docker",
+    "cat",
+    "rm",
+    "openssl",
+    "head",
+    "watch",
+    "sudo",
+    "base64",
+}
 
 
 def _shell_commands(text: str) -> list[list[str]]:
     """The commands of the fenced shell blocks as word lists: continuations and quoted
-    multi-line bodies joined, comments, heredoc bodies and ``&&`` / ``|`` chains split."""
+    multi-line bodies joined, comments, heredoc bodies and redirections dropped, ``&&`` /
+    ``|`` chains split."""
     commands = []
     for block in SHELL_BLOCK.findall(text):
         pending = ""
@@ -118,8 +133,13 @@ def _shell_commands(text: str) -> list[list[str]]:
             if "<<EOF" in words:
                 heredoc_end = "EOF"
             chain: list[str] = []
+            redirected = False
             for word in [*words, "&&"]:
-                if word in ("&&", "||", "|", ";"):
+                if redirected:  # the file of a redirection is no argument
+                    redirected = False
+                elif word in (">", ">>", "<"):
+                    redirected = True
+                elif word in ("&&", "||", "|", ";"):
                     if chain:
                         commands.append(chain)
                     chain = []

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jsonschema
@@ -393,15 +393,31 @@ def test_secrets_only_through_secret_references() -> None:
         for spec in pod_specs(doc):
             for container in spec["containers"]:
                 for env in container.get("env", []):
-                    if SECRET_NAME.search(env["name"]):
+                    # A *_FILE variable names where a mounted Secret is, not a secret.
+                    if SECRET_NAME.search(env["name"]) and not env["name"].endswith("_FILE"):
                         assert "value" not in env, (name, env["name"])
                         referenced.add(env["valueFrom"]["secretKeyRef"]["name"])
             for volume in spec.get("volumes", []):
                 if "secret" in volume:
                     referenced.add(volume["secret"]["secretName"])
-    assert referenced == {"tipgraph-postgres", "tipgraph-app", "tipgraph-mlflow"}
+    assert referenced == {"tipgraph-postgres", "tipgraph-app", "tipgraph-mlflow", "tipgraph-tokens"}
     for secret in referenced:
         assert f"kubectl -n tipgraph create secret generic {secret}" in documented
+
+
+def test_serving_reads_scoped_tokens_from_a_mounted_secret_and_no_all_scope_token() -> None:
+    for env in OVERLAYS:
+        rayservice = one(f"overlays/{env}", "RayService")
+        for spec in pod_specs(rayservice):
+            (container,) = spec["containers"]
+            variables = {e["name"]: e for e in container["env"]}
+            assert "TIPGRAPH_API_TOKEN" not in variables, "an env token has every scope"
+            path = PurePosixPath(variables["TIPGRAPH_AUTH__TOKENS_FILE"]["value"])
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+            # A subPath mount is never updated by the kubelet: rotation would need a restart.
+            assert "subPath" not in mount and mount["readOnly"] is True
+            assert volumes[mount["name"]]["secret"]["secretName"] == "tipgraph-tokens"
 
 
 def test_the_ingress_routes_to_services_that_exist() -> None:

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from graphs.tipgraph import PROJECT_ROOT, build_graph
-from tests.conftest import AUTH_HEADERS, free_port
+from tests.conftest import AUTH_HEADERS, TEST_API_TOKEN, free_port
 from tests.factories import local_service, task, tip_body
 from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
@@ -737,6 +737,21 @@ def test_a_real_app_exports_every_metric_on_the_ray_metrics_port(
             assert (f"ray_tipgraph_decision_log_{gauge}", writer) in gauges
     assert ("ray_tipgraph_feedback_held", "ingress") in gauges
     assert total(samples, "ray_tipgraph_decision_log_spill_bytes") == 0
+    # Every /v1 request by the id of its token (conftest's, the env token), never the token.
+    requests: list[Sample] = []
+
+    def by_route() -> dict[str, float]:
+        nonlocal requests
+        requests = scrape(observed_app.metrics_url)
+        name = "ray_tipgraph_http_requests_total"
+        return {
+            route: total(requests, name, token_id="env", route=route, code="200")
+            for route in ("tips", "feedback", "erase")
+        }
+
+    expected = {"tips": N_TIPS, "feedback": N_TIPS, "erase": 1}
+    wait_for(lambda: by_route() == expected, "every request counted by token id")
+    assert TEST_API_TOKEN not in {v for _, labels, _ in requests for v in labels.values()}
     # Nothing exported but what tipgraph/metrics.py defines, and no personal data in tags.
     assert {name for name, _, _ in samples} <= EXPORTED
     for _, labels, _ in samples:
@@ -778,6 +793,15 @@ def test_a_real_app_logs_json_lines_with_event_ids_and_nothing_personal(
             if line.get("request_id") == served["request_id"] and "/v1/tips" in line["message"]
         ]
         assert access, "Serve's access line for the request"
+    # Each /v1 request's line names its token by id, joinable to Serve's access line.
+    by_token = [line for line in lines if line.get("token_id") == "env"]
+    assert len(by_token) == 2 * N_TIPS + 1
+    assert all(line["request_id"] for line in by_token)
+    assert {line["message"] for line in by_token} == {
+        "tips 200 token_id=env",
+        "feedback 200 token_id=env",
+        "erase 200 token_id=env",
+    }
     fallbacks = [line for line in lines if "LLM generation failed" in line["message"]]
     assert len(fallbacks) == 3 and all(
         line["event_id"] in observed_app.events for line in fallbacks
@@ -788,6 +812,6 @@ def test_a_real_app_logs_json_lines_with_event_ids_and_nothing_personal(
         path.read_text(encoding="utf-8") for path in sorted(observed_app.logs_dir.glob("*"))
     )
     contents = {tip["tip"]["content"] for tip in observed_app.tips}
-    for needle in (USER_ID, observed_app.user_key, TASK_TITLE, "hooli", *contents):
+    for needle in (USER_ID, observed_app.user_key, TASK_TITLE, "hooli", TEST_API_TOKEN, *contents):
         assert needle not in text
     assert "{user_id}" in text  # the erasure's access line names the route, not the user

@@ -96,14 +96,17 @@ def test_relative_sqlite_path_is_made_absolute(tmp_path: Path) -> None:
     assert resolve_paths(memory, tmp_path).store.url == "sqlite:///:memory:"
 
 
-def test_serve_refuses_to_start_without_an_api_token(
+def test_serve_refuses_to_start_without_an_api_token_or_with_a_missing_token_file(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tipgraph_ops.cli import EXIT_USAGE, main
 
     monkeypatch.delenv("TIPGRAPH_API_TOKEN", raising=False)
     assert main(["serve"]) == EXIT_USAGE
-    assert "set TIPGRAPH_API_TOKEN" in capsys.readouterr().err
+    assert "no API token: set auth.tokens_file" in capsys.readouterr().err
+    monkeypatch.setenv("TIPGRAPH_AUTH__TOKENS_FILE", "/nonexistent/tokens.yaml")
+    assert main(["serve"]) == EXIT_USAGE
+    assert "/nonexistent/tokens.yaml: No such file" in capsys.readouterr().err
 
 
 def test_the_api_token_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

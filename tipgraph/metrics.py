@@ -180,6 +180,20 @@ POOL_AIDS_FAILED = MetricSpec(
     "goes on as generation.judge.on_failure says, or without embeddings.",
     ("alias",),
 )
+HTTP_REQUESTS = MetricSpec(
+    "tipgraph_http_requests",
+    "counter",
+    "Requests under /v1, by the id of the token that made them (none: no valid token), "
+    "the route's scope (tips, feedback, erase, admin) and the HTTP status.",
+    ("token_id", "route", "code"),
+)
+TOKEN_RELOADS = MetricSpec(
+    "tipgraph_token_reloads",
+    "counter",
+    "Changes of auth.tokens_file an ingress replica saw, by outcome: reloaded, or failed "
+    "(unreadable or invalid: the tokens loaded before stay valid).",
+    ("outcome",),
+)
 
 METRICS = (
     DECISIONS,
@@ -203,6 +217,8 @@ METRICS = (
     POOL_REFILLS,
     POOL_TIPS_REJECTED,
     POOL_AIDS_FAILED,
+    HTTP_REQUESTS,
+    TOKEN_RELOADS,
 )
 """Every metric tipgraph records."""
 
@@ -350,6 +366,12 @@ class Metrics:
 
     def pool_aid_failed(self, alias: str) -> None:
         self._sink.inc(POOL_AIDS_FAILED, 1, {"alias": alias})
+
+    def http_request(self, token_id: str, route: str, code: int) -> None:
+        self._sink.inc(HTTP_REQUESTS, 1, {"token_id": token_id, "route": route, "code": str(code)})
+
+    def token_reload(self, outcome: str) -> None:
+        self._sink.inc(TOKEN_RELOADS, 1, {"outcome": outcome})
 
     def _count_to(self, spec: MetricSpec, total: float) -> None:
         """Move the counter ``spec`` up to ``total``, a running total kept elsewhere and

@@ -673,8 +673,18 @@ class AuthSettings(_Strict):
         default_factory=lambda: (
             SecretStr(os.environ[API_TOKEN_ENV]) if os.environ.get(API_TOKEN_ENV) else None
         ),
-        description="Bearer token every /v1 request must carry; default $TIPGRAPH_API_TOKEN. "
-        "The ingress refuses to start without one.",
+        description="A bearer token with every scope (id 'env'), for local runs; default "
+        "$TIPGRAPH_API_TOKEN. Production uses tokens_file. The ingress refuses to start "
+        "with neither.",
+    )
+    tokens_file: str | None = Field(
+        None,
+        description="YAML list of tokens, each an id, the token's sha256, its scopes (tips, "
+        "feedback, erase, admin) and an optional not_after (tipgraph token new); re-read "
+        "when it changes, so tokens rotate without a restart (k3s: a mounted Secret)",
+    )
+    reload_interval_s: float = Field(
+        1.0, gt=0, description="How often the ingress checks tokens_file for a change"
     )
 
 
@@ -790,7 +800,7 @@ def load_settings(
 
 
 def resolve_paths(settings: TipgraphSettings, base: Path) -> TipgraphSettings:
-    """Make relative file paths absolute (SQLite file, LLM config, prompts), so every Ray
+    """Make relative file paths absolute (SQLite file, LLM config, prompts, tokens), so every Ray
     worker opens the same files whatever its working directory."""
 
     def absolute(path: str) -> str:
@@ -808,6 +818,9 @@ def resolve_paths(settings: TipgraphSettings, base: Path) -> TipgraphSettings:
     if settings.logs.dir is not None:
         logs = settings.logs.model_copy(update={"dir": absolute(settings.logs.dir)})
         settings = settings.model_copy(update={"logs": logs})
+    if settings.auth.tokens_file is not None:
+        auth = settings.auth.model_copy(update={"tokens_file": absolute(settings.auth.tokens_file)})
+        settings = settings.model_copy(update={"auth": auth})
     prefix = "sqlite:///"
     url = settings.store.url
     if not url.startswith(prefix) or url == f"{prefix}:memory:":

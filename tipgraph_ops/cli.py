@@ -1,6 +1,6 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
-render-serve-config, render-k3s, render-config-docs, config show, migrate, export, status,
-report, rehearse."""
+render-serve-config, render-k3s, render-config-docs, config show, token new, migrate,
+retention run, export, status, report, rehearse."""
 
 from __future__ import annotations
 
@@ -19,11 +19,25 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from tipgraph.auth import (
+    SCOPES,
+    CredentialSource,
+    TokenFileError,
+    new_token,
+    parse_scopes,
+    token_entry_yaml,
+)
 from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
 from tipgraph.serve_config import SERVE_ENV, render_serve_config_text
-from tipgraph.settings import MissingUserKeySecret, load_settings, parse_policy, resolve_paths
+from tipgraph.settings import (
+    MissingUserKeySecret,
+    TipgraphSettings,
+    load_settings,
+    parse_policy,
+    resolve_paths,
+)
 from tipgraph.simulated_tips import SimulatedModels
 from tipgraph.simulator import Block, format_block, run_http, run_local, summarise
 from tipgraph.store import LogFilter, StoreError, make_store, open_store
@@ -66,12 +80,10 @@ def _serve(args: argparse.Namespace) -> int:
     )
     settings = settings.model_copy(update={"serve": serve_settings, "metrics": metrics})
 
-    if settings.auth.api_token is None:
-        print(
-            "tipgraph: error: set TIPGRAPH_API_TOKEN: every /v1 request must carry it as a "
-            "bearer token (`make run` sets local-dev-token)",
-            file=sys.stderr,
-        )
+    try:
+        CredentialSource(settings.auth)  # what every ingress replica will check
+    except TokenFileError as err:
+        print(f"tipgraph: error: {err} (`make run` sets {LOCAL_DEV_TOKEN})", file=sys.stderr)
         return EXIT_USAGE
     try:
         settings.privacy.current_secret()
@@ -99,9 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
             route_prefix=serve_settings.route_prefix,
         )
         url = f"http://{serve_settings.host}:{serve_settings.port}"
-        token = settings.auth.api_token.get_secret_value()
-        # Only make run's well-known local token is ever printed; a real one stays secret.
-        shown = token if token == LOCAL_DEV_TOKEN else "$TIPGRAPH_API_TOKEN"
+        shown = _shown_token(settings)
         ray_address = ray.get_runtime_context().gcs_address
         print(
             f"tipgraph is serving on {url}  (API docs: {url}/docs; decision log: "
@@ -347,6 +357,25 @@ def mask_secrets(value: object) -> object:
     if isinstance(value, str):
         return _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{MASK}@", value)
     return value
+
+
+def _shown_token(settings: TipgraphSettings) -> str:
+    """How the startup line names the token: only make run's well-known local token is
+    ever printed; a real one stays secret."""
+    token = settings.auth.api_token
+    if token is None:
+        return f"<a token from {settings.auth.tokens_file}>"
+    value = token.get_secret_value()
+    return value if value == LOCAL_DEV_TOKEN else "$TIPGRAPH_API_TOKEN"
+
+
+def _token_new(args: argparse.Namespace) -> int:
+    scopes = parse_scopes(args.scopes)
+    token = new_token()
+    entry = token_entry_yaml(args.id, token, scopes)
+    print(f"token (give it to the client; it is not stored anywhere): {token}", file=sys.stderr)
+    print(entry, end="")
+    return EXIT_OK
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -603,7 +632,7 @@ def _add_generated_file_commands(commands: Commands) -> None:
 
 
 def _add_operations_commands(commands: Commands) -> None:
-    """config show, migrate, status, export."""
+    """config show, token new, migrate, status, export."""
     config = commands.add_parser("config", help="inspect the effective configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_commands.add_parser(
@@ -611,6 +640,17 @@ def _add_operations_commands(commands: Commands) -> None:
     )
     show.add_argument("--format", choices=("yaml", "json"), default="yaml")
     show.set_defaults(func=_config_show)
+
+    token = commands.add_parser("token", help="API tokens (auth.tokens_file)")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    token_new = token_commands.add_parser(
+        "new",
+        help="a new random token: the token on stderr (for the client), its tokens_file "
+        "entry (the hash, never the token) on stdout",
+    )
+    token_new.add_argument("--id", required=True, help="names the token in logs and metrics")
+    token_new.add_argument("--scopes", required=True, help=f"comma-separated: {', '.join(SCOPES)}")
+    token_new.set_defaults(func=_token_new)
 
     migrate = commands.add_parser(
         "migrate", help="apply the decision store's pending migrations (idempotent)"
