@@ -34,6 +34,7 @@ from tipgraph.generation import GenerationItem, GenerationResult
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
+from tipgraph.retention import RetentionJob
 from tipgraph.scoring import PolicyScore, ShadowItem
 from tipgraph.settings import HopSettings, HopsSettings, TipgraphSettings
 from tipgraph.shadows import MAX_SHADOW_INFLIGHT, ShadowShed
@@ -55,6 +56,8 @@ REPLICA_GONE = (RayActorError, ActorUnavailableError)
 """A call failed because its replica died or is unreachable (a lost node, a replica
 stopped in an update): not the request's fault, and safe to send again."""
 STAGE_RETRIES = 2
+RETENTION_FIRST_AFTER_S = 60.0
+"""A new replica's first retention run: soon, not at once (a start is busy enough)."""
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -389,6 +392,12 @@ class Ingress:
         self._gauges = Periodic(
             settings.metrics.sample_interval_s, self._service.sample_metrics, name="metrics"
         ).start()
+        self._retention = Periodic(
+            settings.retention.interval_s,
+            RetentionJob(self._store, settings.retention, metrics).run,
+            name="retention",
+            first_after_s=min(settings.retention.interval_s, RETENTION_FIRST_AFTER_S),
+        ).start()
         # A replica that replaces a killed one starts by replaying what that one left.
         self._replays = Periodic(
             settings.store.replay_interval_s,
@@ -459,6 +468,7 @@ class Ingress:
         self._defaults.stop()
         self._gauges.stop()
         self._replays.stop()
+        self._retention.stop()
         await self._stages.drain_shadows()
         await self._service.close()
         self._store.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
+from tests.test_store import make_decision, make_feedback
+from tipgraph.settings import StoreSettings
+from tipgraph.store import open_store
 from tipgraph.store.migrate import load_migrations
 from tipgraph_ops.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 
@@ -63,6 +67,47 @@ def test_migrate_brings_a_new_store_to_the_latest_schema_idempotently(
             f"decision store sqlite:///{db}: schema version {latest}"
         )
     assert db.exists()
+
+
+def test_retention_run_deletes_the_expired_decisions_and_keeps_the_rewards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "log.db"
+    monkeypatch.setenv("TIPGRAPH_STORE__URL", f"sqlite:///{db}")
+    now = datetime.now(UTC)
+    with open_store(StoreSettings(url=f"sqlite:///{db}")) as store:
+        store.write_decisions(
+            [
+                make_decision("ancient", created_at=now - timedelta(days=200)),
+                make_decision("month-old", created_at=now - timedelta(days=40)),
+                make_decision("fresh", created_at=now - timedelta(days=1)),
+            ]
+        )
+        for event_id in ("ancient", "month-old"):
+            store.record_feedback(make_feedback(event_id, at=now))
+        learned = [(e.features, e.reward) for e in store.training_events()]
+
+    # The configured 180 days, then a shorter run on demand.
+    for argv, deleted in (([], 1), (["--days", "30"], 1), (["--days", "30"], 0)):
+        assert main(["--config", CONFIG, "retention", "run", *argv]) == EXIT_OK
+        out = capsys.readouterr().out
+        assert f"deleted {deleted} decisions, {deleted} feedback" in out, out
+    with open_store(StoreSettings(url=f"sqlite:///{db}")) as store:
+        assert [store.get_decision(e) is None for e in ("ancient", "month-old", "fresh")] == [
+            True,
+            True,
+            False,
+        ]
+        assert [(e.features, e.reward) for e in store.training_events()] == learned
+
+    forever = tmp_path / "forever.yaml"
+    forever.write_text("retention: {days: null}\n")
+    assert main(["--config", str(forever), "retention", "run"]) == EXIT_USAGE
+    assert "retention.days is not set" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["--config", CONFIG, "retention", "run", "--days", "0"])
+    assert refused.value.code == EXIT_USAGE
+    assert "--days must be >= 1" in capsys.readouterr().err
 
 
 def test_migrate_against_an_unreachable_database_says_so_without_a_traceback(

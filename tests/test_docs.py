@@ -66,6 +66,9 @@ EXERCISED: dict[str, list[str]] = {
         "tests/test_report.py::test_cli_entry_points_render_with_filters",
     ],
     "tipgraph config show": ["tests/test_cli.py::test_config_show_as_json"],
+    "tipgraph retention": [
+        "tests/test_cli.py::test_retention_run_deletes_the_expired_decisions_and_keeps_the_rewards"
+    ],
     "tipgraph token": [
         "tests/test_auth.py::test_token_new_prints_the_token_once_and_entries_that_append_to_a_file"
     ],

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ def post_feedback(app: App, event_id: str, reaction: str) -> dict[str, Any]:
 # The main app also reads a token file, which the scope and rotation tests rewrite; the
 # env token (AUTH_HEADERS, every scope) stays valid beside it.
 RELOAD_INTERVAL_S = 0.2
+RETENTION_INTERVAL_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,8 @@ def serve_apps(serve_port: int, postgres_url: str, tokens_file: Path) -> Iterato
                     "serve": {"app_name": name, "route_prefix": f"/{name}", "port": serve_port},
                     "store": {"url": postgres_url, "pg_schema": schemas[name]},
                     "shadows": shadows,
+                    # Often, so that test_the_graph_applies_the_retention sees a run.
+                    "retention": {"interval_s": RETENTION_INTERVAL_S},
                     "auth": {
                         "api_token": base.auth.api_token,
                         "tokens_file": str(tokens_file) if name == "main" else None,
@@ -304,6 +308,35 @@ def test_a_user_can_be_erased_over_http(serve_apps: dict[str, App]) -> None:
     assert app.query("SELECT COUNT(*) FROM rewards")[0][0] == rewards_before
     too_long = app.client.delete(f"/v1/users/{'x' * 300}")
     assert too_long.status_code == 422 and "user_id" in too_long.json()["detail"]
+
+
+def test_the_graph_applies_the_retention_and_keeps_what_was_learned(
+    serve_apps: dict[str, App],
+) -> None:
+    from tests.test_store import make_decision, make_feedback
+
+    app = serve_apps["main"]
+    now = datetime.now(UTC)
+    days = app.settings.retention.days
+    assert days is not None
+    old = f"retention-old-{uuid.uuid4().hex[:8]}"
+    recent = f"retention-recent-{uuid.uuid4().hex[:8]}"
+    with open_store(app.settings.store) as store:
+        store.write_decisions(
+            [
+                make_decision(old, created_at=now - timedelta(days=days + 1)),
+                make_decision(recent, created_at=now - timedelta(days=days - 1)),
+            ]
+        )
+        store.record_feedback(make_feedback(old, at=now))
+        (reward,) = [e for e in store.training_events() if e.event_id == old]
+        # The ingress replicas delete it at their next retention run.
+        _wait_for(lambda: store.get_decision(old) is None, timeout_s=RETENTION_INTERVAL_S * 15)
+        assert store.get_decision(recent) is not None
+        kept = [e for e in store.training_events() if e.reward_id == reward.reward_id]
+    assert [(e.event_id, e.features, e.reward) for e in kept] == [
+        ("", reward.features, reward.reward)
+    ]
 
 
 def test_tip_decision_shadows_and_feedback_are_logged_and_learned(

@@ -382,6 +382,29 @@ async def test_decision_log_gauges_follow_the_backlog_and_the_spill_file(tmp_pat
     assert sink.values("tipgraph_decision_log_spill_bytes") == [0, size, 0] and size > 0
 
 
+def test_a_retention_run_counts_what_it_deleted_and_an_empty_one_nothing(
+    tmp_path: Path,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tests.test_store import make_decision, make_feedback
+    from tipgraph.retention import RetentionJob
+
+    sink = RecordingSink()
+    settings = TipgraphSettings(store={"url": f"sqlite:///{tmp_path}/log.db"})
+    old = datetime.now(UTC) - timedelta(days=(settings.retention.days or 0) + 1)
+    with open_store(settings.store) as store:
+        store.write_decisions([make_decision(f"e{i}", created_at=old) for i in range(3)])
+        store.record_feedback(make_feedback("e0", at=old))
+        job = RetentionJob(store, settings.retention, Metrics(sink))
+        job.run()
+        job.run()
+    assert sink.total("tipgraph_retention_deleted", rows="decisions") == 3
+    assert sink.total("tipgraph_retention_deleted", rows="feedback") == 1
+    assert sink.total("tipgraph_retention_deleted", rows="policy_runs") == 3
+    assert len(sink.points) == 3  # the second run found nothing: no point at all
+
+
 # -- logs ------------------------------------------------------------------------------------------
 class Capture(logging.Handler):
     def __init__(self) -> None:

@@ -86,6 +86,59 @@ async def test_no_raw_user_id_task_text_or_secret_reaches_the_logs_or_the_store(
         assert text not in without_shown  # task text only ever inside the tip shown
 
 
+@pytest.mark.parametrize("store_candidate_text", [False, True])
+async def test_redacted_tip_texts_keep_no_task_quote_yet_the_user_sees_it(
+    tmp_path: Path, store_candidate_text: bool
+) -> None:
+    db = tmp_path / "log.db"
+    settings = TipgraphSettings(
+        store={"url": f"sqlite:///{db}"},
+        privacy={
+            "user_key_secret": SECRET,
+            "store_tip_text": "redact",
+            "store_candidate_text": store_candidate_text,
+        },
+        shadows=[],
+    )
+    service, store = service_for(settings)
+    tasks = [task(f"task-{i}", content, priority=4 - i) for i, content in enumerate(TASK_TEXT)]
+    quoting: dict[str, str] = {}  # event id -> a served text that quotes a task
+    shown: list[str] = []
+    served = 0
+    while len(quoting) < 2 and served < 20:
+        # Tips already shown are excluded, as the recommender does, until one quotes a task.
+        body = tip_body(user_id=USER_ID, tasks=tasks, exclude_ids=shown)
+        tip = await service.tip(TipRequest(**body))
+        served += 1
+        shown.append(tip.tip.candidate_id)
+        if any(text in tip.tip.content for text in TASK_TEXT):
+            quoting[tip.event_id] = tip.tip.content
+    await service.close()
+    store.close()  # type: ignore[attr-defined]
+
+    assert len(quoting) == 2
+    with sqlite3.connect(db) as conn:
+        chosen = dict(
+            conn.execute(
+                "SELECT d.event_id, c.content FROM candidates c JOIN decisions d "
+                "ON d.event_id = c.event_id AND d.chosen_candidate_id = c.candidate_id"
+            ).fetchall()
+        )
+        stored = [r[0] for r in conn.execute("SELECT content FROM candidates WHERE content != ''")]
+        (candidates,) = conn.execute("SELECT COUNT(*) FROM candidates").fetchone()
+    for event_id, content in quoting.items():
+        # The same tip: the quote replaced, the rest as served.
+        redacted = chosen[event_id]
+        assert "“[task]”" in redacted
+        prefix = content.split("“")[0]
+        assert redacted.startswith(prefix)
+    assert candidates > served
+    assert len(stored) == (candidates if store_candidate_text else served)
+    for content in stored:
+        for text in TASK_TEXT:
+            assert text[:20] not in content
+
+
 def test_every_sql_statement_is_a_constant_with_parameters() -> None:
     """No f-string or %-formatted SQL reaches execute(): values always travel as params."""
     offenders = []

@@ -20,12 +20,14 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import tipgraph.store.migrate as migrate_module
-from tipgraph.settings import StoreSettings
+from tipgraph.retention import apply_retention
+from tipgraph.settings import StoreSettings, TipgraphSettings
 from tipgraph.store import (
     CandidateRecord,
     DecisionRecord,
     DecisionStore,
     EventErased,
+    ExpiredRows,
     FeedbackRecord,
     LogFilter,
     MigrationError,
@@ -1167,3 +1169,85 @@ def test_a_read_only_postgres_role_opens_a_current_schema_without_migrating(
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+# -- retention ---------------------------------------------------------------------------------
+def learned(store: DecisionStore) -> list[tuple[int, list[float], float]]:
+    return [(e.reward_id, e.features, e.reward) for e in store.training_events()]
+
+
+@pytest.mark.parametrize("batch_size", [2, 1000])
+def test_retention_deletes_exactly_the_expired_decisions_and_keeps_what_was_learned(
+    store: DecisionStore, batch_size: int
+) -> None:
+    expired = [f"old{i}" for i in range(5)]
+    store.write_batch(
+        [
+            make_decision(e, created_at=T0 + timedelta(minutes=i), chosen=i % 3)
+            for i, e in enumerate(expired)
+        ]
+        + [make_decision("kept", created_at=T0 + timedelta(days=2))],
+        [PolicyScoresEntry(e, [make_shadow()], CANDIDATE_IDS) for e in ("old4", "kept")],
+        [make_feedback("old3")],  # held: a reaction still waiting to be applied
+    )
+    for event_id in ("old0", "old1", "kept"):
+        store.record_feedback(make_feedback(event_id))
+    # A default reward for old2; old3 and old4 were never rewarded.
+    assert (
+        store.apply_default_rewards(
+            older_than=T0 + timedelta(minutes=2, seconds=1), reward=0.0, now=T0, limit=1
+        )
+        == 1
+    )
+    before = learned(store)
+    assert len(before) == 4
+
+    went = apply_retention(
+        store, days=30, now=T0 + timedelta(days=31), batch_size=batch_size
+    )  # keeps from T0 + 1 day
+    assert went == ExpiredRows(decisions=5, feedback=2, policy_runs=6)  # 5 served + 1 shadow
+    for event_id in expired:
+        assert store.get_decision(event_id) is None
+    assert store.get_decision("kept") is not None
+    counts = store.counts()
+    assert (counts.decisions, counts.candidates, counts.feedback) == (1, 3, 1)
+    assert (counts.policy_runs, counts.tip_scores) == (2, 6)
+    assert counts.rewards == 4 and store.count_held_feedback() == 0
+    # A replica rebuilding from the rewards log learns exactly what it learned before.
+    assert learned(store) == before
+    assert [e.event_id for e in store.training_events()] == ["", "", "kept", ""]
+    # Nothing left to do: a second run (another replica's) deletes nothing.
+    assert (
+        apply_retention(store, days=30, now=T0 + timedelta(days=31), batch_size=2) == ExpiredRows()
+    )
+
+
+def test_retention_deletes_what_expired_without_a_decision(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    cutoff = T0 + timedelta(days=1)
+    # Feedback and shadow runs for decisions that never arrived.
+    store.record_feedback(make_feedback("ghost-old", at=T0))
+    store.record_feedback(make_feedback("ghost-new", at=T0 + timedelta(days=2)))
+    store.write_batch([], [PolicyScoresEntry("ghost-run", [make_shadow()], CANDIDATE_IDS)])
+    store.write_decisions([make_decision("d", created_at=T0 + timedelta(days=2))])
+    vectors = {"h1": ([0.5, 0.25], [0.125])}
+    store.cache_embeddings("user-a", vectors, "m", T0)
+    store.cache_embeddings("user-b", vectors, "m", T0 + timedelta(days=2))
+
+    assert store.delete_expired_leftovers(cutoff) == ExpiredRows(feedback=1, embeddings=1)
+    assert store.cached_embeddings("user-a", ["h1"], "m") == {}
+    assert store.cached_embeddings("user-b", ["h1"], "m") == {"h1": [0.5, 0.25]}
+    assert raw_sql(store_settings, "SELECT event_id FROM feedback") == [("ghost-new",)]
+    # The orphan shadow run was written now: it goes once the cutoff passes now; the
+    # decision's own run is never a leftover.
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert store.delete_expired_leftovers(later).policy_runs == 1
+    assert store.counts().policy_runs == 1
+
+
+def test_retention_is_validated(store: DecisionStore) -> None:
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        store.delete_expired(T0, limit=0)
+    with pytest.raises(ValueError, match=r"retention\.days=1 ends before"):
+        TipgraphSettings(retention={"days": 1}, learning={"reward_wait_s": 86_400})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from tipgraph.contracts import Task, TipRequest
 from tipgraph.features import CandidateView, UserContext
@@ -32,6 +33,14 @@ class Candidate:
     """LLM tips from the pool: the judge's score; None for task tips and unjudged tips."""
     embedding: tuple[float, ...] | None = None
     """The projected embedding (tipgraph.projection); None until the tip has one."""
+    redacted: str | None = None
+    """The content with every quote of a task as ``[task]`` (privacy.store_tip_text:
+    redact); None when it quotes none."""
+
+    def stored_content(self, mode: Literal["quote", "redact"]) -> str:
+        """What the decision log keeps of the text: ``quote`` as served, ``redact``
+        without the quotes of the user's tasks."""
+        return self.redacted if mode == "redact" and self.redacted is not None else self.content
 
     @property
     def view(self) -> CandidateView:
@@ -42,9 +51,20 @@ class Candidate:
         return self.task_ids[0] if self.task_ids else None
 
 
+REDACTED_TASK = "[task]"
+
+
 def _short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+
+
+def _quoted(task: Task) -> str:
+    return f"“{_short(task.content)}”"
+
+
+def _redacted(_: Task) -> str:
+    return f"“{REDACTED_TASK}”"
 
 
 def _candidate_id(kind: str, task_ids: Sequence[str]) -> str:
@@ -52,9 +72,21 @@ def _candidate_id(kind: str, task_ids: Sequence[str]) -> str:
     return f"{kind}-{digest}"
 
 
-def _make(kind: str, content: str, tasks: Sequence[Task]) -> Candidate:
+def _make(kind: str, template: str, tasks: Sequence[Task]) -> Candidate:
+    """A candidate whose text is ``template`` with ``{i}`` quoting ``tasks[i]``."""
     ids = tuple(task.id for task in tasks)
-    return Candidate(_candidate_id(kind, ids), kind, content, "tasks", ids)
+    # The tasks' text goes in as arguments, never into the template: braces in a task
+    # are text.
+    content = template.format(*(_quoted(task) for task in tasks))
+    redacted = template.format(*(_redacted(task) for task in tasks))
+    return Candidate(
+        _candidate_id(kind, ids),
+        kind,
+        content,
+        "tasks",
+        ids,
+        redacted=None if redacted == content else redacted,
+    )
 
 
 def _by_kind(request: TipRequest, context: UserContext) -> dict[str, list[Candidate]]:
@@ -66,26 +98,22 @@ def _by_kind(request: TipRequest, context: UserContext) -> dict[str, list[Candid
     out: dict[str, list[Candidate]] = {}
 
     out["focus"] = [
-        _make("focus", f"Focus on “{_short(t.content)}” next — nothing else for 25 minutes.", [t])
+        _make("focus", "Focus on {0} next — nothing else for 25 minutes.", [t])
         for t in urgent_first[:2]
     ]
     out["overdue"] = [
-        _make(
-            "overdue",
-            f"“{_short(t.content)}” is overdue: do it now, or move it to a date you'll keep.",
-            [t],
-        )
+        _make("overdue", "{0} is overdue: do it now, or move it to a date you'll keep.", [t])
         for t in urgent_first
         if facts[t.id].overdue
     ][:2]
     out["due_today"] = [
-        _make("due_today", f"“{_short(t.content)}” is due today — block time for it now.", [t])
+        _make("due_today", "{0} is due today — block time for it now.", [t])
         for t in urgent_first
         if facts[t.id].due_today
     ][:2]
     small = [t for t in reversed(urgent_first) if len(t.content) <= SMALL_TASK_CHARS][:4]
     if len(small) >= 3:
-        names = ", ".join(f"“{_short(t.content)}”" for t in small)
+        names = ", ".join(f"{{{i}}}" for i in range(len(small)))
         out["batch"] = [
             _make(
                 "batch", f"Batch {len(small)} quick tasks in one 20-minute sprint: {names}.", small
@@ -105,8 +133,7 @@ def _by_kind(request: TipRequest, context: UserContext) -> dict[str, list[Candid
     )
     big = [t for t in urgent_first if len(t.content) >= LONG_TASK_CHARS or t.priority >= 3]
     out["break_down"] = [
-        _make("break_down", f"Break “{_short(t.content)}” into three small next steps.", [t])
-        for t in big[:1]
+        _make("break_down", "Break {0} into three small next steps.", [t]) for t in big[:1]
     ]
     return out
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 from tipgraph.contracts import StageLatency
 from tipgraph.settings import MetricsSettings
-from tipgraph.store.records import PolicyRole, PolicyScoresRecord
+from tipgraph.store.records import ExpiredRows, PolicyRole, PolicyScoresRecord
 
 Kind = Literal["counter", "gauge", "histogram"]
 EXPORT_PREFIX = "ray_"
@@ -194,6 +194,13 @@ TOKEN_RELOADS = MetricSpec(
     "(unreadable or invalid: the tokens loaded before stay valid).",
     ("outcome",),
 )
+RETENTION_DELETED = MetricSpec(
+    "tipgraph_retention_deleted",
+    "counter",
+    "Rows the retention deleted (retention.days), by kind: decisions (with their "
+    "candidates), feedback, policy_runs (with their scores), embeddings.",
+    ("rows",),
+)
 
 METRICS = (
     DECISIONS,
@@ -219,6 +226,7 @@ METRICS = (
     POOL_AIDS_FAILED,
     HTTP_REQUESTS,
     TOKEN_RELOADS,
+    RETENTION_DELETED,
 )
 """Every metric tipgraph records."""
 
@@ -372,6 +380,12 @@ class Metrics:
 
     def token_reload(self, outcome: str) -> None:
         self._sink.inc(TOKEN_RELOADS, 1, {"outcome": outcome})
+
+    def retention_deleted(self, expired: ExpiredRows) -> None:
+        for rows in ("decisions", "feedback", "policy_runs", "embeddings"):
+            count = getattr(expired, rows)
+            if count:
+                self._sink.inc(RETENTION_DELETED, count, {"rows": rows})
 
     def _count_to(self, spec: MetricSpec, total: float) -> None:
         """Move the counter ``spec`` up to ``total``, a running total kept elsewhere and

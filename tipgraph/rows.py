@@ -70,8 +70,11 @@ def decision_record(
             kind=c.kind,
             source=c.source,
             # Task-mode tips quote the user's task: only the tip actually shown is kept,
-            # unless privacy.store_candidate_text says otherwise.
-            content=c.content if i == result.chosen or settings.store_candidate_text else "",
+            # unless privacy.store_candidate_text says otherwise, and with the quote only
+            # under privacy.store_tip_text: quote.
+            content=c.stored_content(settings.store_tip_text)
+            if i == result.chosen or settings.store_candidate_text
+            else "",
             task_ref=pseudonymise(secret, c.task_id, namespace=user_key) if c.task_id else None,
             model=c.model,
             prompt_version=c.prompt_version,

@@ -619,6 +619,32 @@ class PrivacySettings(_Strict):
         description="Persist the text of every candidate, not only of the tip shown "
         "(task-mode tips quote the user's task)",
     )
+    store_tip_text: Literal["quote", "redact"] = Field(
+        "quote",
+        description="quote: stored task-mode tip texts keep their quote of the user's task, "
+        "as served; redact: the quote is stored as [task] (the response is unchanged)",
+    )
+
+
+class RetentionSettings(_Strict):
+    """How long the decision log keeps what users did; learned statistics stay."""
+
+    days: int | None = Field(
+        180,
+        ge=1,
+        description="Decisions older than this are deleted with their candidates, scores "
+        "and feedback; their rewards keep the features they trained on, as on erasure. "
+        "None = keep forever",
+    )
+    interval_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How often each ingress replica applies the retention (also: "
+        "`tipgraph retention run`)",
+    )
+    batch_size: int = Field(
+        1000, ge=1, description="Decisions deleted per transaction, so writers wait briefly"
+    )
 
 
 class LogSettings(_Strict):
@@ -706,6 +732,7 @@ class TipgraphSettings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     features: FeatureSettings = FeatureSettings()
     privacy: PrivacySettings = PrivacySettings()
+    retention: RetentionSettings = RetentionSettings()
     auth: AuthSettings = Field(default_factory=AuthSettings)
     policy: PolicySettings = LinUCBSettings(name="linucb")
     shadows: list[ShadowSettings] = Field(default_factory=list)
@@ -743,6 +770,12 @@ class TipgraphSettings(BaseSettings):
             raise ValueError(
                 f"learning.default_reward={default} is outside "
                 f"[{self.rewards.min_reward}, {self.rewards.max_reward}]"
+            )
+        days = self.retention.days
+        if days is not None and days * 86_400 <= self.learning.reward_wait_s:
+            raise ValueError(
+                f"retention.days={days} ends before learning.reward_wait_s="
+                f"{self.learning.reward_wait_s:g}: decisions would go before their reward"
             )
         names = [self.policy.name] + [shadow.policy.name for shadow in self.shadows]
         if len(set(names)) != len(names):

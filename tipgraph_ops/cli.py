@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ from tipgraph.auth import (
 from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
+from tipgraph.retention import apply_retention
 from tipgraph.serve_config import SERVE_ENV, render_serve_config_text
 from tipgraph.settings import (
     MissingUserKeySecret,
@@ -378,6 +380,28 @@ def _token_new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _retention_run(args: argparse.Namespace) -> int:
+    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    days = args.days if args.days is not None else settings.retention.days
+    if days is None:
+        print(
+            "tipgraph: error: retention.days is not set (keep forever): give --days",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    with open_store(settings.store) as store:
+        expired = apply_retention(
+            store, days=days, now=datetime.now(UTC), batch_size=settings.retention.batch_size
+        )
+    print(
+        f"retention ({days} days) on {mask_secrets(settings.store.url)}: deleted "
+        f"{expired.decisions} decisions, {expired.feedback} feedback, "
+        f"{expired.policy_runs} policy runs, {expired.embeddings} embeddings; "
+        "rewards keep what was learned"
+    )
+    return EXIT_OK
+
+
 def _config_show(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     shown = mask_secrets(settings.model_dump(mode="json"))
@@ -632,7 +656,7 @@ def _add_generated_file_commands(commands: Commands) -> None:
 
 
 def _add_operations_commands(commands: Commands) -> None:
-    """config show, token new, migrate, status, export."""
+    """config show, token new, retention run, migrate, status, export."""
     config = commands.add_parser("config", help="inspect the effective configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_commands.add_parser(
@@ -651,6 +675,22 @@ def _add_operations_commands(commands: Commands) -> None:
     token_new.add_argument("--id", required=True, help="names the token in logs and metrics")
     token_new.add_argument("--scopes", required=True, help=f"comma-separated: {', '.join(SCOPES)}")
     token_new.set_defaults(func=_token_new)
+
+    retention = commands.add_parser(
+        "retention", help="apply the decision log's retention (retention.days)"
+    )
+    retention_commands = retention.add_subparsers(
+        dest="retention_command", required=True, metavar="ACTION"
+    )
+    retention_run = retention_commands.add_parser(
+        "run",
+        help="delete decisions older than retention.days with their candidates, scores "
+        "and feedback, now; rewards keep what was learned",
+    )
+    retention_run.add_argument(
+        "--days", type=int, default=None, help="override retention.days (at least 1)"
+    )
+    retention_run.set_defaults(func=_retention_run)
 
     migrate = commands.add_parser(
         "migrate", help="apply the decision store's pending migrations (idempotent)"
@@ -717,8 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for name in ("users", "decisions", "block", "seeds", "last", "workers", "concurrency"):
-        if getattr(args, name, 1) < 1:
+    for name in ("users", "decisions", "block", "seeds", "last", "workers", "concurrency", "days"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1")
     try:
         code: int = args.func(args)

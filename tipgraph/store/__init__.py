@@ -21,6 +21,7 @@ from tipgraph.store.postgres import PostgresStore
 from tipgraph.store.records import (
     CandidateRecord,
     DecisionRecord,
+    ExpiredRows,
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
@@ -48,6 +49,7 @@ __all__ = [
     "DecisionRecord",
     "DecisionStore",
     "EventErased",
+    "ExpiredRows",
     "FeedbackOutcome",
     "FeedbackRecord",
     "LogFilter",

@@ -22,6 +22,7 @@ from tipgraph.store.base import DecisionStore, EventErased
 from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     DecisionRecord,
+    ExpiredRows,
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
@@ -114,6 +115,15 @@ class Statements:
     select_projection: str
     insert_embedding: str
     delete_embeddings_of_user: str
+    select_expired_decisions: str
+    keep_reward_features_of_event: str
+    delete_feedback_of_event: str
+    delete_held_of_event: str
+    delete_policy_runs_of_event: str
+    delete_decision: str
+    delete_expired_orphan_runs: str
+    delete_expired_orphan_feedback: str
+    delete_expired_embeddings: str
 
     def translated(self, rewrite: Callable[[str], str]) -> Statements:
         """The same statements for a driver with another placeholder style."""
@@ -133,6 +143,21 @@ _TRAINING_EVENTS = """
         WHERE r.reward_id > ? AND COALESCE(r.features, c.features) IS NOT NULL
         ORDER BY r.reward_id
 """
+
+
+def _keep_reward_features(which: str) -> str:
+    """Copy the chosen candidate's features into the rewards ``which`` names, before their
+    decisions are deleted (erasure, retention): the rewards log stays rebuildable."""
+    return f"""
+        UPDATE rewards SET features = (
+            SELECT c.features
+            FROM decisions AS d
+            JOIN candidates AS c
+              ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
+            WHERE d.event_id = rewards.event_id
+        )
+        WHERE {which}
+    """
 
 
 def _logged_events(*filters: str) -> str:
@@ -289,16 +314,9 @@ QMARK_STATEMENTS = Statements(
     select_runs_by_prompt=_logged_runs("d.prompt_version"),
     select_runs_by_policy=_logged_runs("d.policy_name"),
     select_runs_by_prompt_and_policy=_logged_runs("d.prompt_version", "d.policy_name"),
-    keep_reward_features_of_user="""
-        UPDATE rewards SET features = (
-            SELECT c.features
-            FROM decisions AS d
-            JOIN candidates AS c
-              ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
-            WHERE d.event_id = rewards.event_id
-        )
-        WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
-    """,
+    keep_reward_features_of_user=_keep_reward_features(
+        "event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)"
+    ),
     delete_feedback_of_user="""
         DELETE FROM feedback
         WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
@@ -450,6 +468,29 @@ QMARK_STATEMENTS = Statements(
                (SELECT COUNT(*) FROM policy_runs WHERE role = 'served'),
                (SELECT COUNT(*) FROM policy_runs WHERE role = 'shadow')
     """,
+    # Retention (delete_expired): the oldest first, by decisions_created_idx.
+    select_expired_decisions="""
+        SELECT event_id FROM decisions WHERE created_at < ?
+        ORDER BY created_at, event_id
+        LIMIT ?
+    """,
+    keep_reward_features_of_event=_keep_reward_features("event_id = ? AND features IS NULL"),
+    delete_feedback_of_event="DELETE FROM feedback WHERE event_id = ?",
+    delete_held_of_event="DELETE FROM held_feedback WHERE event_id = ?",
+    delete_policy_runs_of_event="DELETE FROM policy_runs WHERE event_id = ?",
+    # Cascades to candidates; rewards keep their features (event_id set to NULL).
+    delete_decision="DELETE FROM decisions WHERE event_id = ?",
+    delete_expired_orphan_runs="""
+        DELETE FROM policy_runs
+        WHERE created_at < ?
+          AND NOT EXISTS (SELECT 1 FROM decisions AS d WHERE d.event_id = policy_runs.event_id)
+    """,
+    delete_expired_orphan_feedback="""
+        DELETE FROM feedback
+        WHERE received_at < ?
+          AND NOT EXISTS (SELECT 1 FROM decisions AS d WHERE d.event_id = feedback.event_id)
+    """,
+    delete_expired_embeddings="DELETE FROM tip_embeddings WHERE created_at < ?",
 )
 
 
@@ -733,6 +774,40 @@ class SQLDecisionStore(DecisionStore):
                 cur.execute(self._sql.delete_pool_of_user, (user_key,))
                 cur.execute(self._sql.delete_embeddings_of_user, (user_key,))
         return decisions, feedback
+
+    def delete_expired(self, before: datetime, *, limit: int) -> ExpiredRows:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        cutoff = _rows.db_timestamp(before, what="before")
+        with self._transaction(write=True) as cur:
+            # Alone, as an erasure is, and holding the rewards lock: no late row and no
+            # reward may land for an event between keeping its features and deleting it.
+            self._guard_erasure(cur, exclusive=True)
+            self._serialize_reward_writes(cur)
+            cur.execute(self._sql.select_expired_decisions, (cutoff, limit))
+            events = [(row[0],) for row in cur.fetchall()]
+            if not events:
+                return ExpiredRows()
+            cur.executemany(self._sql.keep_reward_features_of_event, events)
+            cur.executemany(self._sql.delete_feedback_of_event, events)
+            feedback = cur.rowcount
+            cur.executemany(self._sql.delete_held_of_event, events)
+            cur.executemany(self._sql.delete_policy_runs_of_event, events)
+            runs = cur.rowcount
+            cur.executemany(self._sql.delete_decision, events)
+        return ExpiredRows(decisions=len(events), feedback=feedback, policy_runs=runs)
+
+    def delete_expired_leftovers(self, before: datetime) -> ExpiredRows:
+        cutoff = (_rows.db_timestamp(before, what="before"),)
+        with self._transaction(write=True) as cur:
+            self._guard_erasure(cur, exclusive=True)
+            cur.execute(self._sql.delete_expired_orphan_runs, cutoff)
+            runs = cur.rowcount
+            cur.execute(self._sql.delete_expired_orphan_feedback, cutoff)
+            feedback = cur.rowcount
+            cur.execute(self._sql.delete_expired_embeddings, cutoff)
+            embeddings = cur.rowcount
+        return ExpiredRows(feedback=feedback, policy_runs=runs, embeddings=embeddings)
 
     def counts(self) -> StoreCounts:
         with self._transaction(write=False) as cur:

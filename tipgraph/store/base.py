@@ -9,6 +9,7 @@ from datetime import datetime
 from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     DecisionRecord,
+    ExpiredRows,
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
@@ -190,6 +191,20 @@ class DecisionStore(abc.ABC):
         events so that no later write brings any of it back.  Returns (decisions, feedback)
         deleted.  Rewards stay, with the features they trained on, so learned statistics
         are unchanged and still rebuildable."""
+
+    @abc.abstractmethod
+    def delete_expired(self, before: datetime, *, limit: int) -> ExpiredRows:
+        """Delete up to ``limit`` of the oldest decisions made before ``before``, with
+        their candidates, every policy's run, feedback and held feedback, in one
+        transaction.  Their rewards stay with the features they trained on (as on
+        erasure), so learned statistics are unchanged and still rebuildable.  Fewer than
+        ``limit`` deleted means none is left."""
+
+    @abc.abstractmethod
+    def delete_expired_leftovers(self, before: datetime) -> ExpiredRows:
+        """Delete what expired without a decision: shadow runs and feedback whose decision
+        never arrived (by when they were written), and cached embeddings (by when they
+        were made)."""
 
     # -- the candidate pool: LLM tips made ahead of need (tipgraph.generation.pool) ----------
 

@@ -211,6 +211,27 @@ class StoreCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class ExpiredRows:
+    """Rows a retention run deleted; runs (and batches) add up with ``+``."""
+
+    decisions: int = 0
+    """With their candidates; their rewards stay, keeping the features they trained on."""
+    feedback: int = 0
+    policy_runs: int = 0
+    """Every policy's run on the deleted decisions, and shadow runs whose decision never
+    arrived; with their scores."""
+    embeddings: int = 0
+
+    def __add__(self, other: ExpiredRows) -> ExpiredRows:
+        return ExpiredRows(
+            self.decisions + other.decisions,
+            self.feedback + other.feedback,
+            self.policy_runs + other.policy_runs,
+            self.embeddings + other.embeddings,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class PoolKey:
     """One candidate-pool entry: a user's task set (fingerprint) under one prompt version."""
 
