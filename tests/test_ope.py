@@ -7,6 +7,7 @@ V(π) = (1/n) Σ_i Σ_a π(a|x_i) E[r|x_i,a], known exactly from the simulator.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -42,7 +43,22 @@ from tuning import (
     target_distribution,
     true_value,
 )
-from tuning.ope import Z_95, ProgressiveEstimator, skew_aware_interval
+from tuning.diagnostics import diagnose
+from tuning.ope import (
+    PROGRESSIVE_ESTIMATORS,
+    SNDR,
+    Z_95,
+    Clip,
+    DRos,
+    NarrowestDR,
+    OptimisticShrinkage,
+    ProgressiveEstimator,
+    Switch,
+    SwitchDR,
+    crossfit_predictions,
+    excess_mass,
+    skew_aware_interval,
+)
 
 # -- a tiny hand-made log: 3 events with 2, 3 and 1 candidates, d = 2 ---------------------------
 
@@ -149,6 +165,13 @@ def test_logged_bandit_helpers_and_read_only_arrays() -> None:
         (lambda: DR(ridge=-1.0), r"ridge must be a finite number > 0"),
         (lambda: DR(folds=0), r"folds must be an integer >= 1, got 0"),
         (lambda: DR(folds=1.5), r"folds must be an integer >= 1"),  # type: ignore[arg-type]
+        (lambda: SwitchDR(tau=0.0), r"tau must be > 0, got 0.0"),
+        (lambda: SwitchDR(tau=float("nan")), r"tau must be > 0"),
+        (lambda: DRos(lam=float("inf")), r"lam must be a finite number > 0"),
+        (lambda: DRos(lam=-1.0), r"lam must be a finite number > 0, got -1.0"),
+        (lambda: SNDR(folds=0), r"folds must be an integer >= 1"),
+        (lambda: NarrowestDR(taus=(10.0, -1.0)), r"tau must be > 0, got -1.0"),
+        (lambda: NarrowestDR(lambdas=(0.0,)), r"lam must be a finite number > 0"),
     ],
 )
 def test_estimator_hyperparameters_are_checked(make: Callable[[], Estimator], match: str) -> None:
@@ -214,6 +237,80 @@ def test_clipping_and_missing_support_widen_the_interval_by_the_exact_bias_range
     assert dr.upper - dr.lower > 0.5 / 3
 
 
+def test_the_dr_family_on_a_hand_computed_log() -> None:
+    log = uniform_tiny()
+    pi = np.array([0.0, 1.0, 0.0, 0.0, 1.0, 1.0])  # w = (2, 3, 1) on the logged actions
+    r_hat = np.full(6, 0.25)  # a constant model: every residual is r - 0.25
+    residual = log.reward - 0.25  # (0.75, -0.25, 0.25)
+    dr = DR().with_predictions(log, pi, r_hat)
+    assert dr.value == pytest.approx(0.25 + np.mean([2, 3, 1] * residual))
+    # Switch at τ = 2.5 drops the correction of event 1 (w = 3) only, and τ = ∞ is DR.
+    switch = SwitchDR(tau=2.5).with_predictions(log, pi, r_hat)
+    assert switch.value == pytest.approx(0.25 + np.mean([2, 0, 1] * residual))
+    assert switch.name == "switch-dr(tau=2.5)"
+    assert SwitchDR(tau=math.inf).with_predictions(log, pi, r_hat).value == dr.value
+    # The missing mass, π = 1 on event 1's action, bounds the bias by 1/3·[0 − 0.25, 1 − 0.25].
+    lost = skew_aware_interval(
+        switch.value, np.array([2, 0, 1]) * residual + 0.25 - switch.value, "x"
+    )
+    assert switch.lower == pytest.approx(lost.lower - 0.25 / 3)
+    assert switch.upper == pytest.approx(lost.upper + 0.75 / 3)
+    # Optimistic shrinkage: w̃ = λw / (w² + λ); λ → ∞ is DR, λ → 0 the direct method.
+    lam = 3.0
+    shrunk = np.array([2.0, 3.0, 1.0]) * lam / (np.array([4.0, 9.0, 1.0]) + lam)
+    dros = DRos(lam=lam).with_predictions(log, pi, r_hat)
+    assert dros.value == pytest.approx(0.25 + np.mean(shrunk * residual))
+    assert DRos(lam=1e12).with_predictions(log, pi, r_hat).value == pytest.approx(dr.value)
+    assert DRos(lam=1e-12).with_predictions(log, pi, r_hat).value == pytest.approx(0.25)
+    # Self-normalised DR: the correction over Σw = 6 instead of n = 3.
+    sndr = SNDR().with_predictions(log, pi, r_hat)
+    assert sndr.value == pytest.approx(0.25 + float(np.dot([2, 3, 1], residual)) / 6)
+    assert sndr.lower < sndr.value < sndr.upper
+
+
+def test_weight_rules_lose_exactly_the_mass_they_do_not_weigh() -> None:
+    pi = np.array([0.5, 0.5, 0.0, 0.2, 0.8])
+    mu = np.array([0.25, 0.75, 0.0, 0.1, 0.9])  # w = (2, 2/3, -, 2, 8/9)
+    for c in (None, 1.0, 2.0):
+        assert Clip(c).excess(pi, mu) == pytest.approx(excess_mass(pi, mu, c))
+    assert Switch(1.0).excess(pi, mu) == pytest.approx([0.5, 0.0, 0.0, 0.2, 0.0])
+    w = np.array([2.0, 2 / 3, 0.0, 2.0, 8 / 9])
+    assert OptimisticShrinkage(2.0).excess(pi, mu) == pytest.approx(pi * w**2 / (w**2 + 2.0))
+    # Mass where μ = 0 is always lost, whatever the rule.
+    unsupported = np.array([0.0, 0.0, 1.0])
+    for rule in (Clip(None), Switch(100.0), OptimisticShrinkage(100.0)):
+        assert rule.excess(unsupported, np.array([0.5, 0.5, 0.0]))[2] == 1.0
+
+
+def test_narrowest_dr_answers_with_its_narrowest_candidate_and_names_it() -> None:
+    log, _ = simulate_log(LOGGERS["egreedy"], n_events=400, seed=5)
+    pi = target_distribution(trained_linucb(), log)
+    chosen = NarrowestDR().estimate(log, pi)
+    predictions = crossfit_predictions(log, 1.0, 2)
+    answers = {
+        e.name: e
+        for e in (c.with_predictions(log, pi, predictions) for c in NarrowestDR().candidates())
+    }
+    assert len(answers) == 9
+    name = chosen.name.removeprefix("narrowest: ")
+    assert chosen.value == answers[name].value
+    assert chosen.upper - chosen.lower == min(e.upper - e.lower for e in answers.values())
+
+
+def test_every_estimate_carries_diagnostics_of_the_log_and_target() -> None:
+    log = uniform_tiny()
+    pi = np.array([0.0, 1.0, 0.0, 0.0, 1.0, 1.0])  # w = (2, 3, 1)
+    for estimator in (IPS(), SNIPS(), DR(folds=1), SwitchDR(folds=1), DRos(folds=1), SNDR(folds=1)):
+        d = estimator.estimate(log, pi).diagnostics
+        assert d is not None
+        assert d.effective_sample_size == pytest.approx(36 / 14)  # (2+3+1)² / (4+9+1)
+        assert d.max_weight == 3.0 and d.n_events == 3
+        assert d.rare_mass == 0.0  # every candidate was logged with p ≥ 1/3
+    rare = diagnose(log, pi, rare_below=0.4)  # event 1's candidates have p = 1/3
+    assert rare.rare_mass == pytest.approx(1 / 3)
+    assert "ESS 3 of 3" in diagnose(log, log.pscore).describe()
+
+
 def test_intervals_widen_only_the_side_the_terms_are_skewed_to() -> None:
     symmetric = np.array([-1.0, 0.0, 1.0] * 100)
     wald = Z_95 * symmetric.std(ddof=1) / np.sqrt(300)
@@ -253,6 +350,10 @@ ESTIMATORS: dict[str, Estimator] = {
     "dm": DM(),
     "dr": DR(),
     "replay": Replay(),
+    "switch_dr": SwitchDR(),
+    "dros": DRos(),
+    "sndr": SNDR(),
+    "narrowest": NarrowestDR(),
 }
 
 
@@ -315,7 +416,17 @@ def select(outcomes: list[Outcome], logger: str, target: str, estimator: str) ->
 
 # Mean error over the 20 seeds allowed per estimator: about 3 standard errors of that mean
 # (IPS has the widest spread); DM also carries the bias of a linear model of a logistic truth.
-TOLERANCE = {"ips": 0.05, "snips": 0.025, "dr": 0.025, "replay": 0.025, "dm": 0.05}
+TOLERANCE = {
+    "ips": 0.05,
+    "snips": 0.025,
+    "dr": 0.025,
+    "replay": 0.025,
+    "dm": 0.05,
+    "switch_dr": 0.025,
+    "dros": 0.025,
+    "sndr": 0.025,
+    "narrowest": 0.025,
+}
 CASES = [
     (logger, target, estimator)
     for logger in LOGGERS
@@ -339,7 +450,17 @@ COVERAGE_CASES = [
     (logger, target, estimator)
     for logger in LOGGERS
     for target in ("linucb", "uniform")
-    for estimator in ("ips", "ips_clip10", "snips", "dr", "replay")
+    for estimator in (
+        "ips",
+        "ips_clip10",
+        "snips",
+        "dr",
+        "replay",
+        "switch_dr",
+        "dros",
+        "sndr",
+        "narrowest",
+    )
     if not (estimator == "replay" and logger != "uniform")
 ]
 
@@ -423,6 +544,8 @@ def test_progressive_asks_before_it_learns_and_matches_static_for_a_static_polic
 
     uniform = UniformSettings(name="u")
     pairs: list[tuple[ProgressiveEstimator, Estimator]] = [("ips", IPS()), ("snips", SNIPS())]
+    for name in PROGRESSIVE_ESTIMATORS:  # every name the tuning config accepts runs
+        assert progressive(new_policy(uniform), log, estimator=name).diagnostics is not None
     for name, estimator in pairs:
         static = estimator.estimate(log, target_distribution(new_policy(uniform), log))
         prog = progressive(new_policy(uniform), log, estimator=name)
@@ -433,8 +556,9 @@ def test_progressive_asks_before_it_learns_and_matches_static_for_a_static_polic
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"estimator": "dm"}, r"estimator must be 'dr', 'ips' or 'snips', got 'dm'"),
+        ({"estimator": "dm"}, r"estimator must be one of \['dr', 'ips', .*\], got 'dm'"),
         ({"estimator": "snips", "clip": 5.0}, r"clip applies to estimator 'ips' or 'dr'"),
+        ({"estimator": "narrowest", "clip": 5.0}, r"clip applies to estimator 'ips' or 'dr'"),
         ({"estimator": "ips", "clip": -1.0}, r"clip must be a finite number > 0"),
         ({"estimator": "dr", "ridge": 0.0}, r"ridge must be a finite number > 0"),
     ],

@@ -291,7 +291,7 @@ def synthetic_report(synthetic: Synthetic, **kwargs: Any) -> Report:
     )
 
 
-@pytest.mark.parametrize("estimator", ["dr", "snips"])
+@pytest.mark.parametrize("estimator", ["dr", "snips", "switch-dr", "dros", "sndr", "narrowest"])
 def test_every_estimate_covers_its_policys_true_value(synthetic: Synthetic, estimator: str) -> None:
     report = build_report(
         synthetic.events,
@@ -527,6 +527,14 @@ def test_report_json_numbers_are_sane(rendered: Rendered) -> None:
     for estimate in filter(None, estimates):
         if estimate["lower"] is not None:
             assert estimate["lower"] <= estimate["value"] <= estimate["upper"]
+    # Each policy's estimate says what the log supports; the served policy is evaluated on
+    # its own propensities, so every weight is 1 and the ESS is every decision.
+    served = policies["linucb"]["estimate"]["diagnostics"]
+    assert served["effective_sample_size"] == pytest.approx(DECISIONS)
+    assert served["max_weight"] == pytest.approx(1.0)
+    uniform = policies["uniform"]["estimate"]["diagnostics"]
+    assert 0 < uniform["effective_sample_size"] < DECISIONS and uniform["max_weight"] > 1
+    assert "ESS " in (rendered.out / "report.html").read_text(encoding="utf-8")
     for agreement in numbers["agreement"]:
         rates = [agreement["rate"], *agreement["over_time"]]
         assert all(0.0 <= r <= 1.0 for r in rates if r is not None)

@@ -363,6 +363,17 @@ def test_a_bad_tuning_config_is_a_clear_error(tmp_path: Path) -> None:
     assert "num_samples" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_the_evaluation_estimator_is_checked_where_it_is_configured() -> None:
+    for name in ("dr", "snips", "switch-dr", "dros", "sndr", "narrowest"):
+        assert EvaluationSettings(estimator=name).estimator == name  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"evaluation\.clip applies to estimator dr, not sndr"):
+        EvaluationSettings(estimator="sndr", clip=10.0)
+    with pytest.raises(ValueError, match="too noisy to rank"):
+        EvaluationSettings(estimator="ips")
+    with pytest.raises(ValueError, match="estimator"):
+        EvaluationSettings(estimator="slope")  # type: ignore[arg-type]
+
+
 def test_the_report_on_the_decision_log_is_attached_to_mlflow_runs(tmp_path: Path) -> None:
     settings = TipgraphSettings(
         store={"url": f"sqlite:///{tmp_path}/decisions.db"},

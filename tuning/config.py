@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tipgraph.settings import EpsilonGreedySettings, FeatureGroup, PolicyKind, PolicySettings
 from tipgraph.store import LogFilter
+from tuning.ope import ProgressiveEstimator
 
 DEFAULT_TUNING_CONFIG = Path("configs/tuning.yaml")
 
@@ -80,10 +81,22 @@ class LogSource(_Strict):
 
 
 class EvaluationSettings(_Strict):
-    estimator: Literal["dr", "snips"] = "dr"
+    estimator: ProgressiveEstimator = Field(
+        "dr",
+        description="dr, snips, switch-dr, dros, sndr, or narrowest (of the DR family, the "
+        "estimate with the narrowest valid interval); docs/tuning.md",
+    )
     clip: float | None = Field(None, gt=0, description="dr: clip importance weights at this")
     reward_model_ridge: float = Field(1.0, gt=0)
     reward_bounds: tuple[float, float] = (0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _clip_for_dr(self) -> EvaluationSettings:
+        if self.clip is not None and self.estimator != "dr":
+            raise ValueError(f"evaluation.clip applies to estimator dr, not {self.estimator}")
+        if self.estimator == "ips":
+            raise ValueError("evaluation.estimator ips is too noisy to rank policies: use dr")
+        return self
 
 
 class TuningSettings(_Strict):

@@ -31,6 +31,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from tipgraph.policies import Policy
+from tuning.diagnostics import Diagnostics, diagnose
 from tuning.logged import LoggedBandit, check_distribution, event_of_row
 
 Z_95 = NormalDist().inv_cdf(0.975)
@@ -45,13 +46,15 @@ class EstimatorError(ValueError):
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point estimate of V(π) with its 95% interval [lower, upper]."""
+    """A point estimate of V(π) with its 95% interval [lower, upper], and what the log's
+    propensities support (:mod:`tuning.diagnostics`; None where not computed)."""
 
     value: float
     lower: float
     upper: float
     n_events: int
     name: str
+    diagnostics: Diagnostics | None = None
 
     def covers(self, truth: float) -> bool:
         return self.lower <= truth <= self.upper
@@ -187,33 +190,104 @@ def excess_mass(pi: np.ndarray, mu: np.ndarray, clip: float | None) -> np.ndarra
     return np.maximum(pi - clip * mu, 0.0)
 
 
+class WeightRule(abc.ABC):
+    """What a DR-family estimator does to an importance weight w = π/μ: w ↦ w̃ ≤ w.
+
+    The target mass the correction term then misses at candidate a is
+    e_a = π(a|x) (1 − w̃_a / w_a) (all of π(a|x) where μ(a|x) = 0): the bias of the
+    estimate is (1/n) Σ_i Σ_a e_{i,a} (E[r|x_i,a] − r̂(x_{i,a})), bounded with the reward
+    range (:func:`weighted_estimate`).
+    """
+
+    @abc.abstractmethod
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        """w̃ for weights w ≥ 0 of any shape."""
+
+    @abc.abstractmethod
+    def label(self) -> str: ...
+
+    def excess(self, pi: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        supported = mu > 0.0
+        w = np.divide(pi, mu, out=np.zeros_like(pi), where=supported)
+        kept = np.divide(self(w), w, out=np.ones_like(w), where=w > 0.0)
+        return np.where(supported, pi * (1.0 - kept), pi)
+
+
+@dataclass(frozen=True)
+class Clip(WeightRule):
+    """w̃ = min(w, c)."""
+
+    c: float | None
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return w if self.c is None else np.minimum(w, self.c)
+
+    def label(self) -> str:
+        return "" if self.c is None else f"clip={self.c:g}"
+
+    def excess(self, pi: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        return excess_mass(pi, mu, self.c)  # exact zeros where nothing is clipped
+
+
+@dataclass(frozen=True)
+class Switch(WeightRule):
+    """w̃ = w · 1{w ≤ τ}: above τ the correction is dropped and the model alone answers."""
+
+    tau: float
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return np.where(w <= self.tau, w, 0.0)
+
+    def label(self) -> str:
+        return f"tau={self.tau:g}"
+
+
+@dataclass(frozen=True)
+class OptimisticShrinkage(WeightRule):
+    """w̃ = λ w / (w² + λ): close to w for small weights, shrunk towards 0 for large ones."""
+
+    lam: float
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return self.lam * w / (np.square(w) + self.lam)
+
+    def label(self) -> str:
+        return f"lambda={self.lam:g}"
+
+
+def weighted_terms(
+    log: LoggedBandit, pi: np.ndarray, predictions: np.ndarray | None, rule: WeightRule
+) -> np.ndarray:
+    """t_i of :func:`weighted_estimate`, shape (n,)."""
+    rows = log.chosen_rows
+    w = rule(pi[rows] / log.pscore[rows])
+    if predictions is None:
+        return w * log.reward
+    return log.per_event_sum(pi * predictions) + w * (log.reward - predictions[rows])
+
+
 def weighted_estimate(
     log: LoggedBandit,
     pi: np.ndarray,
     predictions: np.ndarray | None,
     *,
-    clip: float | None,
+    clip: float | None = None,
+    rule: WeightRule | None = None,
     reward_bounds: tuple[float, float],
     name: str,
 ) -> Estimate:
     """DR with an optional reward model; without one (r̂ ≡ 0) it is IPS.
 
-    t_i = Σ_a π(a|x_i) r̂(x_{i,a}) + min(w_i, c) (r_i − r̂(x_{i,a_i})).  Its bias is
-    V − E[t̄] = (1/n) Σ_i Σ_a e_{i,a} (E[r|x_i,a] − r̂(x_{i,a})) with e from
-    :func:`excess_mass`; with rewards in [r_min, r_max] it lies in
-    [(1/n) Σ Σ e (r_min − r̂), (1/n) Σ Σ e (r_max − r̂)], which widens the interval.
+    t_i = Σ_a π(a|x_i) r̂(x_{i,a}) + w̃_i (r_i − r̂(x_{i,a_i})), with w̃ = ``rule``(w)
+    (default: min(w, ``clip``)).  Its bias is V − E[t̄] = (1/n) Σ_i Σ_a e_{i,a}
+    (E[r|x_i,a] − r̂(x_{i,a})) with e from :meth:`WeightRule.excess`; with rewards in
+    [r_min, r_max] it lies in [(1/n) Σ Σ e (r_min − r̂), (1/n) Σ Σ e (r_max − r̂)], which
+    widens the interval.
     """
-    rows = log.chosen_rows
-    mu = log.pscore
-    w = pi[rows] / mu[rows]
-    if clip is not None:
-        w = np.minimum(w, clip)
+    rule = Clip(clip) if rule is None else rule
+    terms = weighted_terms(log, pi, predictions, rule)
     r = log.reward
-    if predictions is None:
-        terms = w * r
-    else:
-        terms = log.per_event_sum(pi * predictions) + w * (r - predictions[rows])
-    excess = excess_mass(pi, mu, clip)
+    excess = rule.excess(pi, log.pscore)
     if not excess.any():
         return normal_estimate(terms, name)
     low, high = reward_bounds
@@ -222,7 +296,7 @@ def weighted_estimate(
         event = int(np.flatnonzero(outside)[0])
         raise EstimatorError(
             f"{name}: reward of event {event} is {r[event]}, outside "
-            f"reward_bounds={reward_bounds}, which the bias bound of clipping relies on"
+            f"reward_bounds={reward_bounds}, which the bias bound of its weights relies on"
         )
     base = np.zeros(log.n_rows) if predictions is None else predictions
     bias = (
@@ -230,6 +304,30 @@ def weighted_estimate(
         float(log.per_event_sum(excess * (high - base)).mean()),
     )
     return normal_estimate(terms, name, bias)
+
+
+def self_normalised_dr(
+    log: LoggedBandit, pi: np.ndarray, predictions: np.ndarray, name: str
+) -> Estimate:
+    """V̂ = (1/n) Σ_i Σ_a π(a|x_i) r̂(x_{i,a}) + Σ_i w_i (r_i − r̂_i) / Σ_i w_i.
+
+    Delta-method interval: ψ_i = (d_i − d̄) + w_i (r_i − r̂_i − C) / w̄, with d_i the
+    direct-method term and C the normalised correction.
+    """
+    rows = log.chosen_rows
+    w = pi[rows] / log.pscore[rows]
+    total = float(w.sum())
+    if total <= 0.0:
+        raise EstimatorError(
+            f"{name}: the target gives probability 0 to every logged action; "
+            f"a self-normalised estimate is undefined"
+        )
+    direct = log.per_event_sum(pi * predictions)
+    residual = log.reward - predictions[rows]
+    correction = float(w @ residual) / total
+    value = float(direct.mean()) + correction
+    influence = (direct - direct.mean()) + w * (residual - correction) * (len(w) / total)
+    return skew_aware_interval(value, influence, name)
 
 
 def _check_clip(clip: float | None) -> None:
@@ -259,7 +357,8 @@ class Estimator(abc.ABC):
     name: ClassVar[str]
 
     def estimate(self, log: LoggedBandit, action_dist: np.ndarray) -> Estimate:
-        return self._estimate(log, check_distribution(action_dist, log.offsets, "action_dist"))
+        pi = check_distribution(action_dist, log.offsets, "action_dist")
+        return replace(self._estimate(log, pi), diagnostics=diagnose(log, pi))
 
     @abc.abstractmethod
     def _estimate(self, log: LoggedBandit, pi: np.ndarray) -> Estimate:
@@ -350,17 +449,69 @@ class DM(Estimator):
         return normal_estimate(terms, self.name)
 
 
+def _check_folds(folds: int) -> None:
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ValueError(f"folds must be an integer >= 1, got {folds!r}")
+
+
+class ModelBased(Estimator):
+    """An estimator built on the ridge reward model r̂ of :class:`DM`, cross-fitted over
+    ``folds`` interleaved folds (event i in fold i mod folds is scored by a model fitted on
+    the others), so no event's correction uses a model that saw its own reward; ``folds``
+    = 1 fits in sample.  :func:`progressive` hands it a progressive model instead."""
+
+    ridge: float
+    folds: int
+
+    def _estimate(self, log: LoggedBandit, pi: np.ndarray) -> Estimate:
+        if self.folds > log.n_events:
+            raise EstimatorError(f"folds={self.folds} exceeds the log's {log.n_events} events")
+        return self.with_predictions(log, pi, crossfit_predictions(log, self.ridge, self.folds))
+
+    @abc.abstractmethod
+    def with_predictions(
+        self, log: LoggedBandit, pi: np.ndarray, predictions: np.ndarray
+    ) -> Estimate:
+        """The estimate with r̂ given: ``predictions`` of shape (N,), one per candidate."""
+
+
+class WeightedDR(ModelBased):
+    """A DR estimator whose weights go through a :class:`WeightRule`
+    (:func:`weighted_estimate`); named after the rule's setting."""
+
+    reward_bounds: tuple[float, float]
+
+    @abc.abstractmethod
+    def rule(self) -> WeightRule: ...
+
+    def _check_model(self) -> None:
+        _check_ridge(self.ridge)
+        _check_folds(self.folds)
+        _check_reward_bounds(self.reward_bounds)
+
+    def with_predictions(
+        self, log: LoggedBandit, pi: np.ndarray, predictions: np.ndarray
+    ) -> Estimate:
+        rule = self.rule()
+        return weighted_estimate(
+            log,
+            pi,
+            predictions,
+            rule=rule,
+            reward_bounds=self.reward_bounds,
+            name=f"{self.name}({rule.label()})" if rule.label() else self.name,
+        )
+
+
 @dataclass(frozen=True)
-class DR(Estimator):
+class DR(WeightedDR):
     """Doubly robust: the direct method plus an importance-weighted correction.
 
     t_i = Σ_a π(a|x_i) r̂(x_{i,a}) + min(w_i, c) (r_i − r̂(x_{i,a_i})), V̂ = mean(t),
     :func:`normal_estimate` over t, widened by the exact bias range of clipping (see
-    :func:`weighted_estimate`).  r̂ is the ridge model of :class:`DM`, cross-fitted over
-    ``folds`` interleaved folds (event i in fold i mod folds is scored by a model fitted
-    on the others), so no event's correction uses a model that saw its own reward;
-    ``folds`` = 1 fits in sample.  Unbiased if either μ or r̂ is right.
-    Dudík, Langford, Li (2011), "Doubly robust policy evaluation and learning", ICML.
+    :func:`weighted_estimate`).  r̂: :class:`ModelBased`.  Unbiased if either μ or r̂ is
+    right.  Dudík, Langford, Li (2011), "Doubly robust policy evaluation and learning",
+    ICML.
     """
 
     ridge: float = 1.0
@@ -370,23 +521,146 @@ class DR(Estimator):
     name: ClassVar[str] = "dr"
 
     def __post_init__(self) -> None:
-        _check_ridge(self.ridge)
         _check_clip(self.clip)
-        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 1:
-            raise ValueError(f"folds must be an integer >= 1, got {self.folds!r}")
-        _check_reward_bounds(self.reward_bounds)
+        self._check_model()
 
-    def _estimate(self, log: LoggedBandit, pi: np.ndarray) -> Estimate:
-        if self.folds > log.n_events:
-            raise EstimatorError(f"folds={self.folds} exceeds the log's {log.n_events} events")
-        return weighted_estimate(
-            log,
-            pi,
-            crossfit_predictions(log, self.ridge, self.folds),
-            clip=self.clip,
-            reward_bounds=self.reward_bounds,
-            name=_clip_label(self.name, self.clip),
-        )
+    def rule(self) -> WeightRule:
+        return Clip(self.clip)
+
+
+@dataclass(frozen=True)
+class SwitchDR(WeightedDR):
+    """Switch-DR: DR where the weight is at most τ, the direct method alone above it.
+
+    t_i = Σ_a π(a|x_i) r̂(x_{i,a}) + w_i 1{w_i ≤ τ} (r_i − r̂(x_{i,a_i})).  Large weights,
+    which carry most of DR's variance, lose their correction; the bias that costs,
+    (1/n) Σ_i Σ_a π(a|x_i) 1{w_{i,a} > τ} (E[r|x_i,a] − r̂), is bounded with the reward
+    range and widens the interval (:func:`weighted_estimate`).  τ = ∞ is DR.
+    Wang, Agarwal, Dudík (2017), "Optimal and adaptive off-policy evaluation in contextual
+    bandits", ICML; the DR form of Saito et al. (2021), "Open Bandit Dataset and Pipeline",
+    NeurIPS Datasets and Benchmarks.
+    """
+
+    tau: float = 10.0
+    ridge: float = 1.0
+    folds: int = 2
+    reward_bounds: tuple[float, float] = (0.0, 1.0)
+    name: ClassVar[str] = "switch-dr"
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:  # also refuses NaN; math.inf is DR
+            raise ValueError(f"tau must be > 0, got {self.tau!r}")
+        self._check_model()
+
+    def rule(self) -> WeightRule:
+        return Switch(self.tau)
+
+
+@dataclass(frozen=True)
+class DRos(WeightedDR):
+    """DR with optimistic shrinkage of the weights.
+
+    t_i = Σ_a π(a|x_i) r̂(x_{i,a}) + w̃_i (r_i − r̂(x_{i,a_i})), w̃ = λ w / (w² + λ): the
+    weight that minimises a bound on the mean squared error when the model's error is
+    bounded (λ large: DR; λ → 0: the direct method).  The bias, (1/n) Σ_i Σ_a π (w² /
+    (w² + λ)) (E[r|x,a] − r̂), is bounded with the reward range and widens the interval
+    (:func:`weighted_estimate`).  Su, Dimakopoulou, Krishnamurthy, Dudík (2020), "Doubly
+    robust off-policy evaluation with shrinkage", ICML.
+    """
+
+    lam: float = 100.0
+    ridge: float = 1.0
+    folds: int = 2
+    reward_bounds: tuple[float, float] = (0.0, 1.0)
+    name: ClassVar[str] = "dros"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lam) and self.lam > 0):
+            raise ValueError(f"lam must be a finite number > 0, got {self.lam!r}")
+        self._check_model()
+
+    def rule(self) -> WeightRule:
+        return OptimisticShrinkage(self.lam)
+
+
+@dataclass(frozen=True)
+class SNDR(ModelBased):
+    """Self-normalised DR: the DR correction divided by the mean weight.
+
+    V̂ = (1/n) Σ_i Σ_a π(a|x_i) r̂(x_{i,a}) + Σ_i w_i (r_i − r̂(x_{i,a_i})) / Σ_i w_i.
+    Biased for finite n but consistent, and never further from the direct method than the
+    largest residual: stable where a few large weights would swing DR.  Interval by the
+    delta method (:func:`self_normalised_dr`).  Needs μ(a|x) > 0 wherever π(a|x) > 0.
+    Kallus & Uehara (2019), "Intrinsically efficient, stable, and bounded off-policy
+    evaluation for reinforcement learning", NeurIPS; Swaminathan & Joachims (2015).
+    """
+
+    ridge: float = 1.0
+    folds: int = 2
+    name: ClassVar[str] = "sndr"
+
+    def __post_init__(self) -> None:
+        _check_ridge(self.ridge)
+        _check_folds(self.folds)
+
+    def with_predictions(
+        self, log: LoggedBandit, pi: np.ndarray, predictions: np.ndarray
+    ) -> Estimate:
+        _require_support(log, pi, self.name)
+        return self_normalised_dr(log, pi, predictions, self.name)
+
+
+SELECT_TAUS = (100.0, 30.0, 10.0, 3.0)
+SELECT_LAMBDAS = (1000.0, 100.0, 10.0)
+
+
+@dataclass(frozen=True)
+class NarrowestDR(ModelBased):
+    """Estimator selection: of DR, SNDR, Switch-DR (τ in ``taus``) and DRos (λ in
+    ``lambdas``), all on one reward model, the estimate with the narrowest 95% interval.
+
+    Every candidate's interval already holds its own bias bound (the corrections it
+    drops or shrinks, :func:`weighted_estimate`), so each is valid and the narrowest is
+    the most informative; picking among six correlated intervals costs little coverage
+    (tests/test_ope.py checks it on 20 seeds).  SLOPE (Su, Srinath, Krishnamurthy 2020,
+    "Adaptive estimator selection for off-policy evaluation", ICML) instead orders the
+    candidates by bias and applies Lepski's rule to their deviation intervals; on the
+    simulator it always accepted the most biased candidate (Switch-DR at τ = 1, nearly
+    the direct method) and answered with an interval about 1.0 wide, so this simpler rule
+    is used.  The answer is named after the candidate chosen.
+    """
+
+    taus: tuple[float, ...] = SELECT_TAUS
+    lambdas: tuple[float, ...] = SELECT_LAMBDAS
+    ridge: float = 1.0
+    folds: int = 2
+    reward_bounds: tuple[float, float] = (0.0, 1.0)
+    name: ClassVar[str] = "narrowest"
+
+    def __post_init__(self) -> None:
+        self.candidates()  # each candidate checks its own hyperparameters
+
+    def candidates(self) -> list[ModelBased]:
+        ridge, folds, bounds = self.ridge, self.folds, self.reward_bounds
+        family: list[ModelBased] = [
+            DR(ridge, folds=folds, reward_bounds=bounds),
+            SNDR(ridge, folds),
+        ]
+        family += [SwitchDR(tau, ridge, folds, bounds) for tau in self.taus]
+        family += [DRos(lam, ridge, folds, bounds) for lam in self.lambdas]
+        return family
+
+    def with_predictions(
+        self, log: LoggedBandit, pi: np.ndarray, predictions: np.ndarray
+    ) -> Estimate:
+        answers = []
+        for candidate in self.candidates():
+            try:
+                answers.append(candidate.with_predictions(log, pi, predictions))
+            except EstimatorError:
+                continue  # SNDR without support: the others still answer
+        chosen = min(answers, key=lambda e: e.upper - e.lower)
+        return replace(chosen, name=f"{self.name}: {chosen.name}")
 
 
 @dataclass(frozen=True)
@@ -443,7 +717,43 @@ def target_distribution(policy: Policy, log: LoggedBandit) -> np.ndarray:
     return pi
 
 
-ProgressiveEstimator = Literal["dr", "ips", "snips"]
+ProgressiveEstimator = Literal["dr", "ips", "snips", "switch-dr", "dros", "sndr", "narrowest"]
+PROGRESSIVE_ESTIMATORS: tuple[ProgressiveEstimator, ...] = (
+    "dr",
+    "ips",
+    "snips",
+    "switch-dr",
+    "dros",
+    "sndr",
+    "narrowest",
+)
+
+
+def estimator_named(
+    estimator: ProgressiveEstimator,
+    *,
+    clip: float | None = None,
+    ridge: float = 1.0,
+    reward_bounds: tuple[float, float] = (0.0, 1.0),
+) -> Estimator:
+    """The estimator a tuning config names, with its defaults; ``clip`` only for IPS / DR."""
+    if clip is not None and estimator not in ("ips", "dr"):
+        raise ValueError(f"clip applies to estimator 'ips' or 'dr', not {estimator!r}")
+    if estimator == "ips":
+        return IPS(clip, reward_bounds)
+    if estimator == "dr":
+        return DR(ridge, clip, reward_bounds=reward_bounds)
+    if estimator == "snips":
+        return SNIPS()
+    if estimator == "switch-dr":
+        return SwitchDR(ridge=ridge, reward_bounds=reward_bounds)
+    if estimator == "dros":
+        return DRos(ridge=ridge, reward_bounds=reward_bounds)
+    if estimator == "sndr":
+        return SNDR(ridge=ridge)
+    if estimator == "narrowest":
+        return NarrowestDR(ridge=ridge, reward_bounds=reward_bounds)
+    raise ValueError(f"estimator must be one of {list(PROGRESSIVE_ESTIMATORS)}, got {estimator!r}")
 
 
 def progressive(
@@ -461,38 +771,25 @@ def progressive(
     then ``policy.update(x_{i,a_i}, r_i)``.  The estimator's per-event term uses π_i, so
     each term is unbiased for V(π_i) given the past, and V̂ estimates (1/n) Σ_i V(π_i): what
     the policy would have earned while learning from this log.  ``clip``, ``ridge`` and
-    ``reward_bounds`` mean what they mean for :class:`IPS` / :class:`DR`; for ``"dr"`` the
-    reward model is progressive too (:func:`online_predictions`: earlier events only).
-    ``policy`` is updated in place.  Blum, Kalai, Langford (1999), "Beating the hold-out:
-    bounds for k-fold and progressive cross-validation", COLT.
+    ``reward_bounds`` mean what they mean for :class:`IPS` / :class:`DR`; for the
+    model-based estimators (:class:`ModelBased`) the reward model is progressive too
+    (:func:`online_predictions`: earlier events only).  ``policy`` is updated in place.
+    Blum, Kalai, Langford (1999), "Beating the hold-out: bounds for k-fold and progressive
+    cross-validation", COLT.
 
     The loop (:meth:`Policy.replay`) does only what the policy itself must, one
     distribution and one update per event; all estimator arithmetic is vectorised after it.
     """
-    spec: Estimator
-    if estimator == "ips":
-        spec = IPS(clip, reward_bounds)
-    elif estimator == "dr":
-        spec = DR(ridge, clip, reward_bounds=reward_bounds)
-    elif estimator == "snips":
-        if clip is not None:
-            raise ValueError(f"clip applies to estimator 'ips' or 'dr', not 'snips'; got {clip}")
-        spec = SNIPS()
-    else:
-        raise ValueError(f"estimator must be 'dr', 'ips' or 'snips', got {estimator!r}")
+    spec = estimator_named(estimator, clip=clip, ridge=ridge, reward_bounds=reward_bounds)
     _check_dim(policy, log)
 
     pi = policy.replay(log.X, log.offsets, log.chosen_rows, log.reward, log.event_id.tolist())
 
-    if isinstance(spec, DR):
+    if isinstance(spec, ModelBased):
         pi = check_distribution(pi, log.offsets, "action_dist")
-        result = weighted_estimate(
-            log,
-            pi,
-            online_predictions(log, spec.ridge),
-            clip=spec.clip,
-            reward_bounds=spec.reward_bounds,
-            name=_clip_label(spec.name, spec.clip),
+        result = replace(
+            spec.with_predictions(log, pi, online_predictions(log, spec.ridge)),
+            diagnostics=diagnose(log, pi),
         )
     else:
         result = spec.estimate(log, pi)

@@ -29,7 +29,14 @@ from tipgraph.store.records import LoggedEvent, LoggedRuns, PolicyRole
 from tuning.config import EvaluationSettings
 from tuning.data import from_events
 from tuning.logged import LoggedBandit, LogValidationError
-from tuning.ope import DR, SNIPS, Estimate, Estimator, EstimatorError, normal_estimate
+from tuning.ope import (
+    SNIPS,
+    Estimate,
+    Estimator,
+    EstimatorError,
+    estimator_named,
+    normal_estimate,
+)
 
 FALLBACK_SOURCE = "fallback"
 """``decisions.generation_source`` of a decision whose LLM generation fell back to tasks."""
@@ -52,11 +59,10 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 def make_estimator(evaluation: EvaluationSettings) -> Estimator:
     """The estimator the tuning config judges with (``evaluation:`` in configs/tuning.yaml),
     for fixed logged distributions rather than a progressive replay."""
-    if evaluation.estimator == "snips":
-        return SNIPS()
-    return DR(
-        ridge=evaluation.reward_model_ridge,
+    return estimator_named(
+        evaluation.estimator,
         clip=evaluation.clip,
+        ridge=evaluation.reward_model_ridge,
         reward_bounds=evaluation.reward_bounds,
     )
 

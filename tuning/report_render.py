@@ -409,6 +409,19 @@ def _estimate_json(estimate: Estimate | None) -> dict[str, Any] | None:
         "upper": finite(estimate.upper),
         "n_events": estimate.n_events,
         "estimator": estimate.name,
+        "diagnostics": None if estimate.diagnostics is None else _diagnostics_json(estimate),
+    }
+
+
+def _diagnostics_json(estimate: Estimate) -> dict[str, Any]:
+    d = estimate.diagnostics
+    if d is None:
+        return {}
+    return {
+        "effective_sample_size": finite(d.effective_sample_size),
+        "max_weight": finite(d.max_weight),
+        "rare_mass": finite(d.rare_mass),
+        "rare_below": d.rare_below,
     }
 
 
@@ -497,6 +510,16 @@ def _number(value: float | None, fmt: str = ".4f") -> str:
     return "—" if value is None else format(value, fmt)
 
 
+def _support(estimate: Estimate | None) -> str:
+    d = None if estimate is None else estimate.diagnostics
+    if d is None:
+        return "—"
+    return (
+        f"ESS {d.effective_sample_size:.0f} ({d.ess_share:.0%}), w ≤ {d.max_weight:.3g}, "
+        f"{d.rare_mass:.1%} on p < {d.rare_below:g}"
+    )
+
+
 def _policy_table(report: Report) -> str:
     agreement = {a.name: a for a in report.agreement}
     rows = []
@@ -513,6 +536,7 @@ def _policy_table(report: Report) -> str:
             + _cell(_number(finite(e.lower) if e else None), num=True)
             + _cell(_number(finite(e.upper) if e else None), num=True)
             + _cell("—" if a is None or a.rate is None else f"{a.rate:.1%}", num=True)
+            + _cell(_support(e))
             + _cell(p.note or "")
             + "</tr>"
         )
@@ -527,6 +551,7 @@ def _policy_table(report: Report) -> str:
             "95% lower",
             "95% upper",
             "agreement with served",
+            "support (ESS, largest weight, mass on rarely logged tips)",
             "note",
         )
     )
