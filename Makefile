@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-shadows bench-pool bench-embeddings tune rehearsal \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -73,6 +73,11 @@ bench-pool: install
 ## without the embedding features, 3 seeds, and the judge's rejection rate (BENCHMARKS.md)
 bench-embeddings: install
 	PYTHONPATH=. $(BIN)/python bench/bench_embedding_features.py
+
+## bench-drift: decisions LinUCB needs to regain 90% of the oracle after the simulated users'
+## habits turn around, with and without forgetting (half_life_s), 5 seeds (BENCHMARKS.md)
+bench-drift: install
+	PYTHONPATH=. $(BIN)/python bench/bench_drift.py
 
 ## rehearsal: 3 Ray nodes on this machine, Postgres, the Ollama stub (0.5 s): scale out and
 ## in, in-place update, node loss, database restart (var/rehearsal/result.json, timeline.png)

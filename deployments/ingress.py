@@ -339,15 +339,18 @@ class HandleStages:
         """Send every queued shadow event now and wait for the calls (graceful shutdown)."""
         await asyncio.gather(*(hop.drain() for hop in self._shadow_score.values()))
 
-    async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
+    async def learn(
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
+    ) -> None:
         # One replica learns now; the others apply it from the rewards log at their sync.
-        await self._scoring.learn.remote(reward_id, features, reward)
+        await self._scoring.learn.remote(reward_id, features, reward, rewarded_at)
 
     def learn_shadows(
-        self, reward_id: int, features: list[float], reward: float
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
     ) -> list[Awaitable[object]]:
         return [
-            handle.learn.remote(reward_id, features, reward) for handle in self._shadows.values()
+            handle.learn.remote(reward_id, features, reward, rewarded_at)
+            for handle in self._shadows.values()
         ]
 
 

@@ -119,8 +119,10 @@ class PolicyScorer:
             caught_up,
         )
 
-    def learn(self, reward_id: int, features: list[float], reward: float) -> bool:
-        return self._service.learn(reward_id, features, reward)
+    def learn(
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
+    ) -> bool:
+        return self._service.learn(reward_id, features, reward, rewarded_at)
 
     def sync(self) -> int:
         return self._service.sync(self._store)

@@ -94,6 +94,7 @@ BY_HAND = {
     "make bench-tuning": "BENCHMARKS.md",
     "make bench-pool": "BENCHMARKS.md",
     "make bench-embeddings": "BENCHMARKS.md",
+    "make bench-drift": "BENCHMARKS.md",
     "make rehearsal": "BENCHMARKS.md and k3s/README.md (CI runs `tipgraph rehearse --short`)",
     "make lock": "re-resolves the lockfiles against the registry",
     "mlflow ui": "MLflow's own UI",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -362,3 +363,114 @@ def test_replay_checks_its_log_once() -> None:
         policy.replay(X, np.array([0, 4]), np.array([0]), np.array([np.nan]), ["a"])
     with pytest.raises(PolicyInputError, match="2 entries"):
         policy.replay(X, np.array([0, 2, 4]), np.array([0, 2]), np.array([1.0]), ["a", "b"])
+
+
+# -- forgetting (half_life_s): forward decay, exact across replicas -----------------------------
+HALF_LIFE = 3600.0
+T_START = 1.78e9  # 2026, in Unix seconds: weights 2^(t/h) far beyond float range
+
+
+def forgetting(kind: str = "linucb", **params: float) -> Policy:
+    return make(kind, half_life_s=HALF_LIFE, **params)
+
+
+rewards_in_time = st.lists(
+    st.tuples(
+        arrays(np.float64, DIM, elements=st.floats(-10, 10, allow_nan=False)),
+        st.floats(0.0, 1.0),
+        st.floats(0.0, 200 * HALF_LIFE),  # offsets from T_START, in any order
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=rewards_in_time, order=st.randoms(use_true_random=False), split=st.integers(1, 5))
+def test_forgetting_is_the_same_in_any_order_split_or_saved_and_reloaded(
+    data: list[tuple[np.ndarray, float, float]], order: Any, split: int
+) -> None:
+    in_time = forgetting()
+    for x, r, dt in sorted(data, key=lambda item: item[2]):
+        in_time.update(x, r, T_START + dt)
+    # Another replica: a random order, part learned directly, part merged from a peer
+    # that was saved and loaded on the way (a registered champion).
+    shuffled = list(data)
+    order.shuffle(shuffled)
+    mine, peer = forgetting(), forgetting()
+    for i, (x, r, dt) in enumerate(shuffled):
+        (peer if i % split == 0 else mine).update(x, r, T_START + dt)
+    mine.merge(policy_from_bytes(peer.to_bytes()))
+    assert mine.n_updates == in_time.n_updates == len(data)
+    assert mine.stats_.latest_ == in_time.stats_.latest_
+    scale = 1.0 + float(np.abs(in_time.stats_.gram_).max())
+    np.testing.assert_allclose(
+        mine.stats_.gram_, in_time.stats_.gram_, rtol=1e-9, atol=1e-12 * scale
+    )
+    np.testing.assert_allclose(mine.stats_.b_, in_time.stats_.b_, rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_a_reward_counts_half_for_every_half_life_it_is_older_than_the_newest() -> None:
+    rng = np.random.default_rng(4)
+    data = [
+        (rng.normal(size=DIM), float(rng.uniform()), T_START + k * HALF_LIFE / 4) for k in range(30)
+    ]
+    policy = forgetting()
+    for x, r, t in data:
+        policy.update(x, r, t)
+    newest = max(t for _, _, t in data)
+    weights = [2.0 ** (-(newest - t) / HALF_LIFE) for _, _, t in data]
+    gram = sum(w * np.outer(x, x) for w, (x, _, _) in zip(weights, data, strict=True))
+    b = sum(w * r * x for w, (x, r, _) in zip(weights, data, strict=True))
+    np.testing.assert_allclose(policy.stats_.gram_, gram, rtol=1e-12)
+    np.testing.assert_allclose(policy.stats_.b_, b, rtol=1e-12)
+    theta = np.linalg.solve(gram + np.eye(DIM), b)
+    np.testing.assert_allclose(policy.stats_.theta, theta, rtol=1e-9)
+
+
+def test_forgetting_runs_for_ever_without_overflow_and_drops_the_distant_past() -> None:
+    rng = np.random.default_rng(5)
+    policy = forgetting()
+    x_old = rng.normal(size=DIM)
+    policy.update(x_old, 1.0, T_START)
+    for k in range(1, 400):  # 100,000 half-lives: 2^(t/h) alone would overflow long before
+        policy.update(rng.normal(size=DIM), 0.0, T_START + k * 250 * HALF_LIFE)
+    assert np.isfinite(policy.stats_.gram_).all() and np.isfinite(policy.stats_.A_inv_).all()
+    # The first reward (the only one with reward 1) weighs 2^-99,750: gone.
+    assert not policy.stats_.b_.any()
+
+
+def test_forgetting_needs_each_rewards_time_and_merges_only_with_its_own_kind() -> None:
+    policy = forgetting()
+    with pytest.raises(PolicyInputError, match="needs each reward's time"):
+        policy.update(np.ones(DIM), 1.0)
+    with pytest.raises(PolicyStateError, match="forgetting state with one that keeps all"):
+        policy.merge(make("linucb"))
+    with pytest.raises(PolicyStateError, match="half-lives"):
+        policy.merge(make("linucb", half_life_s=2 * HALF_LIFE))
+    with pytest.raises(ValidationError, match="half_life_s"):
+        make("linucb", half_life_s=0.0)
+    # Without forgetting, a time changes nothing.
+    keeps, timed = make("linucb"), make("linucb")
+    keeps.update(np.ones(DIM), 1.0)
+    timed.update(np.ones(DIM), 1.0, T_START)
+    assert keeps.to_bytes() == timed.to_bytes()
+
+
+@pytest.mark.parametrize("kind", LEARNERS)
+def test_every_learner_can_forget_and_replay_with_times(kind: str) -> None:
+    rng = np.random.default_rng(6)
+    policy = forgetting(kind)
+    X = rng.normal(size=(12, DIM))
+    offsets = np.array([0, 3, 6, 9, 12])
+    rows = np.array([0, 4, 8, 9])
+    rewards = np.array([1.0, 0.0, 0.5, 1.0])
+    times = T_START + np.array([0.0, 1.0, 2.0, 3.0]) * HALF_LIFE
+    pi = policy.replay(X, offsets, rows, rewards, ["a", "b", "c", "d"], times)
+    assert pi.shape == (12,) and np.allclose(np.add.reduceat(pi, offsets[:-1]), 1.0)
+    step = forgetting(kind)
+    for row, r, t in zip(rows, rewards, times, strict=True):
+        step.update(X[row], float(r), float(t))
+    np.testing.assert_allclose(policy.stats_.b_, step.stats_.b_, rtol=1e-12)
+    with pytest.raises(PolicyInputError, match="times need 4 finite entries"):
+        forgetting(kind).replay(X, offsets, rows, rewards, ["a", "b", "c", "d"], times[:3])

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tipgraph import simulated_tips
+from tipgraph.policy_comparison import RunResult, regain_decisions
 from tipgraph.settings import RewardSettings, TipgraphSettings
 from tipgraph.simulator import (
     Truth,
@@ -27,6 +29,20 @@ def test_users_differ_and_requests_are_valid_bodies() -> None:
     request = make_request(users[0], 0, rng)
     assert len(request.body["tasks"]) == users[0].n_tasks
     assert 0 < p_done(request, Truth("focus")) < 1
+
+
+def test_the_drift_scenario_turns_the_habits_around_and_forgetting_recovers_sooner() -> None:
+    rng = np.random.default_rng(2)
+    user = make_users(1, rng)[0]
+    request = make_request(user, 0, rng)
+    drifted = replace(request, drifted=True)
+    assert p_done(drifted, Truth("break_down")) > p_done(request, Truth("break_down"))
+    assert p_done(drifted, Truth("focus")) < p_done(request, Truth("focus"))
+    # regain: the first k whose next window earns `share` of the oracle.
+    served = np.array([1.0] * 10 + [0.5] * 10 + [0.95] * 30)
+    result = RunResult("p", 0, served, np.ones(50), np.full(50, 0.5))
+    assert regain_decisions(result, 10, window=5, share=0.9) == 10  # [20, 25)
+    assert regain_decisions(result, 10, window=5, share=0.99) is None
 
 
 def test_the_hidden_truth_leaves_a_real_gap_between_best_and_average() -> None:

@@ -8,6 +8,7 @@ an MLflow run, and the winner is registered, loaded back and promoted.
 from __future__ import annotations
 
 import io
+import math
 import os
 import subprocess
 import sys
@@ -21,8 +22,14 @@ import yaml
 from pydantic import ValidationError
 
 from tipgraph.features import FEATURE_SPEC
+from tipgraph.policies import make_policy
 from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry
-from tipgraph.settings import BaselineSettings, LinearModelSettings, TipgraphSettings
+from tipgraph.settings import (
+    BaselineSettings,
+    EpsilonGreedySettings,
+    LinearModelSettings,
+    TipgraphSettings,
+)
 from tipgraph.simulator import run_local
 from tipgraph.store import open_store
 from tuning.config import (
@@ -33,6 +40,7 @@ from tuning.config import (
     load_tuning_settings,
 )
 from tuning.data import TrainingLog
+from tuning.ope import progressive
 from tuning.report_render import PLOTS
 from tuning.simulated_log import simulate_log
 from tuning.sweep import (
@@ -85,7 +93,7 @@ def test_a_trial_builds_its_kind_from_its_own_parameters_only(kind: str) -> None
             assert getattr(settings, name) == sampled(kind)[name]
         else:  # another kind's hyperparameter is not even held
             assert name not in type(settings).model_fields
-    assert set(trial_params(settings)) - {"kind", "features", "ts_draws"} == set(
+    assert set(trial_params(settings)) - {"kind", "features", "ts_draws", "half_life_s"} == set(
         KIND_PARAMETERS[kind]
     )
     if kind in ("uniform", "baseline"):
@@ -93,6 +101,30 @@ def test_a_trial_builds_its_kind_from_its_own_parameters_only(kind: str) -> None
     else:
         assert isinstance(settings, LinearModelSettings)
         assert settings.features == ("kind", "time")
+
+
+def test_half_lives_travel_as_numbers_with_0_for_none_and_are_recorded() -> None:
+    assert policy_settings(sampled("linucb", half_life_s=0.0)).half_life_s is None
+    forgetting = policy_settings(sampled("lints", half_life_s=86_400.0))
+    assert forgetting.half_life_s == 86_400.0
+    assert trial_params(forgetting)["half_life_s"] == "86400"
+    assert trial_params(policy_settings(sampled("linucb")))["half_life_s"] == "none"
+    assert "half_life_s" not in trial_params(policy_settings(sampled("uniform")))
+    with pytest.raises(ValueError, match="half_lives_s must be > 0 or null"):
+        SearchSpace(half_lives_s=(None, 0.0))
+
+
+def test_a_forgetting_policy_is_evaluated_progressively_at_the_logs_times() -> None:
+    log, _ = simulate_log(EpsilonGreedySettings(name="log", epsilon=0.2), n_events=300, seed=1)
+    settings = policy_settings(sampled("linucb", half_life_s=3600.0))
+    policy = make_policy(settings, log.dim, spec_version="s")
+    estimate = progressive(policy, log)
+    assert policy.n_updates == 300 and math.isfinite(estimate.value)
+    # The decisions are 7.2 minutes apart: a one-hour half-life forgets most of the log.
+    assert policy.stats_.latest_ == log.seconds()[-1]
+    keeping = make_policy(policy_settings(sampled("linucb")), log.dim, spec_version="s")
+    progressive(keeping, log)
+    assert float(np.trace(policy.stats_.gram_)) < 0.5 * float(np.trace(keeping.stats_.gram_))
 
 
 def test_feature_subsets_travel_as_labels_and_come_back() -> None:

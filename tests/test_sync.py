@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)
 
 
-def replica(kind: str = "linucb") -> PolicyService:
-    settings = parse_policy(dict(name="served", kind=kind))
+def replica(kind: str = "linucb", **extra: object) -> PolicyService:
+    settings = parse_policy(dict(name="served", kind=kind, **extra))
     return PolicyService(make_policy(settings, DIM, spec_version=FEATURE_SPEC.version))
 
 
@@ -80,7 +80,7 @@ def test_replicas_converge_to_the_model_trained_on_everything(store: DecisionSto
         outcome = give_feedback(store, f"e{i}", r, T0 + timedelta(seconds=5))
         assert outcome.learned and outcome.reward_id is not None
         # The router sends each feedback to one replica, which learns it at once.
-        (a if i % 3 else b).learn(outcome.reward_id, x, r)
+        (a if i % 3 else b).learn(outcome.reward_id, x, r, (T0 + timedelta(seconds=5)).timestamp())
         truth.update(x, r)
         if i == 30:
             a.sync(store)  # a sync halfway must not double count what a learned itself
@@ -98,13 +98,45 @@ def test_replicas_converge_to_the_model_trained_on_everything(store: DecisionSto
     np.testing.assert_allclose(late.policy.stats_.b_, truth.stats_.b_, atol=1e-9)
 
 
+def test_forgetting_replicas_hold_the_same_model_as_one_rebuilt_from_the_log(
+    store: DecisionStore,
+) -> None:
+    """With half_life_s, each reward is weighed by its own logged time: replicas that learn
+    different shares directly, in different orders, and one rebuilt from the log agree."""
+    rng = np.random.default_rng(1)
+    half_life = {"half_life_s": 3 * 3600.0}
+    a, b = replica(**half_life), replica(**half_life)
+    for i in range(60):
+        x, r = rng.normal(size=DIM), float(rng.uniform())
+        decided = T0 + timedelta(hours=i / 2)
+        log_decision(store, f"e{i}", x, decided)
+        answered = decided + timedelta(seconds=int(rng.integers(1, 600)))
+        outcome = give_feedback(store, f"e{i}", r, answered)
+        assert outcome.reward_id is not None
+        # What a replica learns directly carries the same time the log holds.
+        (a if i % 3 else b).learn(outcome.reward_id, x, r, answered.timestamp())
+    a.sync(store)
+    b.sync(store)
+    late = replica(**half_life)
+    assert late.sync(store) == 60
+    for service in (a, b):
+        np.testing.assert_allclose(service.policy.stats_.gram_, late.policy.stats_.gram_, rtol=1e-9)
+        np.testing.assert_allclose(service.policy.stats_.b_, late.policy.stats_.b_, rtol=1e-9)
+    # Forgetting changed the model: 30 hours of rewards at a 3-hour half-life.
+    keeping = replica()
+    keeping.sync(store)
+    assert not np.allclose(late.policy.stats_.b_, keeping.policy.stats_.b_)
+    X = rng.normal(size=(5, DIM))
+    assert a.policy.distribution(X, "e").tolist() == late.policy.distribution(X, "e").tolist()
+
+
 def test_direct_learn_of_an_already_synced_reward_is_ignored(store: DecisionStore) -> None:
     service = replica()
     log_decision(store, "e", np.ones(DIM), T0)
     outcome = give_feedback(store, "e", 1.0, T0)
     assert outcome.reward_id is not None
     assert service.sync(store) == 1
-    assert service.learn(outcome.reward_id, np.ones(DIM), 1.0) is False
+    assert service.learn(outcome.reward_id, np.ones(DIM), 1.0, T0.timestamp()) is False
     assert service.policy.n_updates == 1
 
 

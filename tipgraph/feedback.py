@@ -245,8 +245,11 @@ class FeedbackService:
                 )
         if outcome.created and outcome.reward_id is not None:
             features = decision.chosen_features
+            # The reward row's created_at is the stored feedback's arrival: a replica that
+            # syncs it from the log weighs it by the same time.
+            rewarded_at = stored.received_at.timestamp()
             try:
-                await self._stages.learn(outcome.reward_id, features, record.reward)
+                await self._stages.learn(outcome.reward_id, features, record.reward, rewarded_at)
             except Exception:
                 # The reward is logged; the replicas pick it up at their next sync.
                 logger.exception(
@@ -254,5 +257,5 @@ class FeedbackService:
                     record.event_id,
                     extra={"event_id": record.event_id},
                 )
-            self._shadows.learn(outcome.reward_id, features, record.reward)
+            self._shadows.learn(outcome.reward_id, features, record.reward, rewarded_at)
         return _response(stored, learned=outcome.learned)

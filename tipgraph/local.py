@@ -74,14 +74,16 @@ class LocalStages:
         item = (X, event_id, candidate_ids, served_candidate_id)
         return [(name, _first(shadow.score_batch([item]))) for name, shadow in self.shadows.items()]
 
-    async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
-        self.served.learn(reward_id, features, reward)
+    async def learn(
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
+    ) -> None:
+        self.served.learn(reward_id, features, reward, rewarded_at)
 
     def learn_shadows(
-        self, reward_id: int, features: list[float], reward: float
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
     ) -> list[Awaitable[object]]:
         return [
-            asyncio.to_thread(shadow.service.learn, reward_id, features, reward)
+            asyncio.to_thread(shadow.service.learn, reward_id, features, reward, rewarded_at)
             for shadow in self.shadows.values()
         ]
 

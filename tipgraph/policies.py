@@ -183,7 +183,8 @@ class RidgeStats:
             self._theta = self.A_inv_ @ self.b_
         return self._theta
 
-    def update(self, x: np.ndarray, reward: float) -> None:
+    def update(self, x: np.ndarray, reward: float, at: float | None = None) -> None:
+        """Learn one reward; ``at`` (its time) is for the decayed variant's interface."""
         self._unfolded.append(x.copy())  # the caller may reuse its array
         self.b_ += reward * x
         self.n_ += 1
@@ -207,6 +208,135 @@ class RidgeStats:
         self.A_inv_ = np.linalg.inv(self.A)
         self._theta = None
         self._since_refresh = 0
+
+
+ANCHOR_STEP = 64
+"""Half-lives between the anchors of :class:`DecayedRidgeStats`: stored weights stay
+within 2^±64 of 1, far from float overflow, however long the model runs."""
+
+
+def _power_of_two(exponent: float, anchor: int) -> float:
+    """2^(exponent − anchor), computed so that it depends on ``anchor`` only through an
+    exact power of two: the same reward gets bit-identical weights under every anchor."""
+    whole = math.floor(exponent)
+    return math.ldexp(2.0 ** (exponent - whole), whole - anchor)
+
+
+class DecayedRidgeStats:
+    """Ridge statistics that forget: each reward's weight halves every ``half_life_s``.
+
+    Forward decay (Cormode, Shkapenyuk, Srivastava, Xu 2009, "Forward decay: a practical
+    time decay model for streaming systems", ICDE): a reward at time t (Unix seconds)
+    enters with weight g(t) = 2^(t/h) against the fixed epoch 0, so G = Σ g(t_i) x xᵀ and
+    B = Σ g(t_i) r x depend only on the rewards' own times.  The sums are the same in any
+    order, merge by addition, and a replica rebuilt from the rewards log holds what one
+    that ran all along holds.  The model answers as of T = the latest reward time (also
+    order-free): gram = G / g(T), b = B / g(T), so a reward counts 2^(−(T − t)/h).
+
+    G and B are kept relative to an anchor 2^(k · ANCHOR_STEP), k from T; moving it
+    multiplies by a power of two, which is exact.  A⁻¹ is recomputed when read after a
+    change (O(d³)): every new latest time rescales every weight.
+    """
+
+    def __init__(self, dim: int, ridge: float, half_life_s: float) -> None:
+        self.dim = dim
+        self.ridge = ridge
+        self.half_life_s = half_life_s
+        self._G = np.zeros((dim, dim))
+        self._B = np.zeros(dim)
+        self._anchor = 0
+        self.latest_ = -math.inf
+        self.n_ = 0
+        self._view: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._theta: np.ndarray | None = None
+
+    def _reanchor(self, exponent: float) -> None:
+        anchor = math.floor(exponent / ANCHOR_STEP) * ANCHOR_STEP
+        if anchor > self._anchor:
+            scale = math.ldexp(1.0, self._anchor - anchor)
+            self._G *= scale
+            self._B *= scale
+            self._anchor = anchor
+
+    def update(self, x: np.ndarray, reward: float, at: float | None = None) -> None:
+        if at is None or not math.isfinite(at):
+            raise PolicyInputError(
+                f"a policy with half_life_s needs each reward's time (Unix seconds), got {at}"
+            )
+        if at > self.latest_:
+            self.latest_ = at
+            self._reanchor(at / self.half_life_s)
+        w = _power_of_two(at / self.half_life_s, self._anchor)
+        self._G += np.outer(w * x, x)
+        self._B += (w * reward) * x
+        self.n_ += 1
+        self._view = None
+        self._theta = None
+
+    def _normalised(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gram, b, A⁻¹) as of the latest reward."""
+        if self._view is None:
+            if self.n_ == 0:
+                gram, b = np.zeros((self.dim, self.dim)), np.zeros(self.dim)
+            else:
+                f = 1.0 / _power_of_two(self.latest_ / self.half_life_s, self._anchor)
+                gram, b = self._G * f, self._B * f
+            A_inv = np.linalg.inv(gram + self.ridge * np.eye(self.dim))
+            self._view = (gram, b, A_inv)
+        return self._view
+
+    @property
+    def gram_(self) -> np.ndarray:
+        return self._normalised()[0]
+
+    @property
+    def b_(self) -> np.ndarray:
+        return self._normalised()[1]
+
+    @property
+    def A_inv_(self) -> np.ndarray:
+        return self._normalised()[2]
+
+    @property
+    def theta(self) -> np.ndarray:
+        """Ridge estimate A⁻¹b as of the latest reward, cached until the next update."""
+        if self._theta is None:
+            self._theta = self.A_inv_ @ self.b_
+        return self._theta
+
+    def refresh(self) -> None:
+        self._view = None
+        self._theta = None
+
+    def load(self, gram: np.ndarray, b: np.ndarray, n: int, latest: float) -> None:
+        """Take a state saved as of ``latest`` (:meth:`gram_`, :meth:`b_`)."""
+        self.latest_ = latest
+        self._anchor = 0
+        if math.isfinite(latest):
+            self._reanchor(latest / self.half_life_s)
+            g = _power_of_two(latest / self.half_life_s, self._anchor)
+            self._G, self._B = gram * g, b * g
+        else:
+            self._G, self._B = gram.copy(), b.copy()
+        self.n_ = n
+        self.refresh()
+
+    def merge(self, other: DecayedRidgeStats) -> None:
+        """Add another replica's or shard's rewards: the same as having applied them."""
+        if other.half_life_s != self.half_life_s:
+            raise PolicyStateError(
+                f"cannot merge states with half-lives {other.half_life_s} s and "
+                f"{self.half_life_s} s"
+            )
+        if other.n_ == 0:
+            return
+        self.latest_ = max(self.latest_, other.latest_)
+        self._reanchor(self.latest_ / self.half_life_s)
+        scale = math.ldexp(1.0, other._anchor - self._anchor)
+        self._G += other._G * scale
+        self._B += other._B * scale
+        self.n_ += other.n_
+        self.refresh()
 
 
 S = TypeVar("S", bound=PolicySettings)
@@ -234,11 +364,13 @@ class Policy(abc.ABC, Generic[S]):
         self.spec_version = spec_version
         self.epsilon = settings.epsilon if isinstance(settings, ExplorationSettings) else 0.0
         model = settings if isinstance(settings, LinearModelSettings) else None
-        self.stats_ = (
-            RidgeStats(dim, model.ridge, model.refresh_every)
-            if model
-            else RidgeStats(dim, UNUSED_RIDGE)
-        )
+        self.stats_: RidgeStats | DecayedRidgeStats
+        if model is not None and model.half_life_s is not None:
+            self.stats_ = DecayedRidgeStats(dim, model.ridge, model.half_life_s)
+        elif model is not None:
+            self.stats_ = RidgeStats(dim, model.ridge, model.refresh_every)
+        else:
+            self.stats_ = RidgeStats(dim, UNUSED_RIDGE)
         self._mask: np.ndarray | None = None
         if model and model.features is not None:
             if dim != FEATURE_SPEC.dim:
@@ -307,6 +439,7 @@ class Policy(abc.ABC, Generic[S]):
         chosen_rows: np.ndarray,
         rewards: np.ndarray,
         event_ids: Sequence[str],
+        times: np.ndarray | None = None,
     ) -> np.ndarray:
         """Progressive replay of a log: each event's distribution *before* learning from it.
 
@@ -314,7 +447,9 @@ class Policy(abc.ABC, Generic[S]):
         gives their probabilities, then learns ``rewards[i]`` for row ``chosen_rows[i]``.
         Returns the probabilities, shape (N,).  The same as calling :meth:`distribution`
         and :meth:`update` per event, with the inputs checked once for the whole log
-        instead of once per call, and no draw (nothing is served).
+        instead of once per call, and no draw (nothing is served).  ``times`` (Unix
+        seconds, shape (n,)) are the rewards' times, which a policy with ``half_life_s``
+        needs.
         """
         features = self._features(check_matrix(X, self.dim))
         bounds = np.asarray(offsets, dtype=np.int64)
@@ -329,6 +464,12 @@ class Policy(abc.ABC, Generic[S]):
             raise PolicyInputError("rewards contain NaN or infinite values")
         if ((rows < bounds[:-1]) | (rows >= bounds[1:])).any():
             raise PolicyInputError("every chosen row must lie inside its own event")
+        at: list[float | None] = [None] * n
+        if times is not None:
+            t = np.asarray(times, dtype=np.float64)
+            if t.shape != (n,) or not np.isfinite(t).all():
+                raise PolicyInputError(f"times need {n} finite entries")
+            at = list(t.tolist())
         pi = np.empty(len(features))
         scores, greedy, update = self._scores, self._greedy_distribution, self.stats_.update
         epsilon, name, seeded = self.epsilon, self.name, self.seeded
@@ -339,13 +480,15 @@ class Policy(abc.ABC, Generic[S]):
             block = features[edges[i] : edges[i + 1]]
             p = greedy(block, scores(block), event_seed(event_id, name) if seeded else 0)
             pi[edges[i] : edges[i + 1]] = with_floor(p, epsilon) if epsilon else p
-            update(features[row], reward)
+            update(features[row], reward, at[i])
         return pi
 
-    def update(self, x: object, reward: float) -> Policy[S]:
+    def update(self, x: object, reward: float, at: float | None = None) -> Policy[S]:
+        """Learn ``reward`` for features ``x``; ``at`` is the reward's time (Unix seconds),
+        which only a policy with ``half_life_s`` reads, and needs."""
         if not math.isfinite(reward):
             raise PolicyInputError(f"reward must be finite, got {reward}")
-        self.stats_.update(self._features(check_vector(x, self.dim)), float(reward))
+        self.stats_.update(self._features(check_vector(x, self.dim)), float(reward), at)
         return self
 
     def merge(self, other: Policy[Any]) -> Policy[S]:
@@ -355,7 +498,13 @@ class Policy(abc.ABC, Generic[S]):
                 f"cannot merge a state of dim {other.dim} / features {other.spec_version} "
                 f"into dim {self.dim} / features {self.spec_version}"
             )
-        self.stats_.add(other.stats_.gram_, other.stats_.b_, other.stats_.n_)
+        mine, theirs = self.stats_, other.stats_
+        if isinstance(mine, DecayedRidgeStats) or isinstance(theirs, DecayedRidgeStats):
+            if not (isinstance(mine, DecayedRidgeStats) and isinstance(theirs, DecayedRidgeStats)):
+                raise PolicyStateError("cannot merge a forgetting state with one that keeps all")
+            mine.merge(theirs)
+        else:
+            mine.add(theirs.gram_, theirs.b_, theirs.n_)
         return self
 
     def to_bytes(self) -> bytes:
@@ -367,6 +516,11 @@ class Policy(abc.ABC, Generic[S]):
                 "dim": self.dim,
                 "spec_version": self.spec_version,
                 "n": self.stats_.n_,
+                **(
+                    {"latest": _finite_or_none(self.stats_.latest_)}
+                    if isinstance(self.stats_, DecayedRidgeStats)
+                    else {}
+                ),
             },
             sort_keys=True,
         ).encode()
@@ -567,7 +721,18 @@ def policy_from_bytes(data: bytes, *, expected_spec_version: str | None = None) 
             f"policy state body has {body.size} values, expected {dim * dim + dim}"
         )
     policy = make_policy(stored_settings(header), dim, spec_version=spec)
-    policy.stats_.add(
-        body[: dim * dim].reshape(dim, dim).copy(), body[dim * dim :].copy(), int(header["n"])
+    gram, b, n = (
+        body[: dim * dim].reshape(dim, dim).copy(),
+        body[dim * dim :].copy(),
+        int(header["n"]),
     )
+    if isinstance(policy.stats_, DecayedRidgeStats):
+        latest = header.get("latest")
+        policy.stats_.load(gram, b, n, -math.inf if latest is None else float(latest))
+    else:
+        policy.stats_.add(gram, b, n)
     return policy
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

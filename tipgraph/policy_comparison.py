@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import numpy as np
@@ -63,10 +63,13 @@ def simulate_decisions(
     rewards: RewardSettings | None = None,
     n_candidates: int = 8,
     learn: bool = True,
+    drift_at: int | None = None,
 ) -> Iterator[SimulatedDecision]:
     """The policy deciding on the simulator's request stream, event ids ``{seed}-{i}``.
 
-    With ``learn`` the policy learns every sampled reward, as in production.
+    With ``learn`` the policy learns every sampled reward, at the request's simulated
+    time, as in production.  From decision ``drift_at`` on, the users' hidden time-of-day
+    habits turn around (:data:`~tipgraph.simulator.DRIFTED_TIME_BONUS`).
     """
     rewards = rewards or RewardSettings()
     policy = make_policy(policy_settings, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
@@ -75,6 +78,8 @@ def simulate_decisions(
     history: dict[str, list[ReactionHistoryItem]] = {u.user_id: [] for u in population}
     for i in range(decisions):
         sim = make_request(population[int(rng.integers(users))], i, rng)
+        if drift_at is not None and i >= drift_at:
+            sim = replace(sim, drifted=True)
         request = TipRequest.model_validate(sim.body)
         past = history[sim.user.user_id]
         context = build_context(request, past[:history_limit], rewards)
@@ -88,7 +93,7 @@ def simulate_decisions(
         reaction = react(sim, Truth(chosen.kind, chosen.task_id), reaction_rng)
         reward = rewards.reward_for(reaction)  # type: ignore[arg-type]
         if learn:
-            policy.update(X[decision.chosen], reward)
+            policy.update(X[decision.chosen], reward, request.local_now().timestamp())
         shown_at = request.local_now() + timedelta(seconds=1)
         past.insert(0, ReactionHistoryItem(chosen.kind, reaction, reward, shown_at))
         yield SimulatedDecision(X, decision, values, reward)
@@ -103,6 +108,7 @@ def run_policy(
     history_limit: int = 200,
     rewards: RewardSettings | None = None,
     n_candidates: int = 8,
+    drift_at: int | None = None,
 ) -> RunResult:
     served, oracle, uniform = np.empty(decisions), np.empty(decisions), np.empty(decisions)
     for i, step in enumerate(
@@ -114,6 +120,7 @@ def run_policy(
             history_limit=history_limit,
             rewards=rewards,
             n_candidates=n_candidates,
+            drift_at=drift_at,
         )
     ):
         values = step.values
@@ -123,6 +130,20 @@ def run_policy(
             values.mean(),
         )
     return RunResult(policy_settings.name, seed, served, oracle, uniform)
+
+
+def regain_decisions(
+    result: RunResult, drift_at: int, *, window: int = 500, share: float = 0.9
+) -> int | None:
+    """Decisions after ``drift_at`` until the policy is back at ``share`` of the oracle:
+    the first k whose next ``window`` decisions earn at least ``share`` of what the oracle
+    would have.  None if it never gets there within the run."""
+    served = np.cumsum(np.concatenate([[0.0], result.served[drift_at:]]))
+    oracle = np.cumsum(np.concatenate([[0.0], result.oracle[drift_at:]]))
+    for k in range(len(served) - window):
+        if served[k + window] - served[k] >= share * (oracle[k + window] - oracle[k]):
+            return k
+    return None
 
 
 @dataclass(frozen=True)

@@ -100,11 +100,15 @@ class PolicyService:
             raise InjectedFault(f"injected fault in policy {self.policy.name}")
         return self.score(X, event_id)
 
-    def learn(self, reward_id: int, features: Iterable[float], reward: float) -> bool:
-        """Apply one logged reward now; False (and no change) if it was applied already."""
+    def learn(
+        self, reward_id: int, features: Iterable[float], reward: float, rewarded_at: float
+    ) -> bool:
+        """Apply one logged reward now; False (and no change) if it was applied already.
+        ``rewarded_at``: the reward row's time (Unix seconds), which a forgetting policy
+        weighs it by."""
         x = np.fromiter(features, dtype=np.float64)
         with self._lock:
-            if not self._apply(reward_id, x, reward):
+            if not self._apply(reward_id, x, reward, rewarded_at):
                 return False
             self.learned_directly += 1
             return True
@@ -125,13 +129,15 @@ class PolicyService:
         with self._lock:
             for event in events:
                 x = np.asarray(event.features, dtype=np.float64)
-                applied += self._apply(event.reward_id, x, event.reward)
+                applied += self._apply(
+                    event.reward_id, x, event.reward, event.rewarded_at.timestamp()
+                )
             self.watermark = max(self.watermark, events[-1].reward_id)
             self._ahead = {rid for rid in self._ahead if rid > self.watermark}
             self.learned_by_sync += applied
         return applied
 
-    def _apply(self, reward_id: int, x: np.ndarray, reward: float) -> bool:
+    def _apply(self, reward_id: int, x: np.ndarray, reward: float, at: float) -> bool:
         if reward_id <= self.watermark or reward_id in self._ahead:
             return False
         if x.shape != (self.policy.dim,):
@@ -139,7 +145,7 @@ class PolicyService:
             # cannot teach this model, and must not stop the rewards after it.
             self.skipped_other_layout += 1
             return False
-        self.policy.update(x, reward)
+        self.policy.update(x, reward, at)
         self._ahead.add(reward_id)
         return True
 

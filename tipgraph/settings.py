@@ -376,6 +376,12 @@ class LinearModelSettings(ExplorationSettings):
     refresh_every: int = Field(
         1024, ge=1, description="Exact inverse after this many Sherman-Morrison updates"
     )
+    half_life_s: float | None = Field(
+        None,
+        gt=0,
+        description="Forget: a reward's weight halves for every half_life_s it is older than "
+        "the newest reward (forward decay, exact across replicas); None = remember all",
+    )
     features: tuple[FeatureGroup, ...] | None = Field(
         None,
         description="Feature groups the policy learns on (None = all); the others are zeroed",

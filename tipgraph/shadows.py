@@ -90,9 +90,11 @@ class ShadowRunner:
             self._answers.add(answer)
             answer.add_done_callback(functools.partial(self._answered, name, outstanding))
 
-    def learn(self, reward_id: int, features: list[float], reward: float) -> None:
+    def learn(
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
+    ) -> None:
         """Teach every shadow one reward, in the background."""
-        for pending in self._stages.learn_shadows(reward_id, features, reward):
+        for pending in self._stages.learn_shadows(reward_id, features, reward, rewarded_at):
             task = asyncio.ensure_future(_quietly(pending, "shadow learn"))
             self._learning.add(task)
             task.add_done_callback(self._learning.discard)

@@ -52,6 +52,19 @@ TIME_BONUS: dict[tuple[str, str], float] = {
     ("focus", "afternoon"): 0.8,
     ("break_down", "morning"): 0.5,
 }
+# The drift scenario's patterns from its drift point on: the habits turn around (plans at
+# night, sprints in the morning) and breaking tasks down becomes what everyone wants
+# while focus sessions fall out of favour.  A model that weighs the old evidence as much
+# as the new keeps recommending the old habits.
+DRIFTED_TIME_BONUS: dict[tuple[str, str], float] = {
+    ("plan_day", "morning"): -1.6,
+    ("plan_day", "evening"): 1.6,
+    ("plan_day", "night"): 1.2,
+    ("batch", "morning"): 1.2,
+    ("batch", "evening"): -1.2,
+    **{("break_down", part): 1.5 for part in ("morning", "afternoon", "evening", "night")},
+    **{("focus", part): -1.5 for part in ("morning", "afternoon", "evening", "night")},
+}
 TASK_WORDS = (
     "email",
     "report",
@@ -89,6 +102,8 @@ class SimRequest:
     priorities: dict[str, int]
     overdue: set[str]
     part: str
+    drifted: bool = False
+    """After the drift scenario's drift point: :data:`DRIFTED_TIME_BONUS` applies."""
 
 
 def request_streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -179,7 +194,8 @@ class Truth:
 def p_done(request: SimRequest, truth: Truth) -> float:
     """The hidden probability that this user marks this tip done."""
     user = request.user
-    logit = BASE_LOGIT + TIME_BONUS.get((truth.kind, request.part), 0.0)
+    pattern = DRIFTED_TIME_BONUS if request.drifted else TIME_BONUS
+    logit = BASE_LOGIT + pattern.get((truth.kind, request.part), 0.0)
     if truth.kind in user.favourites:
         logit += FAVOURITE_BONUS
     if truth.kind in user.dislikes:

@@ -39,10 +39,13 @@ class Stages(Protocol):
         """
         ...
 
-    async def learn(self, reward_id: int, features: list[float], reward: float) -> None:
-        """Teach one replica of the served policy now; the others catch up by syncing."""
+    async def learn(
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
+    ) -> None:
+        """Teach one replica of the served policy now; the others catch up by syncing.
+        ``rewarded_at`` is the reward's logged time (Unix seconds)."""
         ...
 
     def learn_shadows(
-        self, reward_id: int, features: list[float], reward: float
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
     ) -> list[Awaitable[object]]: ...

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tipgraph.settings import EpsilonGreedySettings, FeatureGroup, PolicyKind, PolicySettings
 from tipgraph.store import LogFilter
@@ -52,6 +52,19 @@ class SearchSpace(_Strict):
     feature_subsets: tuple[tuple[FeatureGroup, ...] | None, ...] = Field(
         (None,), min_length=1, description="Feature-group subsets to try; null = all features"
     )
+    half_lives_s: tuple[float | None, ...] = Field(
+        (None,),
+        min_length=1,
+        description="Forgetting half-lives to try (seconds of the log's decision times); "
+        "null = remember every reward",
+    )
+
+    @field_validator("half_lives_s")
+    @classmethod
+    def _positive(cls, values: tuple[float | None, ...]) -> tuple[float | None, ...]:
+        if any(v is not None and not v > 0 for v in values):
+            raise ValueError(f"half_lives_s must be > 0 or null, got {list(values)}")
+        return values
 
 
 class LogSource(_Strict):

@@ -260,6 +260,12 @@ class LoggedBandit:
         rows = slice(int(self.offsets[i]), int(self.offsets[i + 1]))
         return self.X[rows], self.pscore[rows], int(self.chosen[i]), float(self.reward[i])
 
+    def seconds(self) -> np.ndarray:
+        """Event times as Unix seconds, shape (n,): what a forgetting policy weighs by."""
+        if self.timestamp.dtype.kind == "M":
+            return self.timestamp.astype("datetime64[us]").astype(np.int64) / 1e6
+        return np.asarray(self.timestamp, dtype=np.float64)
+
     def chosen_features(self) -> np.ndarray:
         """x_{i, a_i}, array of shape (n_events, d)."""
         return self.X[self.chosen_rows]

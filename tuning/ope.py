@@ -768,7 +768,8 @@ def progressive(
     """Progressive validation of a *learning* policy, in the log's time order.
 
     For each event i: π_i = ``policy.distribution(X_i)`` *before* it learns from event i,
-    then ``policy.update(x_{i,a_i}, r_i)``.  The estimator's per-event term uses π_i, so
+    then ``policy.update(x_{i,a_i}, r_i)`` (at the event's time, which a forgetting
+    policy weighs the reward by).  The estimator's per-event term uses π_i, so
     each term is unbiased for V(π_i) given the past, and V̂ estimates (1/n) Σ_i V(π_i): what
     the policy would have earned while learning from this log.  ``clip``, ``ridge`` and
     ``reward_bounds`` mean what they mean for :class:`IPS` / :class:`DR`; for the
@@ -783,7 +784,9 @@ def progressive(
     spec = estimator_named(estimator, clip=clip, ridge=ridge, reward_bounds=reward_bounds)
     _check_dim(policy, log)
 
-    pi = policy.replay(log.X, log.offsets, log.chosen_rows, log.reward, log.event_id.tolist())
+    pi = policy.replay(
+        log.X, log.offsets, log.chosen_rows, log.reward, log.event_id.tolist(), log.seconds()
+    )
 
     if isinstance(spec, ModelBased):
         pi = check_distribution(pi, log.offsets, "action_dist")

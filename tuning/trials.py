@@ -51,6 +51,8 @@ def param_space(space: SearchSpace) -> dict[str, Any]:
     return {
         "kind": tune.choice(list(space.kinds)),
         "features": tune.choice([feature_label(s) for s in space.feature_subsets]),
+        # 0 stands for "remember all": Optuna's categoricals must be primitives.
+        "half_life_s": tune.choice([h or 0.0 for h in space.half_lives_s]),
         **{name: sample(getattr(space, name)) for name in TUNED},
     }
 
@@ -64,6 +66,8 @@ def policy_settings(config: Mapping[str, Any], *, ts_draws: int = 64) -> PolicyS
     if "features" in policy_fields(kind):
         label = str(config.get("features", ALL_FEATURES))
         fields["features"] = None if label == ALL_FEATURES else tuple(label.split("+"))
+    if "half_life_s" in policy_fields(kind):
+        fields["half_life_s"] = float(config.get("half_life_s") or 0.0) or None
     return parse_policy({"name": kind, "kind": kind, **fields})
 
 
@@ -76,6 +80,8 @@ def trial_params(settings: PolicySettings) -> dict[str, str]:
         params["ts_draws"] = str(settings.ts_draws)
     if isinstance(settings, LinearModelSettings):
         params["features"] = feature_label(settings.features)
+        half_life = settings.half_life_s
+        params["half_life_s"] = "none" if half_life is None else f"{half_life:.6g}"
     return params
 
 

@@ -293,13 +293,14 @@ def reward_source(raw: str) -> RewardSource:
 
 
 def training_event(row: Row) -> TrainingEvent:
-    reward_id, event_id, features, reward, source = row
+    reward_id, event_id, features, reward, source, created_at = row
     return TrainingEvent(
         reward_id=int(reward_id),
         event_id=event_id or "",  # "" once the decision was erased
         features=float_list(features),
         reward=float(reward),
         source=reward_source(source),
+        rewarded_at=utc_datetime(created_at),
     )
 
 

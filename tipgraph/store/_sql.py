@@ -135,7 +135,8 @@ class Statements:
 # r.features is set once the decision was erased (see migration 0004); until then the
 # chosen candidate's row holds them.
 _TRAINING_EVENTS = """
-        SELECT r.reward_id, r.event_id, COALESCE(r.features, c.features), r.reward, r.source
+        SELECT r.reward_id, r.event_id, COALESCE(r.features, c.features), r.reward, r.source,
+               r.created_at
         FROM rewards AS r
         LEFT JOIN decisions AS d ON d.event_id = r.event_id
         LEFT JOIN candidates AS c

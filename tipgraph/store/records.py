@@ -138,6 +138,9 @@ class TrainingEvent:
     features: list[float]
     reward: float
     source: RewardSource
+    rewarded_at: datetime
+    """When the reward was logged: feedback's arrival, or the default reward's run; what a
+    forgetting policy weighs it by."""
 
 
 @dataclass(frozen=True, slots=True)
