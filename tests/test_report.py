@@ -49,6 +49,7 @@ from tipgraph.store import (
 )
 from tuning import report as report_cli
 from tuning.config import EvaluationSettings
+from tuning.importance import ALL_GROUPS
 from tuning.report import (
     add_arguments,
     configured_policies,
@@ -469,7 +470,10 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     with open_store(settings.store) as store:
         versions = sorted({str(e.prompt_version) for e in store.logged_events()})
     report, written = render_from_store(
-        settings.store, root / "out", expected=configured_policies(settings)
+        settings.store,
+        root / "out",
+        expected=configured_policies(settings),
+        served=settings.policy,  # as tipgraph report does
     )
     return Rendered(settings, report, root / "out", written, versions)
 
@@ -535,6 +539,14 @@ def test_report_json_numbers_are_sane(rendered: Rendered) -> None:
     uniform = policies["uniform"]["estimate"]["diagnostics"]
     assert 0 < uniform["effective_sample_size"] < DECISIONS and uniform["max_weight"] > 1
     assert "ESS " in (rendered.out / "report.html").read_text(encoding="utf-8")
+    # The served configuration, then each feature group left out.
+    importance = numbers["feature_importance"]
+    assert importance[0]["left_out"] is None and importance[0]["change"] == 0
+    assert [g["left_out"] for g in importance[1:]] == list(ALL_GROUPS)
+    served_value = importance[0]["estimate"]["value"]
+    for group in importance[1:]:
+        assert group["change"] == pytest.approx(group["estimate"]["value"] - served_value)
+    assert "Feature-group importance" in (rendered.out / "report.html").read_text(encoding="utf-8")
     for agreement in numbers["agreement"]:
         rates = [agreement["rate"], *agreement["over_time"]]
         assert all(0.0 <= r <= 1.0 for r in rates if r is not None)

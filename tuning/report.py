@@ -16,10 +16,17 @@ import argparse
 import logging
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from tipgraph.features import FEATURE_SPEC
-from tipgraph.settings import StoreSettings, TipgraphSettings, load_settings, resolve_paths
+from tipgraph.settings import (
+    PolicySettings,
+    StoreSettings,
+    TipgraphSettings,
+    load_settings,
+    resolve_paths,
+)
 from tipgraph.store import (
     EVERYTHING,
     DecisionStore,
@@ -29,8 +36,10 @@ from tipgraph.store import (
     open_store,
 )
 from tuning.config import DEFAULT_TUNING_CONFIG, EvaluationSettings, load_tuning_settings
-from tuning.data import on_layout
+from tuning.data import from_events, on_layout
 from tuning.export import parse_timestamp
+from tuning.importance import feature_importance
+from tuning.ope import EstimatorError
 from tuning.report_data import BucketSpec, Report, build_report, make_estimator
 from tuning.report_render import write_report
 
@@ -53,10 +62,12 @@ def load_report(
     bucket: BucketSpec | None = None,
     expected: Mapping[str, PolicyRole] | None = None,
     feature_version: str = FEATURE_SPEC.version,
+    served: PolicySettings | None = None,
 ) -> Report:
     """The report on the decisions ``log_filter`` selects (default: all) that were made on
     ``feature_version``'s layout (the estimators' reward model needs one layout), valued
-    with ``evaluation``'s estimator (default: the tuning config's defaults, DR)."""
+    with ``evaluation``'s estimator (default: the tuning config's defaults, DR).  With
+    ``served`` (the configured served policy) it adds feature-group importance."""
     f = log_filter or EVERYTHING
     events = store.logged_events(f)
     runs = store.logged_policy_runs(f)
@@ -67,15 +78,24 @@ def load_report(
             f"{len(events) - len(kept)} of {len(events)} decisions were made on other feature "
             f"layouts than {feature_version} and are left out."
         )
-    return build_report(
+    evaluation = evaluation or EvaluationSettings()
+    report = build_report(
         kept,
         runs,
-        estimator=make_estimator(evaluation or EvaluationSettings()),
+        estimator=make_estimator(evaluation),
         bucket=bucket,
         expected=expected,
         filters=f.describe(),
         notes=notes,
     )
+    if served is None:
+        return report
+    try:
+        importance = feature_importance(served, from_events(kept), evaluation)
+    except EstimatorError as err:
+        report.notes.append(f"no feature-group importance: {err}")
+        return report
+    return replace(report, importance=importance)
 
 
 def render_from_store(
@@ -86,11 +106,17 @@ def render_from_store(
     evaluation: EvaluationSettings | None = None,
     bucket: BucketSpec | None = None,
     expected: Mapping[str, PolicyRole] | None = None,
+    served: PolicySettings | None = None,
 ) -> tuple[Report, list[Path]]:
     """Open the store, compute the report, write its files into ``out``."""
     with open_store(store_settings) as store:
         report = load_report(
-            store, log_filter=log_filter, evaluation=evaluation, bucket=bucket, expected=expected
+            store,
+            log_filter=log_filter,
+            evaluation=evaluation,
+            bucket=bucket,
+            expected=expected,
+            served=served,
         )
     return report, write_report(report, out)
 
@@ -169,6 +195,7 @@ def run_from_args(args: argparse.Namespace, *, tipgraph_config: str | None) -> i
         evaluation=evaluation,
         bucket=bucket,
         expected=configured_policies(settings),
+        served=settings.policy,
     )
     for path in written:
         print(f"wrote {path}")

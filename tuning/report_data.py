@@ -28,6 +28,7 @@ import numpy as np
 from tipgraph.store.records import LoggedEvent, LoggedRuns, PolicyRole
 from tuning.config import EvaluationSettings
 from tuning.data import from_events
+from tuning.importance import GroupImportance
 from tuning.logged import LoggedBandit, LogValidationError
 from tuning.ope import (
     SNIPS,
@@ -235,6 +236,8 @@ class Report:
     prompt_versions: list[PromptValue]
     fallback: FallbackRate
     notes: list[str] = field(default_factory=list)
+    importance: list[GroupImportance] = field(default_factory=list)
+    """The served policy's value with each feature group left out (tuning.importance)."""
 
 
 # -- computing it -----------------------------------------------------------------------------

@@ -485,6 +485,14 @@ def report_json(report: Report, files: Sequence[str] = ()) -> dict[str, Any]:
             "sources": report.fallback.sources,
             "over_time": report.fallback.over_time,
         },
+        "feature_importance": [
+            {
+                "left_out": g.left_out,
+                "estimate": _estimate_json(g.estimate),
+                "change": finite(g.change),
+            }
+            for g in report.importance
+        ],
         "notes": report.notes,
         "files": list(files),
     }
@@ -558,6 +566,30 @@ def _policy_table(report: Report) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _importance_table(report: Report) -> str:
+    rows = [
+        "<tr>"
+        + _cell("nothing (as served)" if g.left_out is None else g.left_out)
+        + _cell(_number(g.estimate.value), num=True)
+        + _cell(_number(finite(g.estimate.lower)), num=True)
+        + _cell(_number(finite(g.estimate.upper)), num=True)
+        + _cell("—" if g.left_out is None else f"{g.change:+.4f}", num=True)
+        + "</tr>"
+        for g in report.importance
+    ]
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("left out", "progressive value", "95% lower", "95% upper", "change")
+    )
+    caption = (
+        '<p class="meta">The served configuration replayed on this log as it would have '
+        "learned it, then the same with each feature group left out "
+        f"({html.escape(report.importance[0].estimate.name)}). A negative change: the "
+        "group carries signal. The intervals are of each value, not of the change.</p>"
+    )
+    return f"{caption}<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
 def _prompt_table(report: Report) -> str:
     rows = [
         "<tr>"
@@ -603,6 +635,8 @@ def report_html(report: Report, images: dict[str, bytes]) -> str:
     parts += [f'<p class="meta">{html.escape(note)}</p>' for note in report.notes]
     parts += ["<h2>Policies</h2>", _policy_table(report)]
     parts += ["<h2>Prompt versions</h2>", _prompt_table(report)]
+    if report.importance:
+        parts += ["<h2>Feature-group importance (served policy)</h2>", _importance_table(report)]
     for plot in PLOTS:
         data = base64.b64encode(images[plot.filename]).decode("ascii")
         parts.append(
