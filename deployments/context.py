@@ -9,7 +9,7 @@ from ray import serve
 from tipgraph.autoscaling import ItemLoad
 from tipgraph.batching import ItemFailure, run_each
 from tipgraph.contracts import TipRequest
-from tipgraph.features import UserContext, build_context, read_dismissed, read_history
+from tipgraph.features import UserContext, read_user_context
 from tipgraph.generation.embedder import embedding_model
 from tipgraph.logs import ReplicaLogs
 from tipgraph.settings import TipgraphSettings
@@ -38,9 +38,9 @@ class ContextBuilder:
 
     def _build(self, item: tuple[TipRequest, str]) -> UserContext:
         request, user_key = item
-        history = read_history(self._store, user_key, self._settings.features.history_limit)
-        dismissed = read_dismissed(self._store, user_key, history, self._embedding_model)
-        return build_context(request, history, self._settings.rewards, dismissed=dismissed)
+        return read_user_context(
+            self._store, request, user_key, self._settings, self._embedding_model
+        )
 
     def __del__(self) -> None:
         self._store.close()

@@ -182,10 +182,10 @@ def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 6
+    assert store.schema_version() == 7
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 6
+        assert again.schema_version() == 7
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
     ) == [
@@ -195,6 +195,7 @@ def test_migrations_are_applied_once(store: DecisionStore, store_settings: Store
         (4, "erasure"),
         (5, "tombstones"),
         (6, "candidate_pool"),
+        (7, "eligibility"),
     ]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
@@ -206,10 +207,12 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.setattr(migrate_module, "load_migrations", lambda dialect: shipped(dialect)[:1])
     with open_store(store_settings) as old:
         assert old.schema_version() == 1
-        # Today's writer also fills the columns of 0003, 0005 and 0006 and reads its tombstones:
+        # Today's writer also fills the columns of 0003, 0005, 0006 and 0007 and reads its
+        # tombstones:
         # add them for this write and drop them again, so the rows are exactly what
         # release 1 stored.
-        for column in ("generation_reason", "llm_model", "user_key_id", "llm_pool"):
+        text_columns = ("generation_reason", "llm_model", "user_key_id", "llm_pool", "eligibility")
+        for column in text_columns:
             raw_sql(store_settings, f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
         raw_sql(store_settings, "ALTER TABLE decisions ADD COLUMN llm_pool_age_s REAL")
         for table, key in (("erased_users", "user_key"), ("erased_events", "event_id")):
@@ -217,13 +220,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
                 store_settings, f"CREATE TABLE {table} ({key} TEXT PRIMARY KEY, erased_at TEXT)"
             )
         old.write_decisions([make_decision("e1", chosen=0), make_decision("e2", chosen=2)])
-        for column in (
-            "generation_reason",
-            "llm_model",
-            "user_key_id",
-            "llm_pool",
-            "llm_pool_age_s",
-        ):
+        for column in (*text_columns, "llm_pool_age_s"):
             raw_sql(store_settings, f"ALTER TABLE decisions DROP COLUMN {column}")
         for table in ("erased_users", "erased_events"):
             raw_sql(store_settings, f"DROP TABLE {table}")
@@ -241,7 +238,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 6
+        assert upgraded.schema_version() == 7
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from tipgraph.settings import LimitSettings, Reaction
+from tipgraph.settings import LimitSettings, Reaction, TipKind
 from tipgraph.text import unsafe_character
 
 MAX_TASKS = 500
@@ -33,7 +33,6 @@ Identifier = Annotated[
         min_length=1, max_length=MAX_ID_CHARS, strip_whitespace=True, pattern=ID_PATTERN
     ),
 ]
-TipKind = Literal["focus", "overdue", "due_today", "batch", "plan_day", "break_down"]
 TIP_KINDS: tuple[str, ...] = TipKind.__args__  # type: ignore[attr-defined]
 
 

@@ -20,13 +20,18 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
 from tipgraph.contracts import TIP_KINDS, RecentReaction, Task, TipRequest
 from tipgraph.projection import PROJECTION, cosine
-from tipgraph.settings import FeatureGroup, RewardSettings
+from tipgraph.settings import (
+    EligibilitySettings,
+    FeatureGroup,
+    RewardSettings,
+    TipgraphSettings,
+)
 from tipgraph.store.base import DecisionStore, StoreError
 from tipgraph.store.records import ReactionHistoryItem
 from tipgraph.text import text_hash
@@ -146,6 +151,9 @@ class UserContext:
     history_size: int = 0
     dismissed: tuple[tuple[float, ...], ...] = ()
     """Projected embeddings of the tips the user recently dismissed or snoozed."""
+    exposures: tuple[tuple[str, str, float], ...] = ()
+    """Tips the user was shown lately, (candidate id, kind, Unix seconds), newest first:
+    what the eligibility rules read (tipgraph.eligibility); empty when they are off."""
 
 
 def read_history(store: DecisionStore, user_key: str, limit: int) -> list[ReactionHistoryItem]:
@@ -181,6 +189,38 @@ def read_dismissed(
         logger.warning("no dismissed-tip embeddings for this request: %s", err)
         return ()
     return tuple(tuple(v) for v in found.values())
+
+
+def read_exposures(
+    store: DecisionStore, user_key: str, settings: EligibilitySettings
+) -> tuple[tuple[str, str, float], ...]:
+    """The tips the user was shown within the rules' lookback; none when the rules are
+    off, or while the store is unreachable (the rules then remove nothing)."""
+    if not settings.enabled:
+        return ()
+    since = datetime.now(UTC) - timedelta(hours=settings.lookback_h)
+    try:
+        shown = store.recent_exposures(user_key, since, settings.max_exposures)
+    except StoreError as err:
+        logger.warning("no exposures for this request, eligibility rules skipped: %s", err)
+        return ()
+    return tuple((e.candidate_id, e.kind, e.shown_at.timestamp()) for e in shown)
+
+
+def read_user_context(
+    store: DecisionStore,
+    request: TipRequest,
+    user_key: str,
+    settings: TipgraphSettings,
+    embedding_model: str | None,
+) -> UserContext:
+    """The context stage's work: the user's history, dismissed tips and exposures from the
+    store (each degrading to none in an outage), then :func:`build_context`."""
+    history = read_history(store, user_key, settings.features.history_limit)
+    dismissed = read_dismissed(store, user_key, history, embedding_model)
+    exposures = read_exposures(store, user_key, settings.eligibility)
+    context = build_context(request, history, settings.rewards, dismissed=dismissed)
+    return replace(context, exposures=exposures) if exposures else context
 
 
 def part_of_day(hour: int) -> str:

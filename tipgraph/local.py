@@ -13,7 +13,7 @@ import numpy as np
 
 from tipgraph.contracts import TipRequest
 from tipgraph.decision_log import DecisionLog
-from tipgraph.features import UserContext, build_context, read_dismissed, read_history
+from tipgraph.features import UserContext, read_user_context
 from tipgraph.generation import Completer, GenerationResult
 from tipgraph.generation.embedder import EmbeddingClient, embedding_model
 from tipgraph.generation.litellm_client import build_candidate_source
@@ -52,13 +52,14 @@ class LocalStages:
         }
 
     async def context(self, request: TipRequest, user_key: str) -> UserContext:
-        history = await asyncio.to_thread(
-            read_history, self._store, user_key, self._settings.features.history_limit
+        return await asyncio.to_thread(
+            read_user_context,
+            self._store,
+            request,
+            user_key,
+            self._settings,
+            self._embedding_model,
         )
-        dismissed = await asyncio.to_thread(
-            read_dismissed, self._store, user_key, history, self._embedding_model
-        )
-        return build_context(request, history, self._settings.rewards, dismissed=dismissed)
 
     async def candidates(
         self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int

@@ -194,6 +194,14 @@ TOKEN_RELOADS = MetricSpec(
     "(unreadable or invalid: the tokens loaded before stay valid).",
     ("outcome",),
 )
+CANDIDATES_INELIGIBLE = MetricSpec(
+    "tipgraph_candidates_ineligible",
+    "counter",
+    "Candidates the eligibility rules removed before scoring, by rule: tip_cooldown, "
+    "kind_cooldown, daily_cap; none_eligible counts decisions where every candidate was "
+    "ineligible and all were kept.",
+    ("rule",),
+)
 RETENTION_DELETED = MetricSpec(
     "tipgraph_retention_deleted",
     "counter",
@@ -227,6 +235,7 @@ METRICS = (
     HTTP_REQUESTS,
     TOKEN_RELOADS,
     RETENTION_DELETED,
+    CANDIDATES_INELIGIBLE,
 )
 """Every metric tipgraph records."""
 
@@ -380,6 +389,11 @@ class Metrics:
 
     def token_reload(self, outcome: str) -> None:
         self._sink.inc(TOKEN_RELOADS, 1, {"outcome": outcome})
+
+    def ineligible(self, removed: dict[str, int]) -> None:
+        for rule, count in removed.items():
+            if count:
+                self._sink.inc(CANDIDATES_INELIGIBLE, count, {"rule": rule})
 
     def retention_deleted(self, expired: ExpiredRows) -> None:
         for rows in ("decisions", "feedback", "policy_runs", "embeddings"):

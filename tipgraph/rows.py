@@ -58,6 +58,8 @@ def decision_record(
     X: np.ndarray,
     result: PolicyScore,
     latency: StageLatency,
+    *,
+    ineligible: dict[str, int] | None = None,
 ) -> DecisionRecord:
     """The log row of one served decision: every candidate with its features, the served
     policy's run, the stage latencies; ``secret`` pseudonymises the task references."""
@@ -103,4 +105,5 @@ def decision_record(
         context_features=list(context.vector),
         candidates=records,
         served=policy_run(result, "served", [c.candidate_id for c in candidates], latency.scoring),
+        ineligible=dict(ineligible or {}),
     )

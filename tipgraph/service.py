@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 from tipgraph.contracts import (
     FeedbackRequest,
@@ -28,6 +29,7 @@ from tipgraph.contracts import (
 )
 from tipgraph.decision_log import DecisionLog, DecisionLogFull
 from tipgraph.default_rewards import DefaultRewards
+from tipgraph.eligibility import eligible
 from tipgraph.errors import InvalidRequest, Unavailable
 from tipgraph.event_ids import new_event_id
 from tipgraph.features import candidate_matrix
@@ -96,12 +98,17 @@ class TipService:
         t = time.perf_counter()
         n = request.n_candidates or self.settings.limits.default_candidates
         generation = await self.stages.candidates(request, context, user_key, event_id, n)
-        candidates = generation.candidates
         generation_ms = _ms(t)
-        if not candidates:
+        if not generation.candidates:
             raise InvalidRequest(
                 "no candidate tip can be made: exclude_ids rules out every task and tip"
             )
+        candidates, ineligible = eligible(
+            generation.candidates, context.exposures, self.settings.eligibility, time.time()
+        )
+        if ineligible:
+            generation = replace(generation, candidates=candidates)
+            self.metrics.ineligible(ineligible)
 
         X = candidate_matrix(context, [c.view for c in candidates])
         t = time.perf_counter()
@@ -123,6 +130,7 @@ class TipService:
                 X,
                 result,
                 latency,
+                ineligible=ineligible,
             )
         )
         # Shadows start only once the served answer is in (and logged): on a busy node their

@@ -28,6 +28,7 @@ DEFAULT_CONFIG_PATH = Path("configs/tipgraph.yaml")
 CONFIG_ENV_VAR = "TIPGRAPH_CONFIG"
 
 Reaction = Literal["done", "snooze", "dismiss"]
+TipKind = Literal["focus", "overdue", "due_today", "batch", "plan_day", "break_down"]
 PolicyKind = Literal["linucb", "lints", "egreedy", "softmax", "squarecb", "uniform", "baseline"]
 FeatureGroup = Literal["kind", "time", "workload", "history", "task", "quality", "embedding"]
 """Blocks of the joint feature vector a policy may be restricted to (tipgraph.features)."""
@@ -632,6 +633,46 @@ class PrivacySettings(_Strict):
     )
 
 
+class EligibilitySettings(_Strict):
+    """Which candidates may be shown at all, from what the user was shown lately
+    (tipgraph/eligibility.py).  Ineligible ones are removed before scoring; if none is
+    left, every candidate stays (a tip is always served) and the decision says so."""
+
+    tip_cooldown_h: float | None = Field(
+        None, gt=0, description="The same tip is not shown to a user again within this; None = off"
+    )
+    kind_cooldown_h: dict[TipKind, float] = Field(
+        default_factory=dict,
+        description="Per kind: no tip of that kind again within this many hours, e.g. "
+        "{plan_day: 12}",
+    )
+    daily_caps: dict[TipKind, int] = Field(
+        default_factory=dict,
+        description="Per kind: at most this many tips of that kind per user in any 24 hours",
+    )
+    max_exposures: int = Field(
+        200, ge=1, description="Most recent tips read per request to apply the rules"
+    )
+
+    @field_validator("kind_cooldown_h", "daily_caps")
+    @classmethod
+    def _positive(cls, values: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in values.items() if not v > 0}
+        if bad:
+            raise ValueError(f"every value must be > 0, got {bad}")
+        return values
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tip_cooldown_h or self.kind_cooldown_h or self.daily_caps)
+
+    @property
+    def lookback_h(self) -> float:
+        """How far back the rules look: the longest cooldown, and a day for caps."""
+        spans = [self.tip_cooldown_h or 0.0, *self.kind_cooldown_h.values()]
+        return max([*spans, 24.0 if self.daily_caps else 0.0])
+
+
 class RetentionSettings(_Strict):
     """How long the decision log keeps what users did; learned statistics stay."""
 
@@ -739,6 +780,7 @@ class TipgraphSettings(BaseSettings):
     features: FeatureSettings = FeatureSettings()
     privacy: PrivacySettings = PrivacySettings()
     retention: RetentionSettings = RetentionSettings()
+    eligibility: EligibilitySettings = EligibilitySettings()
     auth: AuthSettings = Field(default_factory=AuthSettings)
     policy: PolicySettings = LinUCBSettings(name="linucb")
     shadows: list[ShadowSettings] = Field(default_factory=list)

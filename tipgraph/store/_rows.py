@@ -147,6 +147,7 @@ def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
                 decision.user_key_id,
                 decision.llm_pool,
                 None if decision.llm_pool_age_s is None else float(decision.llm_pool_age_s),
+                json.dumps(decision.ineligible, sort_keys=True) if decision.ineligible else None,
             )
         )
         rows.candidates.extend(

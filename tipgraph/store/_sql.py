@@ -23,6 +23,7 @@ from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     DecisionRecord,
     ExpiredRows,
+    ExposureItem,
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
@@ -77,6 +78,7 @@ class Statements:
     select_training_events: str
     select_training_events_page: str
     select_user_history: str
+    select_exposures: str
     select_counts: str
     select_logged: str
     select_logged_by_prompt: str
@@ -218,8 +220,8 @@ QMARK_STATEMENTS = Statements(
             prompt_version, generation_source, chosen_candidate_id, chosen_kind,
             chosen_probability, latency_context_ms, latency_generation_ms,
             latency_scoring_ms, latency_total_ms, context_features, generation_reason,
-            llm_model, user_key_id, llm_pool, llm_pool_age_s
-        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+            llm_model, user_key_id, llm_pool, llm_pool_age_s, eligibility
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
         WHERE NOT EXISTS (
             SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
         )
@@ -297,6 +299,13 @@ QMARK_STATEMENTS = Statements(
     select_training_events=_TRAINING_EVENTS,
     # Separate statement: "no limit" is LIMIT -1 in SQLite but an error in Postgres.
     select_training_events_page=_TRAINING_EVENTS + " LIMIT ?",
+    # The decisions_user_created_idx index serves it.
+    select_exposures="""
+        SELECT chosen_candidate_id, chosen_kind, created_at FROM decisions
+        WHERE user_key = ? AND created_at >= ?
+        ORDER BY created_at DESC
+        LIMIT ?
+    """,
     select_user_history="""
         SELECT d.chosen_kind, f.reaction, f.reward, d.created_at, c.content
         FROM decisions AS d
@@ -745,6 +754,15 @@ class SQLDecisionStore(DecisionStore):
             cur.execute(statement, params)
             rows = cur.fetchall()
         return [_rows.training_event(row) for row in rows]
+
+    def recent_exposures(self, user_key: str, since: datetime, limit: int) -> list[ExposureItem]:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        params = (user_key, _rows.db_timestamp(since, what="since"), limit)
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.select_exposures, params)
+            rows = cur.fetchall()
+        return [ExposureItem(r[0], r[1], _rows.utc_datetime(r[2])) for r in rows]
 
     def user_history(self, user_key: str, limit: int) -> list[ReactionHistoryItem]:
         if limit < 0:

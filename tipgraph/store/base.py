@@ -10,6 +10,7 @@ from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     DecisionRecord,
     ExpiredRows,
+    ExposureItem,
     FeedbackOutcome,
     FeedbackRecord,
     LoggedEvent,
@@ -174,6 +175,11 @@ class DecisionStore(abc.ABC):
         candidate, in the order of ``LoggedEvent.features``, and its chosen index.  This is
         what evaluating the shadows off-policy needs; a shadow that failed on an event has
         a run without probabilities, and a shadow that never answered has no run."""
+
+    @abc.abstractmethod
+    def recent_exposures(self, user_key: str, since: datetime, limit: int) -> list[ExposureItem]:
+        """The tips the user was shown since ``since``, newest first, at most ``limit``:
+        what eligibility rules (cooldowns, daily caps) need."""
 
     @abc.abstractmethod
     def user_history(self, user_key: str, limit: int) -> list[ReactionHistoryItem]:

@@ -81,6 +81,18 @@ class DecisionRecord:
     served, a refill queued); None: the pool was not asked (task mode, inline LLM)."""
     llm_pool_age_s: float | None = None
     """On a hit, how long ago the pool's tips were generated."""
+    ineligible: dict[str, int] = field(default_factory=dict)
+    """Candidates the eligibility rules removed before scoring, by rule; empty when none
+    fired (tipgraph.eligibility)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExposureItem:
+    """A tip the user was shown: the served candidate of one of their decisions."""
+
+    candidate_id: str
+    kind: str
+    shown_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
