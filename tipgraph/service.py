@@ -32,9 +32,10 @@ from tipgraph.default_rewards import DefaultRewards
 from tipgraph.eligibility import eligible
 from tipgraph.errors import InvalidRequest, Unavailable
 from tipgraph.event_ids import new_event_id
-from tipgraph.features import candidate_matrix
+from tipgraph.features import FEATURE_SPEC, candidate_matrix
 from tipgraph.feedback import FeedbackService
 from tipgraph.generation import GenerationResult
+from tipgraph.holdout import Holdout
 from tipgraph.metrics import Metrics
 from tipgraph.privacy import pseudonymise
 from tipgraph.rows import decision_record
@@ -77,6 +78,7 @@ class TipService:
             settings, stages, store, log, self.shadows, self.metrics
         )
         self.default_rewards = DefaultRewards(settings.learning, store, self.metrics)
+        self.holdout = Holdout(settings.experiment, FEATURE_SPEC.dim)
 
     def user_key(self, user_id: str) -> str:
         return pseudonymise(self._secret, user_id, namespace="user")
@@ -112,7 +114,11 @@ class TipService:
 
         X = candidate_matrix(context, [c.view for c in candidates])
         t = time.perf_counter()
-        result = await self.stages.score(X, event_id)
+        if self.holdout.contains(user_key):
+            # Decided here: the holdout policy neither learns nor needs a replica.
+            result = self.holdout.score(X, event_id)
+        else:
+            result = await self.stages.score(X, event_id)
         scoring_ms = _ms(t)
         chosen = candidates[result.chosen]
 

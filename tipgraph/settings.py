@@ -673,6 +673,35 @@ class EligibilitySettings(_Strict):
         return max([*spans, 24.0 if self.daily_caps else 0.0])
 
 
+class ExperimentSettings(_Strict):
+    """An on-policy holdout: a stable share of users served by a simple policy, so the
+    bandit's lift is measured causally, not only off-policy (tipgraph/holdout.py)."""
+
+    holdout_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Share of users (by a keyed hash of their pseudonymous key) served by "
+        "holdout_policy instead of the bandit; 0 = no holdout",
+    )
+    holdout_policy: Literal["uniform", "baseline"] = Field(
+        "uniform",
+        description="uniform: every candidate equally likely; baseline: the generator's "
+        "order (its first candidate), with the baseline's exploration floor",
+    )
+    holdout_salt: str = Field(
+        "holdout-1",
+        min_length=1,
+        description="Keys the assignment: users stay in or out across replicas and "
+        "restarts; a new salt draws a new holdout",
+    )
+
+    @property
+    def holdout_name(self) -> str:
+        """The policy name holdout decisions are logged under."""
+        return f"holdout_{self.holdout_policy}"
+
+
 class RetentionSettings(_Strict):
     """How long the decision log keeps what users did; learned statistics stay."""
 
@@ -781,6 +810,7 @@ class TipgraphSettings(BaseSettings):
     privacy: PrivacySettings = PrivacySettings()
     retention: RetentionSettings = RetentionSettings()
     eligibility: EligibilitySettings = EligibilitySettings()
+    experiment: ExperimentSettings = ExperimentSettings()
     auth: AuthSettings = Field(default_factory=AuthSettings)
     policy: PolicySettings = LinUCBSettings(name="linucb")
     shadows: list[ShadowSettings] = Field(default_factory=list)
@@ -826,6 +856,8 @@ class TipgraphSettings(BaseSettings):
                 f"{self.learning.reward_wait_s:g}: decisions would go before their reward"
             )
         names = [self.policy.name] + [shadow.policy.name for shadow in self.shadows]
+        if self.experiment.holdout_fraction > 0:
+            names.append(self.experiment.holdout_name)
         if len(set(names)) != len(names):
             raise ValueError(f"policy names must be unique across served and shadows: {names}")
         scaling = {name: d.autoscaling for name, d in self.deployments.items()} | {

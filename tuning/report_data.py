@@ -32,6 +32,7 @@ from tuning.importance import GroupImportance
 from tuning.logged import LoggedBandit, LogValidationError
 from tuning.ope import (
     SNIPS,
+    Z_95,
     Estimate,
     Estimator,
     EstimatorError,
@@ -221,6 +222,57 @@ class FallbackRate:
     over_time: list[float]
 
 
+HOLDOUT_PREFIX = "holdout_"
+"""Decisions of the on-policy holdout are logged under holdout_uniform / holdout_baseline."""
+
+
+@dataclass(frozen=True)
+class Lift:
+    """Realised mean reward of the bandit's decisions minus the holdout's, on one day (or
+    overall: ``day`` None), with a 95% interval: Welch's normal interval, mean difference
+    ± z·√(s²_b/n_b + s²_h/n_h)."""
+
+    day: str | None
+    lift: float
+    lower: float
+    upper: float
+    bandit_mean: float
+    holdout_mean: float
+    n_bandit: int
+    n_holdout: int
+
+
+def holdout_lift(events: Sequence[LoggedEvent]) -> list[Lift]:
+    """Overall first, then per UTC day; empty without holdout decisions.  Days where either
+    group has fewer than 2 decisions are left out (no variance to build an interval on)."""
+    if not any(e.policy_name.startswith(HOLDOUT_PREFIX) for e in events):
+        return []
+    days = sorted({e.created_at.date().isoformat() for e in events})
+    lifts = [_lift(None, events)]
+    for day in days:
+        lifts.append(_lift(day, [e for e in events if e.created_at.date().isoformat() == day]))
+    return [lift for lift in lifts if lift.n_bandit >= 2 and lift.n_holdout >= 2]
+
+
+def _lift(day: str | None, events: Sequence[LoggedEvent]) -> Lift:
+    held = np.array([e.reward for e in events if e.policy_name.startswith(HOLDOUT_PREFIX)])
+    bandit = np.array([e.reward for e in events if not e.policy_name.startswith(HOLDOUT_PREFIX)])
+    if len(held) < 2 or len(bandit) < 2:
+        return Lift(day, math.nan, math.nan, math.nan, math.nan, math.nan, len(bandit), len(held))
+    diff = float(bandit.mean() - held.mean())
+    se = math.sqrt(bandit.var(ddof=1) / len(bandit) + held.var(ddof=1) / len(held))
+    return Lift(
+        day,
+        diff,
+        diff - Z_95 * se,
+        diff + Z_95 * se,
+        float(bandit.mean()),
+        float(held.mean()),
+        len(bandit),
+        len(held),
+    )
+
+
 @dataclass(frozen=True)
 class Report:
     estimator: str
@@ -237,6 +289,8 @@ class Report:
     fallback: FallbackRate
     notes: list[str] = field(default_factory=list)
     importance: list[GroupImportance] = field(default_factory=list)
+    lift: list[Lift] = field(default_factory=list)
+    """On-policy lift over the holdout, overall then per day (:func:`holdout_lift`)."""
     """The served policy's value with each feature group left out (tuning.importance)."""
 
 
@@ -468,6 +522,7 @@ def build_report(
         prompt_versions=_prompt_values(events, log, fell_back),
         fallback=fallback,
         notes=list(notes),
+        lift=holdout_lift(events),
     )
 
 

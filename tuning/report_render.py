@@ -485,6 +485,19 @@ def report_json(report: Report, files: Sequence[str] = ()) -> dict[str, Any]:
             "sources": report.fallback.sources,
             "over_time": report.fallback.over_time,
         },
+        "lift": [
+            {
+                "day": g.day,
+                "lift": finite(g.lift),
+                "lower": finite(g.lower),
+                "upper": finite(g.upper),
+                "bandit_mean": finite(g.bandit_mean),
+                "holdout_mean": finite(g.holdout_mean),
+                "n_bandit": g.n_bandit,
+                "n_holdout": g.n_holdout,
+            }
+            for g in report.lift
+        ],
         "feature_importance": [
             {
                 "left_out": g.left_out,
@@ -566,28 +579,51 @@ def _policy_table(report: Report) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _table(caption: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A captioned table; ``rows`` hold already rendered cells (:func:`_cell`)."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
+    return f'<p class="meta">{caption}</p><table><tr>{head}</tr>{body}</table>'
+
+
+def _lift_table(report: Report) -> str:
+    return _table(
+        "Realised mean reward of the bandit's decisions minus the holdout's "
+        "(experiment.holdout_fraction of users, served by the holdout policy): a causal "
+        "measure, next to the off-policy estimates below. An interval above 0: the bandit "
+        "helps.",
+        ("day (UTC)", "lift", "95% interval", "bandit: mean reward", "holdout"),
+        [
+            (
+                _cell("all days" if g.day is None else g.day),
+                _cell(f"{g.lift:+.4f}", num=True),
+                _cell(f"[{g.lower:+.4f}, {g.upper:+.4f}]", num=True),
+                _cell(f"{g.bandit_mean:.4f} (n = {g.n_bandit})", num=True),
+                _cell(f"{g.holdout_mean:.4f} (n = {g.n_holdout})", num=True),
+            )
+            for g in report.lift
+        ],
+    )
+
+
 def _importance_table(report: Report) -> str:
-    rows = [
-        "<tr>"
-        + _cell("nothing (as served)" if g.left_out is None else g.left_out)
-        + _cell(_number(g.estimate.value), num=True)
-        + _cell(_number(finite(g.estimate.lower)), num=True)
-        + _cell(_number(finite(g.estimate.upper)), num=True)
-        + _cell("—" if g.left_out is None else f"{g.change:+.4f}", num=True)
-        + "</tr>"
-        for g in report.importance
-    ]
-    head = "".join(
-        f"<th>{h}</th>"
-        for h in ("left out", "progressive value", "95% lower", "95% upper", "change")
-    )
-    caption = (
-        '<p class="meta">The served configuration replayed on this log as it would have '
-        "learned it, then the same with each feature group left out "
+    return _table(
+        "The served configuration replayed on this log as it would have learned it, then "
+        "the same with each feature group left out "
         f"({html.escape(report.importance[0].estimate.name)}). A negative change: the "
-        "group carries signal. The intervals are of each value, not of the change.</p>"
+        "group carries signal. The intervals are of each value, not of the change.",
+        ("left out", "progressive value", "95% lower", "95% upper", "change"),
+        [
+            (
+                _cell("nothing (as served)" if g.left_out is None else g.left_out),
+                _cell(_number(g.estimate.value), num=True),
+                _cell(_number(finite(g.estimate.lower)), num=True),
+                _cell(_number(finite(g.estimate.upper)), num=True),
+                _cell("—" if g.left_out is None else f"{g.change:+.4f}", num=True),
+            )
+            for g in report.importance
+        ],
     )
-    return f"{caption}<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _prompt_table(report: Report) -> str:
@@ -633,6 +669,8 @@ def report_html(report: Report, images: dict[str, bytes]) -> str:
         f"{html.escape(report.buckets.label)}.</p>",
     ]
     parts += [f'<p class="meta">{html.escape(note)}</p>' for note in report.notes]
+    if report.lift:
+        parts += ["<h2>On-policy lift over the holdout</h2>", _lift_table(report)]
     parts += ["<h2>Policies</h2>", _policy_table(report)]
     parts += ["<h2>Prompt versions</h2>", _prompt_table(report)]
     if report.importance:
