@@ -120,8 +120,14 @@ class PolicyScorer:
         )
 
     def learn(
-        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
+        self,
+        reward_id: int,
+        features: list[float],
+        reward: float,
+        rewarded_at: float | None = None,
     ) -> bool:
+        # rewarded_at is optional here only for an ingress of the previous release during
+        # a rolling upgrade; a forgetting policy then leaves the reward to its next sync.
         return self._service.learn(reward_id, features, reward, rewarded_at)
 
     def sync(self) -> int:

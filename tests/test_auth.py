@@ -125,7 +125,8 @@ def test_a_broken_file_keeps_the_tokens_in_force_until_it_is_fixed(
     outcomes: list[str] = []
     auth = AuthSettings(api_token=None, tokens_file=str(tokens_file), reload_interval_s=1.0)
     tokens = CredentialSource(auth, clock=clock, on_reload=outcomes.append)
-    for broken in ("tokens: [{id: x", "tokens: [{id: x, sha256: abc, scopes: [tips]}]"):
+    # Cut off, invalid, and empty (a file rewritten in place, read half-way).
+    for broken in ("tokens: [{id: x", "tokens: [{id: x, sha256: abc, scopes: [tips]}]", ""):
         tokens_file.write_text(broken)
         clock.now += 1
         assert tokens.current().authenticate("tok-a") is not None
@@ -135,7 +136,7 @@ def test_a_broken_file_keeps_the_tokens_in_force_until_it_is_fixed(
     write_tokens(tokens_file, entry("fixed", "tok-c", "tips"))
     clock.now += 1
     assert tokens.current().ids == ("fixed",)
-    assert outcomes == ["failed", "failed", "failed", "reloaded"]
+    assert outcomes == ["failed", "failed", "failed", "failed", "reloaded"]
 
 
 @pytest.mark.parametrize(

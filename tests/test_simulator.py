@@ -31,7 +31,7 @@ def test_users_differ_and_requests_are_valid_bodies() -> None:
     assert 0 < p_done(request, Truth("focus")) < 1
 
 
-def test_the_drift_scenario_turns_the_habits_around_and_forgetting_recovers_sooner() -> None:
+def test_the_drift_scenario_turns_the_habits_around_and_regain_is_measured() -> None:
     rng = np.random.default_rng(2)
     user = make_users(1, rng)[0]
     request = make_request(user, 0, rng)

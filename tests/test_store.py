@@ -182,10 +182,10 @@ def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 7
+    assert store.schema_version() == 8
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 7
+        assert again.schema_version() == 8
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
     ) == [
@@ -196,6 +196,7 @@ def test_migrations_are_applied_once(store: DecisionStore, store_settings: Store
         (5, "tombstones"),
         (6, "candidate_pool"),
         (7, "eligibility"),
+        (8, "retention_indexes"),
     ]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
@@ -238,7 +239,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 7
+        assert upgraded.schema_version() == 8
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),

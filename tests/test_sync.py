@@ -130,6 +130,22 @@ def test_forgetting_replicas_hold_the_same_model_as_one_rebuilt_from_the_log(
     assert a.policy.distribution(X, "e").tolist() == late.policy.distribution(X, "e").tolist()
 
 
+def test_a_forgetting_replica_leaves_a_reward_without_its_time_to_the_sync(
+    store: DecisionStore,
+) -> None:
+    """An ingress of the previous release sends no time: the reward is not learned
+    directly by a forgetting policy, and the sync applies it with the logged time."""
+    service = replica(half_life_s=3600.0)
+    log_decision(store, "e", np.ones(DIM), T0)
+    outcome = give_feedback(store, "e", 1.0, T0 + timedelta(seconds=5))
+    assert outcome.reward_id is not None
+    assert service.learn(outcome.reward_id, np.ones(DIM), 1.0, None) is False
+    assert service.sync(store) == 1
+    assert service.policy.stats_.latest_ == (T0 + timedelta(seconds=5)).timestamp()
+    keeping = replica()
+    assert keeping.learn(outcome.reward_id, np.ones(DIM), 1.0, None) is True
+
+
 def test_direct_learn_of_an_already_synced_reward_is_ignored(store: DecisionStore) -> None:
     service = replica()
     log_decision(store, "e", np.ones(DIM), T0)

@@ -1,13 +1,14 @@
 """API credentials: bearer tokens with ids and scopes, kept as hashes, reloaded when changed.
 
-A token file (``auth.tokens_file``; on k3s a mounted Secret) lists the valid tokens, under
-``tokens:`` or as a bare list (what ``tipgraph token new >> tokens.yaml`` appends)::
+A token file (``auth.tokens_file``; on k3s a mounted Secret) lists the valid tokens as a
+YAML list, one entry per token (``tipgraph token new >> tokens.yaml`` appends one)::
 
-    tokens:
-      - id: recommender-2026-12
-        sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
-        scopes: [tips, feedback]
-        not_after: 2027-01-05T00:00:00Z   # optional: refused from then on
+    - id: recommender-2026-12
+      sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+      scopes: [tips, feedback]
+      not_after: 2027-01-05T00:00:00Z   # optional: refused from then on
+
+A mapping ``{tokens: [...]}`` is read too; entries appended below it would not be.
 
 Only the SHA-256 of a token is stored: a leaked file names no usable credential.  Tokens
 are random (``tipgraph token new``), so an unsalted hash is as strong as the token.  The
@@ -218,7 +219,12 @@ class CredentialSource:
         try:
             if self._path is None or _signature(self._path) == self._signature:
                 return
-            self._credentials = self._load()
+            loaded = self._load()
+            if not len(loaded):
+                # An empty file (one rewritten in place, caught half-way) would lock
+                # every client out: the same as a broken one.
+                raise TokenFileError(f"auth.tokens_file {self._path} lists no token")
+            self._credentials = loaded
         except (OSError, TokenFileError) as err:
             # Keep what is in force: a half-written or broken file must not lock every
             # client out (or let anyone in).  The error is retried at the next check.

@@ -391,6 +391,11 @@ class Policy(abc.ABC, Generic[S]):
         return self.settings.name
 
     @property
+    def forgets(self) -> bool:
+        """Whether the policy weighs rewards by their time (``half_life_s``)."""
+        return isinstance(self.stats_, DecayedRidgeStats)
+
+    @property
     def n_updates(self) -> int:
         return self.stats_.n_
 

@@ -101,12 +101,18 @@ class PolicyService:
         return self.score(X, event_id)
 
     def learn(
-        self, reward_id: int, features: Iterable[float], reward: float, rewarded_at: float
+        self,
+        reward_id: int,
+        features: Iterable[float],
+        reward: float,
+        rewarded_at: float | None,
     ) -> bool:
         """Apply one logged reward now; False (and no change) if it was applied already.
         ``rewarded_at``: the reward row's time (Unix seconds), which a forgetting policy
-        weighs it by."""
+        weighs it by; without it such a policy leaves the reward to its next sync."""
         x = np.fromiter(features, dtype=np.float64)
+        if rewarded_at is None and self.policy.forgets:
+            return False
         with self._lock:
             if not self._apply(reward_id, x, reward, rewarded_at):
                 return False
@@ -137,7 +143,7 @@ class PolicyService:
             self.learned_by_sync += applied
         return applied
 
-    def _apply(self, reward_id: int, x: np.ndarray, reward: float, at: float) -> bool:
+    def _apply(self, reward_id: int, x: np.ndarray, reward: float, at: float | None) -> bool:
         if reward_id <= self.watermark or reward_id in self._ahead:
             return False
         if x.shape != (self.policy.dim,):

@@ -619,10 +619,11 @@ class NarrowestDR(ModelBased):
     """Estimator selection: of DR, SNDR, Switch-DR (τ in ``taus``) and DRos (λ in
     ``lambdas``), all on one reward model, the estimate with the narrowest 95% interval.
 
-    Every candidate's interval already holds its own bias bound (the corrections it
-    drops or shrinks, :func:`weighted_estimate`), so each is valid and the narrowest is
-    the most informative; picking among six correlated intervals costs little coverage
-    (tests/test_ope.py checks it on 20 seeds).  SLOPE (Su, Srinath, Krishnamurthy 2020,
+    The DR-family candidates' intervals hold their own bias bound (the corrections they
+    drop or shrink, :func:`weighted_estimate`); SNDR's is the delta method's, valid as n
+    grows.  Each is valid on its own, so the narrowest is the most informative; picking
+    among nine correlated intervals costs little coverage (tests/test_ope.py checks it on
+    20 seeds).  SLOPE (Su, Srinath, Krishnamurthy 2020,
     "Adaptive estimator selection for off-policy evaluation", ICML) instead orders the
     candidates by bias and applies Lepski's rule to their deviation intervals; on the
     simulator it always accepted the most biased candidate (Switch-DR at τ = 1, nearly
@@ -659,6 +660,8 @@ class NarrowestDR(ModelBased):
                 answers.append(candidate.with_predictions(log, pi, predictions))
             except EstimatorError:
                 continue  # SNDR without support: the others still answer
+        if not answers:
+            raise EstimatorError(f"{self.name}: no candidate estimator could answer")
         chosen = min(answers, key=lambda e: e.upper - e.lower)
         return replace(chosen, name=f"{self.name}: {chosen.name}")
 

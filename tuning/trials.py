@@ -103,7 +103,8 @@ def evaluate(
         reward_bounds=evaluation.reward_bounds,
     )
     # The exact inverse, as a loaded copy computes it: the registered model then answers
-    # bit for bit like this one, not within Sherman–Morrison's rounding.
+    # bit for bit like this one (to a few ulps with half_life_s), not within Sherman–Morrison's
+    # rounding.
     policy.stats_.refresh()
     return policy, estimate
 

@@ -818,8 +818,9 @@ class SQLDecisionStore(DecisionStore):
 
     def delete_expired_leftovers(self, before: datetime) -> ExpiredRows:
         cutoff = (_rows.db_timestamp(before, what="before"),)
+        # No erasure lock: these rows have no decision, so nothing learns from them and
+        # no write of a decision waits for this.
         with self._transaction(write=True) as cur:
-            self._guard_erasure(cur, exclusive=True)
             cur.execute(self._sql.delete_expired_orphan_runs, cutoff)
             runs = cur.rowcount
             cur.execute(self._sql.delete_expired_orphan_feedback, cutoff)
