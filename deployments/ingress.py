@@ -3,6 +3,7 @@
 import asyncio
 import logging
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from tipgraph.decision_log import decision_log_problem
 from tipgraph.errors import InvalidRequest, TipgraphError
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationItem, GenerationResult
+from tipgraph.guardrails import evaluate_guardrails
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
@@ -401,6 +403,13 @@ class Ingress:
             name="retention",
             first_after_s=min(settings.retention.interval_s, RETENTION_FIRST_AFTER_S),
         ).start()
+        self._guardrails = Periodic(
+            settings.experiment.guardrail_check_s,
+            self._sample_guardrails,
+            name="guardrails",
+        )
+        if settings.experiment.guardrails:
+            self._guardrails.start()
         # A replica that replaces a killed one starts by replaying what that one left.
         self._replays = Periodic(
             settings.store.replay_interval_s,
@@ -408,6 +417,13 @@ class Ingress:
             name="wal-replay",
             first_after_s=0,
         ).start()
+
+    def _sample_guardrails(self) -> None:
+        now = datetime.now(UTC)
+        for result in evaluate_guardrails(self._store, self._settings.experiment, now):
+            self._service.metrics.guardrail(result.name, result.crossed)
+            if result.crossed:
+                logger.warning("guardrail %s crossed: %s", result.name, result.evidence)
 
     @api.post("/v1/tips", response_model=TipResponse, responses=ERRORS)
     async def tips(self, body: TipRequest) -> TipResponse:
@@ -472,6 +488,7 @@ class Ingress:
         self._gauges.stop()
         self._replays.stop()
         self._retention.stop()
+        self._guardrails.stop()
         await self._stages.drain_shadows()
         await self._service.close()
         self._store.close()

@@ -66,6 +66,9 @@ EXERCISED: dict[str, list[str]] = {
         "tests/test_report.py::test_cli_entry_points_render_with_filters",
     ],
     "tipgraph config show": ["tests/test_cli.py::test_config_show_as_json"],
+    "tipgraph guardrails": [
+        "tests/test_guardrails.py::test_a_crossed_guardrail_fails_status_and_rolls_the_champion_back"
+    ],
     "tipgraph retention": [
         "tests/test_cli.py::test_retention_run_deletes_the_expired_decisions_and_keeps_the_rewards"
     ],

@@ -16,12 +16,52 @@ it draws a new holdout too.
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyScore, PolicyService
 from tipgraph.settings import BaselineSettings, ExperimentSettings, UniformSettings
+
+Z_95 = NormalDist().inv_cdf(0.975)
+
+
+HOLDOUT_PREFIX = "holdout_"
+"""Holdout decisions are logged under holdout_uniform / holdout_baseline."""
+
+
+@dataclass(frozen=True)
+class RewardStats:
+    """Count, sum and sum of squares of rewards: statistics that merge with ``+``."""
+
+    n: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+
+    def __add__(self, other: RewardStats) -> RewardStats:
+        return RewardStats(self.n + other.n, self.total + other.total, self.squares + other.squares)
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else math.nan
+
+    @property
+    def variance(self) -> float:
+        """The sample variance (n − 1)."""
+        if self.n < 2:
+            return math.nan
+        return max(self.squares - self.total**2 / self.n, 0.0) / (self.n - 1)
+
+
+def welch_lift(bandit: RewardStats, holdout: RewardStats) -> tuple[float, float, float]:
+    """(mean difference, 95% lower, 95% upper): Welch's normal interval,
+    (m_b − m_h) ± z·√(s²_b/n_b + s²_h/n_h)."""
+    diff = bandit.mean - holdout.mean
+    se = math.sqrt(bandit.variance / bandit.n + holdout.variance / holdout.n)
+    return diff, diff - Z_95 * se, diff + Z_95 * se
 
 
 def holdout_share(user_key: str, salt: str) -> float:

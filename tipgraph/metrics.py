@@ -194,6 +194,13 @@ TOKEN_RELOADS = MetricSpec(
     "(unreadable or invalid: the tokens loaded before stay valid).",
     ("outcome",),
 )
+GUARDRAIL_CROSSED = MetricSpec(
+    "tipgraph_guardrail_crossed",
+    "gauge",
+    "1 while the guardrail (experiment.guardrails) is crossed with confidence over its "
+    "window, 0 otherwise or when it has too few decisions to judge.",
+    ("guardrail",),
+)
 CANDIDATES_INELIGIBLE = MetricSpec(
     "tipgraph_candidates_ineligible",
     "counter",
@@ -236,6 +243,7 @@ METRICS = (
     TOKEN_RELOADS,
     RETENTION_DELETED,
     CANDIDATES_INELIGIBLE,
+    GUARDRAIL_CROSSED,
 )
 """Every metric tipgraph records."""
 
@@ -389,6 +397,9 @@ class Metrics:
 
     def token_reload(self, outcome: str) -> None:
         self._sink.inc(TOKEN_RELOADS, 1, {"outcome": outcome})
+
+    def guardrail(self, name: str, crossed: bool) -> None:
+        self._sink.set(GUARDRAIL_CROSSED, 1.0 if crossed else 0.0, {"guardrail": name})
 
     def ineligible(self, removed: dict[str, int]) -> None:
         for rule, count in removed.items():

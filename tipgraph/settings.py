@@ -673,6 +673,28 @@ class EligibilitySettings(_Strict):
         return max([*spans, 24.0 if self.daily_caps else 0.0])
 
 
+class GuardrailSettings(_Strict):
+    """A metric the bandit must not cross, checked over a recent window
+    (tipgraph/guardrails.py)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]{1,40}$")
+    metric: Literal["dismiss_rate", "lift"] = Field(
+        description="dismiss_rate: share of the bandit's answered decisions dismissed, "
+        "crossed when its 95% lower bound is above threshold; lift: the bandit's realised "
+        "reward minus the holdout's, crossed when its 95% upper bound is below threshold"
+    )
+    threshold: float
+    window_h: float = Field(24.0, gt=0, description="The decisions of the last window_h hours")
+    min_decisions: int = Field(
+        100, ge=2, description="Fewer (in either group) and the guardrail is not judged"
+    )
+    rollback: bool = Field(
+        False,
+        description="tipgraph guardrails check --rollback points the champion back at the "
+        "previous one when this guardrail is crossed",
+    )
+
+
 class ExperimentSettings(_Strict):
     """An on-policy holdout: a stable share of users served by a simple policy, so the
     bandit's lift is measured causally, not only off-policy (tipgraph/holdout.py)."""
@@ -695,6 +717,19 @@ class ExperimentSettings(_Strict):
         description="Keys the assignment: users stay in or out across replicas and "
         "restarts; a new salt draws a new holdout",
     )
+    guardrails: list[GuardrailSettings] = Field(default_factory=list)
+    guardrail_check_s: float = Field(
+        60.0, gt=0, description="How often each ingress replica samples the guardrails"
+    )
+
+    @model_validator(mode="after")
+    def _guardrails_can_be_judged(self) -> ExperimentSettings:
+        names = [g.name for g in self.guardrails]
+        if len(set(names)) != len(names):
+            raise ValueError(f"guardrail names must be unique: {names}")
+        if self.holdout_fraction == 0 and any(g.metric == "lift" for g in self.guardrails):
+            raise ValueError("a lift guardrail needs a holdout: set holdout_fraction > 0")
+        return self
 
     @property
     def holdout_name(self) -> str:

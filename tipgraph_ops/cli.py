@@ -1,6 +1,6 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
 render-serve-config, render-k3s, render-config-docs, config show, token new, migrate,
-retention run, export, status, report, rehearse."""
+guardrails check, retention run, export, status, report, rehearse."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from tipgraph.auth import (
     parse_scopes,
     token_entry_yaml,
 )
+from tipgraph.guardrails import evaluate_guardrails
 from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
@@ -380,6 +381,32 @@ def _token_new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _guardrails_check(args: argparse.Namespace) -> int:
+    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    if not settings.experiment.guardrails:
+        print("no guardrails configured (experiment.guardrails)")
+        return EXIT_OK
+    with open_store(settings.store) as store:
+        results = evaluate_guardrails(store, settings.experiment, datetime.now(UTC))
+    for result in results:
+        mark = "CROSSED" if result.crossed else "ok"
+        print(f"guardrail {result.name}: {mark}: {result.evidence}")
+    crossed = [r for r in results if r.crossed]
+    to_roll_back = [r for r in crossed if r.rollback]
+    if args.rollback and to_roll_back:
+        registry = PolicyRegistry(
+            settings.registry.tracking_uri, model_name=settings.registry.model_name
+        )
+        evidence = "; ".join(f"guardrail {r.name}: {r.evidence}" for r in to_roll_back)
+        try:
+            reason = registry.rollback(by=f"tipgraph guardrails check ({evidence})")
+        except RegistryError as err:
+            print(f"tipgraph: error: rollback refused: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"{settings.registry.model_name}@{CHAMPION}: {reason}")
+    return EXIT_ERROR if crossed else EXIT_OK
+
+
 def _retention_run(args: argparse.Namespace) -> int:
     settings = resolve_paths(load_settings(args.config), Path.cwd())
     days = args.days if args.days is not None else settings.retention.days
@@ -655,8 +682,17 @@ def _add_generated_file_commands(commands: Commands) -> None:
     config_docs.set_defaults(func=_render_config_docs)
 
 
+def _action(
+    commands: Commands, group: str, group_help: str, action: str, action_help: str
+) -> argparse.ArgumentParser:
+    """``tipgraph <group> <action>``: a command group with its (first) action's parser."""
+    parser = commands.add_parser(group, help=group_help)
+    actions = parser.add_subparsers(dest=f"{group}_command", required=True, metavar="ACTION")
+    return actions.add_parser(action, help=action_help)
+
+
 def _add_operations_commands(commands: Commands) -> None:
-    """config show, token new, retention run, migrate, status, export."""
+    """config show, token new, guardrails check, retention run, migrate, status, export."""
     config = commands.add_parser("config", help="inspect the effective configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_commands.add_parser(
@@ -665,27 +701,40 @@ def _add_operations_commands(commands: Commands) -> None:
     show.add_argument("--format", choices=("yaml", "json"), default="yaml")
     show.set_defaults(func=_config_show)
 
-    token = commands.add_parser("token", help="API tokens (auth.tokens_file)")
-    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    token_new = token_commands.add_parser(
+    token_new = _action(
+        commands,
+        "token",
+        "API tokens (auth.tokens_file)",
         "new",
-        help="a new random token: the token on stderr (for the client), its tokens_file "
-        "entry (the hash, never the token) on stdout",
+        "a new random token: the token on stderr (for the client), its tokens_file entry "
+        "(the hash, never the token) on stdout",
     )
     token_new.add_argument("--id", required=True, help="names the token in logs and metrics")
     token_new.add_argument("--scopes", required=True, help=f"comma-separated: {', '.join(SCOPES)}")
     token_new.set_defaults(func=_token_new)
 
-    retention = commands.add_parser(
-        "retention", help="apply the decision log's retention (retention.days)"
+    check = _action(
+        commands,
+        "guardrails",
+        "the experiment's guardrails (experiment.guardrails)",
+        "check",
+        "judge every guardrail on its window, one line each (exit 1 if one is crossed)",
     )
-    retention_commands = retention.add_subparsers(
-        dest="retention_command", required=True, metavar="ACTION"
+    check.add_argument(
+        "--rollback",
+        action="store_true",
+        help="point the champion back at the previous one when a guardrail configured with "
+        "rollback: true is crossed, the evidence in the registry's history",
     )
-    retention_run = retention_commands.add_parser(
+    check.set_defaults(func=_guardrails_check)
+
+    retention_run = _action(
+        commands,
+        "retention",
+        "apply the decision log's retention (retention.days)",
         "run",
-        help="delete decisions older than retention.days with their candidates, scores "
-        "and feedback, now; rewards keep what was learned",
+        "delete decisions older than retention.days with their candidates, scores and "
+        "feedback, now; rewards keep what was learned",
     )
     retention_run.add_argument(
         "--days", type=int, default=None, help="override retention.days (at least 1)"

@@ -14,11 +14,13 @@ import logging
 import os
 import socket
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tipgraph.guardrails import evaluate_guardrails
 from tipgraph.registry import CHALLENGER, CHAMPION, PolicyRegistry, registry_exists
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import StoreError, open_store
@@ -185,12 +187,17 @@ def decision_log_status(
     try:
         with open_store(settings.store) as store:
             counts = store.counts()
+            guardrails = evaluate_guardrails(store, settings.experiment, datetime.now(UTC))
         data["stored"] = {
             "decisions": counts.decisions,
             "rewards": counts.rewards,
             "default_rewards": counts.default_rewards,
             "feedback": counts.feedback,
         }
+        data["guardrails"] = [
+            {"name": g.name, "crossed": g.crossed, "evidence": g.evidence} for g in guardrails
+        ]
+        errors += [f"guardrail {g.name} crossed: {g.evidence}" for g in guardrails if g.crossed]
     except (StoreError, OSError) as err:
         errors.append(f"decision store unreachable: {err}")
     return Section(ok=not errors, error="; ".join(errors) or None, data=data)
@@ -242,4 +249,7 @@ def format_status(status: Status) -> str:
             f"  store: {stored['decisions']} decisions, {stored['rewards']} rewards "
             f"({stored['default_rewards']} default), {stored['feedback']} feedback"
         )
+    for guardrail in log.get("guardrails", []):
+        mark = "CROSSED" if guardrail["crossed"] else "ok"
+        lines.append(f"  guardrail {guardrail['name']}: {mark}: {guardrail['evidence']}")
     return "\n".join(lines)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
+from tipgraph.holdout import HOLDOUT_PREFIX, RewardStats, welch_lift
 from tipgraph.store.records import LoggedEvent, LoggedRuns, PolicyRole
 from tuning.config import EvaluationSettings
 from tuning.data import from_events
@@ -32,7 +33,6 @@ from tuning.importance import GroupImportance
 from tuning.logged import LoggedBandit, LogValidationError
 from tuning.ope import (
     SNIPS,
-    Z_95,
     Estimate,
     Estimator,
     EstimatorError,
@@ -222,10 +222,6 @@ class FallbackRate:
     over_time: list[float]
 
 
-HOLDOUT_PREFIX = "holdout_"
-"""Decisions of the on-policy holdout are logged under holdout_uniform / holdout_baseline."""
-
-
 @dataclass(frozen=True)
 class Lift:
     """Realised mean reward of the bandit's decisions minus the holdout's, on one day (or
@@ -255,22 +251,17 @@ def holdout_lift(events: Sequence[LoggedEvent]) -> list[Lift]:
 
 
 def _lift(day: str | None, events: Sequence[LoggedEvent]) -> Lift:
-    held = np.array([e.reward for e in events if e.policy_name.startswith(HOLDOUT_PREFIX)])
-    bandit = np.array([e.reward for e in events if not e.policy_name.startswith(HOLDOUT_PREFIX)])
-    if len(held) < 2 or len(bandit) < 2:
-        return Lift(day, math.nan, math.nan, math.nan, math.nan, math.nan, len(bandit), len(held))
-    diff = float(bandit.mean() - held.mean())
-    se = math.sqrt(bandit.var(ddof=1) / len(bandit) + held.var(ddof=1) / len(held))
-    return Lift(
-        day,
-        diff,
-        diff - Z_95 * se,
-        diff + Z_95 * se,
-        float(bandit.mean()),
-        float(held.mean()),
-        len(bandit),
-        len(held),
-    )
+    held = _stats(e.reward for e in events if e.policy_name.startswith(HOLDOUT_PREFIX))
+    bandit = _stats(e.reward for e in events if not e.policy_name.startswith(HOLDOUT_PREFIX))
+    if held.n < 2 or bandit.n < 2:
+        return Lift(day, math.nan, math.nan, math.nan, math.nan, math.nan, bandit.n, held.n)
+    diff, lower, upper = welch_lift(bandit, held)
+    return Lift(day, diff, lower, upper, bandit.mean, held.mean, bandit.n, held.n)
+
+
+def _stats(rewards: Iterable[float]) -> RewardStats:
+    values = np.fromiter(rewards, dtype=np.float64)
+    return RewardStats(len(values), float(values.sum()), float(np.square(values).sum()))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from tipgraph.store.records import (
     FeedbackRecord,
     LoggedEvent,
     LoggedRuns,
+    PolicyOutcomes,
     PolicyScoresEntry,
     PolicyScoresRecord,
     PoolEntry,
@@ -79,6 +80,7 @@ class Statements:
     select_training_events_page: str
     select_user_history: str
     select_exposures: str
+    select_outcomes: str
     select_counts: str
     select_logged: str
     select_logged_by_prompt: str
@@ -299,6 +301,17 @@ QMARK_STATEMENTS = Statements(
     select_training_events=_TRAINING_EVENTS,
     # Separate statement: "no limit" is LIMIT -1 in SQLite but an error in Postgres.
     select_training_events_page=_TRAINING_EVENTS + " LIMIT ?",
+    # Per policy, over the decisions made since: what the guardrails judge.
+    select_outcomes="""
+        SELECT d.policy_name, COUNT(r.reward), COALESCE(SUM(r.reward), 0),
+               COALESCE(SUM(r.reward * r.reward), 0), COUNT(f.reaction),
+               SUM(CASE WHEN f.reaction = 'dismiss' THEN 1 ELSE 0 END)
+        FROM decisions AS d
+        LEFT JOIN rewards AS r ON r.event_id = d.event_id
+        LEFT JOIN feedback AS f ON f.event_id = d.event_id
+        WHERE d.created_at >= ?
+        GROUP BY d.policy_name
+    """,
     # The decisions_user_created_idx index serves it.
     select_exposures="""
         SELECT chosen_candidate_id, chosen_kind, created_at FROM decisions
@@ -754,6 +767,15 @@ class SQLDecisionStore(DecisionStore):
             cur.execute(statement, params)
             rows = cur.fetchall()
         return [_rows.training_event(row) for row in rows]
+
+    def outcomes_since(self, since: datetime) -> dict[str, PolicyOutcomes]:
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.select_outcomes, (_rows.db_timestamp(since, what="since"),))
+            rows = cur.fetchall()
+        return {
+            name: PolicyOutcomes(int(n), float(total), float(squares), int(answered), int(dis or 0))
+            for name, n, total, squares, answered, dis in rows
+        }
 
     def recent_exposures(self, user_key: str, since: datetime, limit: int) -> list[ExposureItem]:
         if limit < 0:

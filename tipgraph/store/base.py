@@ -15,6 +15,7 @@ from tipgraph.store.records import (
     FeedbackRecord,
     LoggedEvent,
     LoggedRuns,
+    PolicyOutcomes,
     PolicyScoresEntry,
     PolicyScoresRecord,
     PoolEntry,
@@ -175,6 +176,11 @@ class DecisionStore(abc.ABC):
         candidate, in the order of ``LoggedEvent.features``, and its chosen index.  This is
         what evaluating the shadows off-policy needs; a shadow that failed on an event has
         a run without probabilities, and a shadow that never answered has no run."""
+
+    @abc.abstractmethod
+    def outcomes_since(self, since: datetime) -> dict[str, PolicyOutcomes]:
+        """Per policy name, the rewards and feedback of the decisions made since
+        ``since``: what the guardrails judge (tipgraph.guardrails)."""
 
     @abc.abstractmethod
     def recent_exposures(self, user_key: str, since: datetime, limit: int) -> list[ExposureItem]:

@@ -87,6 +87,18 @@ class DecisionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyOutcomes:
+    """One policy's decisions in a window: the rewards they earned (count, sum, sum of
+    squares) and the feedback they got (answered, dismissed)."""
+
+    rewarded: int
+    reward_sum: float
+    reward_squares: float
+    answered: int
+    dismissed: int
+
+
+@dataclass(frozen=True, slots=True)
 class ExposureItem:
     """A tip the user was shown: the served candidate of one of their decisions."""
 
