@@ -21,7 +21,8 @@ from tipgraph.policies import make_policy
 from tipgraph.settings import FeatureGroup, LinearModelSettings, PolicySettings
 from tuning.config import EvaluationSettings
 from tuning.logged import LoggedBandit
-from tuning.ope import Estimate, progressive
+from tuning.ope import Estimate
+from tuning.trials import progressive_value
 
 ALL_GROUPS: tuple[FeatureGroup, ...] = typing.get_args(FeatureGroup)
 
@@ -50,14 +51,7 @@ def feature_importance(
     def value(features: tuple[FeatureGroup, ...] | None) -> Estimate:
         variant = policy.model_copy(update={"features": features})
         learner = make_policy(variant, log.dim, spec_version=FEATURE_SPEC.version)
-        return progressive(
-            learner,
-            log,
-            estimator=evaluation.estimator,
-            clip=evaluation.clip,
-            ridge=evaluation.reward_model_ridge,
-            reward_bounds=evaluation.reward_bounds,
-        )
+        return progressive_value(learner, log, evaluation)
 
     served = value(policy.features)
     rows = [GroupImportance(None, served, 0.0)]

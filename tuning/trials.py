@@ -20,6 +20,7 @@ from tipgraph.settings import (
 )
 from tuning.config import EvaluationSettings, Range, SearchSpace
 from tuning.data import TrainingLog
+from tuning.logged import LoggedBandit
 from tuning.ope import Estimate, progressive
 
 METRIC = "lower"
@@ -89,19 +90,26 @@ def describe(settings: PolicySettings) -> str:
     return " ".join(f"{k}={v}" for k, v in trial_params(settings).items() if k != "kind")
 
 
-def evaluate(
-    settings: PolicySettings, training: TrainingLog, evaluation: EvaluationSettings
-) -> tuple[Policy, Estimate]:
-    """Replay ``settings`` progressively over the log; the policy ends warm-started on it."""
-    policy = make_policy(settings, training.log.dim, spec_version=training.spec_version)
-    estimate = progressive(
+def progressive_value(
+    policy: Policy, log: LoggedBandit, evaluation: EvaluationSettings
+) -> Estimate:
+    """:func:`~tuning.ope.progressive` with the tuning config's ``evaluation:`` settings."""
+    return progressive(
         policy,
-        training.log,
+        log,
         estimator=evaluation.estimator,
         clip=evaluation.clip,
         ridge=evaluation.reward_model_ridge,
         reward_bounds=evaluation.reward_bounds,
     )
+
+
+def evaluate(
+    settings: PolicySettings, training: TrainingLog, evaluation: EvaluationSettings
+) -> tuple[Policy, Estimate]:
+    """Replay ``settings`` progressively over the log; the policy ends warm-started on it."""
+    policy = make_policy(settings, training.log.dim, spec_version=training.spec_version)
+    estimate = progressive_value(policy, training.log, evaluation)
     # The exact inverse, as a loaded copy computes it: the registered model then answers
     # bit for bit like this one (to a few ulps with half_life_s), not within Sherman–Morrison's
     # rounding.
