@@ -1,26 +1,38 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
-from tests.factories import NOW, task, tip_body
+from tests.factories import NOW, local_service, task, tip_body
 from tipgraph import simulated_tips
 from tipgraph.contracts import RecentReaction, TipRequest
 from tipgraph.features import (
+    EARLIER_LAYOUTS,
+    FEATURE_GROUPS,
     FEATURE_SPEC,
     PRIOR_REWARD,
+    RECENCY_FEATURE,
+    RECENCY_HALF_LIFE_H,
     CandidateView,
     FeatureSpec,
+    LayoutUpgrade,
     UserContext,
     build_context,
     candidate_matrix,
+    kind_recency,
     kind_stats,
     part_of_day,
+    read_user_context,
+    upgrade_for_dim,
+    upgrade_from,
 )
+from tipgraph.policies import PolicyStateError, make_policy, policy_from_bytes
 from tipgraph.projection import PROJECTION, Projection, cosine
-from tipgraph.settings import RewardSettings
+from tipgraph.settings import LinUCBSettings, RewardSettings, StoreSettings, TipgraphSettings
+from tipgraph.store import open_store
 from tipgraph.store.records import ReactionHistoryItem
 
 REWARDS = RewardSettings()
@@ -164,3 +176,105 @@ def test_context_prompt_never_contains_task_text() -> None:
     request, context = context_for()
     for one in request.tasks:
         assert one.content not in context.prompt  # type: ignore[attr-defined]
+
+
+# -- recency: how lately the user was shown each kind ----------------------------------------
+H = 3600.0
+
+
+def test_kind_recency_halves_every_half_life_from_the_latest_exposure() -> None:
+    now = 1_780_000_000.0
+    shown = [
+        ("a", "focus", now - 24 * H),
+        ("b", "focus", now - 72 * H),  # older exposure of the same kind: the latest counts
+        ("c", "plan_day", now - 48 * H),
+        ("d", "batch", now + 5.0),  # stamped after "now" by a skewed clock: just shown
+    ]
+    recency = dict(kind_recency(shown, now))
+    assert RECENCY_HALF_LIFE_H == 24.0
+    assert recency == {"focus": 0.5, "plan_day": 0.25, "batch": 1.0}
+    assert kind_recency([], now) == ()
+
+
+def test_recency_fills_its_column_for_the_candidates_kind_and_0_for_kinds_not_shown() -> None:
+    request = TipRequest.model_validate(tip_body())
+    context = replace(build_context(request, [], REWARDS), recency=(("focus", 0.5),))
+    X = candidate_matrix(context, [CandidateView("focus", ()), CandidateView("batch", ())])
+    column = FEATURE_SPEC.names.index(RECENCY_FEATURE)
+    assert X[:, column].tolist() == [0.5, 0.0]
+    assert RECENCY_FEATURE in FEATURE_GROUPS["history"]
+
+
+async def test_the_context_reads_recency_from_the_decision_log_with_the_rules_off(
+    store_settings: StoreSettings,
+) -> None:
+    """On both stores: the kind served a moment ago is at ~1, other kinds absent, and the
+    exposures themselves are not carried when no rule needs them."""
+    settings = TipgraphSettings(store=store_settings.model_dump(), shadows=[])
+    assert not settings.eligibility.enabled
+    request = TipRequest(**tip_body(user_id="u"))
+    with open_store(settings.store) as store:
+        service = local_service(settings, store)
+        answer = await service.tip(request)
+        await service.log.flush()
+        key = service.user_key("u")
+        context = read_user_context(store, request, key, settings, None)
+        off = settings.model_copy(
+            update={"features": settings.features.model_copy(update={"recency_lookback_h": 0})}
+        )
+        unread = read_user_context(store, request, key, off, None)
+        await service.close()
+    recency = dict(context.recency)
+    assert set(recency) == {answer.tip.kind}
+    assert 0.99 < recency[answer.tip.kind] <= 1.0
+    assert context.exposures == ()
+    assert unread.recency == ()
+
+
+# -- layout upgrades: learning carried over into a layout with more features ------------------
+def test_the_earlier_layout_is_the_previous_release_and_differs_only_by_recency() -> None:
+    (earlier,) = EARLIER_LAYOUTS
+    assert earlier.version == "v2-18300a7283"  # the layout released before recency
+    assert set(FEATURE_SPEC.names) - set(earlier.names) == {RECENCY_FEATURE}
+    assert upgrade_from(earlier.version) is upgrade_for_dim(earlier.dim) is not None
+    assert upgrade_from(FEATURE_SPEC.version) is None and upgrade_for_dim(7) is None
+
+
+def test_an_upgraded_vector_keeps_every_named_value_and_adds_zeros() -> None:
+    (earlier,) = EARLIER_LAYOUTS
+    upgrade = LayoutUpgrade(earlier, FEATURE_SPEC)
+    x = np.arange(1.0, earlier.dim + 1)
+    moved = dict(zip(FEATURE_SPEC.names, upgrade.vector(x), strict=True))
+    assert moved.pop(RECENCY_FEATURE) == 0.0
+    assert moved == dict(zip(earlier.names, x, strict=True))
+    with pytest.raises(ValueError, match="drops features"):
+        LayoutUpgrade(FEATURE_SPEC, earlier)
+
+
+@pytest.mark.parametrize("half_life_s", [None, 3600.0])
+def test_a_saved_state_of_the_earlier_layout_loads_as_if_learned_on_upgraded_vectors(
+    half_life_s: float | None,
+) -> None:
+    (earlier,) = EARLIER_LAYOUTS
+    upgrade = upgrade_from(earlier.version)
+    assert upgrade is not None
+    settings = LinUCBSettings(name="served", half_life_s=half_life_s)
+    old = make_policy(settings, earlier.dim, spec_version=earlier.version)
+    new = make_policy(settings, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version)
+    rng = np.random.default_rng(8)
+    for i in range(40):
+        x, r = rng.normal(size=earlier.dim), float(rng.uniform())
+        old.update(x, r, 1_780_000_000.0 + 60 * i)
+        new.update(upgrade.vector(x), r, 1_780_000_000.0 + 60 * i)
+    loaded = policy_from_bytes(old.to_bytes(), expected_spec_version=FEATURE_SPEC.version)
+    assert (loaded.dim, loaded.spec_version) == (FEATURE_SPEC.dim, FEATURE_SPEC.version)
+    np.testing.assert_allclose(loaded.stats_.gram_, new.stats_.gram_, rtol=1e-12)
+    np.testing.assert_allclose(loaded.stats_.b_, new.stats_.b_, rtol=1e-12)
+    X = rng.normal(size=(6, FEATURE_SPEC.dim))
+    np.testing.assert_allclose(loaded.decide(X, "e").scores, new.decide(X, "e").scores, rtol=1e-9)
+    # Learning goes on in the new layout, recency included.
+    loaded.update(X[0], 1.0, 1_780_000_000.0 + 60 * 41)
+    # A layout that does not carry over is still refused, naming both.
+    with pytest.raises(PolicyStateError, match="v9-unknown"):
+        stray = make_policy(settings, earlier.dim, spec_version="v9-unknown")
+        policy_from_bytes(stray.to_bytes(), expected_spec_version=FEATURE_SPEC.version)

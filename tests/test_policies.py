@@ -300,7 +300,7 @@ def test_feature_groups_cover_every_feature_exactly_once() -> None:
     assert sorted(names) == sorted(FEATURE_SPEC.context + FEATURE_SPEC.candidate)
     np.testing.assert_array_equal(FEATURE_SPEC.mask(list(FEATURE_GROUPS)), 1.0)
     history = FEATURE_SPEC.mask(["history"])
-    assert history.sum() == 2 and history[-len(FEATURE_SPEC.candidate) :][:2].all()
+    assert history.sum() == 3 and history[-len(FEATURE_SPEC.candidate) :][:3].all()
 
 
 @pytest.mark.parametrize("kind", ["linucb", "lints", "squarecb"])

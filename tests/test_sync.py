@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deployments.scoring import PolicyScorer
-from tipgraph.features import FEATURE_SPEC
+from tipgraph.features import EARLIER_LAYOUTS, FEATURE_SPEC, RECENCY_FEATURE, upgrade_from
 from tipgraph.policies import make_policy
 from tipgraph.scoring import PolicyService
 from tipgraph.serve_config import policy_user_config
@@ -156,8 +156,8 @@ def test_direct_learn_of_an_already_synced_reward_is_ignored(store: DecisionStor
     assert service.policy.n_updates == 1
 
 
-def test_rewards_logged_on_an_older_layout_are_skipped_not_fatal(store: DecisionStore) -> None:
-    old_dim = DIM - 12  # the layout before the judge and embedding features
+def test_rewards_logged_on_an_unknown_layout_are_skipped_not_fatal(store: DecisionStore) -> None:
+    old_dim = DIM - 13  # the layout before the judge and embedding features
     log_decision(store, "old", np.ones(old_dim), T0)
     log_decision(store, "new", np.ones(DIM), T0 + timedelta(seconds=1))
     for event_id in ("old", "new"):
@@ -166,6 +166,28 @@ def test_rewards_logged_on_an_older_layout_are_skipped_not_fatal(store: Decision
     assert service.sync(store) == 1
     assert service.policy.n_updates == 1 and service.skipped_other_layout == 1
     assert service.sync(store) == 0  # the watermark moved past it
+
+
+def test_rewards_logged_on_the_previous_layout_are_learned_with_the_new_feature_at_0(
+    store: DecisionStore,
+) -> None:
+    (earlier,) = EARLIER_LAYOUTS
+    upgrade = upgrade_from(earlier.version)
+    assert upgrade is not None
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=earlier.dim) for _ in range(5)]
+    for i, x in enumerate(xs):
+        log_decision(store, f"old{i}", x, T0)
+        assert give_feedback(store, f"old{i}", 0.5, T0 + timedelta(seconds=2)).learned
+    service, truth = replica(), replica()
+    assert service.sync(store) == 5
+    assert service.upgraded_from_earlier_layout == 5 and service.skipped_other_layout == 0
+    for i, x in enumerate(xs):
+        truth.learn(100 + i, upgrade.vector(x), 0.5, T0.timestamp())
+    np.testing.assert_array_equal(service.policy.stats_.gram_, truth.policy.stats_.gram_)
+    np.testing.assert_array_equal(service.policy.stats_.b_, truth.policy.stats_.b_)
+    recency = FEATURE_SPEC.names.index(RECENCY_FEATURE)
+    assert service.policy.stats_.gram_[recency].sum() == 0.0
 
 
 def test_late_feedback_is_stored_but_not_learned_and_defaults_are(store: DecisionStore) -> None:

@@ -30,3 +30,35 @@ def test_decision_log_loads_as_a_logged_bandit(tmp_path: Path) -> None:
 
     with open_store(settings.store) as store, pytest.raises(ValueError, match="no logged"):
         load_log(store, LogFilter(policy_name="nobody"))
+
+
+def test_events_of_the_earlier_layout_are_carried_over_and_unknown_ones_left_out() -> None:
+    from datetime import UTC, datetime
+
+    from tipgraph.features import EARLIER_LAYOUTS, FEATURE_SPEC, RECENCY_FEATURE
+    from tipgraph.store.records import LoggedEvent
+    from tuning.data import on_layout
+
+    (earlier,) = EARLIER_LAYOUTS
+
+    def event(event_id: str, version: str, dim: int) -> LoggedEvent:
+        rows = [[float(i + 1)] * dim for i in range(3)]
+        at = datetime(2026, 12, 1, tzinfo=UTC)
+        return LoggedEvent(
+            event_id, at, "served", None, rows, [0.5, 0.25, 0.25], 1, 1.0, "feedback", 1, version
+        )
+
+    events = [
+        event("old", earlier.version, earlier.dim),
+        event("new", FEATURE_SPEC.version, FEATURE_SPEC.dim),
+        event("stray", "v1-gone", 5),
+    ]
+    kept = on_layout(events, FEATURE_SPEC.version)
+    assert [e.event_id for e in kept] == ["old", "new"]
+    assert {e.feature_version for e in kept} == {FEATURE_SPEC.version}
+    column = FEATURE_SPEC.names.index(RECENCY_FEATURE)
+    assert [len(row) for row in kept[0].features] == [FEATURE_SPEC.dim] * 3
+    assert [row[column] for row in kept[0].features] == [0.0, 0.0, 0.0]
+    assert sum(kept[0].features[1]) == 2.0 * earlier.dim
+    # Asked for the earlier layout itself, only its own events qualify.
+    assert [e.event_id for e in on_layout(events, earlier.version)] == ["old"]

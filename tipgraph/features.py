@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -50,9 +51,12 @@ CONTEXT_FEATURES: tuple[str, ...] = (
     "due_today_share",
     "high_priority_share",
 )
+RECENCY_HALF_LIFE_H = 24.0
+RECENCY_FEATURE = f"kind_recency_h{RECENCY_HALF_LIFE_H:g}"
 CANDIDATE_FEATURES: tuple[str, ...] = (
     "kind_mean_reward",  # the user's smoothed mean reward on this kind of tip
     "kind_log_shown",
+    RECENCY_FEATURE,  # 2^(-hours since the user was last shown this kind / 24); 0 = not lately
     "has_task",
     "task_priority",
     "task_overdue",
@@ -71,10 +75,10 @@ FEATURE_GROUPS: dict[FeatureGroup, tuple[str, ...]] = {
     "kind": CONTEXT_FEATURES[:1],  # bias x kind: a per-kind intercept
     "time": CONTEXT_FEATURES[1:6],
     "workload": CONTEXT_FEATURES[6:],
-    "history": CANDIDATE_FEATURES[:2],
-    "task": CANDIDATE_FEATURES[2:8],
-    "quality": CANDIDATE_FEATURES[8:10],
-    "embedding": CANDIDATE_FEATURES[10:],
+    "history": CANDIDATE_FEATURES[:3],
+    "task": CANDIDATE_FEATURES[3:9],
+    "quality": CANDIDATE_FEATURES[9:11],
+    "embedding": CANDIDATE_FEATURES[11:],
 }
 # Smoothing: a kind the user never saw is assumed to earn PRIOR_REWARD, worth PRIOR_WEIGHT views.
 PRIOR_REWARD = 0.3
@@ -117,6 +121,64 @@ class FeatureSpec:
 FEATURE_SPEC = FeatureSpec(CONTEXT_FEATURES, TIP_KINDS, CANDIDATE_FEATURES)
 
 
+class LayoutUpgrade:
+    """Carries vectors and learned statistics of an earlier layout into a later one.
+
+    Each column of ``source`` moves to the column of the same name in ``target``; a
+    feature ``source`` lacks is 0, which every feature added since means ("not shown
+    lately").  Statistics Σxxᵀ and Σrx learned on ``source`` vectors, moved the same way,
+    equal those learned on the moved vectors, so what serving learned before an upgrade
+    that adds features is kept, exactly, rather than relearned.
+    """
+
+    def __init__(self, source: FeatureSpec, target: FeatureSpec) -> None:
+        missing = set(source.names) - set(target.names)
+        if missing:
+            raise ValueError(f"{target.version} drops features of {source.version}: {missing}")
+        index = {name: i for i, name in enumerate(target.names)}
+        self.source = source
+        self.target = target
+        self.columns = np.array([index[name] for name in source.names], dtype=np.intp)
+
+    def vector(self, x: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Array of shape (target.dim,)."""
+        out = np.zeros(self.target.dim, dtype=np.float64)
+        out[self.columns] = x
+        return out
+
+    def gram(self, gram: np.ndarray) -> np.ndarray:
+        """A (source.dim, source.dim) matrix of Σxxᵀ as (target.dim, target.dim)."""
+        out = np.zeros((self.target.dim, self.target.dim), dtype=np.float64)
+        out[np.ix_(self.columns, self.columns)] = gram
+        return out
+
+
+# The layouts of earlier releases whose learning carries over into FEATURE_SPEC: each is
+# this layout without the features added since.  Their versions are pinned by a test.
+EARLIER_LAYOUTS: tuple[FeatureSpec, ...] = (
+    FeatureSpec(
+        CONTEXT_FEATURES,
+        TIP_KINDS,
+        tuple(name for name in CANDIDATE_FEATURES if name != RECENCY_FEATURE),
+    ),
+)
+_UPGRADES = {spec.version: LayoutUpgrade(spec, FEATURE_SPEC) for spec in EARLIER_LAYOUTS}
+# A logged reward carries its vector but not its layout's version: its length tells.
+_UPGRADES_BY_DIM = {spec.dim: _UPGRADES[spec.version] for spec in EARLIER_LAYOUTS}
+if len(_UPGRADES_BY_DIM) != len(EARLIER_LAYOUTS) or FEATURE_SPEC.dim in _UPGRADES_BY_DIM:
+    raise RuntimeError("every feature layout must have its own dimension")
+
+
+def upgrade_from(version: str) -> LayoutUpgrade | None:
+    """The upgrade from an earlier layout ``version`` to FEATURE_SPEC; None if unknown."""
+    return _UPGRADES.get(version)
+
+
+def upgrade_for_dim(dim: int) -> LayoutUpgrade | None:
+    """The upgrade from the earlier layout of dimension ``dim``; None if there is none."""
+    return _UPGRADES_BY_DIM.get(dim)
+
+
 @dataclass(frozen=True)
 class TaskFacts:
     """What features need to know about one task, computed once per request."""
@@ -154,6 +216,8 @@ class UserContext:
     exposures: tuple[tuple[str, str, float], ...] = ()
     """Tips the user was shown lately, (candidate id, kind, Unix seconds), newest first:
     what the eligibility rules read (tipgraph.eligibility); empty when they are off."""
+    recency: tuple[tuple[str, float], ...] = ()
+    """(kind, :data:`RECENCY_FEATURE`) for each kind the user was shown lately."""
 
 
 def read_history(store: DecisionStore, user_key: str, limit: int) -> list[ReactionHistoryItem]:
@@ -192,19 +256,39 @@ def read_dismissed(
 
 
 def read_exposures(
-    store: DecisionStore, user_key: str, settings: EligibilitySettings
+    store: DecisionStore, user_key: str, settings: EligibilitySettings, lookback_h: float = 0.0
 ) -> tuple[tuple[str, str, float], ...]:
-    """The tips the user was shown within the rules' lookback; none when the rules are
-    off, or while the store is unreachable (the rules then remove nothing)."""
-    if not settings.enabled:
+    """The tips the user was shown within the rules' lookback or ``lookback_h``, whichever
+    is longer; none when both are off, or while the store is unreachable (the rules then
+    remove nothing and every kind counts as not shown lately)."""
+    hours = max(settings.lookback_h if settings.enabled else 0.0, lookback_h)
+    if hours <= 0:
         return ()
-    since = datetime.now(UTC) - timedelta(hours=settings.lookback_h)
+    since = datetime.now(UTC) - timedelta(hours=hours)
     try:
         shown = store.recent_exposures(user_key, since, settings.max_exposures)
     except StoreError as err:
         logger.warning("no exposures for this request, eligibility rules skipped: %s", err)
         return ()
     return tuple((e.candidate_id, e.kind, e.shown_at.timestamp()) for e in shown)
+
+
+def kind_recency(
+    exposures: Iterable[tuple[str, str, float]], now: float
+) -> tuple[tuple[str, float], ...]:
+    """:data:`RECENCY_FEATURE` per kind shown: 2^(−hours since last shown / half-life).
+
+    1 just after a tip of the kind was shown, ½ a half-life later, towards 0 as the user
+    recovers from it: the "recovering arm" of Yancey & Settles (2020, KDD), for the
+    policy to learn how soon a kind works again.
+    """
+    latest: dict[str, float] = {}
+    for _, kind, shown_at in exposures:
+        latest[kind] = max(latest.get(kind, shown_at), shown_at)
+    return tuple(
+        (kind, 2.0 ** (-max(0.0, now - shown_at) / 3600.0 / RECENCY_HALF_LIFE_H))
+        for kind, shown_at in sorted(latest.items())
+    )
 
 
 def read_user_context(
@@ -218,9 +302,16 @@ def read_user_context(
     store (each degrading to none in an outage), then :func:`build_context`."""
     history = read_history(store, user_key, settings.features.history_limit)
     dismissed = read_dismissed(store, user_key, history, embedding_model)
-    exposures = read_exposures(store, user_key, settings.eligibility)
+    exposures = read_exposures(
+        store, user_key, settings.eligibility, settings.features.recency_lookback_h
+    )
     context = build_context(request, history, settings.rewards, dismissed=dismissed)
-    return replace(context, exposures=exposures) if exposures else context
+    if not exposures:
+        return context
+    # The wall clock, as the rules use: exposures are stamped by it, whatever the request's now.
+    recency = kind_recency(exposures, time.time())
+    rules_read = exposures if settings.eligibility.enabled else ()
+    return replace(context, exposures=rules_read, recency=recency)
 
 
 def part_of_day(hour: int) -> str:
@@ -375,6 +466,7 @@ def candidate_matrix(context: UserContext, candidates: Sequence[CandidateView]) 
     n_ctx, n_kinds = len(ctx), len(FEATURE_SPEC.kinds)
     kind_index = {kind: i for i, kind in enumerate(FEATURE_SPEC.kinds)}
     X = np.zeros((len(candidates), FEATURE_SPEC.dim), dtype=np.float64)
+    recency = dict(context.recency)
     for row, candidate in enumerate(candidates):
         k = kind_index[candidate.kind]
         # Column c * n_kinds + k holds context[c] for this candidate's kind, zero elsewhere.
@@ -385,6 +477,7 @@ def candidate_matrix(context: UserContext, candidates: Sequence[CandidateView]) 
         X[row, n_ctx * n_kinds :] = (
             stats.mean_reward,
             math.log1p(stats.shown) / math.log1p(1000),
+            recency.get(candidate.kind, 0.0),
             float(lead is not None),
             (lead.priority - 1) / 3 if lead else 0.0,
             float(lead.overdue) if lead else 0.0,

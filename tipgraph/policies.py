@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
-from tipgraph.features import FEATURE_SPEC
+from tipgraph.features import FEATURE_SPEC, upgrade_from
 from tipgraph.settings import (
     BaselineSettings,
     EpsilonGreedySettings,
@@ -714,23 +714,33 @@ def policy_from_bytes(data: bytes, *, expected_spec_version: str | None = None) 
     if header.get("format") not in (1, FORMAT_VERSION):
         raise PolicyStateError(f"unsupported policy state format {header.get('format')!r}")
     spec = header["spec_version"]
+    upgrade = None
     if expected_spec_version is not None and spec != expected_spec_version:
-        raise PolicyStateError(
-            f"policy state was learned on features {spec}, but this server uses "
-            f"{expected_spec_version}; retrain or register a model for these features"
-        )
+        if expected_spec_version == FEATURE_SPEC.version:
+            upgrade = upgrade_from(spec)
+        if upgrade is None:
+            raise PolicyStateError(
+                f"policy state was learned on features {spec}, but this server uses "
+                f"{expected_spec_version}; retrain or register a model for these features"
+            )
     dim = int(header["dim"])
     body = np.frombuffer(data[offset + header_len :], dtype="<f8")
     if body.size != dim * dim + dim:
         raise PolicyStateError(
             f"policy state body has {body.size} values, expected {dim * dim + dim}"
         )
-    policy = make_policy(stored_settings(header), dim, spec_version=spec)
     gram, b, n = (
         body[: dim * dim].reshape(dim, dim).copy(),
         body[dim * dim :].copy(),
         int(header["n"]),
     )
+    if upgrade is not None:
+        if dim != upgrade.source.dim:
+            raise PolicyStateError(f"policy state of features {spec} has dim {dim}")
+        # Learned on an earlier layout: carried over, the features added since at 0.
+        gram, b = upgrade.gram(gram), upgrade.vector(b)
+        dim, spec = upgrade.target.dim, upgrade.target.version
+    policy = make_policy(stored_settings(header), dim, spec_version=spec)
     if isinstance(policy.stats_, DecayedRidgeStats):
         latest = header.get("latest")
         policy.stats_.load(gram, b, n, -math.inf if latest is None else float(latest))

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tipgraph.features import FEATURE_SPEC
+from tipgraph.features import FEATURE_SPEC, upgrade_for_dim
 from tipgraph.policies import Policy, make_policy
 from tipgraph.settings import FaultSettings, PolicySettings
 from tipgraph.store import DecisionStore
@@ -66,7 +66,9 @@ class PolicyService:
         self._ahead: set[int] = set()  # reward ids > watermark applied by direct feedback
         self.learned_directly = 0
         self.learned_by_sync = 0
-        # Rewards logged on another feature layout (an older release): never learned.
+        # Rewards logged on an earlier release's feature layout: carried over when it is
+        # one of features.EARLIER_LAYOUTS, otherwise never learned.
+        self.upgraded_from_earlier_layout = 0
         self.skipped_other_layout = 0
         # Scoring runs on the event loop, syncing in a background thread: one lock.
         self._lock = threading.Lock()
@@ -147,10 +149,19 @@ class PolicyService:
         if reward_id <= self.watermark or reward_id in self._ahead:
             return False
         if x.shape != (self.policy.dim,):
-            # Logged on another feature layout (before an upgrade that changed it): it
-            # cannot teach this model, and must not stop the rewards after it.
-            self.skipped_other_layout += 1
-            return False
+            upgrade = (
+                upgrade_for_dim(x.shape[0])
+                if x.ndim == 1 and self.policy.spec_version == FEATURE_SPEC.version
+                else None
+            )
+            if upgrade is None:
+                # Logged on a layout this model cannot take: it must not stop the
+                # rewards after it.
+                self.skipped_other_layout += 1
+                return False
+            # Logged before an upgrade that added features: learned with them at 0.
+            x = upgrade.vector(x)
+            self.upgraded_from_earlier_layout += 1
         self.policy.update(x, reward, at)
         self._ahead.add(reward_id)
         return True

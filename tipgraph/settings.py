@@ -356,6 +356,13 @@ class FeatureSettings(_Strict):
     history_limit: int = Field(
         200, ge=0, description="How many of the user's past reactions the context stage reads"
     )
+    recency_lookback_h: float = Field(
+        168,
+        ge=0,
+        description="How far back the context stage reads the tips a user was shown, for "
+        "the kind_recency feature (older exposures count as never shown); 0 = no read "
+        "unless eligibility rules need one",
+    )
 
 
 class _PolicyBase(_Strict):

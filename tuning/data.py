@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tipgraph.features import upgrade_from
 from tipgraph.store import EVERYTHING, DecisionStore, LogFilter
 from tipgraph.store.records import LoggedEvent
 from tuning.logged import LoggedBandit
@@ -53,9 +54,27 @@ def load_log(store: DecisionStore, log_filter: LogFilter = EVERYTHING) -> Logged
 
 
 def on_layout(events: Sequence[LoggedEvent], feature_version: str) -> list[LoggedEvent]:
-    """The events made on ``feature_version``'s layout; the rest are skipped with a warning
-    (a reward model or a policy needs one layout)."""
-    kept = [e for e in events if e.feature_version == feature_version]
+    """The events made on ``feature_version``'s layout, with those of an earlier layout
+    that carries over into it (features.EARLIER_LAYOUTS) moved onto it, as serving learns
+    them; the rest are skipped with a warning (a reward model or a policy needs one layout)."""
+    kept: list[LoggedEvent] = []
+    upgraded = 0
+    for event in events:
+        if event.feature_version == feature_version:
+            kept.append(event)
+            continue
+        upgrade = upgrade_from(event.feature_version)
+        if upgrade is not None and upgrade.target.version == feature_version:
+            features = [upgrade.vector(row).tolist() for row in event.features]
+            kept.append(replace(event, features=features, feature_version=feature_version))
+            upgraded += 1
+    if upgraded:
+        logger.info(
+            "%d logged decisions made on an earlier feature layout are carried over to %s, "
+            "the features added since at 0",
+            upgraded,
+            feature_version,
+        )
     if len(kept) < len(events):
         logger.warning(
             "skipped %d of %d logged decisions made on other feature layouts than %s",
