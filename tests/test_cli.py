@@ -49,6 +49,21 @@ def test_config_show_as_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out)["serve"]["port"] == 8000
 
 
+def test_overlays_merge_on_the_config_in_order_as_on_the_cluster(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    k3s = Path(CONFIG).parent / "k3s"
+    overlays = ["--overlay", str(k3s / "base.yaml"), "--overlay", str(k3s / "prod.yaml")]
+    assert main(["--config", CONFIG, *overlays, "config", "show", "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["store"]["url"] == "postgresql://tipgraph_app@postgres:5432/tipgraph"  # base
+    assert shown["generation"]["source"] == "mixed"  # base over tipgraph.yaml's tasks
+    prod = yaml.safe_load((k3s / "prod.yaml").read_text())
+    ingress = prod["deployments"]["ingress"]["autoscaling"]
+    assert shown["deployments"]["ingress"]["autoscaling"]["max_replicas"] == 8
+    assert ingress["max_replicas"] == 8  # prod's own value, not tipgraph.yaml's
+
+
 def test_config_without_an_action_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["config"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -102,19 +103,25 @@ def test_a_crossed_guardrail_fails_status_and_rolls_the_champion_back(
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact folders
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     registry = PolicyRegistry(tracking)
-    first = registry.register(trained("linucb", 0), evidence(0.70))
+    registry.register(trained("linucb", 0), evidence(0.70))
     registry.promote(force=True, by="tester")
-    second = registry.register(trained("linucb", 1), evidence(0.72))
+    first = registry.register(trained("linucb", 1), evidence(0.71))
+    registry.client.set_registered_model_alias(registry.model_name, "challenger", first)
+    registry.promote(force=True, by="tester")
+    second = registry.register(trained("linucb", 2), evidence(0.72))
     registry.client.set_registered_model_alias(registry.model_name, "challenger", second)
     registry.promote(force=True, by="tester")
+    promoted = datetime.now(UTC)
     assert registry.version_of(CHAMPION) == second
+    since = registry.champion_since()
+    assert since is not None and promoted - timedelta(seconds=1) <= since <= promoted
 
     config = tmp_path / "tipgraph.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "store": {"url": f"sqlite:///{tmp_path / 'log.db'}"},
-                "registry": {"tracking_uri": tracking},
+                "registry": {"tracking_uri": tracking, "check_interval_s": 1},
                 "experiment": {
                     "guardrails": [
                         {
@@ -142,8 +149,11 @@ def test_a_crossed_guardrail_fails_status_and_rolls_the_champion_back(
             ]
         },
     )
+    # The second champion's decisions: after it took over and its replicas swapped it in.
+    after = (promoted + timedelta(seconds=1.5) - NOW) / timedelta(hours=1)
     with open_store(settings.store) as store:
-        log(store, "linucb", ["dismiss"] * 60 + ["done"] * 20)
+        log(store, "linucb", ["dismiss"] * 60 + ["done"] * 20, hours_ago=-after)
+    time.sleep(max(0.0, (promoted + timedelta(seconds=3) - datetime.now(UTC)).total_seconds()))
 
     # tipgraph status fails while it is crossed (its ingress probe fails too: none runs).
     section = decision_log_status(settings, f"http://127.0.0.1:{free_port()}", timeout_s=1)
@@ -161,6 +171,14 @@ def test_a_crossed_guardrail_fails_status_and_rolls_the_champion_back(
     assert registry.version_of(CHAMPION) == first
     (event,) = [e for e in registry.describe(first).history if e.action == "rolled back to"]
     assert "guardrail dismissals: dismiss rate 0.750" in event.reason
+
+    # The next scheduled check judges the restored champion on its own decisions (none
+    # yet), so the bad model is rolled back once, not down the chain to the first version.
+    assert main(["--config", str(config), "guardrails", "check", "--rollback"]) == EXIT_OK
+    assert "guardrail dismissals: ok: not judged: 0 answered decisions since" in (
+        capsys.readouterr().out
+    )
+    assert registry.version_of(CHAMPION) == first
 
     healthy = tmp_path / "none.yaml"
     healthy.write_text(yaml.safe_dump({"store": {"url": f"sqlite:///{tmp_path / 'log.db'}"}}))

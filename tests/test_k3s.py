@@ -135,11 +135,13 @@ def one(name: str, kind: str, object_name: str | None = None) -> dict[str, Any]:
 
 
 def pod_templates(document: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every pod template of a document: workloads, Ray head and worker groups, and a
-    RayJob's submitter."""
+    """Every pod template of a document: workloads, a CronJob's job, Ray head and worker
+    groups, and a RayJob's submitter."""
     spec = document.get("spec", {})
     if document["kind"] in ("Deployment", "StatefulSet"):
         return [spec["template"]]
+    if document["kind"] == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]]
     templates = []
     cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
     if cluster:
@@ -271,8 +273,8 @@ def test_core_objects_are_valid_kubernetes_in_strict_mode() -> None:
             assert core_errors(doc) == [], (name, doc["kind"], doc["metadata"]["name"])
             checked += 1
     # Per overlay: Namespace, ConfigMap, 3 Services, StatefulSet, 3 PVCs, 2 Deployments,
-    # Ingress, 6 NetworkPolicies.
-    assert checked == 2 * 18
+    # Ingress, 6 NetworkPolicies, the guardrails CronJob.
+    assert checked == 2 * 19
 
 
 def test_a_wrong_core_manifest_is_rejected() -> None:
@@ -462,6 +464,29 @@ def test_the_tuning_job_runs_a_config_that_loads() -> None:
     assert images == service_images  # the same image
 
 
+@pytest.mark.parametrize("env", sorted(OVERLAYS))
+def test_the_guardrails_check_judges_the_serving_config_and_may_roll_back(env: str) -> None:
+    """The CronJob merges the same files as the RayService's serveConfigV2, in order, and
+    its arguments are a `tipgraph guardrails check --rollback` the CLI accepts."""
+    from tipgraph.settings import load_settings
+    from tipgraph_ops.cli import build_parser
+
+    cron = one(f"overlays/{env}", "CronJob", "tipgraph-guardrails")
+    (container,) = pod_specs(cron)[0]["containers"]
+    args = build_parser().parse_args(container["args"])
+    assert container["command"] == ["tipgraph"]
+    assert (args.command, args.rollback) == ("guardrails", True)
+    app = yaml.safe_load(one(f"overlays/{env}", "RayService")["spec"]["serveConfigV2"])
+    (served,) = app["applications"]
+    assert [args.config, *args.overlay] == [served["args"]["config"], *served["args"]["overlays"]]
+    settings = load_settings(REPO / args.config, [REPO / o for o in args.overlay])
+    assert settings.registry.tracking_uri == "http://mlflow:5000/mlflow"
+    env_vars = {e["name"]: e.get("value") for e in container["env"]}
+    assert env_vars["TIPGRAPH_STORE__URL"].startswith("postgresql://tipgraph_tuning@")
+    assert env_vars["TIPGRAPH_STORE__MIGRATE"] == "false"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+
+
 # -- the image -------------------------------------------------------------------------------------
 def test_everything_the_dockerfile_copies_exists() -> None:
     lines = (REPO / "Dockerfile").read_text(encoding="utf-8").splitlines()
@@ -600,6 +625,9 @@ def _selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in wanted.items())
 
 
+SERVES_NOTHING = {"tipgraph-guardrails"}  # opens connections, accepts none
+
+
 def test_every_pod_is_selected_by_a_network_policy_over_a_default_deny() -> None:
     tune_templates = [t for doc in build("tune") for t in pod_templates(doc)]
     assert tune_templates
@@ -613,7 +641,11 @@ def test_every_pod_is_selected_by_a_network_policy_over_a_default_deny() -> None
         assert len(templates) >= 6
         for template in templates:
             labels = template.get("metadata", {}).get("labels", {})
-            assert labels and any(_selects(p, labels) for p in allowing), labels
+            selected = any(_selects(p, labels) for p in allowing)
+            if labels.get("app.kubernetes.io/name") in SERVES_NOTHING:
+                assert not selected, labels  # the default deny alone: no way in
+            else:
+                assert labels and selected, labels
 
 
 def _sources(policy: dict[str, Any]) -> list[dict[str, Any]]:
@@ -631,7 +663,7 @@ def test_only_serve_reaches_ollama_and_the_store() -> None:
         ]
         store = _sources(policies["postgres"])
         names = {peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for peer in store}
-        assert names == {"tipgraph-ray", "mlflow", "tipgraph-tune"}
+        assert names == {"tipgraph-ray", "mlflow", "tipgraph-tune", "tipgraph-guardrails"}
         # Nothing from outside the namespace reaches the store.
         assert all("namespaceSelector" not in peer for peer in store)
 
@@ -667,8 +699,9 @@ def test_mlflow_users_are_not_under_the_served_artifact_root() -> None:
 
 
 def test_pods_reach_mlflow_with_their_own_account_never_admin() -> None:
-    """Serving only reads the registry (READ); the tuning job writes with its own user."""
-    expected = {"RayService": "serving", "RayJob": "tuning"}
+    """Serving only reads the registry (READ); the tuning job and the guardrails check
+    (which moves the champion alias) write with the tuning user."""
+    expected = {"RayService": "serving", "RayJob": "tuning", "CronJob": "tuning"}
     seen = set()
     for name, doc in all_documents():
         for spec in pod_specs(doc):
@@ -703,6 +736,7 @@ def test_each_workload_reaches_postgres_as_its_own_role() -> None:
     assert password_keys == {
         "RayService": {"app-password"},
         "RayJob": {"tuning-password"},
+        "CronJob": {"tuning-password"},  # the guardrails check, read-only like tuning
         "Deployment": {"mlflow-password"},  # MLflow
         "StatefulSet": {
             "superuser-password",

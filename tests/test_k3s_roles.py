@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -104,6 +105,8 @@ def test_each_role_can_do_its_job_and_nothing_more(roles: dict[str, str]) -> Non
     tuning = PostgresStore(roles["tuning"], schema="tipgraph", migrate=False)
     tuning.open()
     assert tuning.logged_events() == []
+    # The guardrails CronJob's reads, as the same role.
+    assert tuning.outcomes_since(datetime(2026, 1, 1, tzinfo=UTC)) == {}
     tuning.close()
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         PostgresStore(roles["tuning"], schema="tipgraph").open()

@@ -44,20 +44,31 @@ class GuardrailResult:
 
 
 def evaluate_guardrails(
-    store: DecisionStore, settings: ExperimentSettings, now: datetime
+    store: DecisionStore,
+    settings: ExperimentSettings,
+    now: datetime,
+    *,
+    rollback_since: datetime | None = None,
 ) -> list[GuardrailResult]:
-    """Every configured guardrail, judged on its window ending ``now``."""
+    """Every configured guardrail, judged on its window ending ``now``; one that rolls
+    back is cut at ``rollback_since`` when given (the current champion's first decisions),
+    so it judges the model it would roll back on that model's own decisions only."""
     results = []
     for guardrail in settings.guardrails:
-        outcomes = store.outcomes_since(now - timedelta(hours=guardrail.window_h))
-        results.append(_judge(guardrail, outcomes))
+        since = now - timedelta(hours=guardrail.window_h)
+        window = f"in the last {guardrail.window_h:g} h"
+        if guardrail.rollback and rollback_since is not None and rollback_since > since:
+            since = rollback_since
+            window = f"since {rollback_since.isoformat(timespec='seconds')}"
+        results.append(_judge(guardrail, store.outcomes_since(since), window))
     return results
 
 
-def _judge(guardrail: GuardrailSettings, outcomes: dict[str, PolicyOutcomes]) -> GuardrailResult:
+def _judge(
+    guardrail: GuardrailSettings, outcomes: dict[str, PolicyOutcomes], window: str
+) -> GuardrailResult:
     bandit = [o for name, o in outcomes.items() if not name.startswith(HOLDOUT_PREFIX)]
     held = [o for name, o in outcomes.items() if name.startswith(HOLDOUT_PREFIX)]
-    window = f"in the last {guardrail.window_h:g} h"
     if guardrail.metric == "dismiss_rate":
         answered = sum(o.answered for o in bandit)
         if answered < guardrail.min_decisions:

@@ -421,6 +421,19 @@ class PolicyRegistry:
         self._move_champion(challenger, previous=champion, reason=reason, by=by, forced=False)
         return reason
 
+    def champion_since(self) -> datetime | None:
+        """When the current champion took the alias (promoted, forced or rolled back to);
+        None without a champion or a dated record of it."""
+        champion = self.version_of(CHAMPION)
+        if champion is None:
+            return None
+        taken = [
+            e.at
+            for e in _history(self.tags_of(champion))
+            if e.action in ("promoted", "forced", "rolled back to") and e.at
+        ]
+        return datetime.fromisoformat(taken[-1]) if taken else None
+
     def rollback(self, *, by: str = "tipgraph rollback") -> str:
         """Point ``champion`` back at the version it replaced."""
         champion = self.version_of(CHAMPION)

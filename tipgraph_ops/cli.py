@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Heavy: the graph is Ray Serve's deployments (2 s to import); only `serve` needs it.
     from graphs.tipgraph import build_graph
 
-    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    settings = resolve_paths(load_settings(args.config, args.overlay), Path.cwd())
     serve_settings = settings.serve.model_copy(
         update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     )
@@ -144,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, args.overlay)
     where = "in process (no Ray, no HTTP)" if args.in_process else f"against {args.url}"
     print(
         f"simulating {args.users} users, {args.decisions} decisions {where} (seed {args.seed})",
@@ -242,7 +242,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
-    settings = load_settings(args.config).registry
+    settings = load_settings(args.config, args.overlay).registry
     return PolicyRegistry(settings.tracking_uri, model_name=settings.model_name)
 
 
@@ -265,7 +265,7 @@ def _move_champion(args: argparse.Namespace, action: str) -> int:
 def _registry_command(args: argparse.Namespace) -> int:
     """``registry list`` / ``registry show VERSION``: versions, evidence, lineage, history."""
 
-    settings = load_settings(args.config).registry
+    settings = load_settings(args.config, args.overlay).registry
     if not registry_exists(settings.tracking_uri):
         print(
             f"tipgraph: error: no model registry at {settings.tracking_uri} (nothing tuned "
@@ -299,7 +299,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _render_serve_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, args.overlay)
     text = render_serve_config_text(settings, args.config_ref)
     return _write_or_check(Path(args.out), text, args.check, args.config_ref, "render-serve-config")
 
@@ -382,21 +382,31 @@ def _token_new(args: argparse.Namespace) -> int:
 
 
 def _guardrails_check(args: argparse.Namespace) -> int:
-    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    settings = resolve_paths(load_settings(args.config, args.overlay), Path.cwd())
     if not settings.experiment.guardrails:
         print("no guardrails configured (experiment.guardrails)")
         return EXIT_OK
+    rollback_since = None
+    registry = None
+    if args.rollback and any(g.rollback for g in settings.experiment.guardrails):
+        registry = PolicyRegistry(
+            settings.registry.tracking_uri, model_name=settings.registry.model_name
+        )
+        since = registry.champion_since()
+        # Judged on the champion's own decisions (its replicas swap it in within a check
+        # interval): a scheduled check rolls one bad model back once, not down the chain.
+        if since is not None:
+            rollback_since = since + timedelta(seconds=settings.registry.check_interval_s)
     with open_store(settings.store) as store:
-        results = evaluate_guardrails(store, settings.experiment, datetime.now(UTC))
+        results = evaluate_guardrails(
+            store, settings.experiment, datetime.now(UTC), rollback_since=rollback_since
+        )
     for result in results:
         mark = "CROSSED" if result.crossed else "ok"
         print(f"guardrail {result.name}: {mark}: {result.evidence}")
     crossed = [r for r in results if r.crossed]
     to_roll_back = [r for r in crossed if r.rollback]
-    if args.rollback and to_roll_back:
-        registry = PolicyRegistry(
-            settings.registry.tracking_uri, model_name=settings.registry.model_name
-        )
+    if registry is not None and to_roll_back:
         evidence = "; ".join(f"guardrail {r.name}: {r.evidence}" for r in to_roll_back)
         try:
             reason = registry.rollback(by=f"tipgraph guardrails check ({evidence})")
@@ -408,7 +418,7 @@ def _guardrails_check(args: argparse.Namespace) -> int:
 
 
 def _retention_run(args: argparse.Namespace) -> int:
-    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    settings = resolve_paths(load_settings(args.config, args.overlay), Path.cwd())
     days = args.days if args.days is not None else settings.retention.days
     if days is None:
         print(
@@ -430,7 +440,7 @@ def _retention_run(args: argparse.Namespace) -> int:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = load_settings(args.config, args.overlay)
     shown = mask_secrets(settings.model_dump(mode="json"))
     if args.format == "json":
         print(json.dumps(shown, indent=2))
@@ -440,7 +450,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config).store
+    settings = load_settings(args.config, args.overlay).store
     store = make_store(settings)
     try:
         store.open()  # applies every pending migration, in order, idempotently
@@ -452,7 +462,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    settings = resolve_paths(load_settings(args.config, args.overlay), Path.cwd())
     serve = settings.serve
     host = "127.0.0.1" if serve.host in ("0.0.0.0", "::") else serve.host
     url = args.url or f"http://{host}:{serve.port}{serve.route_prefix.rstrip('/')}"
@@ -489,7 +499,7 @@ def _export(args: argparse.Namespace) -> int:
         prompt_version=args.prompt_version,
         policy_name=args.policy,
     )
-    settings = resolve_paths(load_settings(args.config), Path.cwd())
+    settings = resolve_paths(load_settings(args.config, args.overlay), Path.cwd())
     with (
         open_store(settings.store) as store,
         progress_bar(None, "decisions", enabled=not args.no_progress) as bar,
@@ -528,6 +538,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default=None,
         help="YAML config (default: $TIPGRAPH_CONFIG or configs/tipgraph.yaml)",
+    )
+    parser.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="merged on top of the config, in order, as the k3s pods merge "
+        "configs/k3s/base.yaml and configs/k3s/<env>.yaml (repeatable)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show Ray worker logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
