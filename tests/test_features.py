@@ -190,10 +190,13 @@ def test_kind_recency_halves_every_half_life_from_the_latest_exposure() -> None:
         ("c", "plan_day", now - 48 * H),
         ("d", "batch", now + 5.0),  # stamped after "now" by a skewed clock: just shown
     ]
-    recency = dict(kind_recency(shown, now))
+    recency = dict(kind_recency(shown, now, lookback_h=168))
     assert RECENCY_HALF_LIFE_H == 24.0
     assert recency == {"focus": 0.5, "plan_day": 0.25, "batch": 1.0}
-    assert kind_recency([], now) == ()
+    assert kind_recency([], now, lookback_h=168) == ()
+    # Its own lookback, whatever the eligibility rules read: plan_day is 48 h old.
+    assert dict(kind_recency(shown, now, lookback_h=36)) == {"focus": 0.5, "batch": 1.0}
+    assert kind_recency(shown, now, lookback_h=0) == (("batch", 1.0),)
 
 
 def test_recency_fills_its_column_for_the_candidates_kind_and_0_for_kinds_not_shown() -> None:
@@ -278,3 +281,43 @@ def test_a_saved_state_of_the_earlier_layout_loads_as_if_learned_on_upgraded_vec
     with pytest.raises(PolicyStateError, match="v9-unknown"):
         stray = make_policy(settings, earlier.dim, spec_version="v9-unknown")
         policy_from_bytes(stray.to_bytes(), expected_spec_version=FEATURE_SPEC.version)
+
+
+@pytest.mark.postgres
+def test_an_unreachable_store_is_read_once_per_request_not_once_per_read(
+    postgres_url: str, pg_schema: str
+) -> None:
+    """History, dismissed tips and exposures each wait out the store's timeout in an
+    outage: after the history read fails, the context stage reads nothing more."""
+    import psycopg
+
+    from tests.tcp_proxy import TcpProxy
+
+    info = psycopg.conninfo.conninfo_to_dict(postgres_url)
+    proxy = TcpProxy((str(info.get("host", "127.0.0.1")), int(info.get("port", 5432))))
+    url = f"postgresql://{info.get('user', 'postgres')}@127.0.0.1:{proxy.port}/{info['dbname']}"
+    settings = TipgraphSettings(
+        store={"url": url, "pg_schema": pg_schema, "pool_min_size": 0, "timeout_s": 1},
+        eligibility={"tip_cooldown_h": 6},
+    )
+    calls: list[str] = []
+    try:
+        with open_store(settings.store) as store:
+            for name in ("user_history", "recent_exposures", "cached_projections"):
+                real = getattr(store, name)
+
+                def spy(*args: object, _name: str = name, _real: object = real) -> object:
+                    calls.append(_name)
+                    return _real(*args)  # type: ignore[operator]
+
+                setattr(store, name, spy)
+            request = TipRequest.model_validate(tip_body())
+            read_user_context(store, request, "k", settings, "embedder")
+            assert calls == ["user_history", "recent_exposures"]  # reachable: both read
+            calls.clear()
+            proxy.cut()
+            context = read_user_context(store, request, "k", settings, "embedder")
+    finally:
+        proxy.close()
+    assert calls == ["user_history"]
+    assert context.history_size == 0 and context.recency == () and context.exposures == ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import replace
@@ -15,7 +16,7 @@ from tests.conftest import free_port
 from tests.test_registry import evidence, trained
 from tests.test_store import make_decision, make_feedback
 from tipgraph.guardrails import evaluate_guardrails
-from tipgraph.registry import CHAMPION, PolicyRegistry
+from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError
 from tipgraph.settings import ExperimentSettings, TipgraphSettings
 from tipgraph.store import DecisionStore, open_store
 from tipgraph.store.records import DecisionRecord
@@ -113,8 +114,9 @@ def test_a_crossed_guardrail_fails_status_and_rolls_the_champion_back(
     registry.promote(force=True, by="tester")
     promoted = datetime.now(UTC)
     assert registry.version_of(CHAMPION) == second
-    since = registry.champion_since()
-    assert since is not None and promoted - timedelta(seconds=1) <= since <= promoted
+    champion = registry.champion_since()
+    assert champion is not None and champion[0] == second and champion[1] is not None
+    assert promoted - timedelta(seconds=1) <= champion[1] <= promoted
 
     config = tmp_path / "tipgraph.yaml"
     config.write_text(
@@ -179,6 +181,24 @@ def test_a_crossed_guardrail_fails_status_and_rolls_the_champion_back(
         capsys.readouterr().out
     )
     assert registry.version_of(CHAMPION) == first
+    # A rollback of a version that is no longer the champion (promoted over meanwhile)
+    # is refused rather than applied to its successor.
+    with pytest.raises(RegistryError, match=f"not the judged version {second}"):
+        registry.rollback(by="tester", expected=second)
+    assert registry.version_of(CHAMPION) == first
+    # Hand-written history: a naive time is UTC, an unreadable one is skipped.
+    registry.client.set_model_version_tag(
+        registry.model_name,
+        first,
+        "promotion_history",
+        json.dumps(
+            [
+                {"at": "2026-12-01T10:00:00", "action": "promoted", "by": "x", "reason": "r"},
+                {"at": "soon", "action": "rolled back to", "by": "x", "reason": "r"},
+            ]
+        ),
+    )
+    assert registry.champion_since() == (first, datetime(2026, 12, 1, 10, tzinfo=UTC))
 
     healthy = tmp_path / "none.yaml"
     healthy.write_text(yaml.safe_dump({"store": {"url": f"sqlite:///{tmp_path / 'log.db'}"}}))

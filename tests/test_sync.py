@@ -32,7 +32,13 @@ def replica(kind: str = "linucb", **extra: object) -> PolicyService:
     return PolicyService(make_policy(settings, DIM, spec_version=FEATURE_SPEC.version))
 
 
-def log_decision(store: DecisionStore, event_id: str, x: np.ndarray, at: datetime) -> None:
+def log_decision(
+    store: DecisionStore,
+    event_id: str,
+    x: np.ndarray,
+    at: datetime,
+    version: str = FEATURE_SPEC.version,
+) -> None:
     candidate = CandidateRecord(
         event_id + "-c", 0, "focus", "tasks", "tip", None, None, None, x.tolist()
     )
@@ -47,7 +53,7 @@ def log_decision(store: DecisionStore, event_id: str, x: np.ndarray, at: datetim
                 at,
                 "served",
                 "v",
-                FEATURE_SPEC.version,
+                version,
                 None,
                 "tasks",
                 candidate.candidate_id,
@@ -234,3 +240,23 @@ async def test_a_policy_changed_in_the_deployed_config_serves_in_place_from_the_
         assert after["policy_version"].rsplit(".", 1)[0] == fresh.rsplit(".", 1)[0]
     finally:
         await scorer.__del__()
+
+
+def test_export_carries_the_earlier_layout_over_as_tuning_does(
+    store: DecisionStore, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from tuning.export import export_log
+
+    (earlier,) = EARLIER_LAYOUTS
+    log_decision(store, "old", np.ones(earlier.dim), T0, earlier.version)
+    log_decision(store, "new", np.ones(DIM), T0 + timedelta(seconds=1))
+    for event_id in ("old", "new"):
+        assert give_feedback(store, event_id, 1.0, T0 + timedelta(seconds=2)).learned
+    out = tmp_path / "log.csv"
+    assert export_log(store, out) == (2, 2)
+    frame = pd.read_csv(out)
+    assert set(frame["meta_feature_version"]) == {FEATURE_SPEC.version}
+    assert frame[f"x_{RECENCY_FEATURE}"].tolist() == [0.0, 1.0]
+    assert frame["x_judge_score"].tolist() == [1.0, 1.0]

@@ -220,14 +220,16 @@ class UserContext:
     """(kind, :data:`RECENCY_FEATURE`) for each kind the user was shown lately."""
 
 
-def read_history(store: DecisionStore, user_key: str, limit: int) -> list[ReactionHistoryItem]:
-    """The user's logged reactions; none while the store is unreachable, so a database
-    outage costs personalisation, not the tip."""
+def read_history(
+    store: DecisionStore, user_key: str, limit: int
+) -> list[ReactionHistoryItem] | None:
+    """The user's logged reactions; None while the store is unreachable, so a database
+    outage costs personalisation, not the tip (and the caller skips its other reads)."""
     try:
         return store.user_history(user_key, limit)
     except StoreError as err:
         logger.warning("no history for this request, the store is unavailable: %s", err)
-        return []
+        return None
 
 
 DISMISSED_LIMIT = 10
@@ -268,23 +270,29 @@ def read_exposures(
     try:
         shown = store.recent_exposures(user_key, since, settings.max_exposures)
     except StoreError as err:
-        logger.warning("no exposures for this request, eligibility rules skipped: %s", err)
+        logger.warning(
+            "no exposures for this request (eligibility rules skipped, no recency): %s", err
+        )
         return ()
     return tuple((e.candidate_id, e.kind, e.shown_at.timestamp()) for e in shown)
 
 
 def kind_recency(
-    exposures: Iterable[tuple[str, str, float]], now: float
+    exposures: Iterable[tuple[str, str, float]], now: float, lookback_h: float
 ) -> tuple[tuple[str, float], ...]:
-    """:data:`RECENCY_FEATURE` per kind shown: 2^(−hours since last shown / half-life).
+    """:data:`RECENCY_FEATURE` per kind shown within ``lookback_h`` hours of ``now``:
+    2^(−hours since last shown / half-life); kinds not shown within it are absent (0).
 
     1 just after a tip of the kind was shown, ½ a half-life later, towards 0 as the user
     recovers from it: the "recovering arm" of Yancey & Settles (2020, KDD), for the
-    policy to learn how soon a kind works again.
+    policy to learn how soon a kind works again.  The lookback is the feature's own, not
+    the eligibility rules' (which may read further back), so its meaning never depends on
+    them.
     """
     latest: dict[str, float] = {}
     for _, kind, shown_at in exposures:
-        latest[kind] = max(latest.get(kind, shown_at), shown_at)
+        if now - shown_at <= lookback_h * 3600.0:
+            latest[kind] = max(latest.get(kind, shown_at), shown_at)
     return tuple(
         (kind, 2.0 ** (-max(0.0, now - shown_at) / 3600.0 / RECENCY_HALF_LIFE_H))
         for kind, shown_at in sorted(latest.items())
@@ -301,15 +309,17 @@ def read_user_context(
     """The context stage's work: the user's history, dismissed tips and exposures from the
     store (each degrading to none in an outage), then :func:`build_context`."""
     history = read_history(store, user_key, settings.features.history_limit)
+    if history is None:
+        # Unreachable: each further read would wait out the store's timeout again.
+        return build_context(request, [], settings.rewards)
     dismissed = read_dismissed(store, user_key, history, embedding_model)
-    exposures = read_exposures(
-        store, user_key, settings.eligibility, settings.features.recency_lookback_h
-    )
+    lookback_h = settings.features.recency_lookback_h
+    exposures = read_exposures(store, user_key, settings.eligibility, lookback_h)
     context = build_context(request, history, settings.rewards, dismissed=dismissed)
     if not exposures:
         return context
     # The wall clock, as the rules use: exposures are stamped by it, whatever the request's now.
-    recency = kind_recency(exposures, time.time())
+    recency = kind_recency(exposures, time.time(), lookback_h)
     rules_read = exposures if settings.eligibility.enabled else ()
     return replace(context, exposures=rules_read, recency=recency)
 

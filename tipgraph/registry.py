@@ -421,24 +421,34 @@ class PolicyRegistry:
         self._move_champion(challenger, previous=champion, reason=reason, by=by, forced=False)
         return reason
 
-    def champion_since(self) -> datetime | None:
-        """When the current champion took the alias (promoted, forced or rolled back to);
-        None without a champion or a dated record of it."""
+    def champion_since(self) -> tuple[str, datetime | None] | None:
+        """The current champion and when it took the alias (its latest promoted, forced or
+        rolled back to event; None without a dated, readable record); None without a
+        champion."""
         champion = self.version_of(CHAMPION)
         if champion is None:
             return None
-        taken = [
-            e.at
-            for e in _history(self.tags_of(champion))
-            if e.action in ("promoted", "forced", "rolled back to") and e.at
-        ]
-        return datetime.fromisoformat(taken[-1]) if taken else None
+        taken: datetime | None = None
+        for event in _history(self.tags_of(champion)):
+            if event.action not in ("promoted", "forced", "rolled back to"):
+                continue
+            try:
+                at = datetime.fromisoformat(event.at)
+            except ValueError:  # an undated legacy record, or a hand-written tag
+                continue
+            taken = at if at.tzinfo else at.replace(tzinfo=UTC)
+        return champion, taken
 
-    def rollback(self, *, by: str = "tipgraph rollback") -> str:
-        """Point ``champion`` back at the version it replaced."""
+    def rollback(self, *, by: str = "tipgraph rollback", expected: str | None = None) -> str:
+        """Point ``champion`` back at the version it replaced; with ``expected``, only if
+        that is still the champion (it was judged, and may have been replaced since)."""
         champion = self.version_of(CHAMPION)
         if champion is None:
             raise RegistryError("no champion to roll back")
+        if expected is not None and champion != expected:
+            raise RegistryError(
+                f"the champion is version {champion} now, not the judged version {expected}"
+            )
         previous = self.tags_of(champion).get("previous_champion")
         if not previous:
             raise RegistryError(f"champion version {champion} has no previous champion")

@@ -388,15 +388,19 @@ def _guardrails_check(args: argparse.Namespace) -> int:
         return EXIT_OK
     rollback_since = None
     registry = None
+    judged = None
     if args.rollback and any(g.rollback for g in settings.experiment.guardrails):
         registry = PolicyRegistry(
             settings.registry.tracking_uri, model_name=settings.registry.model_name
         )
-        since = registry.champion_since()
-        # Judged on the champion's own decisions (its replicas swap it in within a check
-        # interval): a scheduled check rolls one bad model back once, not down the chain.
-        if since is not None:
-            rollback_since = since + timedelta(seconds=settings.registry.check_interval_s)
+        champion = registry.champion_since()
+        if champion is not None:
+            judged, since = champion
+            # Judged on the champion's own decisions (its replicas swap it in within a
+            # check interval): a scheduled check rolls one bad model back once, not down
+            # the chain.
+            if since is not None:
+                rollback_since = since + timedelta(seconds=settings.registry.check_interval_s)
     with open_store(settings.store) as store:
         results = evaluate_guardrails(
             store, settings.experiment, datetime.now(UTC), rollback_since=rollback_since
@@ -407,9 +411,18 @@ def _guardrails_check(args: argparse.Namespace) -> int:
     crossed = [r for r in results if r.crossed]
     to_roll_back = [r for r in crossed if r.rollback]
     if registry is not None and to_roll_back:
+        if judged is None:
+            print(
+                "tipgraph: error: rollback refused: no champion could be read from the "
+                "registry, so the decisions cannot be tied to a model",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
         evidence = "; ".join(f"guardrail {r.name}: {r.evidence}" for r in to_roll_back)
         try:
-            reason = registry.rollback(by=f"tipgraph guardrails check ({evidence})")
+            reason = registry.rollback(
+                by=f"tipgraph guardrails check ({evidence})", expected=judged
+            )
         except RegistryError as err:
             print(f"tipgraph: error: rollback refused: {err}", file=sys.stderr)
             return EXIT_ERROR

@@ -53,6 +53,18 @@ def load_log(store: DecisionStore, log_filter: LogFilter = EVERYTHING) -> Logged
     return from_events(store.logged_events(log_filter))
 
 
+def carried_over(event: LoggedEvent, feature_version: str) -> LoggedEvent | None:
+    """``event`` on ``feature_version``'s layout: itself, moved from an earlier layout that
+    carries over into it (the features added since at 0), or None."""
+    if event.feature_version == feature_version:
+        return event
+    upgrade = upgrade_from(event.feature_version)
+    if upgrade is None or upgrade.target.version != feature_version:
+        return None
+    features = [upgrade.vector(row).tolist() for row in event.features]
+    return replace(event, features=features, feature_version=feature_version)
+
+
 def on_layout(events: Sequence[LoggedEvent], feature_version: str) -> list[LoggedEvent]:
     """The events made on ``feature_version``'s layout, with those of an earlier layout
     that carries over into it (features.EARLIER_LAYOUTS) moved onto it, as serving learns
@@ -60,14 +72,10 @@ def on_layout(events: Sequence[LoggedEvent], feature_version: str) -> list[Logge
     kept: list[LoggedEvent] = []
     upgraded = 0
     for event in events:
-        if event.feature_version == feature_version:
-            kept.append(event)
-            continue
-        upgrade = upgrade_from(event.feature_version)
-        if upgrade is not None and upgrade.target.version == feature_version:
-            features = [upgrade.vector(row).tolist() for row in event.features]
-            kept.append(replace(event, features=features, feature_version=feature_version))
-            upgraded += 1
+        moved = carried_over(event, feature_version)
+        if moved is not None:
+            kept.append(moved)
+            upgraded += moved is not event
     if upgraded:
         logger.info(
             "%d logged decisions made on an earlier feature layout are carried over to %s, "

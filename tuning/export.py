@@ -18,6 +18,7 @@ import pandas as pd
 from tipgraph.features import FEATURE_SPEC
 from tipgraph.store import EVERYTHING, DecisionStore, LogFilter
 from tipgraph.store.records import LoggedEvent
+from tuning.data import carried_over
 
 FORMATS = (".csv", ".parquet")
 PROGRESS_EVERY = 1000
@@ -91,6 +92,9 @@ def export_log(
     events = store.logged_events(log_filter)
     if feature_version is not None:
         events = [e for e in events if e.feature_version == feature_version]
+    else:
+        # As tuning reads them: an earlier layout's decisions on the current layout.
+        events = [carried_over(e, FEATURE_SPEC.version) or e for e in events]
     frame = events_frame(events, on_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
