@@ -47,23 +47,39 @@ def synthetic_log(n_events: int, n_candidates: int, dim: int, seed: int = 0) -> 
     )
 
 
-def replay_throughput(n_events: int, n_candidates: int, dim: int) -> list[tuple[str, float, float]]:
-    """(kind, progressive DR events/s, Policy.replay alone events/s) per kind."""
+def replay_throughput(
+    n_events: int, n_candidates: int, dim: int, rounds: int = 3
+) -> list[tuple[str, float, float, float]]:
+    """(kind, progressive DR, Policy.replay alone, Policy.replay(reference=True) alone), each in
+    events/s, the median of ``rounds`` rounds that interleave the kinds and the loops."""
     log = synthetic_log(n_events, n_candidates, dim)
-    rows = []
-    for kind in KINDS:
-        settings = parse_policy(
+    args = (log.X, log.offsets, log.chosen_rows, log.reward, log.event_id.tolist())
+    settings = {
+        kind: parse_policy(
             dict(name=kind, kind=kind, **({"ts_draws": 64} if kind == "lints" else {}))
         )
-        start = time.perf_counter()
-        progressive(make_policy(settings, dim), log, estimator="dr")
-        full = n_events / (time.perf_counter() - start)
-        policy = make_policy(settings, dim)
-        start = time.perf_counter()
-        policy.replay(log.X, log.offsets, log.chosen_rows, log.reward, log.event_id.tolist())
-        loop = n_events / (time.perf_counter() - start)
-        rows.append((kind, full, loop))
-    return rows
+        for kind in KINDS
+    }
+    # Compile (or load numba's cache) before any clock starts.
+    warm = np.array([0, n_candidates])
+    make_policy(settings["linucb"], dim).replay(log.X[:n_candidates], warm, [0], [1.0], ["w"])
+    timings: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in KINDS}
+    for _ in range(rounds):
+        for kind in KINDS:
+            start = time.perf_counter()
+            progressive(make_policy(settings[kind], dim), log, estimator="dr")
+            full = n_events / (time.perf_counter() - start)
+            start = time.perf_counter()
+            make_policy(settings[kind], dim).replay(*args)
+            loop = n_events / (time.perf_counter() - start)
+            start = time.perf_counter()
+            make_policy(settings[kind], dim).replay(*args, reference=True)
+            reference = n_events / (time.perf_counter() - start)
+            timings[kind].append((full, loop, reference))
+    return [
+        (kind, *(float(np.median(column)) for column in zip(*timings[kind], strict=True)))
+        for kind in KINDS
+    ]
 
 
 def numpy_call_overhead_us() -> float:
@@ -111,11 +127,14 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"## Tuning ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)\n")
-    print(f"Progressive replay, d = 32, K = 10, {args.replay_events:,} events (events/s):\n")
-    print("| policy | progressive DR (one trial) | policy loop alone |")
-    print("|---|---:|---:|")
-    for kind, full, loop in replay_throughput(args.replay_events, 10, 32):
-        print(f"| {kind} | {full:,.0f} | {loop:,.0f} |")
+    print(
+        f"Progressive replay, d = 32, K = 10, {args.replay_events:,} events (events/s, "
+        "medians of 3 interleaved rounds):\n"
+    )
+    print("| policy | progressive DR (one trial) | `Policy.replay` | `replay(reference=True)` |")
+    print("|---|---:|---:|---:|")
+    for kind, full, loop, reference in replay_throughput(args.replay_events, 10, 32):
+        print(f"| {kind} | {full:,.0f} | {loop:,.0f} | {reference:,.0f} |")
     print(f"\nOne tiny numpy call costs {numpy_call_overhead_us():.2f} µs here.\n")
     if not args.skip_sweep:
         simulate_s, sweep_s, winner = sweep_wall_time(

@@ -601,3 +601,39 @@ def test_progressive_estimate_tracks_what_the_learning_policy_earns_live(
         # Live, LinUCB learns from its own choices; here from the logger's.  Close, not equal.
         assert abs(learner.value - live) < 0.08, (learner, live)
         assert learner.lower > base.upper, (learner, base)
+
+
+@pytest.mark.parametrize("n_events", [1, 16, 17, 4_097])
+def test_online_predictions_are_the_refit_loop_bit_for_bit(
+    n_events: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacked solves give what refitting block by block gives, across chunk edges
+    (7 blocks per chunk here), and each block is predicted from earlier events only."""
+    from tuning import ope
+    from tuning.ope import ONLINE_BLOCK, online_predictions, ridge_theta
+
+    monkeypatch.setattr(ope, "ONLINE_CHUNK_BYTES", 7 * 3 * 8 * 5 * 5)
+
+    rng = np.random.default_rng(n_events)
+    sizes = rng.integers(1, 6, n_events)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    log = LoggedBandit(
+        X=rng.normal(size=(offsets[-1], 5)),
+        offsets=offsets,
+        pscore=np.repeat(1.0 / sizes, sizes),
+        chosen=rng.integers(0, sizes),
+        reward=rng.uniform(size=n_events),
+        event_id=np.array([f"e{i}" for i in range(n_events)]),
+        timestamp=np.arange(n_events, dtype=np.float64),
+    )
+    x, r = log.chosen_features(), log.reward
+    expected = np.empty(log.n_rows)
+    gram, b = np.zeros((5, 5)), np.zeros(5)
+    for start in range(0, n_events, ONLINE_BLOCK):
+        stop = min(start + ONLINE_BLOCK, n_events)
+        rows = slice(int(offsets[start]), int(offsets[stop]))
+        expected[rows] = log.X[rows] @ ridge_theta(gram, b, 2.0)
+        gram += x[start:stop].T @ x[start:stop]
+        b += x[start:stop].T @ r[start:stop]
+    np.testing.assert_array_equal(online_predictions(log, 2.0), expected)
+    assert not online_predictions(log, 2.0)[: offsets[min(ONLINE_BLOCK, n_events)]].any()

@@ -344,7 +344,9 @@ def test_replay_equals_asking_then_learning_event_by_event(kind: str) -> None:
     rewards = rng.random(40)
     ids = [f"e{i}" for i in range(40)]
     replayed, stepped = make(kind), make(kind)
-    pi = replayed.replay(X, offsets, rows, rewards, ids)
+    # The reference loop, bit for bit; the compiled one is pinned to it within 1e-12
+    # (tests/test_compiled_replay.py).
+    pi = replayed.replay(X, offsets, rows, rewards, ids, reference=True)
     for i in range(40):
         lo, hi = offsets[i], offsets[i + 1]
         np.testing.assert_array_equal(pi[lo:hi], stepped.distribution(X[lo:hi], ids[i]))

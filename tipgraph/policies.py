@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
+from tipgraph.compiled_replay import KIND_CODES, ridge_kernel
 from tipgraph.features import FEATURE_SPEC, upgrade_from
 from tipgraph.settings import (
     BaselineSettings,
@@ -196,6 +197,15 @@ class RidgeStats:
         Ax = self.A_inv_ @ x
         # Scale the vector, not the d x d outer product: one matrix pass fewer.
         self.A_inv_ -= np.outer(Ax, Ax / (1.0 + x @ Ax))
+
+    def load_replayed(
+        self, gram: np.ndarray, A_inv: np.ndarray, b: np.ndarray, n: int, since_refresh: int
+    ) -> None:
+        """Take the state a compiled replay of ``n`` more updates left (compiled_replay)."""
+        self._gram, self._unfolded, self.A_inv_, self.b_ = gram, [], A_inv, b
+        self.n_ += n
+        self._since_refresh = since_refresh
+        self._theta = None
 
     def add(self, gram: np.ndarray, b: np.ndarray, n: int) -> None:
         """Add another shard's statistics; the merged model is exact, not approximate."""
@@ -445,6 +455,8 @@ class Policy(abc.ABC, Generic[S]):
         rewards: np.ndarray,
         event_ids: Sequence[str],
         times: np.ndarray | None = None,
+        *,
+        reference: bool = False,
     ) -> np.ndarray:
         """Progressive replay of a log: each event's distribution *before* learning from it.
 
@@ -455,6 +467,11 @@ class Policy(abc.ABC, Generic[S]):
         instead of once per call, and no draw (nothing is served).  ``times`` (Unix
         seconds, shape (n,)) are the rewards' times, which a policy with ``half_life_s``
         needs.
+
+        LinUCB, ε-greedy, softmax and SquareCB without ``half_life_s`` run the loop
+        compiled (tipgraph/compiled_replay.py); the rest, and every policy with
+        ``reference=True``, run it in numpy, one event at a time as serving decides and
+        learns: the reference the compiled loop is tested against.
         """
         features = self._features(check_matrix(X, self.dim))
         bounds = np.asarray(offsets, dtype=np.int64)
@@ -475,6 +492,19 @@ class Policy(abc.ABC, Generic[S]):
             if t.shape != (n,) or not np.isfinite(t).all():
                 raise PolicyInputError(f"times need {n} finite entries")
             at = list(t.tolist())
+        if not reference and self._compiled_replay():
+            return self._replay_compiled(features, bounds, rows, r)
+        return self._replay_loop(features, bounds, rows, r, event_ids, at)
+
+    def _replay_loop(
+        self,
+        features: np.ndarray,
+        bounds: np.ndarray,
+        rows: np.ndarray,
+        r: np.ndarray,
+        event_ids: Sequence[str],
+        at: list[float | None],
+    ) -> np.ndarray:
         pi = np.empty(len(features))
         scores, greedy, update = self._scores, self._greedy_distribution, self.stats_.update
         epsilon, name, seeded = self.epsilon, self.name, self.seeded
@@ -487,6 +517,41 @@ class Policy(abc.ABC, Generic[S]):
             pi[edges[i] : edges[i + 1]] = with_floor(p, epsilon) if epsilon else p
             update(features[row], reward, at[i])
         return pi
+
+    def _compiled_replay(self) -> bool:
+        """Whether the compiled loop computes exactly this policy: one of its kinds, on
+        statistics that keep everything, and not a subclass that decides otherwise."""
+        return (
+            self.kind in KIND_CODES
+            and type(self) is POLICY_CLASSES[self.kind]
+            and isinstance(self.stats_, RidgeStats)
+        )
+
+    def _replay_compiled(
+        self, features: np.ndarray, bounds: np.ndarray, rows: np.ndarray, r: np.ndarray
+    ) -> np.ndarray:
+        stats = self.stats_
+        assert isinstance(stats, RidgeStats)
+        gram, A_inv, b = stats.gram_.copy(), stats.A_inv_.copy(), stats.b_.copy()
+        pi, since_refresh = ridge_kernel()(
+            np.ascontiguousarray(features),
+            bounds,
+            rows,
+            r,
+            A_inv,
+            gram,
+            b,
+            float(stats.ridge),
+            int(stats.refresh_every),
+            int(stats._since_refresh),
+            KIND_CODES[self.kind],
+            float(getattr(self.settings, "alpha", 0.0)),
+            float(getattr(self.settings, "temperature", 1.0)),
+            float(getattr(self.settings, "gamma", 0.0)),
+            float(self.epsilon),
+        )
+        stats.load_replayed(gram, A_inv, b, len(rows), since_refresh)
+        return np.asarray(pi)
 
     def update(self, x: object, reward: float, at: float | None = None) -> Policy[S]:
         """Learn ``reward`` for features ``x``; ``at`` is the reward's time (Unix seconds),

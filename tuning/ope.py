@@ -38,6 +38,9 @@ Z_95 = NormalDist().inv_cdf(0.975)
 UNIFORM_TOLERANCE = 1e-9
 ONLINE_BLOCK = 16
 """Events per refit of the progressive reward model; every prediction uses earlier events."""
+ONLINE_CHUNK_BYTES = 64 << 20
+"""About the memory :func:`online_predictions` stacks per solve (3 arrays of d² floats
+per block), so a log with thousands of features stays in bounds."""
 
 
 class EstimatorError(ValueError):
@@ -166,13 +169,27 @@ def online_predictions(log: LoggedBandit, ridge: float, block: int = ONLINE_BLOC
     d = log.dim
     gram, b = np.zeros((d, d)), np.zeros(d)
     predictions = np.empty(log.n_rows)
-    for start in range(0, log.n_events, block):
-        stop = min(start + block, log.n_events)
-        rows = slice(int(offsets[start]), int(offsets[stop]))
-        predictions[rows] = log.X[rows] @ ridge_theta(gram, b, ridge)
-        xs = x[start:stop]
-        gram += xs.T @ xs
-        b += xs.T @ r[start:stop]
+    starts = list(range(0, log.n_events, block))
+    # Per chunk of blocks: the statistics before each block, summed in the order a loop
+    # would (so the fits are bit for bit the same), then every refit in one stacked
+    # solve: one LAPACK call per chunk, not one per block, which cost more than the
+    # policy's own replay.
+    size = max(1, min(256, ONLINE_CHUNK_BYTES // (3 * 8 * d * d)))
+    eye = ridge * np.eye(d)
+    for first in range(0, len(starts), size):
+        chunk = starts[first : first + size]
+        A = np.empty((len(chunk), d, d))
+        b_before = np.empty((len(chunk), d))
+        for j, s in enumerate(chunk):
+            A[j] = gram + eye
+            b_before[j] = b
+            xs = x[s : s + block]
+            gram = gram + xs.T @ xs
+            b = b + xs.T @ r[s : s + block]
+        thetas = np.linalg.solve(A, b_before[..., None])[..., 0]
+        for start, theta in zip(chunk, thetas, strict=True):
+            rows = slice(int(offsets[start]), int(offsets[min(start + block, log.n_events)]))
+            predictions[rows] = log.X[rows] @ theta
     return predictions
 
 
