@@ -63,7 +63,7 @@ def test_a_wrong_import_breaks_a_contract(
 
 
 # Imported inside a function only because they are heavy, each with its reason beside it.
-LAZY = {"ray", "mlflow", "litellm", "matplotlib", "optuna"}
+LAZY = {"ray", "mlflow", "litellm", "matplotlib", "optuna", "numba"}
 LAZY_IN_OPS = {"graphs"}  # the Serve graph is Ray Serve: only `tipgraph serve` loads it
 
 

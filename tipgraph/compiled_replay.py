@@ -35,10 +35,10 @@ _kernel: Any = None
 
 
 def _compile() -> Any:
+    import numba  # heavy (a second to import), and serving never replays
+
     # numba's cache sits beside this file unless NUMBA_CACHE_DIR says otherwise (the
-    # image's read-only root filesystem: k3s sets it to /tmp).  Imported here, not at
-    # module level: serving never replays, and numba takes a second to import.
-    import numba
+    # image's read-only root filesystem: k3s sets it to /tmp).
 
     cache = os.access(os.path.dirname(__file__), os.W_OK) or "NUMBA_CACHE_DIR" in os.environ
 
