@@ -74,7 +74,7 @@ bench-pool: install
 bench-embeddings: install
 	PYTHONPATH=. $(BIN)/python bench/bench_embedding_features.py
 
-## bench-drift: decisions LinUCB needs to regain 90% of the oracle after the simulated users'
+## bench-drift: decisions each learner needs to regain 90% of the oracle after the simulated users'
 ## habits turn around, with and without forgetting (half_life_s), 5 seeds (BENCHMARKS.md)
 bench-drift: install
 	PYTHONPATH=. $(BIN)/python bench/bench_drift.py
