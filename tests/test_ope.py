@@ -612,7 +612,7 @@ def test_online_predictions_are_the_refit_loop_bit_for_bit(
     from tuning import ope
     from tuning.ope import ONLINE_BLOCK, online_predictions, ridge_theta
 
-    monkeypatch.setattr(ope, "ONLINE_CHUNK_BYTES", 7 * 3 * 8 * 5 * 5)
+    monkeypatch.setattr(ope, "ONLINE_CHUNK_BYTES", 7 * 8 * 5 * 5)
 
     rng = np.random.default_rng(n_events)
     sizes = rng.integers(1, 6, n_events)

@@ -39,8 +39,8 @@ UNIFORM_TOLERANCE = 1e-9
 ONLINE_BLOCK = 16
 """Events per refit of the progressive reward model; every prediction uses earlier events."""
 ONLINE_CHUNK_BYTES = 64 << 20
-"""About the memory :func:`online_predictions` stacks per solve (3 arrays of d² floats
-per block), so a log with thousands of features stays in bounds."""
+"""About the memory :func:`online_predictions` stacks per solve (one d × d matrix per
+block), so a log with thousands of features stays in bounds."""
 
 
 class EstimatorError(ValueError):
@@ -174,7 +174,7 @@ def online_predictions(log: LoggedBandit, ridge: float, block: int = ONLINE_BLOC
     # would (so the fits are bit for bit the same), then every refit in one stacked
     # solve: one LAPACK call per chunk, not one per block, which cost more than the
     # policy's own replay.
-    size = max(1, min(256, ONLINE_CHUNK_BYTES // (3 * 8 * d * d)))
+    size = max(1, min(256, ONLINE_CHUNK_BYTES // (8 * d * d)))
     eye = ridge * np.eye(d)
     for first in range(0, len(starts), size):
         chunk = starts[first : first + size]
