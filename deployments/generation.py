@@ -14,8 +14,8 @@ from ray.serve.handle import DeploymentHandle
 
 from tipgraph.autoscaling import ItemLoad
 from tipgraph.batching import ItemFailure, gather_each
-from tipgraph.generation import CandidateSource, GenerationItem, GenerationResult
-from tipgraph.generation.litellm_client import build_candidate_source
+from tipgraph.generation import CandidateSource, GenerationItem, GenerationResult, TipGenerator
+from tipgraph.generation.litellm_client import build_candidate_source, warm_up
 from tipgraph.generation.pool import PooledGenerator, RefillJob, RefillSender
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
@@ -34,7 +34,9 @@ request (tipgraph.generation.pool.RefillSender)."""
 
 @serve.deployment(name="generation")
 class CandidateGenerator:
-    def __init__(self, settings: TipgraphSettings, pool: DeploymentHandle | None = None) -> None:
+    async def __init__(  # type: ignore[misc]  # Ray constructs replicas with async __init__
+        self, settings: TipgraphSettings, pool: DeploymentHandle | None = None
+    ) -> None:
         """``pool``: the pool deployment, in the graph when generation serves from it."""
         # LiteLLM itself loads only when the configuration asks for an LLM (litellm_client).
         self._logs = ReplicaLogs(settings.logs).start()
@@ -55,6 +57,8 @@ class CandidateGenerator:
         self._source, _ = build_candidate_source(
             generation, self._store, refills=refills, metrics=metrics
         )
+        if isinstance(self._source, TipGenerator):  # inline: the LLM is on the request path
+            await warm_up(self._source.completer, generation, refills=False)
         self._load = ItemLoad()
         breaker = self._source.breaker
         # Sampled, not pushed on change: open turns half-open with time, not with a call.

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from ray import serve
 
-from tipgraph.generation.litellm_client import build_refill_queue
+from tipgraph.generation.litellm_client import build_refill_queue, warm_up
 from tipgraph.generation.pool import RefillJob
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @serve.deployment(name="pool")
 class PoolRefiller:
-    def __init__(self, settings: TipgraphSettings) -> None:
+    async def __init__(self, settings: TipgraphSettings) -> None:  # type: ignore[misc]  # Ray awaits it
         self._nice_before = os.getpriority(os.PRIO_PROCESS, 0)
         self._nice = lower_cpu_priority(settings.generation.pool.nice)
         self._logs = ReplicaLogs(settings.logs).start()
@@ -40,6 +40,7 @@ class PoolRefiller:
         self._queue, generator = build_refill_queue(
             settings.generation, self._store, metrics=metrics
         )
+        await warm_up(generator.completer, settings.generation, refills=True)
         breaker = self._breaker = generator.breaker
         self._gauges = Periodic(
             settings.metrics.sample_interval_s,

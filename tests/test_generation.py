@@ -26,8 +26,8 @@ from tipgraph.generation import (
     parse_tips,
     task_lines,
 )
-from tipgraph.generation.litellm_client import LiteLLMCompleter, build_tip_generator
-from tipgraph.settings import GenerationSettings, RewardSettings
+from tipgraph.generation.litellm_client import LiteLLMCompleter, build_tip_generator, warm_up
+from tipgraph.settings import GenerationSettings, JudgeSettings, RewardSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = TipRequest.model_validate(tip_body())
@@ -325,6 +325,30 @@ def test_completer_errors_are_plain_and_picklable(tmp_path: Path, ollama_stub: O
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
     again = pickle.loads(pickle.dumps(caught.value))
     assert "InternalServerError" in str(again)
+
+
+async def test_warm_up_asks_no_server_and_names_each_alias_it_could_not_warm(
+    tmp_path: Path, ollama_stub: OllamaStub
+) -> None:
+    """Replicas warm their LiteLLM client before taking traffic.  Warming runs the call path
+    on a canned answer: not one request reaches the model server.  The aliases warmed follow
+    the process: inline generation calls the tip-generator alone, refills the judge and the
+    embedder too.  A missing alias is named, never raised, and no other completer is touched."""
+    from tests.ollama_stub import write_llm_config as write_all_aliases
+
+    settings = GenerationSettings(source="llm", serve_from="pool")
+    only_generator = LiteLLMCompleter(load_llm_config(write_llm_config(tmp_path, ollama_stub.url)))
+    assert await warm_up(only_generator, settings, refills=False) == []
+    assert await warm_up(only_generator, settings, refills=True) == ["judge", "embedder"]
+    without_judge = settings.model_copy(update={"judge": JudgeSettings(enabled=False)})
+    assert await warm_up(only_generator, without_judge, refills=True) == ["embedder"]
+    every_alias = LiteLLMCompleter(
+        load_llm_config(write_all_aliases(tmp_path / "all.yaml", ollama_stub))
+    )
+    assert await every_alias.warm_up(["tip-generator", "judge"], ["embedder"]) == []
+    assert await warm_up(object(), settings, refills=True) == []
+    seen = ollama_stub.requests + ollama_stub.judge_requests + ollama_stub.embed_requests
+    assert seen == [] and ollama_stub.other_requests == []
 
 
 async def test_breaker_under_concurrent_load_caps_calls_to_a_dead_llm(
