@@ -96,9 +96,11 @@ bench-durability: install
 bench-profile: install
 	PYTHONPATH=. $(BIN)/python bench/profile_graph.py
 
-## bench-shadows: what shadows add to the served p50, through Serve over HTTP
+## bench-shadows: what shadows add to the served p50, through Serve over HTTP: shipped,
+## slow and failing shadows side by side; then none vs shipped at c = 1 and 16, 3 rounds
 bench-shadows: install
 	PYTHONPATH=. $(BIN)/python bench/bench_shadows.py
+	PYTHONPATH=. $(BIN)/python bench/bench_graph.py --shadows --rounds 3
 
 ## tune: Ray Tune sweep on the decision log (configs/tuning.yaml); winner -> @challenger
 tune: install

@@ -336,6 +336,35 @@ def durability_table(requests: int, tmp: Path, rounds: int) -> None:
             print(f"| {mode} | {c} | {rps:.1f} | {p50:.1f} | {p99:.1f} | {change} | {errors} |")
 
 
+def shadows_table(requests: int, tmp: Path, rounds: int) -> None:
+    """Served p50 with no shadows and with the two shipped shadows, at c = 1 and 16:
+    interleaved rounds, medians, and each round's p50 (the noise to judge a 5% goal by)."""
+    configs = {"no shadows": {"TIPGRAPH_SHADOWS": "[]"}, "2 shadows (shipped)": {}}
+    plan: Plan = [(1, None), (16, None)]
+    runs: dict[str, list[dict[tuple[int, int | None], Run]]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, env in configs.items():  # interleaved: drift hits every config alike
+            runs[name].append(measure("graph", requests, tmp, plan, env))
+
+    def p50s(name: str, c: int) -> list[float]:
+        return [r[(c, None)].pct(50) for r in runs[name]]
+
+    print(
+        "| shadows | p50 ms c = 1 | vs none | per round | p50 ms c = 16 | vs none | per round "
+        f"| req/s c = 16 | errors |  (median of {rounds} interleaved rounds)"
+    )
+    print("| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |")
+    for name in configs:
+        cells = []
+        for c in (1, 16):
+            p50, none = statistics.median(p50s(name, c)), statistics.median(p50s("no shadows", c))
+            each = ", ".join(f"{v:.1f}" for v in p50s(name, c))
+            cells.append(f"{p50:.1f} | {100 * (p50 / none - 1):+.1f}% | {each}")
+        rps = statistics.median(r[(16, None)].rps for r in runs[name])
+        errors = sum(r[key].errors for r in runs[name] for key in plan)
+        print(f"| {name} | {' | '.join(cells)} | {rps:.1f} | {errors} |", flush=True)
+
+
 ONE_BATCH_IN_FLIGHT = {
     # The hops and autoscaling before issue 16: LLM generation keeps one batch out, and
     # context and generation scale on ongoing requests (a batch is one), target 1.
@@ -406,11 +435,18 @@ def main() -> None:
         action="store_true",
         help="generation's hop before and after issue 16, task mode and a 0.5 s LLM",
     )
-    parser.add_argument("--rounds", type=int, default=3, help="--durability, --load-signal: rounds")
+    parser.add_argument(
+        "--shadows", action="store_true", help="served p50 with and without the shadows"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="--durability, --load-signal, --shadows: rounds"
+    )
     args = parser.parse_args()
     print(run_header(f"{args.requests} tips per level"), flush=True)
     with tempfile.TemporaryDirectory() as tmp_dir:
-        if args.load_signal:
+        if args.shadows:
+            shadows_table(args.requests, Path(tmp_dir), args.rounds)
+        elif args.load_signal:
             load_signal_table(args.requests, Path(tmp_dir), args.rounds)
         elif args.durability:
             durability_table(args.requests, Path(tmp_dir), args.rounds)
