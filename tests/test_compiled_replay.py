@@ -21,7 +21,12 @@ def random_log(seed: int, n_events: int = 600, dim: int = DIM) -> tuple[np.ndarr
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     X = rng.normal(size=(offsets[-1], dim))
     X[rng.uniform(size=X.shape) < 0.3] = 0.0  # sparse columns, as the joint features are
-    X[::7] = X[::7].round(1)  # repeated values: ties between candidates
+    X[::7] = X[::7].round(1)  # repeated values within a vector
+    # A candidate repeated within every third event that has two: scores that tie exactly,
+    # where a rounding difference between the loops could move the mass by a whole share.
+    for start, size in zip(offsets[:-1:3], sizes[::3], strict=True):
+        if size > 1:
+            X[start + 1] = X[start]
     rows = offsets[:-1] + rng.integers(0, sizes)
     rewards = rng.uniform(size=n_events).round(2)
     return X, offsets, rows, rewards

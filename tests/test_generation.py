@@ -328,14 +328,25 @@ def test_completer_errors_are_plain_and_picklable(tmp_path: Path, ollama_stub: O
 
 
 async def test_warm_up_asks_no_server_and_names_each_alias_it_could_not_warm(
-    tmp_path: Path, ollama_stub: OllamaStub
+    tmp_path: Path, ollama_stub: OllamaStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Replicas warm their LiteLLM client before taking traffic.  Warming runs the call path
-    on a canned answer: not one request reaches the model server.  The aliases warmed follow
-    the process: inline generation calls the tip-generator alone, refills the judge and the
-    embedder too.  A missing alias is named, never raised, and no other completer is touched."""
+    on a canned answer: not one connection is opened, to the stub or anywhere.  The aliases
+    warmed follow the process: inline generation calls the tip-generator and its fallbacks,
+    refills the judge and the embedder too.  A missing alias is named, never raised, and no
+    other completer is touched."""
+    import socket
+
     from tests.ollama_stub import write_llm_config as write_all_aliases
 
+    connections: list[object] = []
+
+    def refuse(sock: socket.socket, address: object) -> None:
+        connections.append(address)
+        raise ConnectionRefusedError(f"warm-up must not connect (to {address})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     settings = GenerationSettings(source="llm", serve_from="pool")
     only_generator = LiteLLMCompleter(load_llm_config(write_llm_config(tmp_path, ollama_stub.url)))
     assert await warm_up(only_generator, settings, refills=False) == []
@@ -347,8 +358,13 @@ async def test_warm_up_asks_no_server_and_names_each_alias_it_could_not_warm(
     )
     assert await every_alias.warm_up(["tip-generator", "judge"], ["embedder"]) == []
     assert await warm_up(object(), settings, refills=True) == []
+    config = yaml.safe_load((tmp_path / "llm.yaml").read_text())
+    config["router_settings"]["fallbacks"] = [{"tip-generator": ["backup"]}]
+    (tmp_path / "fallback.yaml").write_text(yaml.safe_dump(config))
+    with_fallback = LiteLLMCompleter(load_llm_config(tmp_path / "fallback.yaml"))
+    assert await warm_up(with_fallback, settings, refills=False) == ["backup"]  # tried: absent
     seen = ollama_stub.requests + ollama_stub.judge_requests + ollama_stub.embed_requests
-    assert seen == [] and ollama_stub.other_requests == []
+    assert seen == [] and ollama_stub.other_requests == [] and connections == []
 
 
 async def test_breaker_under_concurrent_load_caps_calls_to_a_dead_llm(

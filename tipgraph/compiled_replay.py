@@ -149,7 +149,8 @@ def _compile() -> Any:
                 A_inv[:, :] = np.linalg.inv(A)
                 since_refresh = 0
             else:
-                # As RidgeStats.update rounds it: the vector divided, then the outer product.
+                # As RidgeStats.update orders it: the vector divided, then the outer
+                # product (fused multiply-subtracts here, so rounded once, not twice).
                 xAx = 0.0
                 for a in range(d):
                     total = 0.0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from tipgraph.store import DecisionStore
 logger = logging.getLogger(__name__)
 
 LOCAL_PROVIDERS = {"ollama", "ollama_chat"}
+WARM_UP_TIMEOUT_S = 10.0
+"""A replica starts after this at the latest, warmed or not."""
 MODES = {"ollama": "embedding"}  # ollama/... is used for the embedder alias
 
 
@@ -92,10 +95,16 @@ class LiteLLMCompleter:
 
         LiteLLM builds much of its request path (pydantic schemas, provider modules) on the
         first call: 0.6 s measured on an idle machine, more on a busy one, which the first
-        request after a replica start would otherwise pay out of its ``timeout_s``.
+        request after a replica start would otherwise pay out of its ``timeout_s``.  Each
+        chat alias's fallbacks are warmed too.  What a canned answer skips (the provider's
+        request and the HTTP connection) is still paid on the first real call: 0.13 s here.
         """
         failed = []
         messages = [{"role": "user", "content": "warm-up"}]
+        # A fallback is called exactly when its alias has just failed, within the same budget.
+        chat = list(
+            dict.fromkeys(a for alias in chat for a in (alias, *self.config.fallbacks(alias)))
+        )
         for alias in chat:
             try:
                 await self._router.acompletion(
@@ -232,7 +241,11 @@ async def warm_up(completer: object, settings: GenerationSettings, *, refills: b
         chat.append(settings.judge.model_alias)
     if refills and settings.embedder.enabled:
         embedding.append(settings.embedder.model_alias)
-    return await completer.warm_up(chat, embedding)
+    try:
+        return await asyncio.wait_for(completer.warm_up(chat, embedding), WARM_UP_TIMEOUT_S)
+    except TimeoutError:
+        logger.warning("warm-up took over %.0f s and was left unfinished", WARM_UP_TIMEOUT_S)
+        return chat + embedding
 
 
 def _breaker(settings: GenerationSettings) -> CircuitBreaker:

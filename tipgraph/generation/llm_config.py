@@ -36,6 +36,14 @@ class LLMConfig:
                 return str(entry["litellm_params"]["model"])
         return None
 
+    def fallbacks(self, alias: str) -> list[str]:
+        """The aliases the Router falls back to when ``alias`` fails, in order."""
+        return [
+            target
+            for rule in self.router_settings.get("fallbacks") or ()
+            for target in rule.get(alias, ())
+        ]
+
     def router_kwargs(self) -> dict[str, Any]:
         return {"model_list": self.model_list, **self.router_settings}
 
