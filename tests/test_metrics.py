@@ -718,6 +718,16 @@ def test_a_real_app_exports_every_metric_on_the_ray_metrics_port(
                 ("ray_tipgraph_rewards_total", {}, N_TIPS),
                 ("ray_tipgraph_stage_latency_ms_count", {"stage": "total"}, N_TIPS),
                 ("ray_tipgraph_generation_breaker_state", {}, 2),
+                # Each replica exports on its own clock: wait for every count asserted below.
+                ("ray_tipgraph_shadow_comparisons_total", {"policy": "egreedy"}, N_TIPS),
+                ("ray_tipgraph_shadow_comparisons_total", {"policy": "uniform"}, N_TIPS),
+                ("ray_tipgraph_generation_fallbacks_total", {"reason": "llm_error"}, 3),
+                ("ray_tipgraph_generation_fallbacks_total", {"reason": "circuit_open"}, 3),
+                ("ray_tipgraph_generation_breaker_opened_total", {}, 1),
+                *(
+                    ("ray_tipgraph_stage_latency_ms_count", {"stage": stage}, N_TIPS)
+                    for stage in ("context", "generation", "scoring")
+                ),
             )
         )
 
