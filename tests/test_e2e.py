@@ -1113,18 +1113,24 @@ def test_a_killed_scoring_replica_is_replaced_and_rebuilt_from_the_store(
         seen: list[int] = []
         logged: list[int] = []
 
+        def snapshots() -> list[int]:
+            return [s["n_updates"] for s in handle.broadcast("snapshot").results(timeout_s=30)]
+
+        # A fresh handle learns the replica set asynchronously: ask until it has both.
+        _wait_for(lambda: len(snapshots()) == 2, 30)
+
         def both_replicas_hold_every_logged_reward() -> bool:
             # The log first, then the replicas: a reward logged in between (feedback another
             # ingress replica still held) shows as a replica ahead, and the next poll agrees.
             with open_store(settings.store) as store:
                 logged[:] = [len(store.training_events())]
-            # A fresh handle learns the replica set asynchronously: ask until it has both.
-            seen[:] = [s["n_updates"] for s in handle.broadcast("snapshot").results(timeout_s=30)]
+            seen[:] = snapshots()
             return seen == logged * 2
 
         try:
-            # Both replicas, the new one included, hold every logged reward within a few syncs.
-            _wait_for(both_replicas_hold_every_logged_reward, 20 * sync_s)
+            # Both replicas, the new one included, hold every logged reward within the three
+            # sync intervals the test always gave them.
+            _wait_for(both_replicas_hold_every_logged_reward, 3 * sync_s)
         except AssertionError:
             raise AssertionError(f"replicas hold {seen} rewards, the log {logged}") from None
         rewards = logged[0]
