@@ -66,7 +66,7 @@ def main() -> None:
             }
         )
         llm = SimulatedModels()
-        run_local(settings, users=12, decisions=40, seed=3, block=40, llm=llm)
+        run_local(settings, users=12, decisions=40, seed=3, block=40, llm=llm, task_churn=0.0)
         store = open_store(settings.store)
         with store:
             events = store.logged_events()
