@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-log-size bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -57,6 +57,11 @@ bench-policies: install
 ## bench-tuning: progressive replay throughput, and a 32-trial sweep over 100,000 events
 bench-tuning: install
 	$(BIN)/python bench/bench_tuning.py
+
+## bench-log-size: decision-log bytes per decision on SQLite and Postgres, task and mixed
+## mode, this code against the schema-8 layout (85b2cf5), same simulated traffic
+bench-log-size: install postgres
+	PYTHONPATH=. $(BIN)/python bench/bench_log_size.py
 
 ## bench: the Serve graph vs a single-process baseline, same run; then generation's hop
 ## before and after issue 16, task mode and a 0.5 s LLM, interleaved (BENCHMARKS.md)

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 def poisoned(event_id: str) -> DecisionRecord:
     """A decision no store accepts: a NaN feature would poison every model trained on it."""
     good = make_decision(event_id)
-    bad = dataclasses.replace(good.candidates[0], features=[float("nan")] * 3)
+    bad = dataclasses.replace(good.candidates[0], features=[float("nan")] * 4)
     return dataclasses.replace(good, candidates=[bad, *good.candidates[1:]])
 
 
@@ -96,16 +96,16 @@ async def test_a_row_postgres_itself_refuses_is_isolated(
     with open_store(StoreSettings(url=postgres_url, pg_schema=pg_schema)) as store:
         log = writer(store, tmp_path)
         good = make_decision("fine")
-        # INTEGER overflow: Postgres raises DataError, which must not look like an outage.
-        huge = dataclasses.replace(good.candidates[2], position=2**40)
-        bad = dataclasses.replace(make_decision("huge"), candidates=[*good.candidates[:2], huge])
+        # A NUL in text (the store cleans texts that come from users and models, not a
+        # version string): psycopg raises DataError, which must not look like an outage.
+        bad = dataclasses.replace(make_decision("huge"), policy_version="v1\x00")
         await log.submit(good)
         await log.submit(bad)
         await log.submit(make_decision("after"))
         assert await log.flush(timeout_s=30)
         assert stored_ids(store, ["fine", "huge", "after"]) == {"fine", "after"}
         assert log.dead_lettered == 1
-        assert "integer out of range" in (tmp_path / DEAD_LETTERS).read_text()
+        assert "NUL" in (tmp_path / DEAD_LETTERS).read_text()
         await log.close()
 
 
@@ -155,6 +155,25 @@ def write_orphan(spill: Path, entries: list[DecisionRecord], torn: bool) -> Path
     lines = "".join(encode(e) + "\n" for e in entries)
     path.write_text(lines + ('{"kind": "decision", "row": {"event_' if torn else ""))
     return path
+
+
+async def test_a_segment_written_before_the_compact_log_replays(
+    store: DecisionStore, tmp_path: Path
+) -> None:
+    """Decisions of release 8 carried the context vector; a segment it left behind during
+    a rolling upgrade replays without it (every joint vector holds it)."""
+    path = tmp_path / "ingress-99999-old.wal"
+    lines = []
+    for event_id in ("old1", "old2"):
+        line = json.loads(encode(make_decision(event_id)))
+        line["row"]["context_features"] = [1.0, 0.5]
+        lines.append(json.dumps(line) + "\n")
+    path.write_text("".join(lines))
+    log = writer(store, tmp_path)
+    assert await asyncio.to_thread(log.replay_orphans) == 2
+    assert await log.flush(timeout_s=30)
+    assert stored_ids(store, ["old1", "old2"]) == {"old1", "old2"}
+    await log.close()
 
 
 async def test_a_dead_writers_segment_is_replayed_once_torn_line_and_all(

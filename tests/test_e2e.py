@@ -366,13 +366,18 @@ def test_tip_decision_shadows_and_feedback_are_logged_and_learned(
     assert decision[2] == FEATURE_SPEC.version
     assert decision[4] == pytest.approx(tip["probability"])
     assert decision[5] > 0
-    runs = dict(
-        app.query("SELECT policy_name, role FROM policy_runs WHERE event_id = %s", event_id)
+    # The served run is the decision's row; each shadow logs its own, with a probability
+    # for every candidate (float64 bytes).
+    runs = app.query(
+        "SELECT policy_name, role, length(probabilities) FROM policy_runs WHERE event_id = %s "
+        "ORDER BY policy_name",
+        event_id,
     )
-    assert runs == {"linucb": "served", "egreedy": "shadow", "uniform": "shadow"}
-    (n_scores,) = app.query("SELECT count(*) FROM tip_scores WHERE event_id = %s", event_id)
-    assert n_scores[0] == 3 * len(tip["ranking"])
-    (n_candidates,) = app.query("SELECT count(*) FROM candidates WHERE event_id = %s", event_id)
+    assert runs == [
+        ("egreedy", "shadow", 8 * len(tip["ranking"])),
+        ("uniform", "shadow", 8 * len(tip["ranking"])),
+    ]
+    (n_candidates,) = app.query("SELECT n_candidates FROM decisions WHERE event_id = %s", event_id)
     assert n_candidates[0] == len(tip["ranking"])
 
     feedback = app.client.post("/v1/feedback", json={"event_id": event_id, "reaction": "done"})

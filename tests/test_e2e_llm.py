@@ -22,6 +22,7 @@ from tests.conftest import AUTH_HEADERS, drop_schemas
 from tests.factories import tip_body
 from tests.ollama_stub import OllamaStub
 from tipgraph.settings import TipgraphSettings, load_settings
+from tipgraph.store.packing import unpack_candidates
 from tipgraph.text import unsafe_character
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -57,11 +58,11 @@ class LLMApp:
     def llm_candidates(self, event_id: str) -> list[tuple[Any, ...]]:
         schema = self.settings.store.pg_schema
         with psycopg.connect(self.postgres_url, options=f"-c search_path={schema}") as conn:
-            return conn.execute(
-                "SELECT model, prompt_version FROM candidates WHERE event_id = %s "
-                "AND source = 'llm'",
-                (event_id,),
-            ).fetchall()
+            row = conn.execute(
+                "SELECT candidates FROM decisions WHERE event_id = %s", (event_id,)
+            ).fetchone()
+        texts = unpack_candidates(row[0]).texts if row is not None else []
+        return [(t.model, t.prompt_version) for t in texts if t.source == "llm"]
 
 
 @pytest.fixture(scope="module")
@@ -201,15 +202,16 @@ def test_a_row_postgres_refuses_is_dead_lettered_and_blocks_no_other_decision(
             assert shown.startswith("Plan your day") and shown.endswith("then rest\ufffd.")
             assert app.decision(response.json()["event_id"])  # logged, not stuck
             with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as conn:
-                texts = conn.execute(
-                    "SELECT content FROM candidates WHERE event_id = %s AND content <> ''",
+                (packed, chosen_content) = conn.execute(
+                    "SELECT candidates, chosen_content FROM decisions WHERE event_id = %s",
                     (response.json()["event_id"],),
-                ).fetchall()
-            assert texts == [(shown,)] and unsafe_character(shown) is None
+                ).fetchone()
+            texts = [t.content for t in unpack_candidates(packed).texts if t.content]
+            assert texts == [shown] == [chosen_content] and unsafe_character(shown) is None
         with psycopg.connect(postgres_url, options=f"-c search_path={schema}") as conn:
             conn.execute(
-                "ALTER TABLE candidates ADD CONSTRAINT refuse_poison "
-                "CHECK (content IS NULL OR content NOT LIKE 'POISON%%')"
+                "ALTER TABLE decisions ADD CONSTRAINT refuse_poison "
+                "CHECK (chosen_content IS NULL OR chosen_content NOT LIKE 'POISON%%')"
             )
         answered, poisoned = [], []
         for i in range(12):

@@ -22,6 +22,7 @@ from tests.conftest import AUTH_HEADERS, drop_schemas
 from tests.factories import tip_body
 from tests.ollama_stub import OllamaStub, write_llm_config
 from tipgraph.settings import TipgraphSettings, load_settings
+from tipgraph.store.packing import unpack_candidates
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -135,10 +136,12 @@ def test_after_warm_up_tips_come_from_the_pool_without_the_models_delay(
     # Served at task-mode speed: none of them waited for the model's 3 s.
     assert max(a["latency_ms"]["total"] for a in served) < GENERATION_DELAY_S * 1000
     assert len(stub.judge_requests) >= 1 and len(stub.embed_requests) >= 1
-    candidates = pool_app.query(
-        "SELECT model, prompt_version FROM candidates WHERE event_id = %s AND source = 'llm'",
-        served[0]["event_id"],
+    (packed,) = pool_app.query(
+        "SELECT candidates FROM decisions WHERE event_id = %s", served[0]["event_id"]
     )
+    candidates = [
+        (t.model, t.prompt_version) for t in unpack_candidates(packed[0]).texts if t.source == "llm"
+    ]
     assert candidates and set(candidates) == {("ollama_chat/llama3.2:3b", prompt_version)}
 
 

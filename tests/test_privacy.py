@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import logging
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tipgraph.event_ids import new_event_id
 from tipgraph.service import TipService
 from tipgraph.settings import TipgraphSettings
 from tipgraph.store import open_store
+from tipgraph.store.packing import CandidateTexts, unpack_candidates
 
 REPO = Path(__file__).resolve().parents[1]
 USER_ID = "alice.private@example.com"
@@ -62,20 +64,15 @@ async def test_no_raw_user_id_task_text_or_secret_reaches_the_logs_or_the_store(
 
     with sqlite3.connect(db) as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        logged = logged_candidates(conn)
+        # The packed candidates are compressed: their texts go into the dump unpacked.
         dump = "\n".join(
-            repr(row) for table in tables for row in conn.execute(f'SELECT * FROM "{table}"')
+            [repr(row) for table in tables for row in conn.execute(f'SELECT * FROM "{table}"')]
+            + [repr(texts) for _, _, texts in logged]
         )
-        shown = {
-            r[0]
-            for r in conn.execute(
-                "SELECT c.content FROM candidates c JOIN decisions d "
-                "ON d.event_id = c.event_id AND d.chosen_candidate_id = c.candidate_id"
-            )
-        }
-        unshown = conn.execute(
-            "SELECT COUNT(*), SUM(content != '') FROM candidates c JOIN decisions d "
-            "ON d.event_id = c.event_id AND d.chosen_candidate_id != c.candidate_id"
-        ).fetchone()
+    shown = {t.content for _, chosen, texts in logged for t in texts if t.candidate_id == chosen}
+    others = [t.content for _, chosen, texts in logged for t in texts if t.candidate_id != chosen]
+    unshown = (len(others), sum(1 for content in others if content))
     for needle in (USER_ID, SECRET, TOKEN, "task-0", "task-1"):
         assert needle not in dump
     assert unshown[0] > 0 and unshown[1] == 0  # only the tip shown keeps its text
@@ -84,6 +81,24 @@ async def test_no_raw_user_id_task_text_or_secret_reaches_the_logs_or_the_store(
         without_shown = without_shown.replace(repr(text)[1:-1], "")
     for text in TASK_TEXT:
         assert text not in without_shown  # task text only ever inside the tip shown
+
+
+def logged_candidates(conn: sqlite3.Connection) -> list[tuple[str, str, list[CandidateTexts]]]:
+    """(event id, chosen candidate id, every candidate's texts) of each logged decision;
+    the shown tip's text is the decision row's, as the store reads it."""
+    return [
+        (
+            event_id,
+            chosen_id,
+            [
+                replace(t, content=chosen_content or "") if t.candidate_id == chosen_id else t
+                for t in unpack_candidates(packed).texts
+            ],
+        )
+        for event_id, chosen_id, packed, chosen_content in conn.execute(
+            "SELECT event_id, chosen_candidate_id, candidates, chosen_content FROM decisions"
+        )
+    ]
 
 
 @pytest.mark.parametrize("store_candidate_text", [False, True])
@@ -118,14 +133,25 @@ async def test_redacted_tip_texts_keep_no_task_quote_yet_the_user_sees_it(
 
     assert len(quoting) == 2
     with sqlite3.connect(db) as conn:
-        chosen = dict(
-            conn.execute(
-                "SELECT d.event_id, c.content FROM candidates c JOIN decisions d "
-                "ON d.event_id = c.event_id AND d.chosen_candidate_id = c.candidate_id"
-            ).fetchall()
-        )
-        stored = [r[0] for r in conn.execute("SELECT content FROM candidates WHERE content != ''")]
-        (candidates,) = conn.execute("SELECT COUNT(*) FROM candidates").fetchone()
+        logged = logged_candidates(conn)
+        # The packed candidates leave the shown tip's text to the decision row.
+        packed_shown = [
+            t.content
+            for chosen_id, packed in conn.execute(
+                "SELECT chosen_candidate_id, candidates FROM decisions"
+            )
+            for t in unpack_candidates(packed).texts
+            if t.candidate_id == chosen_id
+        ]
+    assert packed_shown and set(packed_shown) == {None}
+    chosen = {
+        event_id: t.content
+        for event_id, chosen_id, texts in logged
+        for t in texts
+        if t.candidate_id == chosen_id
+    }
+    stored = [t.content for _, _, texts in logged for t in texts if t.content]
+    candidates = sum(len(texts) for _, _, texts in logged)
     for event_id, content in quoting.items():
         # The same tip: the quote replaced, the rest as served.
         redacted = chosen[event_id]

@@ -133,7 +133,6 @@ def decision(
         chosen_kind=TIP_KINDS[1],
         chosen_probability=SERVED_P[1],
         latency_ms={},
-        context_features=[0.0],
         candidates=candidates,
         served=policy_run("linucb", SERVED_P, 1),
     )

@@ -75,7 +75,7 @@ async def test_tip_is_logged_with_every_candidate_and_every_policy(
     assert counts.decisions == 1
     assert counts.candidates == len(ids)
     assert counts.by_role == {"served": 1, "shadow": 3}
-    assert counts.tip_scores == len(ids) * 3  # served + egreedy + slow; broken logs no scores
+    assert counts.policy_runs == 4  # served + egreedy + slow + broken
     decision = store.get_decision(response.event_id)
     assert decision is not None
     assert decision.chosen_candidate_id == response.tip.candidate_id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import subprocess
@@ -96,7 +97,6 @@ def make_decision(
         latency_ms={"context": 1.5, "generation": 20.25, "scoring": 0.75, "total": 23.0}
         if latency_ms is None
         else latency_ms,
-        context_features=[1.0, 0.5, 1 / 7],
         candidates=candidates,
         served=PolicyScoresRecord(
             policy_name="linucb",
@@ -178,14 +178,54 @@ def raw_sql(settings: StoreSettings, statement: str) -> list[tuple[Any, ...]]:
         return cur.fetchall() if cur.description else []
 
 
+def _sql_literal(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
+
+
+def write_schema1_decision(settings: StoreSettings, decision: DecisionRecord) -> None:
+    """What release 1 wrote for a decision: one row per candidate and per score, the
+    features as JSON (the layout migration 0009 compacts)."""
+    latency = [decision.latency_ms.get(k) for k in ("context", "generation", "scoring", "total")]
+    values = [
+        decision.event_id, decision.user_key,
+        decision.created_at.isoformat(timespec="microseconds"), decision.policy_name,
+        decision.policy_version, decision.feature_version, decision.prompt_version,
+        decision.generation_source, decision.chosen_candidate_id, decision.chosen_kind,
+        decision.chosen_probability, *latency, "[1.0, 0.5]",
+    ]  # fmt: skip
+    statements = [f"INSERT INTO decisions VALUES ({', '.join(map(_sql_literal, values))})"]
+    for c in decision.candidates:
+        row = [
+            decision.event_id, c.candidate_id, c.position, c.kind, c.source, c.content,
+            c.task_ref, c.model, c.prompt_version, json.dumps(c.features),
+        ]  # fmt: skip
+        statements.append(f"INSERT INTO candidates VALUES ({', '.join(map(_sql_literal, row))})")
+    served = decision.served
+    run = [
+        decision.event_id, served.policy_name, served.policy_version, "served",
+        served.chosen_candidate_id, served.chosen_probability, served.latency_ms, None,
+        decision.created_at.isoformat(timespec="microseconds"),
+    ]  # fmt: skip
+    statements.append(f"INSERT INTO policy_runs VALUES ({', '.join(map(_sql_literal, run))})")
+    for c, score, p in zip(decision.candidates, served.scores, served.probabilities, strict=True):
+        row = [decision.event_id, served.policy_name, c.candidate_id, score, p]
+        statements.append(f"INSERT INTO tip_scores VALUES ({', '.join(map(_sql_literal, row))})")
+    for statement in statements:
+        raw_sql(settings, statement)
+
+
 # --- migrations --------------------------------------------------------------------------------
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 8
+    assert store.schema_version() == 9
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 8
+        assert again.schema_version() == 9
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
     ) == [
@@ -197,6 +237,7 @@ def test_migrations_are_applied_once(store: DecisionStore, store_settings: Store
         (6, "candidate_pool"),
         (7, "eligibility"),
         (8, "retention_indexes"),
+        (9, "compact_log"),
     ]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
@@ -208,23 +249,8 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.setattr(migrate_module, "load_migrations", lambda dialect: shipped(dialect)[:1])
     with open_store(store_settings) as old:
         assert old.schema_version() == 1
-        # Today's writer also fills the columns of 0003, 0005, 0006 and 0007 and reads its
-        # tombstones:
-        # add them for this write and drop them again, so the rows are exactly what
-        # release 1 stored.
-        text_columns = ("generation_reason", "llm_model", "user_key_id", "llm_pool", "eligibility")
-        for column in text_columns:
-            raw_sql(store_settings, f"ALTER TABLE decisions ADD COLUMN {column} TEXT")
-        raw_sql(store_settings, "ALTER TABLE decisions ADD COLUMN llm_pool_age_s REAL")
-        for table, key in (("erased_users", "user_key"), ("erased_events", "event_id")):
-            raw_sql(
-                store_settings, f"CREATE TABLE {table} ({key} TEXT PRIMARY KEY, erased_at TEXT)"
-            )
-        old.write_decisions([make_decision("e1", chosen=0), make_decision("e2", chosen=2)])
-        for column in (*text_columns, "llm_pool_age_s"):
-            raw_sql(store_settings, f"ALTER TABLE decisions DROP COLUMN {column}")
-        for table in ("erased_users", "erased_events"):
-            raw_sql(store_settings, f"DROP TABLE {table}")
+    for decision in (make_decision("e1", chosen=0), make_decision("e2", chosen=2)):
+        write_schema1_decision(store_settings, decision)
     # What release 1 wrote: feedback rows only, in another order than the decisions, and
     # one for an event whose decision was never logged.
     times = {"e2": T0 + timedelta(minutes=1), "e9": T0 + timedelta(minutes=2)}
@@ -239,7 +265,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 8
+        assert upgraded.schema_version() == 9
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),
@@ -320,13 +346,11 @@ def test_write_decisions_round_trip(store: DecisionStore) -> None:
     assert store.get_decision("unknown") is None
 
     counts = store.counts()
-    assert (counts.decisions, counts.candidates, counts.policy_runs, counts.tip_scores) == (
-        2,
-        6,
-        2,
-        6,
-    )
+    assert (counts.decisions, counts.candidates, counts.policy_runs) == (2, 6, 2)
     assert counts.by_role == {"served": 2, "shadow": 0}
+    # Every candidate as it was written, texts and features, in position order.
+    assert store.decision_candidates("e1") == make_decision("e1").candidates
+    assert store.decision_candidates("unknown") == []
 
 
 def test_missing_latency_stages_are_null(
@@ -346,7 +370,7 @@ def test_writing_a_decision_again_changes_nothing(store: DecisionStore) -> None:
     store.write_decisions([make_decision("e1")])
     store.write_decisions([make_decision("e1"), make_decision("e1")])
     assert store.counts() == before
-    assert before.decisions == 1 and before.candidates == 3 and before.tip_scores == 3
+    assert before.decisions == 1 and before.candidates == 3 and before.policy_runs == 1
 
 
 def test_an_invalid_batch_writes_nothing(store: DecisionStore) -> None:
@@ -362,21 +386,22 @@ def test_an_invalid_batch_writes_nothing(store: DecisionStore) -> None:
 # --- policy scores -----------------------------------------------------------------------------
 
 
-def test_shadow_scores_are_stored_per_candidate_and_idempotent(
+def test_shadow_probabilities_are_stored_per_candidate_and_idempotent(
     store: DecisionStore, store_settings: StoreSettings
 ) -> None:
     store.write_decisions([make_decision("e1")])
     store.write_policy_scores("e1", [make_shadow()], CANDIDATE_IDS)
     store.write_policy_scores("e1", [make_shadow()], CANDIDATE_IDS)
+    store.record_feedback(make_feedback("e1"))
 
     counts = store.counts()
-    assert (counts.policy_runs, counts.tip_scores) == (2, 6)
+    assert counts.policy_runs == 2
     assert counts.by_role == {"served": 1, "shadow": 1}
-    assert raw_sql(
-        store_settings,
-        "SELECT candidate_id, score, probability FROM tip_scores "
-        "WHERE policy_name = 'egreedy' ORDER BY candidate_id",
-    ) == [("c0", 0.5, 0.025), ("c1", -1.25, 0.025), ("c2", 3.0, 0.95)]
+    (logged,) = store.logged_policy_runs()
+    assert [(r.policy_name, r.role, r.probabilities, r.chosen) for r in logged.runs] == [
+        ("egreedy", "shadow", [0.025, 0.025, 0.95], 2),
+        ("linucb", "served", [0.1, 0.7, 0.2], 1),
+    ]
     assert raw_sql(
         store_settings,
         "SELECT role, chosen_candidate_id, chosen_probability, latency_ms, error "
@@ -390,7 +415,7 @@ def test_shadow_scores_may_arrive_before_the_decision(store: DecisionStore) -> N
     store.write_decisions([make_decision("e1")])
 
     counts = store.counts()
-    assert (counts.decisions, counts.policy_runs, counts.tip_scores) == (1, 2, 6)
+    assert (counts.decisions, counts.policy_runs) == (1, 2)
     assert counts.by_role == {"served": 1, "shadow": 1}
 
 
@@ -402,7 +427,7 @@ def test_a_batch_writes_decisions_and_shadow_rows_in_one_transaction(
         [PolicyScoresEntry(e, [make_shadow()], CANDIDATE_IDS) for e in ("e1", "e2")],
     )
     counts = store.counts()
-    assert (counts.decisions, counts.policy_runs, counts.tip_scores) == (2, 4, 12)
+    assert (counts.decisions, counts.policy_runs) == (2, 4)
     assert counts.by_role == {"served": 2, "shadow": 2}
 
     # One bad entry fails the whole batch: the decision log keeps it and retries it whole.
@@ -419,8 +444,10 @@ def test_a_failed_shadow_is_logged_without_scores(
 ) -> None:
     store.write_policy_scores("e1", [make_shadow(error="TimeoutError: 5s")], CANDIDATE_IDS)
     counts = store.counts()
-    assert (counts.policy_runs, counts.tip_scores) == (1, 0)
-    assert raw_sql(store_settings, "SELECT error FROM policy_runs") == [("TimeoutError: 5s",)]
+    assert (counts.policy_runs, counts.by_role["shadow"]) == (1, 1)
+    assert raw_sql(store_settings, "SELECT error, probabilities FROM policy_runs") == [
+        ("TimeoutError: 5s", None)
+    ]
 
 
 def test_scores_must_align_with_candidates(store: DecisionStore) -> None:
@@ -797,9 +824,10 @@ def test_unicode_round_trips(store: DecisionStore, store_settings: StoreSettings
     stored = store.get_decision("évent-🎯")
     assert stored is not None and stored.user_key == user
     assert [h.reaction for h in store.user_history(user, limit=5)] == ["done"]
-    assert raw_sql(store_settings, "SELECT content FROM candidates ORDER BY position") == [
-        (f"{text} #{i}",) for i in range(3)
+    assert [c.content for c in store.decision_candidates("évent-🎯")] == [
+        f"{text} #{i}" for i in range(3)
     ]
+    assert [h.content for h in store.user_history(user, limit=5)] == [f"{text} #1"]
 
 
 def test_datetimes_come_back_aware_utc_and_equal(store: DecisionStore) -> None:
@@ -1209,7 +1237,7 @@ def test_retention_deletes_exactly_the_expired_decisions_and_keeps_what_was_lear
     assert store.get_decision("kept") is not None
     counts = store.counts()
     assert (counts.decisions, counts.candidates, counts.feedback) == (1, 3, 1)
-    assert (counts.policy_runs, counts.tip_scores) == (2, 6)
+    assert counts.by_role == {"served": 1, "shadow": 1}
     assert counts.rewards == 4 and store.count_held_feedback() == 0
     # A replica rebuilding from the rewards log learns exactly what it learned before.
     assert learned(store) == before
@@ -1249,3 +1277,13 @@ def test_retention_is_validated(store: DecisionStore) -> None:
         store.delete_expired(T0, limit=0)
     with pytest.raises(ValueError, match=r"retention\.days=1 ends before"):
         TipgraphSettings(retention={"days": 1}, learning={"reward_wait_s": 86_400})
+
+
+def test_the_served_run_is_written_with_its_decision_only(store: DecisionStore) -> None:
+    served = make_decision("e1").served
+    with pytest.raises(ValueError, match="only shadow runs are logged apart"):
+        store.write_policy_scores("e1", [served], CANDIDATE_IDS)
+    no_probabilities = replace(make_decision("e2"), served=replace(served, probabilities=[]))
+    with pytest.raises(ValueError, match="one probability per candidate"):
+        store.write_decisions([no_probabilities])
+    assert store.counts().policy_runs == 0

@@ -102,7 +102,6 @@ def decision_record(
         chosen_kind=chosen.kind,
         chosen_probability=result.chosen_probability,
         latency_ms=latency.model_dump(),
-        context_features=list(context.vector),
         candidates=records,
         served=policy_run(result, "served", [c.candidate_id for c in candidates], latency.scoring),
         ineligible=dict(ineligible or {}),

@@ -68,6 +68,9 @@ def decode(line: str) -> Entry:
             row[stamp] = datetime.fromisoformat(row[stamp])
         return FeedbackRecord(**row)
     row["created_at"] = datetime.fromisoformat(row["created_at"])
+    # Segments written before the compact log (schema 9) carry the context vector too;
+    # every candidate's joint vector holds it, so nothing is lost without it.
+    row.pop("context_features", None)
     row["candidates"] = [CandidateRecord(**c) for c in row["candidates"]]
     row["served"] = PolicyScoresRecord(**row["served"])
     return DecisionRecord(**row)

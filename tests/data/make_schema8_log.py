@@ -39,13 +39,13 @@ TABLES = (
 )
 
 
-def _plain(value: object) -> object:
+def plain(value: object) -> object:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, datetime):
         return value.isoformat()
     return value
@@ -112,16 +112,15 @@ def main() -> None:
             report = load_report(store)
             expected = {
                 "schema_version": version,
-                "logged_events": _plain(events),
-                "logged_policy_runs": _plain(store.logged_policy_runs()),
-                "training_events": _plain(store.training_events()),
+                "logged_events": plain(events),
+                "logged_policy_runs": plain(store.logged_policy_runs()),
+                "training_events": plain(store.training_events()),
                 "decisions": {
-                    row[0]: _plain(store.get_decision(row[0]))
-                    for row in tables["decisions"]["rows"]
+                    row[0]: plain(store.get_decision(row[0])) for row in tables["decisions"]["rows"]
                 },
-                "history": {u: _plain(store.user_history(u, 50)) for u in history_users},
-                "report_policies": _plain(report.policies),
-                "report_served": _plain(report.served_reward),
+                "history": {u: plain(store.user_history(u, 50)) for u in history_users},
+                "report_policies": plain(report.policies),
+                "report_served": plain(report.served_reward),
             }
     out.write_bytes(gzip.compress(json.dumps({"tables": tables, "expected": expected}).encode()))
     print(f"wrote {out}: {len(tables['decisions']['rows'])} decisions, {out.stat().st_size} bytes")

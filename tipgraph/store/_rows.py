@@ -11,7 +11,6 @@ The column order of every tuple here is the column order of the matching stateme
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -20,7 +19,9 @@ from datetime import UTC, datetime
 from typing import Any, get_args
 
 from tipgraph.settings import Reaction
+from tipgraph.store import packing
 from tipgraph.store.records import (
+    CandidateRecord,
     DecisionRecord,
     FeedbackOutcome,
     FeedbackRecord,
@@ -98,17 +99,15 @@ def _latencies(latency_ms: dict[str, float]) -> tuple[float | None, ...]:
 
 @dataclass(frozen=True, slots=True)
 class DecisionRows:
-    """Every row one batch of decisions writes, grouped by table for ``executemany``."""
+    """Every row one batch of decisions writes: one per decision, its candidates and the
+    served policy's run packed into it (:mod:`tipgraph.store.packing`)."""
 
     decisions: list[Params]
-    candidates: list[Params]
-    policy_runs: list[Params]
-    tip_scores: list[Params]
 
 
 def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
     """Validate a batch and flatten it into rows; raises ValueError before anything is written."""
-    rows = DecisionRows([], [], [], [])
+    rows = DecisionRows([])
     for decision in decisions:
         created_at = db_timestamp(decision.created_at, what=f"{decision.event_id}: created_at")
         candidates = sorted(decision.candidates, key=lambda c: c.position)
@@ -127,6 +126,29 @@ def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
                 f"{decision.policy_name!r} with role 'served', got {served.policy_name!r} "
                 f"with role {served.role!r}"
             )
+        if len(served.probabilities) != len(candidates):
+            raise ValueError(
+                f"{decision.event_id}: the served run needs one probability per candidate "
+                f"({len(candidates)}), got {len(served.probabilities)}"
+            )
+        chosen = candidates[candidate_ids.index(decision.chosen_candidate_id)]
+        packed = packing.pack_candidates(
+            [
+                packing.CandidateTexts(
+                    c.candidate_id,
+                    c.kind,
+                    c.source,
+                    # The shown tip's text is the decision row's chosen_content.
+                    None if c is chosen else db_text(c.content),
+                    c.task_ref,
+                    db_text(c.model),
+                    db_text(c.prompt_version),
+                )
+                for c in candidates
+            ],
+            [c.features for c in candidates],
+            served.probabilities,
+        )
         rows.decisions.append(
             (
                 decision.event_id,
@@ -141,58 +163,43 @@ def decision_rows(decisions: Sequence[DecisionRecord]) -> DecisionRows:
                 decision.chosen_kind,
                 float(decision.chosen_probability),
                 *_latencies(decision.latency_ms),
-                db_floats(decision.context_features, what=f"{decision.event_id}: context"),
                 db_text(decision.generation_reason),
                 db_text(decision.llm_model),
                 decision.user_key_id,
                 decision.llm_pool,
                 None if decision.llm_pool_age_s is None else float(decision.llm_pool_age_s),
                 json.dumps(decision.ineligible, sort_keys=True) if decision.ineligible else None,
+                len(candidates),
+                packed,
+                db_text(chosen.content) or None,
             )
         )
-        rows.candidates.extend(
-            (
-                decision.event_id,
-                c.candidate_id,
-                c.position,
-                c.kind,
-                c.source,
-                db_text(c.content),
-                c.task_ref,
-                db_text(c.model),
-                db_text(c.prompt_version),
-                db_floats(c.features, what=f"{decision.event_id}/{c.candidate_id}: features"),
-            )
-            for c in candidates
-        )
-        run, scores = policy_run_rows(decision.event_id, served, candidate_ids, created_at)
-        rows.policy_runs.append(run)
-        rows.tip_scores.extend(scores)
     return rows
 
 
-def policy_run_rows(
+def policy_run_row(
     event_id: str, run: PolicyScoresRecord, candidate_ids: Sequence[str], created_at: str
-) -> tuple[Params, list[Params]]:
-    """One ``policy_runs`` row and its ``tip_scores`` rows.
+) -> Params:
+    """One ``policy_runs`` row: a shadow's run, its probabilities packed.
 
-    A run that failed may carry no scores at all; otherwise there is one score and one
-    probability per candidate, in ``candidate_ids`` order.
+    A run that failed may carry no probabilities at all; otherwise there is one per
+    candidate, in ``candidate_ids`` order.  The served run is part of its decision's row.
     """
-    if run.role not in POLICY_ROLES:
+    if run.role != "shadow":
         raise ValueError(
-            f"{event_id}/{run.policy_name}: role must be one of {sorted(POLICY_ROLES)}, "
-            f"got {run.role!r}"
+            f"{event_id}/{run.policy_name}: only shadow runs are logged apart from their "
+            f"decision, got role {run.role!r}"
         )
     if len(run.scores) != len(run.probabilities) or (
-        run.scores and len(run.scores) != len(candidate_ids)
+        run.probabilities and len(run.probabilities) != len(candidate_ids)
     ):
         raise ValueError(
             f"{event_id}/{run.policy_name}: expected {len(candidate_ids)} scores and "
             f"probabilities (one per candidate) or none, got {len(run.scores)} scores and "
             f"{len(run.probabilities)} probabilities"
         )
-    row = (
+    what = f"{event_id}/{run.policy_name}: probabilities"
+    return (
         event_id,
         run.policy_name,
         run.policy_version,
@@ -202,23 +209,37 @@ def policy_run_rows(
         float(run.latency_ms),
         db_text(run.error),
         created_at,
+        packing.pack_floats(run.probabilities, what=what) if run.probabilities else None,
     )
-    scores = (
-        [
-            (event_id, run.policy_name, candidate_id, float(score), float(probability))
-            for candidate_id, score, probability in zip(
-                candidate_ids, run.scores, run.probabilities, strict=True
-            )
-        ]
-        if run.scores
-        else []
-    )
-    return row, scores
+
+
+def chosen_features(packed: bytes, chosen_candidate_id: str) -> list[float]:
+    return packing.unpack_candidates(packed).row(chosen_candidate_id)
+
+
+def candidate_records(
+    packed: bytes, chosen_candidate_id: str, chosen_content: str | None
+) -> list[CandidateRecord]:
+    candidates = packing.unpack_candidates(packed)
+    return [
+        CandidateRecord(
+            candidate_id=t.candidate_id,
+            position=i,
+            kind=t.kind,
+            source=t.source,
+            content=(chosen_content if t.candidate_id == chosen_candidate_id else t.content) or "",
+            task_ref=t.task_ref,
+            model=t.model,
+            prompt_version=t.prompt_version,
+            features=candidates.features[i].tolist(),
+        )
+        for i, t in enumerate(candidates.texts)
+    ]
 
 
 def stored_decision(row: Row) -> StoredDecision:
     (event_id, user_key, created_at, policy_name, policy_version, chosen_candidate_id,
-     chosen_kind, chosen_probability, features) = row  # fmt: skip
+     chosen_kind, chosen_probability, packed) = row  # fmt: skip
     return StoredDecision(
         event_id=event_id,
         user_key=user_key,
@@ -228,7 +249,7 @@ def stored_decision(row: Row) -> StoredDecision:
         chosen_candidate_id=chosen_candidate_id,
         chosen_kind=chosen_kind,
         chosen_probability=float(chosen_probability),
-        chosen_features=float_list(features),
+        chosen_features=chosen_features(packed, chosen_candidate_id),
     )
 
 
@@ -294,48 +315,43 @@ def reward_source(raw: str) -> RewardSource:
 
 
 def training_event(row: Row) -> TrainingEvent:
-    reward_id, event_id, features, reward, source, created_at = row
+    """(reward_id, event_id, kept features, reward, source, created_at, the decision's
+    packed candidates, its chosen id): the reward's own copy of its features once the
+    decision is gone, else the chosen candidate's."""
+    reward_id, event_id, kept, reward, source, created_at, packed, chosen_id = row
     return TrainingEvent(
         reward_id=int(reward_id),
         event_id=event_id or "",  # "" once the decision was erased
-        features=float_list(features),
+        features=(
+            packing.unpack_vector(kept) if kept is not None else chosen_features(packed, chosen_id)
+        ),
         reward=float(reward),
         source=reward_source(source),
         rewarded_at=utc_datetime(created_at),
     )
 
 
-def logged_events(rows: Sequence[Row]) -> list[LoggedEvent]:
-    """Rows of one candidate each (grouped by event, in position order) -> events."""
-    events: list[LoggedEvent] = []
-    current: list[Row] = []
-    for row in rows:
-        if current and row[0] != current[0][0]:
-            events.append(_logged_event(current))
-            current = []
-        current.append(row)
-    if current:
-        events.append(_logged_event(current))
-    return events
-
-
-def _logged_event(rows: Sequence[Row]) -> LoggedEvent:
-    event_id, created_at, policy_name, prompt_version, chosen_id, reward, source = rows[0][:7]
-    candidate_ids = [row[7] for row in rows]
-    if chosen_id not in candidate_ids:
-        raise ValueError(f"{event_id}: chosen candidate {chosen_id!r} has no logged scores")
+def logged_event(row: Row) -> LoggedEvent:
+    """One learned decision: (event_id, created_at, policy_name, prompt_version, chosen id,
+    reward, source, reward_id, feature_version, packed candidates)."""
+    (event_id, created_at, policy_name, prompt_version, chosen_id, reward, source, reward_id,
+     feature_version, packed) = row  # fmt: skip
+    candidates = packing.unpack_candidates(packed)
+    ids = candidates.candidate_ids
+    if chosen_id not in ids:
+        raise ValueError(f"{event_id}: chosen candidate {chosen_id!r} is not a candidate")
     return LoggedEvent(
         event_id=event_id,
         created_at=utc_datetime(created_at),
         policy_name=policy_name,
         prompt_version=prompt_version,
-        features=[float_list(row[8]) for row in rows],
-        probabilities=[float(row[9]) for row in rows],
-        chosen=candidate_ids.index(chosen_id),
+        features=candidates.features.tolist(),
+        probabilities=candidates.probabilities.tolist(),
+        chosen=ids.index(chosen_id),
         reward=float(reward),
         reward_source=reward_source(source),
-        reward_id=int(rows[0][10]),
-        feature_version=str(rows[0][11]),
+        reward_id=int(reward_id),
+        feature_version=str(feature_version),
     )
 
 
@@ -348,34 +364,52 @@ def policy_role(raw: str) -> PolicyRole:
     raise ValueError(f"policy role must be one of {sorted(POLICY_ROLES)}, got {raw!r}")
 
 
-def logged_runs(rows: Sequence[Row]) -> list[LoggedRuns]:
-    """Rows of one (run, candidate) each, grouped by event, then policy, in position
-    order -> one :class:`LoggedRuns` per event."""
+def logged_runs(decisions: Sequence[Row], shadows: Sequence[Row]) -> list[LoggedRuns]:
+    """Every policy's run on each decision, runs by policy name.
+
+    ``decisions``: (event_id, generation_source, policy_name, policy_version, chosen id,
+    packed candidates) in the order to return; ``shadows``: (event_id, policy_name,
+    policy_version, role, chosen id, error, packed probabilities) of those decisions.
+    """
+    by_event: dict[str, list[Row]] = {}
+    for row in shadows:
+        by_event.setdefault(row[0], []).append(row)
     events: list[LoggedRuns] = []
-    for event_id, group in itertools.groupby(rows, key=lambda row: row[0]):
-        event_rows = list(group)
-        runs = [
-            _logged_run(list(run_rows))
-            for _, run_rows in itertools.groupby(event_rows, key=lambda row: row[2])
+    for event_id, source, policy_name, policy_version, chosen_id, packed in decisions:
+        candidates = packing.unpack_candidates(packed)
+        ids = candidates.candidate_ids
+        served = LoggedPolicyRun(
+            policy_name=policy_name,
+            policy_version=policy_version,
+            role="served",
+            probabilities=candidates.probabilities.tolist(),
+            chosen=ids.index(chosen_id) if chosen_id in ids else None,
+            error=None,
+        )
+        runs = [served] + [
+            LoggedPolicyRun(
+                policy_name=name,
+                policy_version=version,
+                role=policy_role(role),
+                # A failed run logs no probabilities; nor does a run on other candidates.
+                probabilities=(
+                    probabilities
+                    if (probabilities := _probabilities(raw)) and len(probabilities) == len(ids)
+                    else []
+                ),
+                chosen=ids.index(chosen) if chosen in ids else None,
+                error=error,
+            )
+            for _, name, version, role, chosen, error, raw in by_event.get(event_id, ())
+            if name != policy_name
         ]
-        events.append(LoggedRuns(event_id, generation_source=event_rows[0][1], runs=runs))
+        runs.sort(key=lambda run: run.policy_name)
+        events.append(LoggedRuns(event_id, generation_source=source, runs=runs))
     return events
 
 
-def _logged_run(rows: Sequence[Row]) -> LoggedPolicyRun:
-    _, _, policy_name, policy_version, role, chosen_id, error = rows[0][:7]
-    candidate_ids = [row[7] for row in rows]
-    probabilities = [row[8] for row in rows]
-    # A failed run logs no scores; a distribution with holes is no distribution either.
-    scored = all(p is not None for p in probabilities)
-    return LoggedPolicyRun(
-        policy_name=policy_name,
-        policy_version=policy_version,
-        role=policy_role(role),
-        probabilities=[float(p) for p in probabilities] if scored else [],
-        chosen=candidate_ids.index(chosen_id) if chosen_id in candidate_ids else None,
-        error=error,
-    )
+def _probabilities(raw: bytes | None) -> list[float]:
+    return [] if raw is None else packing.unpack_floats(raw)
 
 
 def history_item(row: Row) -> ReactionHistoryItem:
@@ -390,17 +424,15 @@ def history_item(row: Row) -> ReactionHistoryItem:
 
 
 def store_counts(row: Row) -> StoreCounts:
-    (decisions, candidates, policy_runs, tip_scores, feedback, rewards, default_rewards,
-     served, shadow) = map(int, row)  # fmt: skip
+    decisions, candidates, shadow, feedback, rewards, default_rewards = map(int, row)
     return StoreCounts(
         decisions=decisions,
         candidates=candidates,
-        policy_runs=policy_runs,
-        tip_scores=tip_scores,
+        policy_runs=decisions + shadow,
         feedback=feedback,
         rewards=rewards,
         default_rewards=default_rewards,
-        by_role={"served": served, "shadow": shadow},
+        by_role={"served": decisions, "shadow": shadow},
     )
 
 

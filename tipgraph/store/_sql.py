@@ -17,10 +17,11 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from tipgraph.store import _rows
+from tipgraph.store import _rows, packing
 from tipgraph.store.base import DecisionStore, EventErased
 from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
+    CandidateRecord,
     DecisionRecord,
     ExpiredRows,
     ExposureItem,
@@ -66,9 +67,7 @@ class Statements:
 
     schema_version: str
     insert_decision: str
-    insert_candidate: str
     insert_policy_run: str
-    insert_tip_score: str
     select_decision: str
     select_decision_created_at: str
     insert_feedback: str
@@ -90,7 +89,12 @@ class Statements:
     select_runs_by_prompt: str
     select_runs_by_policy: str
     select_runs_by_prompt_and_policy: str
-    keep_reward_features_of_user: str
+    select_logged_decisions: str
+    select_logged_decisions_by_prompt: str
+    select_logged_decisions_by_policy: str
+    select_logged_decisions_by_prompt_and_policy: str
+    select_chosen_of_user: str
+    keep_reward_features: str
     delete_feedback_of_user: str
     delete_policy_runs_of_user: str
     delete_decisions_of_user: str
@@ -120,7 +124,8 @@ class Statements:
     insert_embedding: str
     delete_embeddings_of_user: str
     select_expired_decisions: str
-    keep_reward_features_of_event: str
+    select_chosen_of_event: str
+    select_candidates: str
     delete_feedback_of_event: str
     delete_held_of_event: str
     delete_policy_runs_of_event: str
@@ -137,75 +142,56 @@ class Statements:
 
 
 # r.features is set once the decision was erased (see migration 0004); until then the
-# chosen candidate's row holds them.
+# decision's packed candidates hold them (the chosen one's row).
 _TRAINING_EVENTS = """
-        SELECT r.reward_id, r.event_id, COALESCE(r.features, c.features), r.reward, r.source,
-               r.created_at
+        SELECT r.reward_id, r.event_id, r.features, r.reward, r.source, r.created_at,
+               d.candidates, d.chosen_candidate_id
         FROM rewards AS r
         LEFT JOIN decisions AS d ON d.event_id = r.event_id
-        LEFT JOIN candidates AS c
-          ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
-        WHERE r.reward_id > ? AND COALESCE(r.features, c.features) IS NOT NULL
+        WHERE r.reward_id > ? AND (r.features IS NOT NULL OR d.event_id IS NOT NULL)
         ORDER BY r.reward_id
 """
 
 
-def _keep_reward_features(which: str) -> str:
-    """Copy the chosen candidate's features into the rewards ``which`` names, before their
-    decisions are deleted (erasure, retention): the rewards log stays rebuildable."""
-    return f"""
-        UPDATE rewards SET features = (
-            SELECT c.features
-            FROM decisions AS d
-            JOIN candidates AS c
-              ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
-            WHERE d.event_id = rewards.event_id
-        )
-        WHERE {which}
-    """
-
-
 def _logged_events(*filters: str) -> str:
-    """Every learned decision with each candidate's features and logged probability.
-
-    Ordered by time, then event, then candidate position, so rows group by event.
-    """
+    """Every learned decision with its packed candidates (features, served probabilities),
+    ordered by time, then event."""
     extra = "".join(f" AND {condition} = ?" for condition in filters)
     return f"""
         SELECT d.event_id, d.created_at, d.policy_name, d.prompt_version,
-               d.chosen_candidate_id, r.reward, r.source, c.candidate_id, c.features,
-               s.probability, r.reward_id, d.feature_version
+               d.chosen_candidate_id, r.reward, r.source, r.reward_id, d.feature_version,
+               d.candidates
         FROM decisions AS d
         JOIN rewards AS r ON r.event_id = d.event_id
-        JOIN candidates AS c ON c.event_id = d.event_id
-        JOIN tip_scores AS s
-          ON s.event_id = d.event_id AND s.policy_name = d.policy_name
-         AND s.candidate_id = c.candidate_id
         WHERE d.created_at >= ? AND d.created_at < ?{extra}
-        ORDER BY d.created_at, d.event_id, c.position
+        ORDER BY d.created_at, d.event_id
     """
 
 
 def _logged_runs(*filters: str) -> str:
-    """Every policy's run on each learned decision, one row per (run, candidate).
-
-    The same decisions in the same order as :func:`_logged_events`; within a decision,
-    rows group by policy, in candidate position order.  A run without scores (a failed
-    shadow) still has a row per candidate, with a NULL probability.
-    """
+    """The shadow runs on the decisions :func:`_logged_events` selects (the served run is
+    part of the decision)."""
     extra = "".join(f" AND {condition} = ?" for condition in filters)
     return f"""
-        SELECT d.event_id, d.generation_source, p.policy_name, p.policy_version, p.role,
-               p.chosen_candidate_id, p.error, c.candidate_id, s.probability
+        SELECT p.event_id, p.policy_name, p.policy_version, p.role, p.chosen_candidate_id,
+               p.error, p.probabilities
         FROM decisions AS d
         JOIN rewards AS r ON r.event_id = d.event_id
         JOIN policy_runs AS p ON p.event_id = d.event_id
-        JOIN candidates AS c ON c.event_id = d.event_id
-        LEFT JOIN tip_scores AS s
-          ON s.event_id = p.event_id AND s.policy_name = p.policy_name
-         AND s.candidate_id = c.candidate_id
         WHERE d.created_at >= ? AND d.created_at < ?{extra}
-        ORDER BY d.created_at, d.event_id, p.policy_name, c.position
+    """
+
+
+def _logged_decisions(*filters: str) -> str:
+    """The decisions of :func:`_logged_events`, with what their served run needs."""
+    extra = "".join(f" AND {condition} = ?" for condition in filters)
+    return f"""
+        SELECT d.event_id, d.generation_source, d.policy_name, d.policy_version,
+               d.chosen_candidate_id, d.candidates
+        FROM decisions AS d
+        JOIN rewards AS r ON r.event_id = d.event_id
+        WHERE d.created_at >= ? AND d.created_at < ?{extra}
+        ORDER BY d.created_at, d.event_id
     """
 
 
@@ -221,43 +207,26 @@ QMARK_STATEMENTS = Statements(
             event_id, user_key, created_at, policy_name, policy_version, feature_version,
             prompt_version, generation_source, chosen_candidate_id, chosen_kind,
             chosen_probability, latency_context_ms, latency_generation_ms,
-            latency_scoring_ms, latency_total_ms, context_features, generation_reason,
-            llm_model, user_key_id, llm_pool, llm_pool_age_s, eligibility
-        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+            latency_scoring_ms, latency_total_ms, generation_reason, llm_model, user_key_id,
+            llm_pool, llm_pool_age_s, eligibility, n_candidates, candidates, chosen_content
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
         WHERE NOT EXISTS (
             SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
         )
         ON CONFLICT (event_id) DO NOTHING
     """,
-    insert_candidate="""
-        INSERT INTO candidates (
-            event_id, candidate_id, position, kind, source, content, task_ref, model,
-            prompt_version, features
-        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
-        WHERE EXISTS (SELECT 1 FROM decisions WHERE event_id = ?)
-        ON CONFLICT (event_id, candidate_id) DO NOTHING
-    """,
     insert_policy_run="""
         INSERT INTO policy_runs (
             event_id, policy_name, policy_version, role, chosen_candidate_id,
-            chosen_probability, latency_ms, error, created_at
-        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?
+            chosen_probability, latency_ms, error, created_at, probabilities
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
         WHERE NOT EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
         ON CONFLICT (event_id, policy_name) DO NOTHING
     """,
-    insert_tip_score="""
-        INSERT INTO tip_scores (event_id, policy_name, candidate_id, score, probability)
-        SELECT ?, ?, ?, ?, ?
-        WHERE EXISTS (SELECT 1 FROM policy_runs WHERE event_id = ? AND policy_name = ?)
-        ON CONFLICT (event_id, policy_name, candidate_id) DO NOTHING
-    """,
     select_decision="""
-        SELECT d.event_id, d.user_key, d.created_at, d.policy_name, d.policy_version,
-               d.chosen_candidate_id, d.chosen_kind, d.chosen_probability, c.features
-        FROM decisions AS d
-        JOIN candidates AS c
-          ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
-        WHERE d.event_id = ?
+        SELECT event_id, user_key, created_at, policy_name, policy_version,
+               chosen_candidate_id, chosen_kind, chosen_probability, candidates
+        FROM decisions WHERE event_id = ?
     """,
     select_decision_created_at="SELECT created_at FROM decisions WHERE event_id = ?",
     insert_feedback="""
@@ -320,11 +289,9 @@ QMARK_STATEMENTS = Statements(
         LIMIT ?
     """,
     select_user_history="""
-        SELECT d.chosen_kind, f.reaction, f.reward, d.created_at, c.content
+        SELECT d.chosen_kind, f.reaction, f.reward, d.created_at, d.chosen_content
         FROM decisions AS d
         JOIN feedback AS f ON f.event_id = d.event_id
-        LEFT JOIN candidates AS c
-          ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
         WHERE d.user_key = ?
         ORDER BY d.created_at DESC, f.feedback_id DESC
         LIMIT ?
@@ -333,24 +300,34 @@ QMARK_STATEMENTS = Statements(
     select_logged_by_prompt=_logged_events("d.prompt_version"),
     select_logged_by_policy=_logged_events("d.policy_name"),
     select_logged_by_prompt_and_policy=_logged_events("d.prompt_version", "d.policy_name"),
+    select_logged_decisions=_logged_decisions(),
+    select_logged_decisions_by_prompt=_logged_decisions("d.prompt_version"),
+    select_logged_decisions_by_policy=_logged_decisions("d.policy_name"),
+    select_logged_decisions_by_prompt_and_policy=_logged_decisions(
+        "d.prompt_version", "d.policy_name"
+    ),
     select_runs=_logged_runs(),
     select_runs_by_prompt=_logged_runs("d.prompt_version"),
     select_runs_by_policy=_logged_runs("d.policy_name"),
     select_runs_by_prompt_and_policy=_logged_runs("d.prompt_version", "d.policy_name"),
-    keep_reward_features_of_user=_keep_reward_features(
-        "event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)"
-    ),
+    # Erasure and retention keep what the rewards trained on (see migration 0004): the
+    # chosen candidates' features are unpacked here and written back into each reward.
+    select_chosen_of_user="""
+        SELECT r.event_id, d.candidates, d.chosen_candidate_id
+        FROM rewards AS r JOIN decisions AS d ON d.event_id = r.event_id
+        WHERE d.user_key = ? AND r.features IS NULL
+    """,
+    keep_reward_features="UPDATE rewards SET features = ? WHERE event_id = ? AND features IS NULL",
     delete_feedback_of_user="""
         DELETE FROM feedback
         WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
     """,
-    # Shadow runs may land before their decision, so policy_runs has no foreign key to it;
-    # tip_scores cascade from policy_runs.
+    # Shadow runs may land before their decision, so policy_runs has no foreign key to it.
     delete_policy_runs_of_user="""
         DELETE FROM policy_runs
         WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
     """,
-    # Cascades to candidates; rewards keep their features (event_id set to NULL).
+    # Rewards keep their features (event_id set to NULL).
     delete_decisions_of_user="DELETE FROM decisions WHERE user_key = ?",
     insert_erased_user="""
         INSERT INTO erased_users (user_key, erased_at) VALUES (?, ?)
@@ -373,8 +350,7 @@ QMARK_STATEMENTS = Statements(
         )
         ON CONFLICT (event_id) DO NOTHING
     """,
-    # Shadow rows and held feedback may have landed before their (dropped) decision;
-    # tip_scores cascade from policy_runs.
+    # Shadow rows and held feedback may have landed before their (dropped) decision.
     delete_runs_of_dropped_event="""
         DELETE FROM policy_runs
         WHERE event_id = ? AND EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
@@ -399,11 +375,9 @@ QMARK_STATEMENTS = Statements(
     select_held_ready="""
         SELECT h.event_id, h.reaction, h.value, h.reward, h.reacted_at, h.received_at,
                d.event_id, d.user_key, d.created_at, d.policy_name, d.policy_version,
-               d.chosen_candidate_id, d.chosen_kind, d.chosen_probability, c.features
+               d.chosen_candidate_id, d.chosen_kind, d.chosen_probability, d.candidates
         FROM held_feedback AS h
         JOIN decisions AS d ON d.event_id = h.event_id
-        JOIN candidates AS c
-          ON c.event_id = d.event_id AND c.candidate_id = d.chosen_candidate_id
         ORDER BY h.received_at
         LIMIT ?
     """,
@@ -482,14 +456,11 @@ QMARK_STATEMENTS = Statements(
     # One statement, so the numbers come from one snapshot on both backends.
     select_counts="""
         SELECT (SELECT COUNT(*) FROM decisions),
-               (SELECT COUNT(*) FROM candidates),
+               (SELECT COALESCE(SUM(n_candidates), 0) FROM decisions),
                (SELECT COUNT(*) FROM policy_runs),
-               (SELECT COUNT(*) FROM tip_scores),
                (SELECT COUNT(*) FROM feedback),
                (SELECT COUNT(*) FROM rewards),
-               (SELECT COUNT(*) FROM rewards WHERE source = 'default'),
-               (SELECT COUNT(*) FROM policy_runs WHERE role = 'served'),
-               (SELECT COUNT(*) FROM policy_runs WHERE role = 'shadow')
+               (SELECT COUNT(*) FROM rewards WHERE source = 'default')
     """,
     # Retention (delete_expired): the oldest first, by decisions_created_idx.
     select_expired_decisions="""
@@ -497,11 +468,19 @@ QMARK_STATEMENTS = Statements(
         ORDER BY created_at, event_id
         LIMIT ?
     """,
-    keep_reward_features_of_event=_keep_reward_features("event_id = ? AND features IS NULL"),
+    select_chosen_of_event="""
+        SELECT r.event_id, d.candidates, d.chosen_candidate_id
+        FROM rewards AS r JOIN decisions AS d ON d.event_id = r.event_id
+        WHERE r.event_id = ? AND r.features IS NULL
+    """,
+    # What a decision showed, for audits (DecisionStore.decision_candidates).
+    select_candidates="""
+        SELECT candidates, chosen_candidate_id, chosen_content FROM decisions WHERE event_id = ?
+    """,
     delete_feedback_of_event="DELETE FROM feedback WHERE event_id = ?",
     delete_held_of_event="DELETE FROM held_feedback WHERE event_id = ?",
     delete_policy_runs_of_event="DELETE FROM policy_runs WHERE event_id = ?",
-    # Cascades to candidates; rewards keep their features (event_id set to NULL).
+    # Rewards keep their features (event_id set to NULL).
     delete_decision="DELETE FROM decisions WHERE event_id = ?",
     delete_expired_orphan_runs="""
         DELETE FROM policy_runs
@@ -601,14 +580,11 @@ class SQLDecisionStore(DecisionStore):
     ) -> int:
         rows = _rows.decision_rows(decisions)
         created_at = _rows.db_timestamp(datetime.now(UTC), what="now")
-        run_rows, score_rows = rows.policy_runs, rows.tip_scores
-        for entry in policy_scores:
-            for run in entry.runs:
-                run_row, scores = _rows.policy_run_rows(
-                    entry.event_id, run, entry.candidate_ids, created_at
-                )
-                run_rows.append(run_row)
-                score_rows.extend(scores)
+        run_rows = [
+            _rows.policy_run_row(entry.event_id, run, entry.candidate_ids, created_at)
+            for entry in policy_scores
+            for run in entry.runs
+        ]
         held_rows = [(*_rows.feedback_params(f), f.event_id) for f in held]
         if not rows.decisions and not run_rows and not held_rows:
             return 0
@@ -623,9 +599,7 @@ class SQLDecisionStore(DecisionStore):
                     [(r[0], created_at, r[1], r[2]) for r in rows.decisions],
                 )
                 dropped = max(cur.rowcount, 0)
-            _insert_many(cur, self._sql.insert_candidate, [(*r, r[0]) for r in rows.candidates])
             _insert_many(cur, self._sql.insert_policy_run, [(*r, r[0]) for r in run_rows])
-            _insert_many(cur, self._sql.insert_tip_score, [(*r, r[0], r[1]) for r in score_rows])
             _insert_many(cur, self._sql.insert_held, held_rows)
             if dropped:
                 pairs = [(r[0], r[0]) for r in rows.decisions]
@@ -735,7 +709,7 @@ class SQLDecisionStore(DecisionStore):
         with self._transaction(write=False) as cur:
             cur.execute(statement, params)
             rows = cur.fetchall()
-        return _rows.logged_events(rows)
+        return [_rows.logged_event(row) for row in rows]
 
     def logged_policy_runs(self, log_filter: LogFilter = EVERYTHING) -> list[LoggedRuns]:
         sql = self._sql
@@ -748,10 +722,21 @@ class SQLDecisionStore(DecisionStore):
             ),
             log_filter,
         )
+        decisions_statement, _ = _log_query(
+            (
+                sql.select_logged_decisions,
+                sql.select_logged_decisions_by_prompt,
+                sql.select_logged_decisions_by_policy,
+                sql.select_logged_decisions_by_prompt_and_policy,
+            ),
+            log_filter,
+        )
         with self._transaction(write=False) as cur:
+            cur.execute(decisions_statement, params)
+            decisions = cur.fetchall()
             cur.execute(statement, params)
-            rows = cur.fetchall()
-        return _rows.logged_runs(rows)
+            shadows = cur.fetchall()
+        return _rows.logged_runs(decisions, shadows)
 
     def training_events(
         self, after_reward_id: int = 0, limit: int | None = None
@@ -805,7 +790,8 @@ class SQLDecisionStore(DecisionStore):
             for user_key in user_keys:
                 cur.execute(self._sql.insert_erased_user, (user_key, now))
                 cur.execute(self._sql.insert_erased_events_of_user, (now, user_key))
-                cur.execute(self._sql.keep_reward_features_of_user, (user_key,))
+                cur.execute(self._sql.select_chosen_of_user, (user_key,))
+                self._keep_reward_features(cur, cur.fetchall())
                 cur.execute(self._sql.delete_feedback_of_user, (user_key,))
                 feedback += cur.rowcount
                 cur.execute(self._sql.delete_held_of_user, (user_key,))
@@ -829,14 +815,44 @@ class SQLDecisionStore(DecisionStore):
             events = [(row[0],) for row in cur.fetchall()]
             if not events:
                 return ExpiredRows()
-            cur.executemany(self._sql.keep_reward_features_of_event, events)
+            chosen = []
+            for event in events:
+                cur.execute(self._sql.select_chosen_of_event, event)
+                chosen.extend(cur.fetchall())
+            self._keep_reward_features(cur, chosen)
             cur.executemany(self._sql.delete_feedback_of_event, events)
             feedback = cur.rowcount
             cur.executemany(self._sql.delete_held_of_event, events)
             cur.executemany(self._sql.delete_policy_runs_of_event, events)
-            runs = cur.rowcount
+            shadow_runs = cur.rowcount
             cur.executemany(self._sql.delete_decision, events)
-        return ExpiredRows(decisions=len(events), feedback=feedback, policy_runs=runs)
+        # Each decision carried its served run.
+        return ExpiredRows(
+            decisions=len(events), feedback=feedback, policy_runs=len(events) + shadow_runs
+        )
+
+    def _keep_reward_features(self, cur: Cursor, chosen: Sequence[Any]) -> None:
+        """Copy each (event_id, packed candidates, chosen id)'s chosen features into its
+        reward, before the decision goes (erasure, retention)."""
+        _insert_many(
+            cur,
+            self._sql.keep_reward_features,
+            [
+                (
+                    packing.pack_vector(
+                        _rows.chosen_features(packed, chosen_id), what=f"{event_id}: features"
+                    ),
+                    event_id,
+                )
+                for event_id, packed, chosen_id in chosen
+            ],
+        )
+
+    def decision_candidates(self, event_id: str) -> list[CandidateRecord]:
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.select_candidates, (event_id,))
+            row = cur.fetchone()
+        return [] if row is None else _rows.candidate_records(*row)
 
     def delete_expired_leftovers(self, before: datetime) -> ExpiredRows:
         cutoff = (_rows.db_timestamp(before, what="before"),)

@@ -8,6 +8,7 @@ from datetime import datetime
 
 from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
+    CandidateRecord,
     DecisionRecord,
     ExpiredRows,
     ExposureItem,
@@ -50,7 +51,7 @@ class MigrationError(StoreError):
 
 
 class DecisionStore(abc.ABC):
-    """Append-mostly log of decisions, per-policy scores, feedback and rewards.
+    """Append-mostly log of decisions, per-policy probabilities, feedback and rewards.
 
     Feedback is what users said; rewards are what the policies learn from.  They differ
     because feedback may come too late to learn from, and a decision nobody answers in
@@ -120,6 +121,11 @@ class DecisionStore(abc.ABC):
     @abc.abstractmethod
     def get_decision(self, event_id: str) -> StoredDecision | None:
         """The decision with the chosen candidate's features, or None if unknown."""
+
+    @abc.abstractmethod
+    def decision_candidates(self, event_id: str) -> list[CandidateRecord]:
+        """Every candidate of the decision as logged, in position order ([] if unknown):
+        what an audit of one decision reads."""
 
     @abc.abstractmethod
     def record_feedback(

@@ -28,6 +28,7 @@ from psycopg import sql
 
 from tipgraph.store._sql import Cursor
 from tipgraph.store.base import MigrationError
+from tipgraph.store.conversions import DATA_STEPS
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +146,26 @@ def _prepare(cur: Cursor, dialect: Dialect, pg_schema: str | None) -> None:
     cur.execute(_BOOKKEEPING[dialect])
 
 
+_DATA_STEP = re.compile(r"^-- @data (\w+)[ \t]*$", re.MULTILINE)
+
+
 def _run_script(cur: Cursor, dialect: Dialect, script: str) -> None:
-    if dialect == "postgres":
-        cur.execute(script)  # without parameters psycopg sends a whole script at once
-    else:
-        for statement in split_sqlite_script(script):
-            cur.execute(statement)
+    """The script's SQL, and at each ``-- @data <name>`` line the Python data step of that
+    name (:data:`tipgraph.store.conversions.DATA_STEPS`), all on ``cur``."""
+    parts = _DATA_STEP.split(script)
+    for i, part in enumerate(parts):
+        if i % 2:
+            step = DATA_STEPS.get(part)
+            if step is None:
+                raise MigrationError(f"a migration names an unknown data step {part!r}")
+            step(cur, dialect)
+        elif not _has_code(part):
+            continue
+        elif dialect == "postgres":
+            cur.execute(part)  # without parameters psycopg sends a whole script at once
+        else:
+            for statement in split_sqlite_script(part):
+                cur.execute(statement)
 
 
 def migrate(transaction: Transaction, dialect: Dialect, *, pg_schema: str | None = None) -> int:

@@ -31,7 +31,9 @@ class CandidateRecord:
 class PolicyScoresRecord:
     """What one policy (served or shadow) said about every candidate of one event.
 
-    ``scores`` and ``probabilities`` are aligned with the candidates' ``position``.
+    ``scores`` and ``probabilities`` are aligned with the candidates' ``position``.  The
+    log keeps the probabilities (what off-policy evaluation and the report read), not the
+    scores.
     """
 
     policy_name: str
@@ -69,7 +71,6 @@ class DecisionRecord:
     chosen_kind: str
     chosen_probability: float
     latency_ms: dict[str, float]
-    context_features: list[float]
     candidates: list[CandidateRecord]
     served: PolicyScoresRecord
     generation_reason: str | None = None
@@ -230,7 +231,7 @@ class StoreCounts:
     decisions: int = 0
     candidates: int = 0
     policy_runs: int = 0
-    tip_scores: int = 0
+    """Every policy's run: the served one of each decision, and the shadows'."""
     feedback: int = 0
     rewards: int = 0
     default_rewards: int = 0
@@ -246,7 +247,7 @@ class ExpiredRows:
     feedback: int = 0
     policy_runs: int = 0
     """Every policy's run on the deleted decisions, and shadow runs whose decision never
-    arrived; with their scores."""
+    arrived."""
     embeddings: int = 0
 
     def __add__(self, other: ExpiredRows) -> ExpiredRows:

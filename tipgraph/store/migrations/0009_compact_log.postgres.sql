@@ -1,0 +1,22 @@
+-- 0009 (Postgres): the compact decision log (tipgraph/store/packing.py).  A decision's
+-- candidates, their features and the served policy's probabilities become one packed value
+-- on the decision row; shadow runs keep their probabilities packed on their own row; the
+-- served run is part of its decision.  candidates, tip_scores, the served policy_runs rows
+-- and decisions.context_features (every joint vector holds the context) go.  Rewards keep
+-- their copied features packed.  The data step converts every row in this transaction;
+-- VACUUM afterwards returns the old rows' space.
+ALTER TABLE decisions ADD COLUMN n_candidates INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE decisions ADD COLUMN candidates BYTEA;
+-- The shown tip's text, where the history query reads it without unpacking anything.
+ALTER TABLE decisions ADD COLUMN chosen_content TEXT;
+ALTER TABLE decisions DROP COLUMN context_features;
+ALTER TABLE policy_runs ADD COLUMN probabilities BYTEA;
+ALTER TABLE rewards ADD COLUMN packed_features BYTEA;
+-- @data compact_log
+DELETE FROM policy_runs WHERE role = 'served';
+DROP TABLE tip_scores;
+DROP TABLE candidates;
+ALTER TABLE rewards DROP COLUMN features;
+ALTER TABLE rewards RENAME COLUMN packed_features TO features;
+ALTER TABLE decisions ALTER COLUMN candidates SET NOT NULL;
+ALTER TABLE decisions ALTER COLUMN n_candidates DROP DEFAULT;
