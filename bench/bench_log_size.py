@@ -9,8 +9,10 @@ task mode (the embedded default) and in mixed mode (LLM tips from the pool, simu
 models).  What a decision costs is every byte of the decision log's tables and their
 indexes (SQLite: ``dbstat`` pages; Postgres: ``pg_total_relation_size``) over the number
 of decisions.  The candidate pool and the embedding cache are caches, not the log, and are
-left out.  Then the compact codec's cost per decision: packing (the writer) and unpacking
-(what every reader of features pays).
+left out.  Each log is then read back as tuning and the report read it
+(``DecisionStore.logged_events``, median of 3, in the code that wrote it), and the
+baseline's logs are migrated to this code's layout (migration 0009, timed).  Last, the
+compact codec's cost per decision: packing (the writer) and unpacking (every reader).
 """
 
 from __future__ import annotations
@@ -80,16 +82,51 @@ def _fresh_postgres(admin_url: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{PG_DATABASE}"
 
 
+_READ = """
+import statistics, sys, time
+from tipgraph.settings import StoreSettings
+from tipgraph.store import open_store
+with open_store(StoreSettings(url=sys.argv[1])) as store:
+    took = []
+    for _ in range(3):
+        start = time.perf_counter()
+        n = len(store.logged_events())
+        took.append(time.perf_counter() - start)
+print(n / statistics.median(took))
+"""
+
+
+def _read_rate(code: Path, url: str) -> float:
+    """Learned decisions per second that ``logged_events`` reads, in ``code``."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    done = subprocess.run(
+        [sys.executable, "-c", _READ, url], cwd=code, env=env, check=True, capture_output=True
+    )
+    return float(done.stdout)
+
+
+def _migrate_seconds(url: str) -> float:
+    """How long this code's migrations take on the log at ``url`` (opening migrates)."""
+    from tipgraph.settings import StoreSettings
+    from tipgraph.store import open_store
+
+    start = time.perf_counter()
+    open_store(StoreSettings(url=url)).close()
+    return time.perf_counter() - start
+
+
 def measure(
     code: Path, backend: str, mixed: bool, args: argparse.Namespace, tmp: Path
-) -> tuple[int, dict[str, int]]:
+) -> tuple[int, dict[str, int], float, str]:
+    """(decisions, bytes by table, decisions read per second, the log's URL)."""
     if backend == "sqlite":
         path = tmp / f"log-{time.monotonic_ns()}.db"
-        _simulate(code, f"sqlite:///{path}", args.decisions, args.users, mixed)
-        return _sqlite_sizes(path)
+        url = f"sqlite:///{path}"
+        _simulate(code, url, args.decisions, args.users, mixed)
+        return (*_sqlite_sizes(path), _read_rate(code, url), url)
     url = _fresh_postgres(args.postgres)
     _simulate(code, url, args.decisions, args.users, mixed)
-    return _postgres_sizes(url)
+    return (*_postgres_sizes(url), _read_rate(code, url), url)
 
 
 def codec_cost(rounds: int = 5) -> tuple[float, float, int]:
@@ -141,8 +178,12 @@ def main() -> None:
         f"\n{args.decisions} decisions of {args.users} users per cell, this code ({head}) "
         f"against {args.baseline}:\n"
     )
-    print("| backend | mode | code | bytes/decision | by table (bytes/decision) |")
-    print("| --- | --- | --- | ---: | --- |")
+    print(
+        "| backend | mode | code | bytes/decision | by table (bytes/decision) "
+        "| logged_events, decisions/s |"
+    )
+    print("| --- | --- | --- | ---: | --- | ---: |")
+    migrations = []
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         baseline = tmp / "baseline"
@@ -154,19 +195,27 @@ def main() -> None:
         try:
             for backend in ("sqlite", "postgres"):
                 for mixed in (False, True):
+                    mode = "mixed (LLM pool)" if mixed else "tasks"
                     for label, code in ((args.baseline, baseline), ("this", ROOT)):
-                        n, sizes = measure(code, backend, mixed, args, tmp)
+                        n, sizes, rate, url = measure(code, backend, mixed, args, tmp)
                         parts = ", ".join(
                             f"{t} {s / n:,.0f}"
                             for t, s in sorted(sizes.items(), key=lambda kv: -kv[1])
                         )
                         total = sum(sizes.values()) / n
-                        mode = "mixed (LLM pool)" if mixed else "tasks"
-                        print(f"| {backend} | {mode} | {label} | {total:,.0f} | {parts} |")
+                        print(
+                            f"| {backend} | {mode} | {label} | {total:,.0f} | {parts} "
+                            f"| {rate:,.0f} |"
+                        )
+                        if label == args.baseline:
+                            migrations.append((backend, mode, n, _migrate_seconds(url)))
         finally:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, check=False
             )
+    print("\nMigrating the baseline's logs to this layout (0009, one transaction):\n")
+    for backend, mode, n, seconds in migrations:
+        print(f"* {backend}, {mode}: {n} decisions in {seconds:.2f} s")
     pack_us, unpack_us, size = codec_cost()
     print(
         f"\nCodec, 7 candidates x 81 features: pack {pack_us:.1f} µs, unpack {unpack_us:.1f} µs "

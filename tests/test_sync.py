@@ -60,7 +60,6 @@ def log_decision(
                 "focus",
                 1.0,
                 {"total": 1.0},
-                [1.0],
                 [candidate],
                 served,
             )

@@ -213,7 +213,7 @@ RETENTION_DELETED = MetricSpec(
     "tipgraph_retention_deleted",
     "counter",
     "Rows the retention deleted (retention.days), by kind: decisions (with their "
-    "candidates), feedback, policy_runs (with their scores), embeddings.",
+    "candidates), feedback, policy_runs (every policy's run), embeddings.",
     ("rows",),
 )
 
