@@ -9,6 +9,7 @@ records, and the report must value every policy the same.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import sqlite3
@@ -22,8 +23,9 @@ from psycopg import sql
 
 import tipgraph.store.migrate as migrate_module
 from tests.data.make_schema8_log import plain
+from tests.test_store import raw_sql
 from tipgraph.settings import StoreSettings
-from tipgraph.store import open_store
+from tipgraph.store import conversions, open_store
 from tipgraph.store.sqlite import sqlite_path
 from tuning.report import load_report
 
@@ -64,15 +66,36 @@ def _load_schema8(settings: StoreSettings, tables: dict[str, Any]) -> None:
                 cur.executemany(statement, rows)
 
 
+def _with_orphan(tables: dict[str, Any]) -> dict[str, Any]:
+    """The fixture plus a shadow run (with scores) whose decision never arrived."""
+    tables = copy.deepcopy(tables)
+    run = dict.fromkeys(tables["policy_runs"]["columns"])
+    run.update(
+        event_id="orphan", policy_name="egreedy", policy_version="egreedy-0.0", role="shadow",
+        chosen_candidate_id="c1", chosen_probability=0.9, latency_ms=1.0,
+        created_at="2026-12-06T05:00:00.000000+00:00",
+    )  # fmt: skip
+    tables["policy_runs"]["rows"].append([run[c] for c in tables["policy_runs"]["columns"]])
+    for candidate, probability in (("c0", 0.1), ("c1", 0.9)):
+        tables["tip_scores"]["rows"].append(["orphan", "egreedy", candidate, 0.0, probability])
+    return tables
+
+
+# 7: the decisions, rewards and scores span several chunks of the data step.
+@pytest.mark.parametrize("chunk", [conversions.CHUNK, 7])
 def test_a_schema8_log_reads_back_the_same_after_compaction(
-    store_settings: StoreSettings, fixture: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    store_settings: StoreSettings,
+    fixture: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    chunk: int,
 ) -> None:
     shipped = migrate_module.load_migrations
     monkeypatch.setattr(migrate_module, "load_migrations", lambda dialect: shipped(dialect)[:8])
     with open_store(store_settings) as old:
         assert old.schema_version() == 8
-    _load_schema8(store_settings, fixture["tables"])
+    _load_schema8(store_settings, _with_orphan(fixture["tables"]))
     monkeypatch.undo()
+    monkeypatch.setattr(conversions, "CHUNK", chunk)
 
     expected = fixture["expected"]
     with open_store(store_settings) as store:
@@ -103,9 +126,13 @@ def test_a_schema8_log_reads_back_the_same_after_compaction(
                 for r in rows
             ]
             assert [c.features for c in stored] == [json.loads(r["features"]) for r in rows]
+        # The orphan's scores kept no candidate order: it reads as a run without them.
+        assert raw_sql(
+            store_settings, "SELECT probabilities FROM policy_runs WHERE event_id = 'orphan'"
+        ) == [(None,)]
         counts = store.counts()
         assert counts.decisions == len(tables["decisions"]["rows"])
         assert counts.candidates == len(tables["candidates"]["rows"])
-        assert counts.by_role["shadow"] == sum(
+        assert counts.by_role["shadow"] == 1 + sum(
             1 for r in tables["policy_runs"]["rows"] if r[3] == "shadow"
         )

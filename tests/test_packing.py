@@ -62,6 +62,8 @@ def test_parts_that_disagree_are_refused() -> None:
         packing.pack_candidates(_texts(2), [[0.0]], [0.5, 0.5])
     with pytest.raises(ValueError, match="different lengths"):
         packing.pack_candidates(_texts(2), [[0.0], [0.0, 1.0]], [0.5, 0.5])
+    with pytest.raises(ValueError, match="at most 65535"):
+        packing.pack_candidates(_texts(1), [[0.0] * 70_000], [1.0])
 
 
 def test_values_it_did_not_make_are_refused() -> None:

@@ -31,7 +31,7 @@ def _statement(dialect: Dialect, qmark: str, n: int = 0) -> str:
 def compact_log(cur: Cursor, dialect: Dialect) -> None:
     """Migration 0009: candidates and served scores into each decision's packed value,
     shadow scores into their run's probabilities, rewards' copied features packed."""
-    after, decisions, orphans = "", 0, 0
+    after, decisions = "", 0
     while True:
         cur.execute(
             _statement(
@@ -47,47 +47,44 @@ def compact_log(cur: Cursor, dialect: Dialect) -> None:
         _convert_decisions(cur, dialect, chunk)
         decisions += len(chunk)
         after = chunk[-1][0]
-    # Shadow runs whose decision had not arrived: their scores in the order they were
-    # written, which is the order of the candidate ids the shadow was given.
-    order = "rowid" if dialect == "sqlite" else "ctid"
+    # Shadow runs whose decision had not arrived (events in flight during the upgrade):
+    # tip_scores kept no candidate order, so they are left without probabilities and read
+    # back as a run that logged none, never as a distribution in the wrong order.
     cur.execute(
         _statement(
             dialect,
-            "SELECT p.event_id, p.policy_name FROM policy_runs AS p WHERE p.role = 'shadow' "
+            "SELECT COUNT(*) FROM policy_runs AS p WHERE p.role = 'shadow' "
             "AND NOT EXISTS (SELECT 1 FROM decisions AS d WHERE d.event_id = p.event_id)",
         )
     )
-    for event_id, policy_name in cur.fetchall():
+    orphans = int(cur.fetchone()[0])
+    kept, after_reward = 0, 0
+    while True:
         cur.execute(
             _statement(
                 dialect,
-                f"SELECT probability FROM tip_scores WHERE event_id = ? AND policy_name = ? "
-                f"ORDER BY {order}",
+                "SELECT reward_id, features FROM rewards "
+                "WHERE features IS NOT NULL AND reward_id > ? ORDER BY reward_id LIMIT ?",
             ),
-            (event_id, policy_name),
+            (after_reward, CHUNK),
         )
-        probabilities = [float(row[0]) for row in cur.fetchall()]
-        if probabilities:
-            _set_run(cur, dialect, [(event_id, policy_name, probabilities)])
-            orphans += 1
-    cur.execute(
-        _statement(
-            dialect,
-            "SELECT reward_id, features FROM rewards WHERE features IS NOT NULL",
+        rewards = cur.fetchall()
+        if not rewards:
+            break
+        cur.executemany(
+            _statement(dialect, "UPDATE rewards SET packed_features = ? WHERE reward_id = ?"),
+            [
+                (packing.pack_vector(_rows.float_list(raw), what=f"reward {rid}"), rid)
+                for rid, raw in rewards
+            ],
         )
-    )
-    kept = [
-        (packing.pack_vector(_rows.float_list(raw), what=f"reward {rid}"), rid)
-        for rid, raw in cur.fetchall()
-    ]
-    cur.executemany(
-        _statement(dialect, "UPDATE rewards SET packed_features = ? WHERE reward_id = ?"), kept
-    )
+        kept += len(rewards)
+        after_reward = rewards[-1][0]
     logger.info(
         "compacted %d decisions, %d shadow runs without a decision, %d rewards' features",
         decisions,
         orphans,
-        len(kept),
+        kept,
     )
 
 
@@ -150,10 +147,10 @@ def _convert_decisions(cur: Cursor, dialect: Dialect, chunk: Sequence[Any]) -> N
         ),
         decision_rows,
     )
-    _set_run(cur, dialect, run_rows)
+    _set_runs(cur, dialect, run_rows)
 
 
-def _set_run(cur: Cursor, dialect: Dialect, runs: Sequence[tuple[str, str, list[float]]]) -> None:
+def _set_runs(cur: Cursor, dialect: Dialect, runs: Sequence[tuple[str, str, list[float]]]) -> None:
     cur.executemany(
         _statement(
             dialect,

@@ -29,6 +29,7 @@ FORMAT_V1 = b"\x01"
 """First byte of every packed value: a later format can change everything after it."""
 
 _HEADER = struct.Struct("<HHI")  # candidates, features per candidate, bytes of texts
+_MAX_COUNT = 0xFFFF
 _FLOAT64 = np.dtype("<f8")
 # Level 6 (zlib's default) packs a decision's candidates within a few bytes of level 9 at
 # a third of the time; the writer pays it once per decision.
@@ -98,6 +99,8 @@ def pack_candidates(
             f"{len(probabilities)} probabilities"
         )
     X = finite_matrix(features, what="candidate features")
+    if max(n, X.shape[1]) > _MAX_COUNT:
+        raise ValueError(f"at most {_MAX_COUNT} candidates and features, got {n} x {X.shape[1]}")
     p = finite_matrix([probabilities], what="probabilities").reshape(n)
     meta = json.dumps(
         [

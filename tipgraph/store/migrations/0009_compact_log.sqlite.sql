@@ -12,8 +12,9 @@ ALTER TABLE decisions DROP COLUMN context_features;
 ALTER TABLE policy_runs ADD COLUMN probabilities BLOB;
 ALTER TABLE rewards ADD COLUMN packed_features BLOB;
 -- @data compact_log
-DELETE FROM policy_runs WHERE role = 'served';
+-- The scores first: deleting runs would cascade to them one row at a time.
 DROP TABLE tip_scores;
+DELETE FROM policy_runs WHERE role = 'served';
 DROP TABLE candidates;
 ALTER TABLE rewards DROP COLUMN features;
 ALTER TABLE rewards RENAME COLUMN packed_features TO features;
