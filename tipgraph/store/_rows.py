@@ -333,9 +333,10 @@ def training_event(row: Row) -> TrainingEvent:
 
 def logged_event(row: Row) -> LoggedEvent:
     """One learned decision: (event_id, created_at, policy_name, prompt_version, chosen id,
-    reward, source, reward_id, feature_version, packed candidates)."""
+    reward, source, reward_id, feature_version, packed candidates, ...); the columns after
+    those are the served run's (:func:`logged_runs`)."""
     (event_id, created_at, policy_name, prompt_version, chosen_id, reward, source, reward_id,
-     feature_version, packed) = row  # fmt: skip
+     feature_version, packed) = row[:10]  # fmt: skip
     candidates = packing.unpack_candidates(packed)
     ids = candidates.candidate_ids
     if chosen_id not in ids:
@@ -367,15 +368,17 @@ def policy_role(raw: str) -> PolicyRole:
 def logged_runs(decisions: Sequence[Row], shadows: Sequence[Row]) -> list[LoggedRuns]:
     """Every policy's run on each decision, runs by policy name.
 
-    ``decisions``: (event_id, generation_source, policy_name, policy_version, chosen id,
-    packed candidates) in the order to return; ``shadows``: (event_id, policy_name,
+    ``decisions``: the rows :func:`logged_event` reads, then generation_source and
+    policy_version, in the order to return; ``shadows``: (event_id, policy_name,
     policy_version, role, chosen id, error, packed probabilities) of those decisions.
     """
     by_event: dict[str, list[Row]] = {}
     for row in shadows:
         by_event.setdefault(row[0], []).append(row)
     events: list[LoggedRuns] = []
-    for event_id, source, policy_name, policy_version, chosen_id, packed in decisions:
+    for row in decisions:
+        event_id, policy_name, chosen_id = row[0], row[2], row[4]
+        packed, source, policy_version = row[9:12]
         candidates = packing.unpack_candidates(packed)
         ids = candidates.candidate_ids
         served = LoggedPolicyRun(

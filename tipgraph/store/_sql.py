@@ -89,10 +89,6 @@ class Statements:
     select_runs_by_prompt: str
     select_runs_by_policy: str
     select_runs_by_prompt_and_policy: str
-    select_logged_decisions: str
-    select_logged_decisions_by_prompt: str
-    select_logged_decisions_by_policy: str
-    select_logged_decisions_by_prompt_and_policy: str
     select_chosen_of_user: str
     keep_reward_features: str
     delete_feedback_of_user: str
@@ -155,12 +151,12 @@ _TRAINING_EVENTS = """
 
 def _logged_events(*filters: str) -> str:
     """Every learned decision with its packed candidates (features, served probabilities),
-    ordered by time, then event."""
+    ordered by time, then event; also what its served run needs (logged_policy_runs)."""
     extra = "".join(f" AND {condition} = ?" for condition in filters)
     return f"""
         SELECT d.event_id, d.created_at, d.policy_name, d.prompt_version,
                d.chosen_candidate_id, r.reward, r.source, r.reward_id, d.feature_version,
-               d.candidates
+               d.candidates, d.generation_source, d.policy_version
         FROM decisions AS d
         JOIN rewards AS r ON r.event_id = d.event_id
         WHERE d.created_at >= ? AND d.created_at < ?{extra}
@@ -179,19 +175,6 @@ def _logged_runs(*filters: str) -> str:
         JOIN rewards AS r ON r.event_id = d.event_id
         JOIN policy_runs AS p ON p.event_id = d.event_id
         WHERE d.created_at >= ? AND d.created_at < ?{extra}
-    """
-
-
-def _logged_decisions(*filters: str) -> str:
-    """The decisions of :func:`_logged_events`, with what their served run needs."""
-    extra = "".join(f" AND {condition} = ?" for condition in filters)
-    return f"""
-        SELECT d.event_id, d.generation_source, d.policy_name, d.policy_version,
-               d.chosen_candidate_id, d.candidates
-        FROM decisions AS d
-        JOIN rewards AS r ON r.event_id = d.event_id
-        WHERE d.created_at >= ? AND d.created_at < ?{extra}
-        ORDER BY d.created_at, d.event_id
     """
 
 
@@ -300,12 +283,6 @@ QMARK_STATEMENTS = Statements(
     select_logged_by_prompt=_logged_events("d.prompt_version"),
     select_logged_by_policy=_logged_events("d.policy_name"),
     select_logged_by_prompt_and_policy=_logged_events("d.prompt_version", "d.policy_name"),
-    select_logged_decisions=_logged_decisions(),
-    select_logged_decisions_by_prompt=_logged_decisions("d.prompt_version"),
-    select_logged_decisions_by_policy=_logged_decisions("d.policy_name"),
-    select_logged_decisions_by_prompt_and_policy=_logged_decisions(
-        "d.prompt_version", "d.policy_name"
-    ),
     select_runs=_logged_runs(),
     select_runs_by_prompt=_logged_runs("d.prompt_version"),
     select_runs_by_policy=_logged_runs("d.policy_name"),
@@ -724,10 +701,10 @@ class SQLDecisionStore(DecisionStore):
         )
         decisions_statement, _ = _log_query(
             (
-                sql.select_logged_decisions,
-                sql.select_logged_decisions_by_prompt,
-                sql.select_logged_decisions_by_policy,
-                sql.select_logged_decisions_by_prompt_and_policy,
+                sql.select_logged,
+                sql.select_logged_by_prompt,
+                sql.select_logged_by_policy,
+                sql.select_logged_by_prompt_and_policy,
             ),
             log_filter,
         )
