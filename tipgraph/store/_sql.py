@@ -61,6 +61,13 @@ class Cursor(Protocol):
     def rowcount(self) -> int: ...
 
 
+def pyformat(statement: str) -> str:
+    """Shared qmark SQL -> psycopg's ``%s``; a literal ``%`` would need escaping, so refuse it."""
+    if "%" in statement:
+        raise ValueError(f"shared SQL must not contain '%': {statement!r}")
+    return statement.replace("?", "%s")
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Statements:
     """Every statement the store runs, in one placeholder style."""

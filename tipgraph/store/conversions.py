@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from tipgraph.store import _rows, packing
-from tipgraph.store._sql import Cursor
+from tipgraph.store._sql import Cursor, pyformat
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ CHUNK = 500
 def _statement(dialect: Dialect, qmark: str, n: int = 0) -> str:
     """``qmark`` with ``{in}`` expanded to ``n`` placeholders, in the dialect's style."""
     text = qmark.replace("{in}", ", ".join("?" * n))
-    return text.replace("?", "%s") if dialect == "postgres" else text
+    return pyformat(text) if dialect == "postgres" else text
 
 
 def compact_log(cur: Cursor, dialect: Dialect) -> None:

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements
+from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements, pyformat
 from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
 from tipgraph.store.migrate import open_schema
 
@@ -21,14 +21,7 @@ logger = logging.getLogger(__name__)
 Connection = psycopg.Connection[tuple[Any, ...]]
 
 
-def _pyformat(statement: str) -> str:
-    """Shared qmark SQL -> psycopg's ``%s``; a literal ``%`` would need escaping, so refuse it."""
-    if "%" in statement:
-        raise ValueError(f"shared SQL must not contain '%': {statement!r}")
-    return statement.replace("?", "%s")
-
-
-POSTGRES_STATEMENTS: Statements = QMARK_STATEMENTS.translated(_pyformat)
+POSTGRES_STATEMENTS: Statements = QMARK_STATEMENTS.translated(pyformat)
 
 # Any fixed bigint works, as long as every tipgraph process agrees on it and it differs
 # from the migration lock (tipgraph.store.migrate.POSTGRES_LOCK_KEY).  ("tiprewrd")
