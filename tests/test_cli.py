@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from tests.test_store import make_decision, make_feedback
 from tipgraph.settings import StoreSettings
 from tipgraph.store import open_store
 from tipgraph.store.migrate import load_migrations
+from tipgraph_ops import cli
 from tipgraph_ops.cli import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_USAGE, main
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tipgraph.yaml")
@@ -341,3 +345,58 @@ def test_the_reference_names_variables_that_work_and_never_a_secret(
     assert nested in text
     monkeypatch.setenv(nested.replace("<NAME>", "SCORING"), "2")
     assert load_settings(CONFIG).deployments["scoring"].autoscaling.max_replicas == 2
+
+
+class _AnswersAfter(BaseHTTPRequestHandler):
+    """404 (the proxy has no route yet) for the first ``not_ready`` requests, then 200."""
+
+    not_ready = 3
+    seen = 0
+
+    def do_GET(self) -> None:
+        type(self).seen += 1
+        status = 404 if type(self).seen <= type(self).not_ready else 200
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(b'{"status":"ready"}' if status == 200 else b"no route")
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def route_appears_late() -> Iterator[tuple[str, type[_AnswersAfter]]]:
+    handler = type("Handler", (_AnswersAfter,), {"seen": 0})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/readyz", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_announces_itself_only_once_its_port_answers_readyz(
+    route_appears_late: tuple[str, type[_AnswersAfter]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, handler = route_appears_late
+    monkeypatch.setattr(cli, "READY_POLL_S", 0.01)
+    cli._wait_until_ready(url, timeout_s=30)
+    assert handler.seen == handler.not_ready + 1
+    assert capsys.readouterr().err == ""
+
+
+def test_serve_warns_when_its_port_never_becomes_ready(
+    route_appears_late: tuple[str, type[_AnswersAfter]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url, handler = route_appears_late
+    handler.not_ready = 10**9
+    monkeypatch.setattr(cli, "READY_POLL_S", 0.01)
+    cli._wait_until_ready(url, timeout_s=0.5)
+    err = capsys.readouterr().err
+    assert "is still not ready after 0.5 s: 404 no route" in err, err

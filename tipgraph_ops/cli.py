@@ -13,11 +13,13 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import yaml
 
 from tipgraph.auth import (
@@ -58,6 +60,8 @@ logger = logging.getLogger("tipgraph")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DRIFT = 0, 1, 2, 3
 REHEARSAL_STORE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+READY_TIMEOUT_S = 120.0
+READY_POLL_S = 0.25
 LOCAL_DEV_TOKEN = "local-dev-token"  # what `make run` sets when TIPGRAPH_API_TOKEN is unset
 
 
@@ -114,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
             route_prefix=serve_settings.route_prefix,
         )
         url = f"http://{serve_settings.host}:{serve_settings.port}"
+        _wait_until_ready(url + serve_settings.route_prefix.rstrip("/") + "/readyz")
         shown = _shown_token(settings)
         ray_address = ray.get_runtime_context().gcs_address
         print(
@@ -141,6 +146,32 @@ def _serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return EXIT_OK
+
+
+def _wait_until_ready(readyz_url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Waits for ``readyz_url`` to answer 200 through the HTTP port users will call.
+
+    ``serve.run`` returns once the replicas run, but the proxy (HAProxy here) learns the
+    routes a moment later: a request sent at once could get a 404 or 503.  A server that
+    is still not ready after ``timeout_s`` is reported, not stopped.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(readyz_url, timeout=5)
+        except httpx.HTTPError as err:
+            last = f"no answer ({type(err).__name__})"
+        else:
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text[:200]}"
+        time.sleep(READY_POLL_S)
+    print(
+        f"tipgraph: warning: {readyz_url} is still not ready after {timeout_s:g} s: {last}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _simulate(args: argparse.Namespace) -> int:
