@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-log-size bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -62,6 +62,12 @@ bench-tuning: install
 ## mode, this code against the schema-8 layout (85b2cf5), same simulated traffic
 bench-log-size: install postgres
 	PYTHONPATH=. $(BIN)/python bench/bench_log_size.py
+
+## bench-log-scale: a 10-million-decision Postgres log (DECISIONS=... to change): hot reads
+## p99, one writer's inserts, a week's drop by retention, each hot query's plan
+DECISIONS ?= 10000000
+bench-log-scale: install postgres
+	PYTHONPATH=. $(BIN)/python bench/bench_log_scale.py --decisions $(DECISIONS)
 
 ## bench: the Serve graph vs a single-process baseline, same run; then generation's hop
 ## before and after issue 16, task mode and a 0.5 s LLM, interleaved (BENCHMARKS.md)

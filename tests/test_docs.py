@@ -96,6 +96,7 @@ BY_HAND = {
     "make bench-policies": "BENCHMARKS.md",
     "make bench-tuning": "BENCHMARKS.md",
     "make bench-log-size": "BENCHMARKS.md",
+    "make bench-log-scale": "BENCHMARKS.md",
     "make bench-pool": "BENCHMARKS.md",
     "make bench-embeddings": "BENCHMARKS.md",
     "make bench-drift": "BENCHMARKS.md",

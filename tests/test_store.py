@@ -222,10 +222,10 @@ def write_schema1_decision(settings: StoreSettings, decision: DecisionRecord) ->
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 9
+    assert store.schema_version() == 10
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 9
+        assert again.schema_version() == 10
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
     ) == [
@@ -238,6 +238,7 @@ def test_migrations_are_applied_once(store: DecisionStore, store_settings: Store
         (7, "eligibility"),
         (8, "retention_indexes"),
         (9, "compact_log"),
+        (10, "partitioned_decisions"),
     ]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
@@ -265,7 +266,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 9
+        assert upgraded.schema_version() == 10
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),

@@ -31,7 +31,7 @@ def apply_retention(
     """Delete everything made before ``now - days``, batch by batch, then what expired
     without a decision; returns what went."""
     before = retention_cutoff(days, now)
-    expired = ExpiredRows()
+    expired = store.drop_expired_partitions(before)
     while True:
         batch = store.delete_expired(before, limit=batch_size)
         expired += batch
@@ -51,13 +51,15 @@ class RetentionJob:
         self._metrics = metrics
 
     def run(self) -> ExpiredRows:
+        now = datetime.now(UTC)
+        self._store.maintain_partitions(now)
         days = self._settings.days
         if days is None:
             return ExpiredRows()
         expired = apply_retention(
             self._store,
             days=days,
-            now=datetime.now(UTC),
+            now=now,
             batch_size=self._settings.batch_size,
         )
         self._metrics.retention_deleted(expired)

@@ -100,6 +100,7 @@ class Statements:
     keep_reward_features: str
     delete_feedback_of_user: str
     delete_policy_runs_of_user: str
+    detach_rewards_of_user: str
     delete_decisions_of_user: str
     insert_erased_user: str
     insert_erased_events_of_user: str
@@ -132,6 +133,7 @@ class Statements:
     delete_feedback_of_event: str
     delete_held_of_event: str
     delete_policy_runs_of_event: str
+    detach_rewards_of_event: str
     delete_decision: str
     delete_expired_orphan_runs: str
     delete_expired_orphan_feedback: str
@@ -191,7 +193,8 @@ QMARK_STATEMENTS = Statements(
     # (which holds the erasure lock shared: see _guard_erasure), so nothing lands for a user
     # or event erased before it commits.  A user's tombstone covers decisions made up to
     # the erasure: a user who goes on using the app after it is logged again.  Params: the
-    # row, then what the check reads.
+    # row, then what the check reads.  The conflict has no target: Postgres keys its
+    # partitioned decisions by (event_id, created_at) (migration 0010), SQLite by event_id.
     insert_decision="""
         INSERT INTO decisions (
             event_id, user_key, created_at, policy_name, policy_version, feature_version,
@@ -203,7 +206,7 @@ QMARK_STATEMENTS = Statements(
         WHERE NOT EXISTS (
             SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
         )
-        ON CONFLICT (event_id) DO NOTHING
+        ON CONFLICT DO NOTHING
     """,
     insert_policy_run="""
         INSERT INTO policy_runs (
@@ -311,7 +314,12 @@ QMARK_STATEMENTS = Statements(
         DELETE FROM policy_runs
         WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
     """,
-    # Rewards keep their features (event_id set to NULL).
+    # Rewards keep their features; their event is gone.  Postgres's partitioned decisions
+    # take no foreign key (migration 0010), so this is not left to ON DELETE SET NULL.
+    detach_rewards_of_user="""
+        UPDATE rewards SET event_id = NULL
+        WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
+    """,
     delete_decisions_of_user="DELETE FROM decisions WHERE user_key = ?",
     insert_erased_user="""
         INSERT INTO erased_users (user_key, erased_at) VALUES (?, ?)
@@ -464,7 +472,8 @@ QMARK_STATEMENTS = Statements(
     delete_feedback_of_event="DELETE FROM feedback WHERE event_id = ?",
     delete_held_of_event="DELETE FROM held_feedback WHERE event_id = ?",
     delete_policy_runs_of_event="DELETE FROM policy_runs WHERE event_id = ?",
-    # Rewards keep their features (event_id set to NULL).
+    # Rewards keep their features; see detach_rewards_of_user.
+    detach_rewards_of_event="UPDATE rewards SET event_id = NULL WHERE event_id = ?",
     delete_decision="DELETE FROM decisions WHERE event_id = ?",
     delete_expired_orphan_runs="""
         DELETE FROM policy_runs
@@ -780,6 +789,7 @@ class SQLDecisionStore(DecisionStore):
                 feedback += cur.rowcount
                 cur.execute(self._sql.delete_held_of_user, (user_key,))
                 cur.execute(self._sql.delete_policy_runs_of_user, (user_key,))
+                cur.execute(self._sql.detach_rewards_of_user, (user_key,))
                 cur.execute(self._sql.delete_decisions_of_user, (user_key,))
                 decisions += cur.rowcount
                 cur.execute(self._sql.delete_pool_of_user, (user_key,))
@@ -809,6 +819,7 @@ class SQLDecisionStore(DecisionStore):
             cur.executemany(self._sql.delete_held_of_event, events)
             cur.executemany(self._sql.delete_policy_runs_of_event, events)
             shadow_runs = cur.rowcount
+            cur.executemany(self._sql.detach_rewards_of_event, events)
             cur.executemany(self._sql.delete_decision, events)
         # Each decision carried its served run.
         return ExpiredRows(

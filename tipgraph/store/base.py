@@ -218,6 +218,18 @@ class DecisionStore(abc.ABC):
         erasure), so learned statistics are unchanged and still rebuildable.  Fewer than
         ``limit`` deleted means none is left."""
 
+    def drop_expired_partitions(self, before: datetime) -> ExpiredRows:
+        """Drop every partition of decisions made wholly before ``before``, keeping their
+        rewards' features as :meth:`delete_expired` does; their feedback and shadow runs are
+        left to :meth:`delete_expired_leftovers`.  A store without partitions (SQLite)
+        drops nothing."""
+        return ExpiredRows()
+
+    def maintain_partitions(self, now: datetime) -> list[str]:
+        """Make the partitions the coming weeks' decisions will need; returns their names.
+        A store without partitions (SQLite) makes none."""
+        return []
+
     @abc.abstractmethod
     def delete_expired_leftovers(self, before: datetime) -> ExpiredRows:
         """Delete what expired without a decision: shadow runs and feedback whose decision

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from tipgraph.store import _rows, packing
+from tipgraph.store import _rows, packing, partitions
 from tipgraph.store._sql import Cursor, pyformat
 
 logger = logging.getLogger(__name__)
@@ -163,4 +164,25 @@ def _set_runs(cur: Cursor, dialect: Dialect, runs: Sequence[tuple[str, str, list
     )
 
 
-DATA_STEPS: dict[str, Callable[[Cursor, Dialect], None]] = {"compact_log": compact_log}
+def partition_decisions(cur: Cursor, dialect: Dialect) -> None:
+    """Migration 0010 (Postgres): a partition for every week from the oldest decision's to
+    :data:`~tipgraph.store.partitions.WEEKS_AHEAD` weeks past now, then every decision
+    copied into them."""
+    if dialect != "postgres":
+        raise ValueError("only Postgres partitions its decisions")
+    cur.execute("SELECT MIN(created_at), MAX(created_at) FROM decisions_unpartitioned")
+    first, last = cur.fetchone()
+    now = datetime.now(UTC)
+    partitions.ensure_weeks(
+        cur,
+        min(first or now, now),
+        max(last or now, now) + timedelta(weeks=partitions.WEEKS_AHEAD),
+    )
+    cur.execute("INSERT INTO decisions SELECT * FROM decisions_unpartitioned")
+    logger.info("copied %d decisions into their week partitions", cur.rowcount)
+
+
+DATA_STEPS: dict[str, Callable[[Cursor, Dialect], None]] = {
+    "compact_log": compact_log,
+    "partition_decisions": partition_decisions,
+}

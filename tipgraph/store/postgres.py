@@ -6,15 +6,19 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from tipgraph.store import partitions
 from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements, pyformat
 from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
 from tipgraph.store.migrate import open_schema
+from tipgraph.store.partitions import WeekPartition
+from tipgraph.store.records import ExpiredRows
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,10 @@ _LOCK_REWARDS = "SELECT pg_advisory_xact_lock(%s)"
 ERASURE_LOCK_KEY = 0x7469706572617365  # "tiperase"
 _LOCK_ERASURE = "SELECT pg_advisory_xact_lock(%s)"
 _LOCK_ERASURE_SHARED = "SELECT pg_advisory_xact_lock_shared(%s)"
+PARTITIONS_LOCK_KEY = 0x7469707061727473  # "tipparts"
+_LOCK_PARTITIONS = "SELECT pg_advisory_xact_lock(%s)"
+DETACH_CHUNK = 1000
+"""Rewards per statement when a dropped week's rewards keep their features."""
 
 
 def _search_path(schema: str) -> Callable[[Connection], None]:
@@ -102,12 +110,96 @@ class PostgresStore(SQLDecisionStore):
                 pool.close()
                 raise
             logger.info("opened Postgres store (schema %s)", self.schema or "default")
+        if self.migrate:
+            self.maintain_partitions(datetime.now(UTC))
 
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
+
+    def maintain_partitions(self, now: datetime) -> list[str]:
+        if not self.migrate:
+            return []  # a role that only reads and writes rows makes no tables
+        with self._transaction(write=True) as cur:
+            cur.execute(_LOCK_PARTITIONS, (PARTITIONS_LOCK_KEY,))
+            return partitions.ensure_ahead(cur, now)
+
+    def drop_expired_partitions(self, before: datetime) -> ExpiredRows:
+        with self._transaction(write=False) as cur:
+            weeks = partitions.expired_weeks(cur, before)
+        expired = ExpiredRows()
+        for week in weeks:
+            expired += self._drop_week(week, before)
+        return expired
+
+    def _drop_week(self, week: WeekPartition, before: datetime) -> ExpiredRows:
+        """Drop ``week``: first the rewards of its decisions keep their features and lose
+        their event id, a chunk per transaction and without a lock, so writers never wait
+        on it; then, alone, the same for the rewards that came since, and the drop."""
+        table = sql.Identifier(week.name)
+        with self._transaction(write=False) as cur:
+            cur.execute("SELECT COALESCE(MAX(reward_id), 0) FROM rewards")
+            watermark = int(cur.fetchone()[0])
+        self._detach_week_rewards(week)
+        with self._transaction(write=True) as cur:
+            # Alone, as delete_expired is: no reward or late row for these events lands
+            # between keeping the features and the drop.
+            self._guard_erasure(cur, exclusive=True)
+            self._serialize_reward_writes(cur)
+            cur.execute(_LOCK_PARTITIONS, (PARTITIONS_LOCK_KEY,))
+            if week not in partitions.expired_weeks(cur, before):
+                return ExpiredRows()  # another replica's retention dropped it
+            cur.execute(
+                sql.SQL(
+                    "SELECT d.event_id, d.candidates, d.chosen_candidate_id "
+                    "FROM rewards AS r JOIN {} AS d ON d.event_id = r.event_id "
+                    "WHERE r.reward_id > %s"
+                ).format(table),
+                (watermark,),
+            )
+            self._detach_rewards(cur, cur.fetchall())
+            cur.execute(
+                sql.SQL(
+                    "DELETE FROM held_feedback WHERE event_id IN (SELECT event_id FROM {})"
+                ).format(table)
+            )
+            cur.execute(sql.SQL("SELECT COUNT(*) FROM {}").format(table))
+            decisions = int(cur.fetchone()[0])
+            cur.execute(sql.SQL("DROP TABLE {}").format(table))
+        logger.info("retention dropped %s (%d decisions)", week.name, decisions)
+        # Each decision carried its served run; feedback and shadow runs are leftovers.
+        return ExpiredRows(decisions=decisions, policy_runs=decisions)
+
+    def _detach_week_rewards(self, week: WeekPartition) -> None:
+        """:meth:`_detach_rewards` for every reward of ``week``'s decisions, a chunk per
+        transaction, by event id."""
+        select = sql.SQL(
+            "SELECT d.event_id, d.candidates, d.chosen_candidate_id "
+            "FROM {} AS d JOIN rewards AS r ON r.event_id = d.event_id "
+            "WHERE d.event_id > %s ORDER BY d.event_id LIMIT %s"
+        ).format(sql.Identifier(week.name))
+        after = ""
+        while True:
+            with self._transaction(write=True) as cur:
+                cur.execute(select, (after, DETACH_CHUNK))
+                chosen = cur.fetchall()
+                if not chosen:
+                    return
+                self._detach_rewards(cur, chosen)
+            after = chosen[-1][0]
+
+    def _detach_rewards(self, cur: Cursor, chosen: list[tuple[Any, ...]]) -> None:
+        """Each (event_id, packed candidates, chosen id)'s reward keeps its chosen features
+        and loses its event id, as a deleted decision's reward does."""
+        if not chosen:
+            return
+        self._keep_reward_features(cur, chosen)
+        cur.execute(
+            "UPDATE rewards SET event_id = NULL WHERE event_id = ANY(%s)",
+            ([row[0] for row in chosen],),
+        )
 
     def _serialize_reward_writes(self, cur: Cursor) -> None:
         """Take the rewards lock, held until this transaction commits or rolls back.

@@ -1,0 +1,2 @@
+-- 0010 (SQLite): nothing to do.  Postgres partitions its decisions by week here; SQLite has
+-- no partitions, and its rewards keep their foreign key to decisions.
