@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sqlite3
 import statistics
@@ -35,6 +36,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from tipgraph.settings import FeatureSettings
 from tipgraph.store import (
     PolicyScoresEntry,
     PolicyScoresRecord,
@@ -59,6 +61,7 @@ RUN_COLUMNS = (
     "latency_ms, error, created_at, probabilities"
 )
 REACTIONS = (("done", 1.0), ("snooze", 0.0), ("dismiss", -1.0))
+HISTORY_LIMIT = FeatureSettings().history_limit  # what the context stage asks for
 
 
 def _templates(
@@ -265,12 +268,15 @@ def insert_rate(
 
 
 PLANS = {
-    "history (GET /v1/tips: the user's reactions)": ("select_user_history", ("{user}", 50)),
+    "history (GET /v1/tips: the user's reactions)": (
+        "select_user_history",
+        ("{user}", HISTORY_LIMIT),
+    ),
     "exposures (eligibility, recency)": (
         "select_exposures",
         ("{user}", "{week_ago}", 200),
     ),
-    "a decision by event id (feedback)": ("select_decision", ("{event}",)),
+    "a decision by event id (POST /v1/feedback)": ("select_decision_for_feedback", ("{event}",)),
     "one day of learned decisions (tune, report)": ("select_logged", ("{day_ago}", "{now}")),
     "the oldest expired decisions (retention's row path)": (
         "select_expired_decisions",
@@ -288,6 +294,95 @@ def plans(store: PostgresStore, url: str, values: dict[str, Any]) -> dict[str, s
             bound = [values[p[1:-1]] if isinstance(p, str) else p for p in params]
             rows = conn.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + statement, bound)
             found[title] = "\n".join(row[0] for row in rows)
+    return found
+
+
+_LOAD = """
+import json, resource, sys, time
+from datetime import datetime
+from tipgraph.features import FEATURE_SPEC
+from tipgraph.store import LogFilter, PostgresStore
+from tuning.data import load_training_log
+store = PostgresStore(sys.argv[1], migrate=False)
+store.open()
+start = time.perf_counter()
+log = load_training_log(
+    store,
+    feature_version=FEATURE_SPEC.version,
+    log_filter=LogFilter(since=datetime.fromisoformat(sys.argv[2])),
+).log
+took = time.perf_counter() - start
+print(json.dumps({
+    "seconds": took, "events": log.n_events, "arrays": log.X.nbytes + log.pscore.nbytes,
+    "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))
+"""
+
+_EXPORT = """
+import json, os, resource, sys, time
+from tipgraph_ops.cli import main
+os.environ["TIPGRAPH_STORE__URL"] = sys.argv[1]
+start = time.perf_counter()
+code = main(["export", "--since", sys.argv[2], "--out", sys.argv[3], "--no-progress"])
+assert code == 0, code
+print(json.dumps({
+    "seconds": time.perf_counter() - start, "bytes": os.path.getsize(sys.argv[3]),
+    "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+}))
+"""
+
+
+def _child(script: str, *argv: str, code: Path = ROOT) -> dict[str, Any]:
+    """``script`` in a process of its own (its peak memory is its own), in ``code``."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *argv],
+        cwd=code, env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def since_for(url: str, events: int) -> datetime:
+    """The time from which the log holds about ``events`` learned decisions."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT d.created_at FROM decisions AS d JOIN rewards AS r ON r.event_id = d.event_id "
+            "ORDER BY d.created_at DESC OFFSET %s LIMIT 1",
+            (events - 1,),
+        ).fetchone()
+    assert row is not None, f"the log holds fewer than {events} learned decisions"
+    return row[0]
+
+
+def offline_figures(
+    url: str, args: argparse.Namespace
+) -> list[tuple[str, str, int, dict[str, Any]]]:
+    """`tipgraph tune`'s load of the log and `tipgraph export` (Parquet), each in a process
+    of its own: this code, and ``--baseline`` in a git worktree at the sizes it can hold."""
+    found = []
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = Path(tmp) / "baseline"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--quiet", str(baseline), args.baseline],
+            cwd=ROOT, check=True,
+        )  # fmt: skip
+        try:
+            for label, code, tune, export in (
+                (args.baseline, baseline, args.baseline_tune_events, args.baseline_export_events),
+                ("this", ROOT, args.tune_events, args.export_events),
+            ):
+                for events in tune:
+                    since = since_for(url, events).isoformat()
+                    found.append(("tune load", label, events, _child(_LOAD, url, since, code=code)))
+                for events in export:
+                    since = since_for(url, events).isoformat()
+                    out = str(Path(tmp) / f"export-{events}.parquet")
+                    figures = _child(_EXPORT, url, since, out, code=code)
+                    found.append(("export (Parquet)", label, events, figures))
+        finally:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, check=False
+            )
     return found
 
 
@@ -309,6 +404,13 @@ def main() -> None:
     parser.add_argument("--inserts", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=500, help="decisions per write")
     parser.add_argument("--reload", action="store_true")
+    parser.add_argument(
+        "--baseline", default="ba0fa70", help="commit whose tune load and export to compare"
+    )
+    parser.add_argument("--tune-events", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--baseline-tune-events", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--export-events", type=int, nargs="+", default=[20_000, 50_000, 200_000])
+    parser.add_argument("--baseline-export-events", type=int, nargs="+", default=[20_000, 50_000])
     args = parser.parse_args()
 
     now = datetime.now(UTC)
@@ -316,7 +418,9 @@ def main() -> None:
         templates, runs = _templates(Path(tmp), args.templates)
     url, loaded = _database(args.postgres, args.decisions, args.reload)
     store = PostgresStore(url, max_size=2)
+    start = time.perf_counter()
     store.open()  # migrates; partitions this week and the next ones
+    open_s = time.perf_counter() - start
     if loaded:
         load_s = float("nan")
         print("reusing the loaded log", file=sys.stderr)
@@ -330,7 +434,7 @@ def main() -> None:
     users_sampled = [row[0] for row in sample]
     events_sampled = [row[1] for row in sample]
     week_ago = now - timedelta(days=7)
-    history = timed(lambda u: store.user_history(u, 50), users_sampled)
+    history = timed(lambda u: store.user_history(u, HISTORY_LIMIT), users_sampled)
     exposures = timed(lambda u: store.recent_exposures(u, week_ago, 200), users_sampled)
     lookups = timed(store.get_decision, events_sampled)
     made = records(templates, runs)
@@ -361,13 +465,25 @@ def main() -> None:
     print("| figure | value | goal |\n| --- | ---: | --- |")
     if load_s == load_s:
         print(f"| bulk load (COPY) | {decisions / load_s:,.0f} decisions/s | — |")
+    print(f"| opening the store (with any pending migration) | {open_s:.1f} s | — |")
     print(f"| history read, p50 / p99 | {history[0]:.2f} / {history[1]:.2f} ms | p99 ≤ 5 ms |")
     print(f"| exposures read, p50 / p99 | {exposures[0]:.2f} / {exposures[1]:.2f} ms | — |")
     print(f"| decision by event id, p50 / p99 | {lookups[0]:.2f} / {lookups[1]:.2f} ms | — |")
     print(f"| one writer's inserts (batches of {args.batch}, 2 shadows), median of 3 | "
           f"{statistics.median(rates):,.0f} decisions/s | ≥ 5,000 |")  # fmt: skip
+    offline = offline_figures(url, args)
     dropped_n = dropped.decisions
     print(f"| retention drops the oldest week | {drop_s:.1f} s ({dropped_n:,} decisions) | — |")
+    print()
+    print("| offline read | code | events | seconds | events/s | peak RSS | arrays or file |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for what, code, events, figures in offline:
+        took = figures["seconds"]
+        other = figures.get("arrays", figures.get("bytes", 0))
+        print(
+            f"| {what} | {code} | {events:,} | {took:.1f} | {events / took:,.0f} | "
+            f"{figures['peak'] / 2**30:.2f} GiB | {other / 2**30:.2f} GiB |"
+        )
     print()
     for title, plan in explained.items():
         print(f"**{title}**\n\n```\n{plan}\n```\n")

@@ -205,11 +205,11 @@ def test_export_reports_progress_up_to_every_event(learned_log: str, tmp_path: P
     from tipgraph.store import open_store
     from tuning.export import export_log
 
-    seen: list[tuple[int, int]] = []
+    seen: list[int] = []
     with open_store(StoreSettings(url=learned_log)) as store:
-        export_log(store, tmp_path / "x.csv", on_progress=lambda *done: seen.append(done))
-    assert seen and seen[-1] == (40, 40)
-    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+        export_log(store, tmp_path / "x.csv", on_progress=seen.append)
+    assert seen and seen[-1] == 40
+    assert seen == sorted(seen)
 
 
 def test_report_through_the_cli_names_configured_shadows_without_data(
@@ -400,3 +400,47 @@ def test_serve_warns_when_its_port_never_becomes_ready(
     cli._wait_until_ready(url, timeout_s=0.5)
     err = capsys.readouterr().err
     assert "is still not ready after 0.5 s: 404 no route" in err, err
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_export_written_a_page_at_a_time_is_the_same_file_and_appears_only_whole(
+    learned_log: str, suffix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+    from functools import partialmethod
+
+    import pandas as pd
+
+    from tipgraph.settings import StoreSettings
+    from tipgraph.store import LoggedEvent, SQLiteStore, open_store
+    from tuning.export import export_log
+
+    def read(path: Path) -> pd.DataFrame:
+        return pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+
+    pages = SQLiteStore.logged_event_pages
+    with open_store(StoreSettings(url=learned_log)) as store:
+        whole = export_log(store, tmp_path / f"whole{suffix}")
+        monkeypatch.setattr(SQLiteStore, "logged_event_pages", partialmethod(pages, page_size=3))
+        seen: list[int] = []
+        assert export_log(store, tmp_path / f"paged{suffix}", on_progress=seen.append) == whole
+        assert seen == [*range(3, 40, 3), 40]
+        pd.testing.assert_frame_equal(
+            read(tmp_path / f"paged{suffix}"), read(tmp_path / f"whole{suffix}")
+        )
+
+        # A page of another feature layout stops the export; nothing is left behind.
+        def wider(event: LoggedEvent) -> LoggedEvent:
+            extra = np.zeros((len(event.features), 1))
+            return replace(
+                event, features=np.hstack([event.features, extra]), feature_version="wider"
+            )
+
+        def second_page_wider(self: SQLiteStore, *_: object) -> Iterator[list[LoggedEvent]]:
+            for i, page in enumerate(pages(self, page_size=3)):
+                yield [wider(e) for e in page] if i == 1 else page
+
+        monkeypatch.setattr(SQLiteStore, "logged_event_pages", second_page_wider)
+        with pytest.raises(ValueError, match="feature layouts"):
+            export_log(store, tmp_path / f"broken{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"paged{suffix}", f"whole{suffix}"]

@@ -136,16 +136,20 @@ def test_retention_drops_whole_expired_weeks_and_keeps_what_was_learned(
     now = MONDAY + timedelta(days=39)  # cutoff: Monday + 9 days, inside the second week
     went = apply_retention(pg_store, days=30, now=now, batch_size=2)
     assert old_week not in weeks(pg_settings)
-    # The shadow run of old3 was written now: it goes when its own time expires.
-    assert went == ExpiredRows(decisions=5, feedback=2, policy_runs=5)
+    # What the row-by-row path deletes: 5 served runs and old3's shadow run.
+    assert went == ExpiredRows(decisions=5, feedback=2, policy_runs=6)
     for event_id in [*old, "edge"]:
         assert pg_store.get_decision(event_id) is None
     assert pg_store.get_decision("kept") is not None
     assert learned(pg_store) == before
     assert [e.event_id for e in pg_store.training_events()] == ["", "", "kept", ""]
     assert pg_store.count_held_feedback() == 0
+    # The user's history holds no reaction to a dropped decision.
+    assert [h.shown_at for h in pg_store.user_history("user-a", 50)] == [
+        MONDAY + timedelta(days=10)
+    ]
     assert pg_store.delete_expired_leftovers(datetime.now(UTC) + timedelta(hours=1)) == (
-        ExpiredRows(policy_runs=1)
+        ExpiredRows()
     )
     # Another replica's run finds nothing more.
     assert apply_retention(pg_store, days=30, now=now, batch_size=2) == ExpiredRows()
@@ -157,16 +161,17 @@ def test_a_reward_that_lands_between_the_chunks_and_the_drop_keeps_its_features(
     pg_store.maintain_partitions(MONDAY)
     pg_store.write_decisions([make_decision(f"e{i}", created_at=MONDAY) for i in range(3)])
     pg_store.record_feedback(make_feedback("e0", at=MONDAY))
-    unlocked_pass = pg_store._detach_week_rewards  # type: ignore[attr-defined]
+    unlocked_pass = pg_store._clear_week  # type: ignore[attr-defined]
 
-    def then_feedback_arrives(*args: object) -> None:
-        unlocked_pass(*args)
+    def then_feedback_arrives(*args: object) -> ExpiredRows:
+        cleared: ExpiredRows = unlocked_pass(*args)
         with open_store(pg_settings) as other:  # another replica, before the drop
             other.record_feedback(make_feedback("e1", at=MONDAY))
+        return cleared
 
-    monkeypatch.setattr(pg_store, "_detach_week_rewards", then_feedback_arrives)
+    monkeypatch.setattr(pg_store, "_clear_week", then_feedback_arrives)
     went = pg_store.drop_expired_partitions(MONDAY + timedelta(weeks=1))
-    assert went.decisions == 3
+    assert went == ExpiredRows(decisions=3, feedback=2, policy_runs=3)
     after = pg_store.training_events()
     assert [e.event_id for e in after] == ["", ""]
     assert [len(e.features) for e in after] == [4, 4]  # e1's reward kept its features too
@@ -196,17 +201,35 @@ def test_migration_0010_moves_a_schema_9_log_into_week_partitions(
     with open_store(pg_settings) as old:
         assert old.schema_version() == 9
         old.write_decisions([make_decision(e, created_at=at) for e, at in events.items()])
-        old.record_feedback(make_feedback("a"))
         before = {e: old.get_decision(e) for e in events}
+    # Schema 9's feedback and reward rows, as that release wrote them.
+    reacted = (T0 + timedelta(minutes=1)).isoformat()
+    raw_sql(
+        pg_settings,
+        "INSERT INTO feedback (event_id, reaction, value, reward, reacted_at, received_at) "
+        f"VALUES ('a', 'done', NULL, 1.0, '{reacted}', '{reacted}')",
+    )
+    raw_sql(
+        pg_settings,
+        "INSERT INTO rewards (event_id, reward, source, created_at) "
+        f"VALUES ('a', 1.0, 'feedback', '{reacted}')",
+    )
+    with open_store(pg_settings) as old:
         learned_before = learned(old)
+    assert len(learned_before) == 1
     monkeypatch.undo()
 
     with open_store(pg_settings) as store:
-        assert store.schema_version() == 10
+        assert store.schema_version() == 11
         for event_id, at in events.items():
             assert partition_of(pg_settings, event_id) == week_partition(at).name
         assert {e: store.get_decision(e) for e in events} == before
         assert learned(store) == learned_before
+        # Migration 0011 gave the reaction what the history shows of its decision.
+        history = store.user_history("user-a", 50)
+        assert [(h.reaction, h.shown_at, h.content) for h in history] == [
+            ("done", T0, "Take a short walk #1")
+        ]
         # Every week from the oldest decision's on has its partition, none is missing.
         assert set(weeks(pg_settings)) >= {
             w.name for w in weeks_between(T0, datetime.now(UTC) + timedelta(weeks=WEEKS_AHEAD))

@@ -222,10 +222,10 @@ def write_schema1_decision(settings: StoreSettings, decision: DecisionRecord) ->
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 10
+    assert store.schema_version() == 11
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 10
+        assert again.schema_version() == 11
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
     ) == [
@@ -239,6 +239,7 @@ def test_migrations_are_applied_once(store: DecisionStore, store_settings: Store
         (8, "retention_indexes"),
         (9, "compact_log"),
         (10, "partitioned_decisions"),
+        (11, "reaction_history"),
     ]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
@@ -266,7 +267,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 10
+        assert upgraded.schema_version() == 11
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),
@@ -1004,6 +1005,27 @@ def test_sqlite_processes_can_create_and_share_one_file(tmp_path: Path) -> None:
 # --- logged events for off-policy evaluation ---------------------------------------------------
 
 
+def test_logged_event_pages_read_the_log_in_pages_from_one_snapshot(
+    store: DecisionStore, store_settings: StoreSettings
+) -> None:
+    ids = [f"e{i:02d}" for i in range(11)]
+    store.write_decisions(
+        [make_decision(e, created_at=T0 + timedelta(minutes=i)) for i, e in enumerate(ids)]
+    )
+    for event_id in ids:
+        store.record_feedback(make_feedback(event_id))
+    pages = store.logged_event_pages(page_size=4)
+    first = next(pages)
+    # Learned by another process after the read began: not in this read.
+    with open_store(store_settings) as other:
+        other.write_decisions([make_decision("late", created_at=T0 + timedelta(hours=1))])
+        other.record_feedback(make_feedback("late"))
+    rest = list(pages)
+    assert [len(page) for page in [first, *rest]] == [4, 4, 3]
+    assert [e.event_id for page in [first, *rest] for e in page] == ids
+    assert [e.event_id for e in store.logged_events()] == [*ids, "late"]
+
+
 def test_logged_events_carry_every_candidate_in_time_order(store: DecisionStore) -> None:
     from dataclasses import replace
 
@@ -1026,7 +1048,8 @@ def test_logged_events_carry_every_candidate_in_time_order(store: DecisionStore)
     events = store.logged_events()
     assert [e.event_id for e in events] == ["early", "v2", "late"]  # "silent" has no reward
     early = events[0]
-    assert early.features == [list(f) for f in FEATURES]
+    assert early.features.tolist() == [list(f) for f in FEATURES]
+    assert not early.features.flags.writeable  # a view of the unpacked value
     assert early.probabilities == [0.1, 0.7, 0.2]  # the served policy's, not the shadow's
     assert (early.chosen, early.reward, early.reward_source) == (1, 1.0, "feedback")
     assert early.created_at == T0 and early.policy_name == "linucb"

@@ -62,3 +62,33 @@ def test_events_of_the_earlier_layout_are_carried_over_and_unknown_ones_left_out
     assert sum(kept[0].features[1]) == 2.0 * earlier.dim
     # Asked for the earlier layout itself, only its own events qualify.
     assert [e.event_id for e in on_layout(events, earlier.version)] == ["old"]
+
+
+def test_the_training_log_read_a_page_at_a_time_is_the_log_read_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from functools import partialmethod
+
+    from tipgraph.features import FEATURE_SPEC
+    from tipgraph.store import SQLiteStore
+    from tuning.data import from_events, load_training_log
+
+    settings = TipgraphSettings(store={"url": f"sqlite:///{tmp_path}/log.db"})
+    run_local(settings, users=5, decisions=50, seed=3, block=50)
+    with open_store(settings.store) as store:
+        whole = from_events(store.logged_events())
+        pages = [len(page) for page in store.logged_event_pages(page_size=7)]
+        assert pages == [7] * 7 + [1]
+        with pytest.raises(ValueError, match="page_size"):
+            next(store.logged_event_pages(page_size=0))
+        monkeypatch.setattr(
+            SQLiteStore,
+            "logged_event_pages",
+            partialmethod(SQLiteStore.logged_event_pages, page_size=7),
+        )
+        paged = load_training_log(store, feature_version=FEATURE_SPEC.version)
+        newest = max(e.reward_id for e in store.logged_events())
+    assert paged.trained_through_reward_id == newest
+    for name in ("X", "offsets", "pscore", "chosen", "reward", "event_id", "timestamp"):
+        np.testing.assert_array_equal(getattr(paged.log, name), getattr(whole, name))
+    assert paged.log.X.dtype == np.float64 and paged.log.event_id.dtype.kind == "U"

@@ -549,8 +549,7 @@ def _export(args: argparse.Namespace) -> int:
         progress_bar(None, "decisions", enabled=not args.no_progress) as bar,
     ):
 
-        def advance(done: int, total: int) -> None:
-            bar.total = total
+        def advance(done: int) -> None:
             bar.update(done - bar.n)
 
         events, rows = export_log(

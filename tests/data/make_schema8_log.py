@@ -48,6 +48,8 @@ def plain(value: object) -> object:
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, datetime):
         return value.isoformat()
+    if hasattr(value, "tolist"):  # a numpy array, since LoggedEvent.features became one
+        return value.tolist()
     return value
 
 

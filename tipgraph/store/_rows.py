@@ -346,7 +346,7 @@ def logged_event(row: Row) -> LoggedEvent:
         created_at=utc_datetime(created_at),
         policy_name=policy_name,
         prompt_version=prompt_version,
-        features=candidates.features.tolist(),
+        features=candidates.features,  # read-only: a view of the unpacked value
         probabilities=candidates.probabilities.tolist(),
         chosen=ids.index(chosen_id),
         reward=float(reward),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -44,6 +44,8 @@ from tipgraph.store.records import (
 # Bounds used when logged_events is asked for "everything".
 LOG_START = datetime(1970, 1, 1, tzinfo=UTC)
 LOG_END = datetime(9999, 12, 31, tzinfo=UTC)
+LOG_PAGE = 5000
+"""Learned decisions per page of :meth:`SQLDecisionStore.logged_event_pages`."""
 
 
 class Cursor(Protocol):
@@ -56,6 +58,8 @@ class Cursor(Protocol):
     def fetchone(self) -> Any: ...
 
     def fetchall(self) -> list[Any]: ...
+
+    def fetchmany(self, size: int = ..., /) -> list[Any]: ...
 
     @property
     def rowcount(self) -> int: ...
@@ -76,7 +80,7 @@ class Statements:
     insert_decision: str
     insert_policy_run: str
     select_decision: str
-    select_decision_created_at: str
+    select_decision_for_feedback: str
     insert_feedback: str
     select_feedback: str
     insert_feedback_reward: str
@@ -187,6 +191,53 @@ def _logged_runs(*filters: str) -> str:
     """
 
 
+Columns = tuple[tuple[str, str], ...]
+DECISION_COLUMNS: Columns = (
+    ("event_id", "text"),
+    ("user_key", "text"),
+    ("created_at", "timestamptz"),
+    ("policy_name", "text"),
+    ("policy_version", "text"),
+    ("feature_version", "text"),
+    ("prompt_version", "text"),
+    ("generation_source", "text"),
+    ("chosen_candidate_id", "text"),
+    ("chosen_kind", "text"),
+    ("chosen_probability", "float8"),
+    ("latency_context_ms", "float8"),
+    ("latency_generation_ms", "float8"),
+    ("latency_scoring_ms", "float8"),
+    ("latency_total_ms", "float8"),
+    ("generation_reason", "text"),
+    ("llm_model", "text"),
+    ("user_key_id", "text"),
+    ("llm_pool", "text"),
+    ("llm_pool_age_s", "float8"),
+    ("eligibility", "text"),
+    ("n_candidates", "int4"),
+    ("candidates", "bytea"),
+    ("chosen_content", "text"),
+)
+"""A decision row's columns (``_rows.decision_rows``), with their Postgres types."""
+RUN_COLUMNS: Columns = (
+    ("event_id", "text"),
+    ("policy_name", "text"),
+    ("policy_version", "text"),
+    ("role", "text"),
+    ("chosen_candidate_id", "text"),
+    ("chosen_probability", "float8"),
+    ("latency_ms", "float8"),
+    ("error", "text"),
+    ("created_at", "timestamptz"),
+    ("probabilities", "bytea"),
+)
+"""A shadow run row's columns (``_rows.policy_run_row``), with their Postgres types."""
+
+
+def _names(columns: Columns) -> str:
+    return ", ".join(name for name, _ in columns)
+
+
 QMARK_STATEMENTS = Statements(
     schema_version="SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
     # Every row checks the tombstones in its own statement, inside the write transaction
@@ -195,24 +246,17 @@ QMARK_STATEMENTS = Statements(
     # the erasure: a user who goes on using the app after it is logged again.  Params: the
     # row, then what the check reads.  The conflict has no target: Postgres keys its
     # partitioned decisions by (event_id, created_at) (migration 0010), SQLite by event_id.
-    insert_decision="""
-        INSERT INTO decisions (
-            event_id, user_key, created_at, policy_name, policy_version, feature_version,
-            prompt_version, generation_source, chosen_candidate_id, chosen_kind,
-            chosen_probability, latency_context_ms, latency_generation_ms,
-            latency_scoring_ms, latency_total_ms, generation_reason, llm_model, user_key_id,
-            llm_pool, llm_pool_age_s, eligibility, n_candidates, candidates, chosen_content
-        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+    insert_decision=f"""
+        INSERT INTO decisions ({_names(DECISION_COLUMNS)})
+        SELECT {", ".join("?" * len(DECISION_COLUMNS))}
         WHERE NOT EXISTS (
             SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
         )
         ON CONFLICT DO NOTHING
     """,
-    insert_policy_run="""
-        INSERT INTO policy_runs (
-            event_id, policy_name, policy_version, role, chosen_candidate_id,
-            chosen_probability, latency_ms, error, created_at, probabilities
-        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
+    insert_policy_run=f"""
+        INSERT INTO policy_runs ({_names(RUN_COLUMNS)})
+        SELECT {", ".join("?" * len(RUN_COLUMNS))}
         WHERE NOT EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
         ON CONFLICT (event_id, policy_name) DO NOTHING
     """,
@@ -221,11 +265,17 @@ QMARK_STATEMENTS = Statements(
                chosen_candidate_id, chosen_kind, chosen_probability, candidates
         FROM decisions WHERE event_id = ?
     """,
-    select_decision_created_at="SELECT created_at FROM decisions WHERE event_id = ?",
+    # What a reaction keeps of its decision: when it was made, and what the user's history
+    # shows of it (migration 0011).
+    select_decision_for_feedback="""
+        SELECT user_key, created_at, chosen_kind, chosen_content
+        FROM decisions WHERE event_id = ?
+    """,
     insert_feedback="""
         INSERT INTO feedback (
-            event_id, reaction, value, reward, reacted_at, received_at, learned
-        ) VALUES (?, ?, ?, ?, ?, ?, ?)
+            event_id, reaction, value, reward, reacted_at, received_at, learned,
+            user_key, decided_at, chosen_kind, chosen_content
+        ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT (event_id) DO NOTHING
         RETURNING feedback_id
     """,
@@ -281,12 +331,12 @@ QMARK_STATEMENTS = Statements(
         ORDER BY created_at DESC
         LIMIT ?
     """,
+    # The feedback_user_decided_idx index serves it: feedback alone, no decision read.
     select_user_history="""
-        SELECT d.chosen_kind, f.reaction, f.reward, d.created_at, d.chosen_content
-        FROM decisions AS d
-        JOIN feedback AS f ON f.event_id = d.event_id
-        WHERE d.user_key = ?
-        ORDER BY d.created_at DESC, f.feedback_id DESC
+        SELECT chosen_kind, reaction, reward, decided_at, chosen_content
+        FROM feedback
+        WHERE user_key = ?
+        ORDER BY decided_at DESC, feedback_id DESC
         LIMIT ?
     """,
     select_logged=_logged_events(),
@@ -305,9 +355,10 @@ QMARK_STATEMENTS = Statements(
         WHERE d.user_key = ? AND r.features IS NULL
     """,
     keep_reward_features="UPDATE rewards SET features = ? WHERE event_id = ? AND features IS NULL",
+    # Feedback that landed before its decision has no user_key of its own.
     delete_feedback_of_user="""
         DELETE FROM feedback
-        WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
+        WHERE user_key = ? OR event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
     """,
     # Shadow runs may land before their decision, so policy_runs has no foreign key to it.
     delete_policy_runs_of_user="""
@@ -527,6 +578,10 @@ class SQLDecisionStore(DecisionStore):
     def __init__(self, statements: Statements) -> None:
         self._sql = statements
 
+    def _streaming_read(self) -> AbstractContextManager[Cursor]:
+        """A read transaction whose rows arrive as they are fetched (a SQLite cursor's do)."""
+        return self._transaction(write=False)
+
     @abc.abstractmethod
     def _transaction(self, *, write: bool) -> AbstractContextManager[Cursor]:
         """A cursor whose statements commit together on success and roll back on error.
@@ -584,21 +639,31 @@ class SQLDecisionStore(DecisionStore):
         # One transaction (one commit, one WAL sync) per flush, however many rows.
         with self._transaction(write=True) as cur:
             self._guard_erasure(cur, exclusive=False)
-            _insert_many(cur, self._sql.insert_decision, [(*r, r[1], r[2]) for r in rows.decisions])
             dropped = 0
             if rows.decisions:
-                cur.executemany(
-                    self._sql.insert_dropped_event,
-                    [(r[0], created_at, r[1], r[2]) for r in rows.decisions],
-                )
-                dropped = max(cur.rowcount, 0)
-            _insert_many(cur, self._sql.insert_policy_run, [(*r, r[0]) for r in run_rows])
+                self._insert_decisions(cur, rows.decisions)
+                dropped = self._tombstone_dropped(cur, rows.decisions, created_at)
+            if run_rows:
+                self._insert_policy_runs(cur, run_rows)
             _insert_many(cur, self._sql.insert_held, held_rows)
             if dropped:
                 pairs = [(r[0], r[0]) for r in rows.decisions]
                 _insert_many(cur, self._sql.delete_runs_of_dropped_event, pairs)
                 _insert_many(cur, self._sql.delete_held_of_dropped_event, pairs)
         return dropped
+
+    def _insert_decisions(self, cur: Cursor, rows: Sequence[_rows.Params]) -> None:
+        """Each decision row, unless its user was erased after it was made."""
+        cur.executemany(self._sql.insert_decision, [(*r, r[1], r[2]) for r in rows])
+
+    def _tombstone_dropped(self, cur: Cursor, rows: Sequence[_rows.Params], now: str) -> int:
+        """Tombstone the events of the decision rows an erasure refused; how many."""
+        cur.executemany(self._sql.insert_dropped_event, [(r[0], now, r[1], r[2]) for r in rows])
+        return max(cur.rowcount, 0)
+
+    def _insert_policy_runs(self, cur: Cursor, rows: Sequence[_rows.Params]) -> None:
+        """Each shadow run row, unless its event was erased."""
+        cur.executemany(self._sql.insert_policy_run, [(*r, r[0]) for r in rows])
 
     def is_erased(self, event_id: str) -> bool:
         with self._transaction(write=False) as cur:
@@ -641,7 +706,7 @@ class SQLDecisionStore(DecisionStore):
         received_at = _rows.db_timestamp(feedback.received_at, what="received_at")
         with self._transaction(write=True) as cur:
             self._guard_erasure(cur, exclusive=False)
-            cur.execute(self._sql.select_decision_created_at, (feedback.event_id,))
+            cur.execute(self._sql.select_decision_for_feedback, (feedback.event_id,))
             decision = cur.fetchone()
             if decision is None:
                 cur.execute(self._sql.select_erased_event, (feedback.event_id,))
@@ -649,12 +714,13 @@ class SQLDecisionStore(DecisionStore):
                     raise EventErased(f"event {feedback.event_id!r} was erased")
             in_time = decision is not None and (
                 learn_within_s is None
-                or (feedback.received_at - _rows.utc_datetime(decision[0])).total_seconds()
+                or (feedback.received_at - _rows.utc_datetime(decision[1])).total_seconds()
                 <= learn_within_s
             )
             # Feedback first: its unique event_id decides which of two concurrent calls
             # wins, and only the winner goes on to claim the event's reward.
-            cur.execute(self._sql.insert_feedback, (*params, in_time))
+            shown = (None, None, None, None) if decision is None else tuple(decision)
+            cur.execute(self._sql.insert_feedback, (*params, in_time, *shown))
             created = cur.fetchone() is not None
             if created and in_time:
                 self._serialize_reward_writes(cur)
@@ -689,6 +755,13 @@ class SQLDecisionStore(DecisionStore):
             return len(cur.fetchall())
 
     def logged_events(self, log_filter: LogFilter = EVERYTHING) -> list[LoggedEvent]:
+        return [event for page in self.logged_event_pages(log_filter) for event in page]
+
+    def logged_event_pages(
+        self, log_filter: LogFilter = EVERYTHING, *, page_size: int = LOG_PAGE
+    ) -> Iterator[list[LoggedEvent]]:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
         sql = self._sql
         statement, params = _log_query(
             (
@@ -699,10 +772,10 @@ class SQLDecisionStore(DecisionStore):
             ),
             log_filter,
         )
-        with self._transaction(write=False) as cur:
+        with self._streaming_read() as cur:
             cur.execute(statement, params)
-            rows = cur.fetchall()
-        return [_rows.logged_event(row) for row in rows]
+            while rows := cur.fetchmany(page_size):
+                yield [_rows.logged_event(row) for row in rows]
 
     def logged_policy_runs(self, log_filter: LogFilter = EVERYTHING) -> list[LoggedRuns]:
         sql = self._sql
@@ -785,7 +858,7 @@ class SQLDecisionStore(DecisionStore):
                 cur.execute(self._sql.insert_erased_events_of_user, (now, user_key))
                 cur.execute(self._sql.select_chosen_of_user, (user_key,))
                 self._keep_reward_features(cur, cur.fetchall())
-                cur.execute(self._sql.delete_feedback_of_user, (user_key,))
+                cur.execute(self._sql.delete_feedback_of_user, (user_key, user_key))
                 feedback += cur.rowcount
                 cur.execute(self._sql.delete_held_of_user, (user_key,))
                 cur.execute(self._sql.delete_policy_runs_of_user, (user_key,))

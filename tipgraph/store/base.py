@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 
 from tipgraph.store.filters import EVERYTHING, LogFilter
@@ -174,6 +174,16 @@ class DecisionStore(abc.ABC):
         """Every decision with a learned reward, time-ordered, for off-policy evaluation:
         each candidate's features and served probability, the chosen index, the reward.
         ``log_filter`` says which (default: every one)."""
+
+    @abc.abstractmethod
+    def logged_event_pages(
+        self, log_filter: LogFilter = EVERYTHING, *, page_size: int = 5000
+    ) -> Iterator[list[LoggedEvent]]:
+        """:meth:`logged_events` a page of ``page_size`` at a time, read as the pages are
+        consumed, so that memory holds one page, not the log.  The read is one
+        transaction: every page comes from the same snapshot, whatever other processes
+        write meanwhile.  Until the last page, the read holds a connection (SQLite's one:
+        other threads' calls on the store wait for it)."""
 
     @abc.abstractmethod
     def logged_policy_runs(self, log_filter: LogFilter = EVERYTHING) -> list[LoggedRuns]:

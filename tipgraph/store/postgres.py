@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +14,17 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from tipgraph.store import partitions
-from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements, pyformat
+from tipgraph.store._rows import Params
+from tipgraph.store._sql import (
+    DECISION_COLUMNS,
+    QMARK_STATEMENTS,
+    RUN_COLUMNS,
+    Columns,
+    Cursor,
+    SQLDecisionStore,
+    Statements,
+    pyformat,
+)
 from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
 from tipgraph.store.migrate import open_schema
 from tipgraph.store.partitions import WeekPartition
@@ -27,6 +37,48 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 
 POSTGRES_STATEMENTS: Statements = QMARK_STATEMENTS.translated(pyformat)
 
+
+def _unnest(columns: Columns) -> str:
+    """``unnest`` of one array parameter per column, as rows named like the columns."""
+    arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+    names = ", ".join(name for name, _ in columns)
+    return f"unnest({arrays}) AS u({names})"
+
+
+# A batch is one statement per table: the writer's flush then costs Postgres one plan and
+# one pass, not one statement per row (BENCHMARKS.md, "Decision log at scale").  Each keeps
+# the tombstone checks of its row-at-a-time twin in _sql.QMARK_STATEMENTS.
+_INSERT_DECISIONS = f"""
+    INSERT INTO decisions ({", ".join(name for name, _ in DECISION_COLUMNS)})
+    SELECT * FROM {_unnest(DECISION_COLUMNS)}
+    WHERE NOT EXISTS (
+        SELECT 1 FROM erased_users AS e
+        WHERE e.user_key = u.user_key AND e.erased_at >= u.created_at
+    )
+    ON CONFLICT DO NOTHING
+"""
+_TOMBSTONE_DROPPED = f"""
+    INSERT INTO erased_events (event_id, erased_at)
+    SELECT u.event_id, %s::timestamptz FROM {_unnest(DECISION_COLUMNS[:3])}
+    WHERE EXISTS (
+        SELECT 1 FROM erased_users AS e
+        WHERE e.user_key = u.user_key AND e.erased_at >= u.created_at
+    )
+    ON CONFLICT (event_id) DO NOTHING
+"""
+_INSERT_RUNS = f"""
+    INSERT INTO policy_runs ({", ".join(name for name, _ in RUN_COLUMNS)})
+    SELECT * FROM {_unnest(RUN_COLUMNS)}
+    WHERE NOT EXISTS (SELECT 1 FROM erased_events AS e WHERE e.event_id = u.event_id)
+    ON CONFLICT (event_id, policy_name) DO NOTHING
+"""
+
+
+def _arrays(rows: Sequence[Params], width: int) -> list[list[Any]]:
+    """The first ``width`` columns of ``rows``, a list per column."""
+    return [list(column) for column in zip(*(row[:width] for row in rows), strict=True)]
+
+
 # Any fixed bigint works, as long as every tipgraph process agrees on it and it differs
 # from the migration lock (tipgraph.store.migrate.POSTGRES_LOCK_KEY).  ("tiprewrd")
 REWARDS_LOCK_KEY = 0x7469707265777264
@@ -37,7 +89,7 @@ _LOCK_ERASURE_SHARED = "SELECT pg_advisory_xact_lock_shared(%s)"
 PARTITIONS_LOCK_KEY = 0x7469707061727473  # "tipparts"
 _LOCK_PARTITIONS = "SELECT pg_advisory_xact_lock(%s)"
 DETACH_CHUNK = 1000
-"""Rewards per statement when a dropped week's rewards keep their features."""
+"""Decisions per transaction when retention clears a week before dropping it."""
 
 
 def _search_path(schema: str) -> Callable[[Connection], None]:
@@ -119,6 +171,16 @@ class PostgresStore(SQLDecisionStore):
         if pool is not None:
             pool.close()
 
+    def _insert_decisions(self, cur: Cursor, rows: Sequence[Params]) -> None:
+        cur.execute(_INSERT_DECISIONS, _arrays(rows, len(DECISION_COLUMNS)))
+
+    def _tombstone_dropped(self, cur: Cursor, rows: Sequence[Params], now: str) -> int:
+        cur.execute(_TOMBSTONE_DROPPED, [now, *_arrays(rows, 3)])
+        return max(cur.rowcount, 0)
+
+    def _insert_policy_runs(self, cur: Cursor, rows: Sequence[Params]) -> None:
+        cur.execute(_INSERT_RUNS, _arrays(rows, len(RUN_COLUMNS)))
+
     def maintain_partitions(self, now: datetime) -> list[str]:
         if not self.migrate:
             return []  # a role that only reads and writes rows makes no tables
@@ -135,14 +197,18 @@ class PostgresStore(SQLDecisionStore):
         return expired
 
     def _drop_week(self, week: WeekPartition, before: datetime) -> ExpiredRows:
-        """Drop ``week``: first the rewards of its decisions keep their features and lose
-        their event id, a chunk per transaction and without a lock, so writers never wait
-        on it; then, alone, the same for the rewards that came since, and the drop."""
+        """Drop ``week``: first, a chunk of its decisions per transaction and without a
+        lock (writers never wait on it), their rewards keep their features and lose their
+        event id, and their feedback, held feedback and shadow runs go; then, alone, the
+        same for the rewards and feedback that came since, and the drop."""
         table = sql.Identifier(week.name)
         with self._transaction(write=False) as cur:
-            cur.execute("SELECT COALESCE(MAX(reward_id), 0) FROM rewards")
-            watermark = int(cur.fetchone()[0])
-        self._detach_week_rewards(week)
+            cur.execute(
+                "SELECT (SELECT COALESCE(MAX(reward_id), 0) FROM rewards), "
+                "(SELECT COALESCE(MAX(feedback_id), 0) FROM feedback)"
+            )
+            rewards_seen, feedback_seen = map(int, cur.fetchone())
+        expired = self._clear_week(week)
         with self._transaction(write=True) as cur:
             # Alone, as delete_expired is: no reward or late row for these events lands
             # between keeping the features and the drop.
@@ -151,15 +217,27 @@ class PostgresStore(SQLDecisionStore):
             cur.execute(_LOCK_PARTITIONS, (PARTITIONS_LOCK_KEY,))
             if week not in partitions.expired_weeks(cur, before):
                 return ExpiredRows()  # another replica's retention dropped it
+            # Reward ids are committed in order (see _serialize_reward_writes), so the
+            # rewards that came since the chunks began are above the largest id seen then.
             cur.execute(
                 sql.SQL(
                     "SELECT d.event_id, d.candidates, d.chosen_candidate_id "
                     "FROM rewards AS r JOIN {} AS d ON d.event_id = r.event_id "
                     "WHERE r.reward_id > %s"
                 ).format(table),
-                (watermark,),
+                (rewards_seen,),
             )
             self._detach_rewards(cur, cur.fetchall())
+            # Feedback ids are drawn without a lock, so one drawn before the chunks began
+            # may commit after its chunk went by: it is left to delete_expired_leftovers.
+            cur.execute(
+                sql.SQL(
+                    "DELETE FROM feedback AS f USING {} AS d "
+                    "WHERE d.event_id = f.event_id AND f.feedback_id > %s"
+                ).format(table),
+                (feedback_seen,),
+            )
+            late_feedback = cur.rowcount
             cur.execute(
                 sql.SQL(
                     "DELETE FROM held_feedback WHERE event_id IN (SELECT event_id FROM {})"
@@ -169,26 +247,39 @@ class PostgresStore(SQLDecisionStore):
             decisions = int(cur.fetchone()[0])
             cur.execute(sql.SQL("DROP TABLE {}").format(table))
         logger.info("retention dropped %s (%d decisions)", week.name, decisions)
-        # Each decision carried its served run; feedback and shadow runs are leftovers.
-        return ExpiredRows(decisions=decisions, policy_runs=decisions)
+        # Each decision carried its served run.
+        return expired + ExpiredRows(
+            decisions=decisions, feedback=late_feedback, policy_runs=decisions
+        )
 
-    def _detach_week_rewards(self, week: WeekPartition) -> None:
-        """:meth:`_detach_rewards` for every reward of ``week``'s decisions, a chunk per
-        transaction, by event id."""
-        select = sql.SQL(
+    def _clear_week(self, week: WeekPartition) -> ExpiredRows:
+        """For ``week``'s decisions, a chunk per transaction by event id: rewards keep their
+        features and lose their event id (:meth:`_detach_rewards`); feedback, held feedback
+        and shadow runs go.  Returns the feedback and runs deleted."""
+        table = sql.Identifier(week.name)
+        select_ids = sql.SQL(
+            "SELECT event_id FROM {} WHERE event_id > %s ORDER BY event_id LIMIT %s"
+        ).format(table)
+        select_rewarded = sql.SQL(
             "SELECT d.event_id, d.candidates, d.chosen_candidate_id "
             "FROM {} AS d JOIN rewards AS r ON r.event_id = d.event_id "
-            "WHERE d.event_id > %s ORDER BY d.event_id LIMIT %s"
-        ).format(sql.Identifier(week.name))
-        after = ""
+            "WHERE d.event_id = ANY(%s)"
+        ).format(table)
+        cleared, after = ExpiredRows(), ""
         while True:
             with self._transaction(write=True) as cur:
-                cur.execute(select, (after, DETACH_CHUNK))
-                chosen = cur.fetchall()
-                if not chosen:
-                    return
-                self._detach_rewards(cur, chosen)
-            after = chosen[-1][0]
+                cur.execute(select_ids, (after, DETACH_CHUNK))
+                ids = [row[0] for row in cur.fetchall()]
+                if not ids:
+                    return cleared
+                cur.execute(select_rewarded, (ids,))
+                self._detach_rewards(cur, cur.fetchall())
+                cur.execute("DELETE FROM feedback WHERE event_id = ANY(%s)", (ids,))
+                feedback = cur.rowcount
+                cur.execute("DELETE FROM held_feedback WHERE event_id = ANY(%s)", (ids,))
+                cur.execute("DELETE FROM policy_runs WHERE event_id = ANY(%s)", (ids,))
+                cleared += ExpiredRows(feedback=feedback, policy_runs=cur.rowcount)
+            after = ids[-1]
 
     def _detach_rewards(self, cur: Cursor, chosen: list[tuple[Any, ...]]) -> None:
         """Each (event_id, packed candidates, chosen id)'s reward keeps its chosen features
@@ -223,12 +314,24 @@ class PostgresStore(SQLDecisionStore):
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Cursor]:
         # Every block is one Postgres transaction, reads included; ``write`` changes nothing.
+        with self._connection() as conn, conn.cursor() as cur:
+            yield cur
+
+    @contextmanager
+    def _streaming_read(self) -> Iterator[Cursor]:
+        # A server-side cursor: fetchmany brings each page over as it is asked for, where
+        # a client cursor would hold the whole result in memory at once.
+        with self._connection() as conn, conn.cursor(name="tipgraph_stream") as cur:
+            yield cur
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
         pool = self._pool
         if pool is None:
             raise StoreError("the Postgres store is not open; call open() first")
         try:
-            with pool.connection() as conn, conn.cursor() as cur:
-                yield cur
+            with pool.connection() as conn:
+                yield conn
         except psycopg.OperationalError as err:
             # Includes PoolTimeout and PoolClosed (a close() racing this call).
             raise StoreUnavailable(f"Postgres is unavailable: {err}") from err

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
+import numpy as np
+
 PolicyRole = Literal["served", "shadow"]
 RewardSource = Literal["feedback", "default"]
 """Where a reward came from: the user's feedback in time, or the default for silence."""
@@ -172,15 +174,16 @@ class TrainingEvent:
 class LoggedEvent:
     """One learned decision as off-policy evaluation needs it.
 
-    ``features`` and ``probabilities`` list every candidate in generation order; the
-    probabilities are the logging (served) policy's; ``chosen`` indexes both.
+    ``features`` (a read-only float64 matrix, a row per candidate) and ``probabilities``
+    list every candidate in generation order; the probabilities are the logging (served)
+    policy's; ``chosen`` indexes both.
     """
 
     event_id: str
     created_at: datetime
     policy_name: str
     prompt_version: str | None
-    features: list[list[float]]
+    features: np.ndarray
     probabilities: list[float]
     chosen: int
     reward: float
