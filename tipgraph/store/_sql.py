@@ -191,53 +191,6 @@ def _logged_runs(*filters: str) -> str:
     """
 
 
-Columns = tuple[tuple[str, str], ...]
-DECISION_COLUMNS: Columns = (
-    ("event_id", "text"),
-    ("user_key", "text"),
-    ("created_at", "timestamptz"),
-    ("policy_name", "text"),
-    ("policy_version", "text"),
-    ("feature_version", "text"),
-    ("prompt_version", "text"),
-    ("generation_source", "text"),
-    ("chosen_candidate_id", "text"),
-    ("chosen_kind", "text"),
-    ("chosen_probability", "float8"),
-    ("latency_context_ms", "float8"),
-    ("latency_generation_ms", "float8"),
-    ("latency_scoring_ms", "float8"),
-    ("latency_total_ms", "float8"),
-    ("generation_reason", "text"),
-    ("llm_model", "text"),
-    ("user_key_id", "text"),
-    ("llm_pool", "text"),
-    ("llm_pool_age_s", "float8"),
-    ("eligibility", "text"),
-    ("n_candidates", "int4"),
-    ("candidates", "bytea"),
-    ("chosen_content", "text"),
-)
-"""A decision row's columns (``_rows.decision_rows``), with their Postgres types."""
-RUN_COLUMNS: Columns = (
-    ("event_id", "text"),
-    ("policy_name", "text"),
-    ("policy_version", "text"),
-    ("role", "text"),
-    ("chosen_candidate_id", "text"),
-    ("chosen_probability", "float8"),
-    ("latency_ms", "float8"),
-    ("error", "text"),
-    ("created_at", "timestamptz"),
-    ("probabilities", "bytea"),
-)
-"""A shadow run row's columns (``_rows.policy_run_row``), with their Postgres types."""
-
-
-def _names(columns: Columns) -> str:
-    return ", ".join(name for name, _ in columns)
-
-
 QMARK_STATEMENTS = Statements(
     schema_version="SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
     # Every row checks the tombstones in its own statement, inside the write transaction
@@ -246,17 +199,24 @@ QMARK_STATEMENTS = Statements(
     # the erasure: a user who goes on using the app after it is logged again.  Params: the
     # row, then what the check reads.  The conflict has no target: Postgres keys its
     # partitioned decisions by (event_id, created_at) (migration 0010), SQLite by event_id.
-    insert_decision=f"""
-        INSERT INTO decisions ({_names(DECISION_COLUMNS)})
-        SELECT {", ".join("?" * len(DECISION_COLUMNS))}
+    insert_decision="""
+        INSERT INTO decisions (
+            event_id, user_key, created_at, policy_name, policy_version, feature_version,
+            prompt_version, generation_source, chosen_candidate_id, chosen_kind,
+            chosen_probability, latency_context_ms, latency_generation_ms,
+            latency_scoring_ms, latency_total_ms, generation_reason, llm_model, user_key_id,
+            llm_pool, llm_pool_age_s, eligibility, n_candidates, candidates, chosen_content
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
         WHERE NOT EXISTS (
             SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
         )
         ON CONFLICT DO NOTHING
     """,
-    insert_policy_run=f"""
-        INSERT INTO policy_runs ({_names(RUN_COLUMNS)})
-        SELECT {", ".join("?" * len(RUN_COLUMNS))}
+    insert_policy_run="""
+        INSERT INTO policy_runs (
+            event_id, policy_name, policy_version, role, chosen_candidate_id,
+            chosen_probability, latency_ms, error, created_at, probabilities
+        ) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?
         WHERE NOT EXISTS (SELECT 1 FROM erased_events WHERE event_id = ?)
         ON CONFLICT (event_id, policy_name) DO NOTHING
     """,
@@ -639,31 +599,21 @@ class SQLDecisionStore(DecisionStore):
         # One transaction (one commit, one WAL sync) per flush, however many rows.
         with self._transaction(write=True) as cur:
             self._guard_erasure(cur, exclusive=False)
+            _insert_many(cur, self._sql.insert_decision, [(*r, r[1], r[2]) for r in rows.decisions])
             dropped = 0
             if rows.decisions:
-                self._insert_decisions(cur, rows.decisions)
-                dropped = self._tombstone_dropped(cur, rows.decisions, created_at)
-            if run_rows:
-                self._insert_policy_runs(cur, run_rows)
+                cur.executemany(
+                    self._sql.insert_dropped_event,
+                    [(r[0], created_at, r[1], r[2]) for r in rows.decisions],
+                )
+                dropped = max(cur.rowcount, 0)
+            _insert_many(cur, self._sql.insert_policy_run, [(*r, r[0]) for r in run_rows])
             _insert_many(cur, self._sql.insert_held, held_rows)
             if dropped:
                 pairs = [(r[0], r[0]) for r in rows.decisions]
                 _insert_many(cur, self._sql.delete_runs_of_dropped_event, pairs)
                 _insert_many(cur, self._sql.delete_held_of_dropped_event, pairs)
         return dropped
-
-    def _insert_decisions(self, cur: Cursor, rows: Sequence[_rows.Params]) -> None:
-        """Each decision row, unless its user was erased after it was made."""
-        cur.executemany(self._sql.insert_decision, [(*r, r[1], r[2]) for r in rows])
-
-    def _tombstone_dropped(self, cur: Cursor, rows: Sequence[_rows.Params], now: str) -> int:
-        """Tombstone the events of the decision rows an erasure refused; how many."""
-        cur.executemany(self._sql.insert_dropped_event, [(r[0], now, r[1], r[2]) for r in rows])
-        return max(cur.rowcount, 0)
-
-    def _insert_policy_runs(self, cur: Cursor, rows: Sequence[_rows.Params]) -> None:
-        """Each shadow run row, unless its event was erased."""
-        cur.executemany(self._sql.insert_policy_run, [(*r, r[0]) for r in rows])
 
     def is_erased(self, event_id: str) -> bool:
         with self._transaction(write=False) as cur:

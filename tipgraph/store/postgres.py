@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -14,17 +14,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from tipgraph.store import partitions
-from tipgraph.store._rows import Params
-from tipgraph.store._sql import (
-    DECISION_COLUMNS,
-    QMARK_STATEMENTS,
-    RUN_COLUMNS,
-    Columns,
-    Cursor,
-    SQLDecisionStore,
-    Statements,
-    pyformat,
-)
+from tipgraph.store._sql import QMARK_STATEMENTS, Cursor, SQLDecisionStore, Statements, pyformat
 from tipgraph.store.base import RowRejected, StoreError, StoreUnavailable
 from tipgraph.store.migrate import open_schema
 from tipgraph.store.partitions import WeekPartition
@@ -36,47 +26,6 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 
 
 POSTGRES_STATEMENTS: Statements = QMARK_STATEMENTS.translated(pyformat)
-
-
-def _unnest(columns: Columns) -> str:
-    """``unnest`` of one array parameter per column, as rows named like the columns."""
-    arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
-    names = ", ".join(name for name, _ in columns)
-    return f"unnest({arrays}) AS u({names})"
-
-
-# A batch is one statement per table: the writer's flush then costs Postgres one plan and
-# one pass, not one statement per row (BENCHMARKS.md, "Decision log at scale").  Each keeps
-# the tombstone checks of its row-at-a-time twin in _sql.QMARK_STATEMENTS.
-_INSERT_DECISIONS = f"""
-    INSERT INTO decisions ({", ".join(name for name, _ in DECISION_COLUMNS)})
-    SELECT * FROM {_unnest(DECISION_COLUMNS)}
-    WHERE NOT EXISTS (
-        SELECT 1 FROM erased_users AS e
-        WHERE e.user_key = u.user_key AND e.erased_at >= u.created_at
-    )
-    ON CONFLICT DO NOTHING
-"""
-_TOMBSTONE_DROPPED = f"""
-    INSERT INTO erased_events (event_id, erased_at)
-    SELECT u.event_id, %s::timestamptz FROM {_unnest(DECISION_COLUMNS[:3])}
-    WHERE EXISTS (
-        SELECT 1 FROM erased_users AS e
-        WHERE e.user_key = u.user_key AND e.erased_at >= u.created_at
-    )
-    ON CONFLICT (event_id) DO NOTHING
-"""
-_INSERT_RUNS = f"""
-    INSERT INTO policy_runs ({", ".join(name for name, _ in RUN_COLUMNS)})
-    SELECT * FROM {_unnest(RUN_COLUMNS)}
-    WHERE NOT EXISTS (SELECT 1 FROM erased_events AS e WHERE e.event_id = u.event_id)
-    ON CONFLICT (event_id, policy_name) DO NOTHING
-"""
-
-
-def _arrays(rows: Sequence[Params], width: int) -> list[list[Any]]:
-    """The first ``width`` columns of ``rows``, a list per column."""
-    return [list(column) for column in zip(*(row[:width] for row in rows), strict=True)]
 
 
 # Any fixed bigint works, as long as every tipgraph process agrees on it and it differs
@@ -170,16 +119,6 @@ class PostgresStore(SQLDecisionStore):
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
-
-    def _insert_decisions(self, cur: Cursor, rows: Sequence[Params]) -> None:
-        cur.execute(_INSERT_DECISIONS, _arrays(rows, len(DECISION_COLUMNS)))
-
-    def _tombstone_dropped(self, cur: Cursor, rows: Sequence[Params], now: str) -> int:
-        cur.execute(_TOMBSTONE_DROPPED, [now, *_arrays(rows, 3)])
-        return max(cur.rowcount, 0)
-
-    def _insert_policy_runs(self, cur: Cursor, rows: Sequence[Params]) -> None:
-        cur.execute(_INSERT_RUNS, _arrays(rows, len(RUN_COLUMNS)))
 
     def maintain_partitions(self, now: datetime) -> list[str]:
         if not self.migrate:
