@@ -98,7 +98,7 @@ def _database(admin_url: str, decisions: int, reload: bool) -> tuple[str, bool]:
             (loaded,) = conn.execute(  # type: ignore[misc]
                 "SELECT COUNT(*) FROM decisions WHERE created_at < now() - interval '1 day'"
             ).fetchone()
-        if loaded >= decisions * 0.9:  # a run drops the oldest of 26 weeks
+        if loaded >= decisions * 0.75:  # each run drops the oldest of the 26 weeks
             return url, True
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(PG_DATABASE)))
@@ -148,12 +148,30 @@ def load(
                             copy.write_row((ids[i], *run[1:8], at, run[9]))
                 with cur.copy(
                     "COPY feedback (event_id, reaction, value, reward, reacted_at, received_at, "
-                    "learned) FROM STDIN"
+                    "learned, user_key, decided_at, chosen_kind, chosen_content) FROM STDIN"
                 ) as copy:
                     for i in np.flatnonzero(reacted).tolist():
-                        at = first + step * (offset + i) + timedelta(minutes=5)
+                        decided = first + step * (offset + i)
+                        at = decided + timedelta(minutes=5)
                         reaction, reward = REACTIONS[reactions[i]]
-                        copy.write_row((ids[i], reaction, None, reward, at, at, True))
+                        row = templates[picks[i]]
+                        kind, content = row[9], row[23]
+                        user = users[who[i]]
+                        copy.write_row(
+                            (
+                                ids[i],
+                                reaction,
+                                None,
+                                reward,
+                                at,
+                                at,
+                                True,
+                                user,
+                                decided,
+                                kind,
+                                content,
+                            )
+                        )
                 with cur.copy(
                     "COPY rewards (event_id, reward, source, created_at) FROM STDIN"
                 ) as copy:
@@ -420,10 +438,10 @@ def main() -> None:
     parser.add_argument(
         "--baseline", default="ba0fa70", help="commit whose tune load and export to compare"
     )
-    parser.add_argument("--tune-events", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--baseline-tune-events", type=int, nargs="+", default=[100_000])
-    parser.add_argument("--export-events", type=int, nargs="+", default=[20_000, 50_000, 200_000])
-    parser.add_argument("--baseline-export-events", type=int, nargs="+", default=[20_000, 50_000])
+    parser.add_argument("--tune-events", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--baseline-tune-events", type=int, nargs="*", default=[100_000])
+    parser.add_argument("--export-events", type=int, nargs="*", default=[20_000, 50_000, 200_000])
+    parser.add_argument("--baseline-export-events", type=int, nargs="*", default=[20_000, 50_000])
     args = parser.parse_args()
 
     now = datetime.now(UTC)

@@ -103,6 +103,7 @@ class Statements:
     select_chosen_of_user: str
     keep_reward_features: str
     delete_feedback_of_user: str
+    delete_reactions_of_user: str
     delete_policy_runs_of_user: str
     detach_rewards_of_user: str
     delete_decisions_of_user: str
@@ -315,11 +316,14 @@ QMARK_STATEMENTS = Statements(
         WHERE d.user_key = ? AND r.features IS NULL
     """,
     keep_reward_features="UPDATE rewards SET features = ? WHERE event_id = ? AND features IS NULL",
-    # Feedback that landed before its decision has no user_key of its own.
     delete_feedback_of_user="""
         DELETE FROM feedback
-        WHERE user_key = ? OR event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
+        WHERE event_id IN (SELECT event_id FROM decisions WHERE user_key = ?)
     """,
+    # Its own statement, not an OR above, which would cost every erasure a full scan.
+    # Feedback that landed before its decision has no user_key; this finds the user's
+    # reactions whose decision is gone (a retention chunk raced them).
+    delete_reactions_of_user="DELETE FROM feedback WHERE user_key = ?",
     # Shadow runs may land before their decision, so policy_runs has no foreign key to it.
     delete_policy_runs_of_user="""
         DELETE FROM policy_runs
@@ -808,7 +812,9 @@ class SQLDecisionStore(DecisionStore):
                 cur.execute(self._sql.insert_erased_events_of_user, (now, user_key))
                 cur.execute(self._sql.select_chosen_of_user, (user_key,))
                 self._keep_reward_features(cur, cur.fetchall())
-                cur.execute(self._sql.delete_feedback_of_user, (user_key, user_key))
+                cur.execute(self._sql.delete_feedback_of_user, (user_key,))
+                feedback += cur.rowcount
+                cur.execute(self._sql.delete_reactions_of_user, (user_key,))
                 feedback += cur.rowcount
                 cur.execute(self._sql.delete_held_of_user, (user_key,))
                 cur.execute(self._sql.delete_policy_runs_of_user, (user_key,))
