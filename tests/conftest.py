@@ -71,8 +71,13 @@ def store_settings(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSetti
     if request.param == "sqlite":
         return StoreSettings(url=f"sqlite:///{tmp_path / 'store' / 'tipgraph.db'}")
     # Requested lazily so that SQLite tests run even where Postgres is missing.
-    url = request.getfixturevalue("postgres_url")
-    schema = request.getfixturevalue("pg_schema")
+    return postgres_store_settings(
+        request.getfixturevalue("postgres_url"), request.getfixturevalue("pg_schema")
+    )
+
+
+def postgres_store_settings(url: str, schema: str) -> StoreSettings:
+    """A Postgres store confined to ``schema``, with a small pool."""
     return StoreSettings(url=url, pg_schema=schema, pool_min_size=1, pool_max_size=4)
 
 

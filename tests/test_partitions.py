@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 import tipgraph.store.migrate as migrate_module
+from tests.conftest import postgres_store_settings
 from tests.test_store import (
     CANDIDATE_IDS,
     T0,
@@ -32,7 +33,7 @@ MONDAY = week_start(T0)
 
 @pytest.fixture
 def pg_settings(postgres_url: str, pg_schema: str) -> StoreSettings:
-    return StoreSettings(url=postgres_url, pg_schema=pg_schema, pool_min_size=1, pool_max_size=4)
+    return postgres_store_settings(postgres_url, pg_schema)
 
 
 @pytest.fixture

@@ -64,10 +64,10 @@ _TEXT_COLUMNS = (
 )
 
 
-def events_frame(events: list[LoggedEvent]) -> pd.DataFrame:
-    """The long table of ``events``: one row per candidate, in the events' order.  Column
-    types do not depend on the values, so the frames of successive pages append."""
-    dim = _check_one_layout(events, None)
+def _events_frame(events: list[LoggedEvent], dim: int) -> pd.DataFrame:
+    """The long table of ``events`` (of ``dim`` features each): one row per candidate, in
+    the events' order.  Column types do not depend on the values, so the frames of
+    successive pages append."""
     n = [len(e.features) for e in events]
     chosen = np.concatenate([np.arange(k) == e.chosen for k, e in zip(n, events, strict=True)])
     reward = np.repeat([e.reward for e in events], n)
@@ -106,10 +106,10 @@ class _Writer:
 
     def write(self, frame: pd.DataFrame) -> None:
         if self.csv:
-            first = self._csv is None
+            header = self._csv is None  # the first frame's
             if self._csv is None:
                 self._csv = self.path.open("w", newline="", encoding="utf-8")
-            frame.to_csv(self._csv, index=False, header=first)
+            frame.to_csv(self._csv, index=False, header=header)
             return
         table = pa.Table.from_pandas(frame, schema=self._schema, preserve_index=False)
         if self._parquet is None:
@@ -155,7 +155,7 @@ def export_log(
             if not page:
                 continue
             dim = _check_one_layout(page, dim)
-            frame = events_frame(page)
+            frame = _events_frame(page, dim)
             writer.write(frame)
             events, rows = events + len(page), rows + len(frame)
             if on_progress is not None:

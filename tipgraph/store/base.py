@@ -229,10 +229,9 @@ class DecisionStore(abc.ABC):
         ``limit`` deleted means none is left."""
 
     def drop_expired_partitions(self, before: datetime) -> ExpiredRows:
-        """Drop every partition of decisions made wholly before ``before``, keeping their
-        rewards' features as :meth:`delete_expired` does; their feedback and shadow runs are
-        left to :meth:`delete_expired_leftovers`.  A store without partitions (SQLite)
-        drops nothing."""
+        """Drop every partition of decisions made wholly before ``before``, with their
+        feedback, held feedback and shadow runs, keeping their rewards' features as
+        :meth:`delete_expired` does.  A store without partitions (SQLite) drops nothing."""
         return ExpiredRows()
 
     def maintain_partitions(self, now: datetime) -> list[str]:

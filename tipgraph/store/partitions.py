@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 from psycopg import sql
 
@@ -44,10 +44,9 @@ def week_start(moment: datetime) -> datetime:
     return datetime.combine(day - timedelta(days=day.weekday()), time(), UTC)
 
 
-def week_partition(start: date | datetime) -> WeekPartition:
-    monday = week_start(
-        start if isinstance(start, datetime) else datetime.combine(start, time(), UTC)
-    )
+def week_partition(moment: datetime) -> WeekPartition:
+    """The week of ``moment``."""
+    monday = week_start(moment)
     return WeekPartition(f"{TABLE}_p{monday:%Y%m%d}", monday, monday + timedelta(weeks=1))
 
 
@@ -71,7 +70,8 @@ def existing_weeks(cur: Cursor) -> list[WeekPartition]:
     for (name,) in cur.fetchall():
         match = _NAME.match(name)
         if match is not None:
-            weeks.append(week_partition(datetime.strptime(match[1], "%Y%m%d").date()))
+            monday = datetime.strptime(match[1], "%Y%m%d").replace(tzinfo=UTC)
+            weeks.append(week_partition(monday))
     return sorted(weeks, key=lambda week: week.start)
 
 

@@ -111,8 +111,7 @@ class PostgresStore(SQLDecisionStore):
                 pool.close()
                 raise
             logger.info("opened Postgres store (schema %s)", self.schema or "default")
-        if self.migrate:
-            self.maintain_partitions(datetime.now(UTC))
+        self.maintain_partitions(datetime.now(UTC))
 
     def close(self) -> None:
         with self._lock:
