@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-cpu bench-candidates bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -106,6 +106,16 @@ bench-durability: install
 ## bench-profile: CPU ms per request and RSS per process of the graph, py-spy by layer
 bench-profile: install
 	PYTHONPATH=. $(BIN)/python bench/profile_graph.py
+
+## bench-cpu: CPU ms per tip over every process at c = 16, the graph against the
+## single-process baseline, 3 rounds ABBA (issue 21, goal 1; BENCHMARKS.md)
+bench-cpu: install
+	PYTHONPATH=. $(BIN)/python bench/profile_graph.py --rounds 3
+
+## bench-candidates: served p50 at K = 50 against K = 5 at c = 16, LLM mode through the
+## Ollama stub, 3 rounds ABBA (issue 21, goal 3; BENCHMARKS.md)
+bench-candidates: install
+	PYTHONPATH=. $(BIN)/python bench/bench_graph.py --candidates --rounds 3
 
 ## bench-shadows: what shadows add to the served p50, through Serve over HTTP: shipped,
 ## slow and failing shadows side by side; then none vs shipped at c = 1 and 16, 3 rounds

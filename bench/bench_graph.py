@@ -254,13 +254,9 @@ def candidates_table(requests: int, tmp: Path) -> None:
     comes from LLM mode against the local Ollama stub (an instant, local "LLM")."""
     candidates: Plan = [(c, k) for c in (1, 16) for k in (5, 20, 50)]
     with OllamaStub() as stub:
-        llm = {
-            "OLLAMA_API_BASE": stub.url,
-            "TIPGRAPH_GENERATION__SOURCE": "llm",
-            "TIPGRAPH_GENERATION__SERVE_FROM": "inline",
-            "TIPGRAPH_GENERATION__MAX_LLM_CANDIDATES": "50",
-        }
-        runs = measure("graph", requests, tmp, candidates, llm)
+        runs = measure(
+            "graph", requests, tmp, candidates, {"OLLAMA_API_BASE": stub.url, **LLM_INLINE_50}
+        )
     print(
         "\n| K | p50 ms c = 1 | vs K = 5 | p50 ms c = 16 | vs K = 5 "
         "| scoring p50 ms c = 1 | generation p50 ms c = 1 |"
@@ -275,6 +271,54 @@ def candidates_table(requests: int, tmp: Path) -> None:
         print(
             f"| {k} | {' | '.join(cells)} | {one.stage_p50('scoring'):.2f} "
             f"| {one.stage_p50('generation'):.2f} |"
+        )
+
+
+LLM_INLINE_50 = {
+    "TIPGRAPH_GENERATION__SOURCE": "llm",
+    "TIPGRAPH_GENERATION__SERVE_FROM": "inline",
+    "TIPGRAPH_GENERATION__MAX_LLM_CANDIDATES": "50",
+}
+
+
+def candidates_rounds_table(requests: int, tmp: Path, rounds: int) -> None:
+    """Issue 21's goal 3: served p50 at K = 50 against K = 5 at c = 16, in LLM mode through
+    the Ollama stub, on one graph: the two alternate in ABBA order, ``rounds`` times."""
+    ks = (5, 50)
+    runs: dict[int, list[Run]] = {k: [] for k in ks}
+    with OllamaStub() as stub:
+        port = free_port()
+        process = start("graph", port, tmp, {"OLLAMA_API_BASE": stub.url, **LLM_INLINE_50})
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url)
+            asyncio.run(drive(url, 8, 100))  # warm-up
+            for round_ in range(rounds):
+                for k in ks if round_ % 2 == 0 else ks[::-1]:
+                    runs[k].append(asyncio.run(drive(url, 16, requests, k)))
+        finally:
+            process.terminate()
+            process.wait(60)
+    print(
+        "| K | p50 ms c = 16 | vs K = 5 | vs K = 5, paired | per round | scoring p50 ms "
+        f"| generation p50 ms | req/s | errors |  (median of {rounds} rounds, ABBA)"
+    )
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    five = statistics.median(r.pct(50) for r in runs[5])
+    for k in ks:
+        p50s = [r.pct(50) for r in runs[k]]
+        paired = statistics.median(
+            r.pct(50) / b.pct(50) - 1 for r, b in zip(runs[k], runs[5], strict=True)
+        )
+        p50 = statistics.median(p50s)
+        print(
+            f"| {k} | {p50:.1f} | {100 * (p50 / five - 1):+.1f}% | **{100 * paired:+.1f}%** "
+            f"| {', '.join(f'{v:.1f}' for v in p50s)} "
+            f"| {statistics.median(r.stage_p50('scoring') for r in runs[k]):.2f} "
+            f"| {statistics.median(r.stage_p50('generation') for r in runs[k]):.2f} "
+            f"| {statistics.median(r.rps for r in runs[k]):.1f} "
+            f"| {sum(r.errors for r in runs[k])} |",
+            flush=True,
         )
 
 
@@ -451,12 +495,20 @@ def main() -> None:
         "--shadows", action="store_true", help="served p50 with and without the shadows"
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="--durability, --load-signal, --shadows: rounds"
+        "--candidates", action="store_true", help="served p50 at K = 50 against K = 5, c = 16"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="--durability, --load-signal, --shadows, --candidates: rounds",
     )
     args = parser.parse_args()
     print(run_header(f"{args.requests} tips per level"), flush=True)
     with tempfile.TemporaryDirectory() as tmp_dir:
-        if args.shadows:
+        if args.candidates:
+            candidates_rounds_table(args.requests, Path(tmp_dir), args.rounds)
+        elif args.shadows:
             shadows_table(args.requests, Path(tmp_dir), args.rounds)
         elif args.load_signal:
             load_signal_table(args.requests, Path(tmp_dir), args.rounds)

@@ -8,6 +8,12 @@ reports for every process of the local cluster (Serve replicas, controller, rayl
 * resident memory (RSS) per process after the load;
 * with py-spy, each replica's on-CPU samples grouped by the layer the leaf frame is in
   (Ray core, Serve, gRPC, asyncio, FastAPI/Starlette, pydantic, tipgraph, numpy, ...).
+
+With ``--rounds N`` (``make bench-cpu``) it measures issue 21's goal 1 instead: the graph
+and the single-process baseline (``bench/baseline_app.py``) alternate in ABBA order, each
+started fresh on a store of its own, without py-spy; the table gives each one's CPU ms per
+tip summed over all its processes and its requests/s at the given concurrency, as medians,
+and the graph/baseline throughput ratio paired by round.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_graph import drive, free_port, start, wait_ready
+from bench.bench_graph import Run, drive, free_port, run_header, start, wait_ready
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -103,6 +110,63 @@ def py_spy_layers(raw: Path) -> Counter[str]:
     return counts
 
 
+@dataclass(frozen=True)
+class CpuRun:
+    run: Run
+    cpu_ms_per_tip: float
+    processes: int
+
+
+def cpu_run(kind: str, requests: int, concurrency: int, tmp: Path) -> CpuRun:
+    """Start ``kind`` ("graph" or "baseline") on a store of its own, warm it, and measure the
+    CPU every one of its processes spends on ``requests`` tips at ``concurrency``."""
+    tmp.mkdir()
+    port = free_port()
+    process = start(kind, port, tmp)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url)
+        asyncio.run(drive(url, 8, 200))
+        # The baseline is one uvicorn process; the graph is every process of its cluster.
+        procs = cluster_processes() if kind == "graph" else [Proc(process.pid, kind)]
+        before = {p.pid: cpu_seconds(p.pid) for p in procs}
+        run = asyncio.run(drive(url, concurrency, requests))
+        # A replica the autoscaler started during the load counts from zero.
+        after_procs = cluster_processes() if kind == "graph" else procs
+        spent = sum(cpu_seconds(p.pid) - before.get(p.pid, 0.0) for p in after_procs)
+        return CpuRun(run, spent * 1000 / requests, len(after_procs))
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def cpu_table(requests: int, concurrency: int, rounds: int, tmp: Path) -> None:
+    kinds = ("baseline", "graph")
+    runs: dict[str, list[CpuRun]] = {kind: [] for kind in kinds}
+    for round_ in range(rounds):
+        for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+            runs[kind].append(cpu_run(kind, requests, concurrency, tmp / f"{kind}-{round_}"))
+    print(
+        f"| server | CPU ms per tip | per round | req/s c = {concurrency} | per round "
+        f"| vs baseline, paired | processes | errors |  (median of {rounds} rounds, ABBA)"
+    )
+    print("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: |")
+    for kind in kinds:
+        group = runs[kind]
+        cpu = [r.cpu_ms_per_tip for r in group]
+        rps = [r.run.rps for r in group]
+        paired = statistics.median(
+            g.run.rps / b.run.rps for g, b in zip(group, runs["baseline"], strict=True)
+        )
+        print(
+            f"| {kind} | **{statistics.median(cpu):.2f}** | {', '.join(f'{v:.2f}' for v in cpu)} "
+            f"| {statistics.median(rps):.1f} | {', '.join(f'{v:.1f}' for v in rps)} "
+            f"| **{paired:.2f}×** | {group[-1].processes} "
+            f"| {sum(r.run.errors for r in group)} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1500)
@@ -111,7 +175,15 @@ def main() -> None:
     parser.add_argument("--no-py-spy", action="store_true")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the graph")
     parser.add_argument("--keep", type=Path, default=None, help="copy py-spy's raw files here")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="CPU per tip against the baseline, N rounds"
+    )
     args = parser.parse_args()
+    if args.rounds:
+        print(run_header(f"{args.requests} tips at c = {args.concurrency}"), flush=True)
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            cpu_table(args.requests, args.concurrency, args.rounds, Path(tmp_dir))
+        return
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

@@ -39,7 +39,7 @@ from tipgraph.periodic import Periodic
 from tipgraph.retention import RetentionJob
 from tipgraph.scoring import PolicyScore, ShadowItem
 from tipgraph.settings import HopSettings, HopsSettings, TipgraphSettings
-from tipgraph.shadows import MAX_SHADOW_INFLIGHT, ShadowShed
+from tipgraph.shadows import MAX_SHADOW_INFLIGHT, ShadowErrors, ShadowShed, per_shadow
 from tipgraph.wiring import tip_service
 
 logger = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 class HandleStages:
     """:class:`tipgraph.stages.Stages` backed by Serve deployment handles.
 
-    Calls to context, generation, scoring and each shadow go out in batches
+    Calls to context, generation, scoring and the shadows go out in batches
     (:mod:`tipgraph.batching`): one remote call per batch, not per request.
     """
 
@@ -265,7 +265,8 @@ class HandleStages:
         context: DeploymentHandle,
         generation: DeploymentHandle,
         scoring: DeploymentHandle,
-        shadows: dict[str, DeploymentHandle],
+        shadows: DeploymentHandle | None,
+        shadow_names: list[str],
         hops: HopsSettings,
         generation_hop: HopSettings,
     ) -> None:
@@ -283,6 +284,7 @@ class HandleStages:
 
         self._scoring = scoring
         self._shadows = shadows
+        self._shadow_names = shadow_names
         self._context: Coalescer[tuple[TipRequest, str], UserContext] = batched(
             context.build_batch.remote, hops.context
         )
@@ -292,10 +294,11 @@ class HandleStages:
         self._score: Coalescer[tuple[np.ndarray, str], PolicyScore] = batched(
             scoring.score_batch.remote, hops.scoring
         )
-        self._shadow_score: dict[str, Coalescer[ShadowItem, str | None]] = {
-            name: batched(handle.shadow_batch.remote, hops.shadows, retries=0)
-            for name, handle in shadows.items()
-        }
+        self._shadow_score: Coalescer[ShadowItem, ShadowErrors] | None = (
+            batched(shadows.shadow_batch.remote, hops.shadows, retries=0)
+            if shadows is not None and shadow_names
+            else None
+        )
 
     def batch_sizes(self) -> dict[str, float]:
         """Mean requests per remote call, per hop (shown by /readyz)."""
@@ -304,7 +307,8 @@ class HandleStages:
             "generation": self._generation,
             "scoring": self._score,
         }
-        hops.update(self._shadow_score)
+        if self._shadow_score is not None:
+            hops["shadows"] = self._shadow_score
         return {name: round(hop.mean_batch_size, 2) for name, hop in hops.items()}
 
     async def context(self, request: TipRequest, user_key: str) -> UserContext:
@@ -321,25 +325,21 @@ class HandleStages:
     def shadow_scores(
         self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
     ) -> list[tuple[str, Awaitable[str | None]]]:
-        """Queue the event for every shadow, which scores, logs and counts it (against the
-        served pick) in its own replica; what comes back is its error, or None."""
-        item = (X, event_id, candidate_ids, served_candidate_id)
-        return [(name, self._to_shadow(hop, item)) for name, hop in self._shadow_score.items()]
-
-    @staticmethod
-    def _to_shadow(
-        hop: Coalescer[ShadowItem, str | None], item: ShadowItem
-    ) -> Awaitable[str | None]:
+        """Queue the event for the shadows, which score, log and count it (against the
+        served pick) in their own replica; what comes back is each shadow's error, or None."""
+        hop = self._shadow_score
+        if hop is None:
+            return []
         if hop.queued >= MAX_SHADOW_INFLIGHT:
-            # A shadow that cannot keep up is skipped and counted, never queued behind.
-            shed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-            shed.set_exception(ShadowShed(f"{hop.queued} events queued"))
-            return shed
-        return hop.submit(item)
+            # Shadows that cannot keep up are skipped and counted, never queued behind.
+            return [(name, _shed(hop.queued)) for name in self._shadow_names]
+        answer = hop.submit((X, event_id, candidate_ids, served_candidate_id))
+        return list(per_shadow(answer, self._shadow_names))
 
     async def drain_shadows(self) -> None:
         """Send every queued shadow event now and wait for the calls (graceful shutdown)."""
-        await asyncio.gather(*(hop.drain() for hop in self._shadow_score.values()))
+        if self._shadow_score is not None:
+            await self._shadow_score.drain()
 
     async def learn(
         self, reward_id: int, features: list[float], reward: float, rewarded_at: float
@@ -350,10 +350,15 @@ class HandleStages:
     def learn_shadows(
         self, reward_id: int, features: list[float], reward: float, rewarded_at: float
     ) -> list[Awaitable[object]]:
-        return [
-            handle.learn.remote(reward_id, features, reward, rewarded_at)
-            for handle in self._shadows.values()
-        ]
+        if self._shadows is None or not self._shadow_names:
+            return []
+        return [self._shadows.learn.remote(reward_id, features, reward, rewarded_at)]
+
+
+def _shed(queued: int) -> asyncio.Future[str | None]:
+    shed: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+    shed.set_exception(ShadowShed(f"{queued} events queued"))
+    return shed
 
 
 @serve.deployment(name="ingress")
@@ -365,7 +370,7 @@ class Ingress:
         context: DeploymentHandle,
         generation: DeploymentHandle,
         scoring: DeploymentHandle,
-        shadows: dict[str, DeploymentHandle],
+        shadows: DeploymentHandle | None,
     ) -> None:
         self._settings = settings
         self._logs = ReplicaLogs(settings.logs).start()
@@ -379,6 +384,7 @@ class Ingress:
             generation,
             scoring,
             shadows,
+            [shadow.policy.name for shadow in settings.shadows],
             settings.hops,
             settings.hops.for_generation(settings.generation),
         )

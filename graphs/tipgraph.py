@@ -1,5 +1,6 @@
-"""The tipgraph Serve application: ingress -> context -> generation -> scoring (+ shadows);
-generation -> pool when it serves LLM tips from the candidate pool.
+"""The tipgraph Serve application: ingress -> context -> generation -> scoring (+ shadows,
+one deployment for every shadow policy); generation -> pool when it serves LLM tips from
+the candidate pool.
 
 ``serve run serve_config.yaml`` imports :func:`build_app`; tests and ``tipgraph serve``
 call :func:`build_graph` with settings they already hold.
@@ -17,8 +18,15 @@ from deployments.generation import CandidateGenerator
 from deployments.ingress import Ingress
 from deployments.pool import PoolRefiller
 from deployments.scoring import PolicyScorer
+from deployments.shadows import ShadowPolicies
 from tipgraph.serve_config import all_deployment_options
-from tipgraph.settings import POOL_DEPLOYMENT, TipgraphSettings, load_settings, resolve_paths
+from tipgraph.settings import (
+    POOL_DEPLOYMENT,
+    SHADOWS_DEPLOYMENT,
+    TipgraphSettings,
+    load_settings,
+    resolve_paths,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +38,6 @@ def _deployment(decorated: object) -> Deployment:
 
 def build_graph(settings: TipgraphSettings) -> Application:
     options = all_deployment_options(settings)
-    scorer = _deployment(PolicyScorer)
     context = _deployment(ContextBuilder).options(**options["context"]).bind(settings)
     pool = (
         _deployment(PoolRefiller).options(**options[POOL_DEPLOYMENT]).bind(settings)
@@ -40,15 +47,16 @@ def build_graph(settings: TipgraphSettings) -> Application:
     generation = (
         _deployment(CandidateGenerator).options(**options["generation"]).bind(settings, pool)
     )
-    scoring = scorer.options(**options["scoring"]).bind(
-        settings, settings.policy, follow_registry=True
+    scoring = (
+        _deployment(PolicyScorer)
+        .options(**options["scoring"])
+        .bind(settings, settings.policy, follow_registry=True)
     )
-    shadows = {
-        shadow.policy.name: scorer.options(
-            name=shadow.deployment_name, **options[shadow.deployment_name]
-        ).bind(settings, shadow.policy, shadow.fault, shadow=True)
-        for shadow in settings.shadows
-    }
+    shadows = (
+        _deployment(ShadowPolicies).options(**options[SHADOWS_DEPLOYMENT]).bind(settings)
+        if settings.shadows
+        else None
+    )
     return (
         _deployment(Ingress)
         .options(**options["ingress"])

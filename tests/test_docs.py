@@ -92,6 +92,8 @@ BY_HAND = {
     "make bench": "BENCHMARKS.md",
     "make bench-levers": "BENCHMARKS.md",
     "make bench-profile": "BENCHMARKS.md",
+    "make bench-cpu": "BENCHMARKS.md",
+    "make bench-candidates": "BENCHMARKS.md",
     "make bench-shadows": "BENCHMARKS.md",
     "make bench-policies": "BENCHMARKS.md",
     "make bench-tuning": "BENCHMARKS.md",

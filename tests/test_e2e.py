@@ -42,19 +42,17 @@ from tipgraph_ops.cli import main as cli_main
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 HEALTHY_SHADOWS = [
-    {"policy": {"name": "egreedy", "kind": "egreedy"}, "deployment": {"num_cpus": 0.05}},
-    {"policy": {"name": "uniform", "kind": "uniform"}, "deployment": {"num_cpus": 0.05}},
+    {"policy": {"name": "egreedy", "kind": "egreedy"}},
+    {"policy": {"name": "uniform", "kind": "uniform"}},
 ]
 SHADOW_DELAY_S = 3.0
 FAULTY_SHADOWS = [
     {
         "policy": {"name": "slow", "kind": "egreedy"},
-        "deployment": {"num_cpus": 0.05},
         "fault": {"delay_s": SHADOW_DELAY_S},
     },
     {
         "policy": {"name": "broken", "kind": "uniform"},
-        "deployment": {"num_cpus": 0.05},
         "fault": {"fail": True},
     },
 ]
@@ -81,11 +79,14 @@ class App:
         with psycopg.connect(self.postgres_url, options=f"-c search_path={schema}") as conn:
             return conn.execute(query, params).fetchall()
 
-    def scoring_snapshot(self, deployment: str = "scoring") -> dict[str, Any]:
+    def scoring_snapshot(self, shadow: str | None = None) -> dict[str, Any]:
+        """The served policy's learned state, or the named shadow's."""
         from ray import serve
 
+        deployment = "scoring" if shadow is None else "shadows"
         handle = serve.get_deployment_handle(deployment, app_name=self.name)
-        snapshot: dict[str, Any] = handle.snapshot.remote().result(timeout_s=30)
+        args = () if shadow is None else (shadow,)
+        snapshot: dict[str, Any] = handle.snapshot.remote(*args).result(timeout_s=30)
         return snapshot
 
 
@@ -396,7 +397,7 @@ def test_tip_decision_shadows_and_feedback_are_logged_and_learned(
     after = app.scoring_snapshot()
     assert after["n_updates"] == before["n_updates"] + 1
     assert after["b"] != before["b"]
-    _wait_for(lambda: app.scoring_snapshot("shadow_egreedy")["n_updates"] == after["n_updates"])
+    _wait_for(lambda: app.scoring_snapshot(shadow="egreedy")["n_updates"] == after["n_updates"])
 
 
 @pytest.mark.parametrize(
@@ -729,7 +730,7 @@ def _two_scoring_replicas(main: App, postgres_url: str, name: str, *, shadow: bo
     from tipgraph.settings import DeploymentSettings, LearningSettings, ShadowSettings
 
     two = DeploymentSettings(num_cpus=0.1, autoscaling={"min_replicas": 2, "max_replicas": 2})
-    shadows = [ShadowSettings(policy={"name": "egreedy", "kind": "egreedy"}, deployment=two)]
+    shadows = [ShadowSettings(policy={"name": "egreedy", "kind": "egreedy"})]
     settings = main.settings.model_copy(
         update={
             "serve": main.settings.serve.model_copy(
@@ -739,7 +740,7 @@ def _two_scoring_replicas(main: App, postgres_url: str, name: str, *, shadow: bo
                 url=postgres_url, pg_schema=f"e2e_{name}_{uuid.uuid4().hex[:10]}"
             ),
             "learning": LearningSettings(sync_interval_s=SYNC_S),
-            "deployments": {**main.settings.deployments, "scoring": two},
+            "deployments": {**main.settings.deployments, "scoring": two, "shadows": two},
             "shadows": shadows if shadow else [],
         }
     )
@@ -770,9 +771,10 @@ def test_every_replica_holds_the_model_trained_on_all_feedback(
         assert len(events) == 40
         time.sleep(3 * sync_s)  # one sync interval (with margin) after the last feedback
 
-        for deployment, policy_settings in (
-            ("scoring", settings.policy),
-            ("shadow_egreedy", settings.shadows[0].policy),
+        shadow = settings.shadows[0].policy
+        for deployment, policy_settings, args in (
+            ("scoring", settings.policy, ()),
+            ("shadows", shadow, (shadow.name,)),
         ):
             truth = make_policy(
                 policy_settings, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version
@@ -780,7 +782,7 @@ def test_every_replica_holds_the_model_trained_on_all_feedback(
             for event in events:
                 truth.update(event.features, event.reward)
             handle = serve.get_deployment_handle(deployment, app_name="replicas")
-            snapshots = handle.broadcast("snapshot").results(timeout_s=30)
+            snapshots = handle.broadcast("snapshot", *args).results(timeout_s=30)
             assert len(snapshots) == 2, f"{deployment} should run 2 replicas"
             for snapshot in snapshots:
                 assert snapshot["n_updates"] == 40
@@ -1197,7 +1199,7 @@ def test_status_reports_the_running_graph_the_champion_and_the_backlog(
     apps = {entry["name"]: entry for entry in report["serve"]["data"]["apps"]}
     assert apps["main"]["status"] == "RUNNING" and apps["faulty"]["status"] == "RUNNING"
     deployments = {entry["name"]: entry for entry in apps["main"]["deployments"]}
-    expected = {"ingress", "context", "generation", "scoring", "shadow_egreedy", "shadow_uniform"}
+    expected = {"ingress", "context", "generation", "scoring", "shadows"}
     assert deployments.keys() == expected
     assert all(entry["replicas"].get("RUNNING", 0) >= 1 for entry in deployments.values())
     assert report["registry"]["data"]["champion"] == version

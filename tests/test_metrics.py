@@ -221,7 +221,7 @@ def run(policy: str, chosen: str | None, error: str | None = None) -> PolicyScor
 
 
 def test_a_shadow_replica_counts_its_pick_against_the_served_one() -> None:
-    """What deployments.scoring.shadow_batch records for each event it scores."""
+    """What each shadow records in the shadows replica for each event it scores."""
     sink = RecordingSink()
     metrics = Metrics(sink)
     metrics.shadow_run(run("egreedy", "c1"), "c1")
@@ -492,7 +492,7 @@ def test_every_deployment_gets_the_logging_config_from_the_settings() -> None:
         update={"logs": settings.logs.model_copy(update={"level": "WARNING", "dir": "/x"})}
     )
     options = all_deployment_options(settings)
-    assert {"ingress", "context", "generation", "scoring", "shadow_egreedy"} <= set(options)
+    assert {"ingress", "context", "generation", "scoring", "shadows"} <= set(options)
     for name, option in options.items():
         config = LoggingConfig(**option["logging_config"])
         assert (config.encoding, config.log_level, config.logs_dir) == ("JSON", "WARNING", "/x")
@@ -613,14 +613,8 @@ def observed_app(
             "serve": {"app_name": APP, "route_prefix": f"/{APP}", "port": serve_port},
             "store": {"url": f"sqlite:///{tmp / 'log.db'}", "spill_dir": str(tmp / "spill")},
             "shadows": [
-                {
-                    "policy": {"name": "egreedy", "kind": "egreedy"},
-                    "deployment": {"num_cpus": 0.05},
-                },
-                {
-                    "policy": {"name": "uniform", "kind": "uniform"},
-                    "deployment": {"num_cpus": 0.05},
-                },
+                {"policy": {"name": "egreedy", "kind": "egreedy"}},
+                {"policy": {"name": "uniform", "kind": "uniform"}},
             ],
             "generation": {
                 "source": "mixed",
@@ -748,7 +742,7 @@ def test_a_real_app_exports_every_metric_on_the_ray_metrics_port(
             for name, labels, _ in samples
             if name == "ray_tipgraph_shadow_comparisons_total" and labels["policy"] == policy
         }
-        assert shadow_deployments == {f"shadow_{policy}"}
+        assert shadow_deployments == {"shadows"}
     for reaction, count in (("done", N_TIPS // 2), ("snooze", N_TIPS // 2)):
         assert total(samples, "ray_tipgraph_rewards_total", reaction=reaction) == count
     assert total(samples, "ray_tipgraph_reward_sum_total") == pytest.approx(N_TIPS // 2 * 1.25)
@@ -765,7 +759,7 @@ def test_a_real_app_exports_every_metric_on_the_ray_metrics_port(
         for name, labels, _ in samples
         if name.startswith(("ray_tipgraph_decision_log", "ray_tipgraph_feedback"))
     }
-    for writer in ("ingress", "shadow_egreedy", "shadow_uniform"):
+    for writer in ("ingress", "shadows"):
         for gauge in ("backlog", "spilled", "spill_bytes"):
             assert (f"ray_tipgraph_decision_log_{gauge}", writer) in gauges
     assert ("ray_tipgraph_feedback_held", "ingress") in gauges

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import sqlite3
 import time
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import SecretStr
 
@@ -18,9 +20,18 @@ from tipgraph.contracts import FeedbackRequest, TipRequest
 from tipgraph.decision_log import DecisionLog
 from tipgraph.errors import FeedbackConflict, InvalidRequest, UnknownEvent
 from tipgraph.event_ids import new_event_id
+from tipgraph.features import FEATURE_SPEC
 from tipgraph.local import LocalStages
+from tipgraph.metrics import Metrics
 from tipgraph.service import TipService
-from tipgraph.settings import StoreSettings, TipgraphSettings
+from tipgraph.settings import (
+    EpsilonGreedySettings,
+    StoreSettings,
+    TipgraphSettings,
+    UniformSettings,
+)
+from tipgraph.shadows import ShadowScorer, ShadowSet, per_shadow
+from tipgraph.spill import SpillFailed
 from tipgraph.store import DecisionStore, SQLiteStore, open_store
 from tipgraph.wiring import decision_log
 
@@ -131,7 +142,7 @@ async def test_feedback_teaches_served_and_shadow_policies_once(
     assert first.reward == 1.0
     await asyncio.sleep(0.05)  # shadow learning runs in the background
     assert stages.served.policy.n_updates == 1
-    assert stages.shadows["egreedy"].service.policy.n_updates == 1
+    assert stages.shadows.scorers["egreedy"].service.policy.n_updates == 1
     assert (stages.served.policy.stats_.b_ != before).any()
 
     again = await service.feedback(FeedbackRequest(event_id=response.event_id, reaction="done"))
@@ -531,3 +542,81 @@ async def test_a_rotated_user_key_still_erases_what_the_old_key_made(
 def test_a_retired_key_cannot_share_the_current_keys_id() -> None:
     with pytest.raises(ValueError, match="also a retired key's id"):
         TipgraphSettings(privacy={"user_key_id": "k1", "retired_user_key_secrets": {"k1": "old"}})
+
+
+# -- every shadow in one place (tipgraph.shadows.ShadowSet), as the shadows replica runs them --
+
+
+def shadow_set(settings: TipgraphSettings, store: DecisionStore) -> ShadowSet:
+    log = decision_log(store, StoreSettings(flush_interval_s=0.01), owner="test")
+    return ShadowSet.build(settings.shadows, store, log, Metrics())
+
+
+def shadow_item(event_id: str, k: int = 3) -> tuple[np.ndarray, str, list[str], str]:
+    X = np.random.default_rng(0).normal(size=(k, FEATURE_SPEC.dim))
+    return (X, event_id, [f"c{i}" for i in range(k)], "c0")
+
+
+class RefusingLog:
+    """A decision log whose disk is full: every row it is given fails."""
+
+    async def submit_policy_scores(self, *args: object) -> None:
+        raise SpillFailed("cannot write the local decision log: disk full")
+
+
+async def test_each_event_gets_every_shadows_error_in_one_call(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    shadows = shadow_set(settings, store)
+    answers = await shadows.score_batch([shadow_item("e1"), shadow_item("e2", k=2)])
+    assert [set(answer) for answer in answers] == [{"egreedy", "broken", "slow"}] * 2
+    assert all(answer["egreedy"] is None for answer in answers)
+    assert all("injected fault" in str(answer["broken"]) for answer in answers)
+
+
+async def test_a_shadow_whose_rows_fail_costs_the_others_nothing(
+    settings: TipgraphSettings, store: DecisionStore
+) -> None:
+    shadows = shadow_set(settings, store)
+    healthy = shadows.scorers["egreedy"]
+    failing = ShadowScorer(healthy.service, settings.shadows[0].fault, RefusingLog(), Metrics())  # type: ignore[arg-type]
+    both = ShadowSet({"egreedy": healthy, "refused": failing})
+    (answer,) = await both.score_batch([shadow_item("e1")])
+    assert answer["egreedy"] is None
+    assert answer["refused"] == "SpillFailed: cannot write the local decision log: disk full"
+
+
+async def test_per_shadow_splits_one_answer_and_fails_each_on_a_failed_call() -> None:
+    loop = asyncio.get_running_loop()
+    ok: asyncio.Future[dict[str, str | None]] = loop.create_future()
+    split = dict(per_shadow(ok, ["a", "b"]))
+    ok.set_result({"a": None, "b": "boom"})
+    assert [await split["a"], await split["b"]] == [None, "boom"]
+
+    lost: asyncio.Future[dict[str, str | None]] = loop.create_future()
+    failed = dict(per_shadow(lost, ["a", "b"]))
+    lost.set_exception(ConnectionError("replica died"))
+    for future in failed.values():
+        with pytest.raises(ConnectionError):
+            await future
+
+
+def test_reconfigure_swaps_only_the_changed_policy_in_place(
+    settings: TipgraphSettings, store: DecisionStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    shadows = shadow_set(settings, store)
+    egreedy, broken = shadows.scorers["egreedy"], shadows.scorers["broken"]
+    x = np.ones(FEATURE_SPEC.dim)
+    shadows.learn(1, x.tolist(), 1.0, 0.0)
+    assert egreedy.service.policy.n_updates == broken.service.policy.n_updates == 1
+
+    wider = EpsilonGreedySettings(name="egreedy", epsilon=0.3)
+    same = broken.service.policy.settings
+    with caplog.at_level(logging.WARNING):
+        changed = shadows.reconfigure([wider, same, UniformSettings(name="new")], store)
+    assert changed == ["egreedy"]
+    assert shadows.scorers["egreedy"] is egreedy  # its fault and log stay
+    assert egreedy.service.policy.settings == wider
+    assert broken.service.policy.n_updates == 1  # untouched
+    assert "shadow new is not running: redeploy to add it" in caplog.text
+    assert shadows.names == ["egreedy", "broken", "slow"]

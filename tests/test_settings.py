@@ -31,12 +31,13 @@ def test_check_command_detects_drift(tmp_path: Path) -> None:
     )
 
 
-def test_every_stage_and_shadow_has_its_own_autoscaling_and_fractional_cpus() -> None:
+def test_every_stage_has_its_own_autoscaling_and_fractional_cpus() -> None:
     settings = load_settings(CONFIG)
     app = render_serve_config(settings, "configs/tipgraph.yaml")["applications"][0]
     names = [d["name"] for d in app["deployments"]]
-    assert names[:4] == ["ingress", "context", "generation", "scoring"]
-    assert {f"shadow_{s.policy.name}" for s in settings.shadows} <= set(names)
+    assert names == ["ingress", "context", "generation", "scoring", "shadows"]
+    shadows = app["deployments"][-1]["user_config"]["policies"]
+    assert [p["name"] for p in shadows] == [s.policy.name for s in settings.shadows] != []
     total_max_cpus = 0.0
     for deployment in app["deployments"]:
         assert 0 < deployment["ray_actor_options"]["num_cpus"] < 1
@@ -68,14 +69,16 @@ def test_env_overrides_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"shadows": [{"policy": {"name": "linucb", "kind": "uniform"}}]}, "unique"),
         (
             {
-                "shadows": [
-                    {
-                        "policy": {"name": "u", "kind": "uniform"},
-                        "deployment": {"autoscaling": {"signal": "items"}},
-                    }
-                ]
+                "deployments": {
+                    **{stage: {} for stage in ("ingress", "context", "generation", "scoring")},
+                    "shadows": {"autoscaling": {"signal": "items"}},
+                }
             },
-            r"signal 'items' of \['shadow_u'\]: only \['context', 'generation', 'pool'\]",
+            r"signal 'items' of \['shadows'\]: only \['context', 'generation', 'pool'\]",
+        ),
+        (
+            {"shadows": [{"policy": {"name": "u", "kind": "uniform"}, "deployment": {}}]},
+            "every shadow runs in one deployment, set in deployments.shadows",
         ),
     ],
 )

@@ -20,7 +20,7 @@ from tipgraph.generation.litellm_client import build_candidate_source
 from tipgraph.metrics import Metrics
 from tipgraph.scoring import PolicyScore, PolicyService
 from tipgraph.settings import PolicySettings, TipgraphSettings
-from tipgraph.shadows import ShadowScorer
+from tipgraph.shadows import ShadowErrors, ShadowSet, per_shadow
 from tipgraph.store import DecisionStore
 
 
@@ -44,12 +44,7 @@ class LocalStages:
             settings.generation, store, completer=completer, embed=embed, metrics=metrics
         )
         self.served = _service(settings.policy, store)
-        self.shadows: dict[str, ShadowScorer] = {
-            shadow.policy.name: ShadowScorer(
-                _service(shadow.policy, store), shadow.fault, log, metrics
-            )
-            for shadow in settings.shadows
-        }
+        self.shadows = ShadowSet.build(settings.shadows, store, log, metrics)
 
     async def context(self, request: TipRequest, user_key: str) -> UserContext:
         return await asyncio.to_thread(
@@ -72,8 +67,11 @@ class LocalStages:
     def shadow_scores(
         self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
     ) -> list[tuple[str, Awaitable[str | None]]]:
+        if not self.shadows.names:
+            return []
         item = (X, event_id, candidate_ids, served_candidate_id)
-        return [(name, _first(shadow.score_batch([item]))) for name, shadow in self.shadows.items()]
+        answer = asyncio.ensure_future(_first(self.shadows.score_batch([item])))
+        return list(per_shadow(answer, self.shadows.names))
 
     async def learn(
         self, reward_id: int, features: list[float], reward: float, rewarded_at: float
@@ -83,20 +81,19 @@ class LocalStages:
     def learn_shadows(
         self, reward_id: int, features: list[float], reward: float, rewarded_at: float
     ) -> list[Awaitable[object]]:
-        return [
-            asyncio.to_thread(shadow.service.learn, reward_id, features, reward, rewarded_at)
-            for shadow in self.shadows.values()
-        ]
+        if not self.shadows.names:
+            return []
+        return [asyncio.to_thread(self.shadows.learn, reward_id, features, reward, rewarded_at)]
 
     def sync(self) -> None:
         """Apply rewards logged by others (default rewards, other processes)."""
-        for service in (self.served, *(shadow.service for shadow in self.shadows.values())):
-            service.sync(self._store)
+        self.served.sync(self._store)
+        self.shadows.sync(self._store)
 
 
-async def _first(errors: Awaitable[list[str | None]]) -> str | None:
-    (error,) = await errors
-    return error
+async def _first(errors: Awaitable[list[ShadowErrors]]) -> ShadowErrors:
+    (event,) = await errors
+    return event
 
 
 def _service(policy: PolicySettings, store: DecisionStore) -> PolicyService:

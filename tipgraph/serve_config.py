@@ -6,6 +6,7 @@ from what ``configs/tipgraph.yaml`` says.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ import yaml
 from tipgraph.autoscaling import POLICY_FUNCTION
 from tipgraph.settings import (
     POOL_DEPLOYMENT,
+    SHADOWS_DEPLOYMENT,
     DeploymentSettings,
     LogSettings,
     PolicySettings,
+    ShadowSettings,
     TipgraphSettings,
 )
 
@@ -65,18 +68,22 @@ def deployment_options(deployment: DeploymentSettings, logs: LogSettings) -> dic
 
 
 def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, Any]]:
-    """Deployment name -> options, for every stage and shadow of the graph, and the pool
-    deployment when generation serves from the candidate pool.
+    """Deployment name -> options, for every stage of the graph (the shadows' only when
+    there are shadows), and the pool deployment when generation serves from the candidate
+    pool.
 
     Policies travel as Serve's ``user_config``: a changed hyperparameter in a deployed
     config reaches the running replicas through ``reconfigure``, without restarting them.
     """
     logs = settings.logs
-    options = {name: deployment_options(dep, logs) for name, dep in settings.deployments.items()}
+    options = {
+        name: deployment_options(dep, logs)
+        for name, dep in settings.deployments.items()
+        if name != SHADOWS_DEPLOYMENT or settings.shadows
+    }
     options["scoring"]["user_config"] = policy_user_config(settings.policy)
-    for shadow in settings.shadows:
-        options[shadow.deployment_name] = deployment_options(shadow.deployment, logs)
-        options[shadow.deployment_name]["user_config"] = policy_user_config(shadow.policy)
+    if settings.shadows:
+        options[SHADOWS_DEPLOYMENT]["user_config"] = shadows_user_config(settings.shadows)
     if settings.generation.pooled:
         options[POOL_DEPLOYMENT] = deployment_options(settings.generation.pool.deployment, logs)
     return options
@@ -85,6 +92,11 @@ def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, An
 def policy_user_config(policy: PolicySettings) -> dict[str, Any]:
     """What ``PolicyScorer.reconfigure`` reads (``tipgraph.settings.parse_policy`` parses it)."""
     return {"policy": policy.model_dump(mode="json")}
+
+
+def shadows_user_config(shadows: Sequence[ShadowSettings]) -> dict[str, Any]:
+    """What ``ShadowPolicies.reconfigure`` reads: every shadow policy, by name."""
+    return {"policies": [shadow.policy.model_dump(mode="json") for shadow in shadows]}
 
 
 def render_serve_config(settings: TipgraphSettings, config_path: str) -> dict[str, Any]:

@@ -32,7 +32,9 @@ TipKind = Literal["focus", "overdue", "due_today", "batch", "plan_day", "break_d
 PolicyKind = Literal["linucb", "lints", "egreedy", "softmax", "squarecb", "uniform", "baseline"]
 FeatureGroup = Literal["kind", "time", "workload", "history", "task", "quality", "embedding"]
 """Blocks of the joint feature vector a policy may be restricted to (tipgraph.features)."""
-STAGES = ("ingress", "context", "generation", "scoring")
+SHADOWS_DEPLOYMENT = "shadows"
+"""The one deployment that runs every shadow policy (in the graph when there are shadows)."""
+STAGES = ("ingress", "context", "generation", "scoring", SHADOWS_DEPLOYMENT)
 POOL_DEPLOYMENT = "pool"
 """The refill workers' deployment, in the graph when ``generation.serve_from`` is pool."""
 ITEM_STAGES = ("context", "generation", POOL_DEPLOYMENT)
@@ -540,13 +542,21 @@ class FaultSettings(_Strict):
 
 
 class ShadowSettings(_Strict):
+    """One shadow policy.  Every shadow runs in the one ``shadows`` deployment, whose
+    replicas are set in ``deployments.shadows``."""
+
     policy: PolicySettings
-    deployment: DeploymentSettings = DeploymentSettings(num_cpus=0.1)
     fault: FaultSettings = FaultSettings()
 
-    @property
-    def deployment_name(self) -> str:
-        return f"shadow_{self.policy.name}"
+    @model_validator(mode="before")
+    @classmethod
+    def _no_own_deployment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "deployment" in data:
+            raise ValueError(
+                "shadows[].deployment is gone: every shadow runs in one deployment, "
+                "set in deployments.shadows"
+            )
+        return data
 
 
 DEV_USER_KEY_SECRET = "tipgraph-dev-only-secret"
@@ -833,7 +843,11 @@ class AuthSettings(_Strict):
 
 
 def _default_deployments() -> dict[str, DeploymentSettings]:
-    return {stage: DeploymentSettings() for stage in STAGES}
+    # Shadows only score and log, off the request path: a smaller CPU share.
+    return {
+        stage: DeploymentSettings(num_cpus=0.1 if stage == SHADOWS_DEPLOYMENT else 0.25)
+        for stage in STAGES
+    }
 
 
 class TipgraphSettings(BaseSettings):
@@ -902,9 +916,7 @@ class TipgraphSettings(BaseSettings):
             names.append(self.experiment.holdout_name)
         if len(set(names)) != len(names):
             raise ValueError(f"policy names must be unique across served and shadows: {names}")
-        scaling = {name: d.autoscaling for name, d in self.deployments.items()} | {
-            s.deployment_name: s.deployment.autoscaling for s in self.shadows
-        }
+        scaling = {name: d.autoscaling for name, d in self.deployments.items()}
         scaling[POOL_DEPLOYMENT] = self.generation.pool.deployment.autoscaling
         wrong = [n for n, a in scaling.items() if a.signal == "items" and n not in ITEM_STAGES]
         if wrong:
