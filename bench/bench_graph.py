@@ -59,6 +59,13 @@ class Run:
         return statistics.median(self.stage_ms[stage])
 
 
+def checkout_commit(root: Path) -> str:
+    """The short commit a checkout is at."""
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def run_header(details: str) -> str:
     """The heading of a benchmark's results: date, commit, machine, then ``details``."""
     commit = subprocess.run(
@@ -163,8 +170,14 @@ THREE_SHADOWS = json.dumps(
 
 
 def start(
-    kind: str, port: int, tmp: Path, extra_env: dict[str, str] | None = None
+    kind: str,
+    port: int,
+    tmp: Path,
+    extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> subprocess.Popen[bytes]:
+    """Start ``kind`` ("graph" or "baseline") from the code in ``root`` (another checkout:
+    an earlier commit measured in the same run)."""
     env = {
         **os.environ,
         **(extra_env or {}),
@@ -173,7 +186,7 @@ def start(
         "TIPGRAPH_STORE__URL": f"sqlite:///{tmp}/{kind}.db",
         "TIPGRAPH_STORE__SPILL_DIR": str(tmp / "spill"),
         "RAY_USAGE_STATS_ENABLED": "0",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(root),
     }
     bin_dir = Path(sys.executable).parent
     if kind == "graph":
@@ -188,7 +201,7 @@ def start(
             "warning",
         ]
     log = open(tmp / f"{kind}.log", "wb")  # noqa: SIM115 - the child owns it until it ends
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    return subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=log)
 
 
 Plan = list[tuple[int, int | None]]
@@ -196,10 +209,15 @@ Plan = list[tuple[int, int | None]]
 
 
 def measure(
-    kind: str, requests: int, tmp: Path, plan: Plan, extra_env: dict[str, str] | None = None
+    kind: str,
+    requests: int,
+    tmp: Path,
+    plan: Plan,
+    extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> dict[tuple[int, int | None], Run]:
     port = free_port()
-    process = start(kind, port, tmp, extra_env)
+    process = start(kind, port, tmp, extra_env, root)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
@@ -380,20 +398,26 @@ def durability_table(requests: int, tmp: Path, rounds: int) -> None:
             print(f"| {mode} | {c} | {rps:.1f} | {p50:.1f} | {p99:.1f} | {change} | {errors} |")
 
 
-def shadows_table(requests: int, tmp: Path, rounds: int) -> None:
+def shadows_table(requests: int, tmp: Path, rounds: int, before: Path | None = None) -> None:
     """Served p50 with no shadows and with the two shipped shadows, at c = 1 and 16:
-    interleaved rounds, medians, and each round's p50 (the noise to judge a 5% goal by)."""
-    configs = {"no shadows": {"TIPGRAPH_SHADOWS": "[]"}, "2 shadows (shipped)": {}}
+    interleaved rounds, medians, and each round's p50 (the noise to judge a 5% goal by).
+    ``before``: a checkout of an earlier commit whose graph with shadows runs too."""
+    configs: dict[str, tuple[dict[str, str], Path]] = {
+        "no shadows": ({"TIPGRAPH_SHADOWS": "[]"}, ROOT),
+        "2 shadows (shipped)": ({}, ROOT),
+    }
+    if before is not None:
+        configs[f"2 shadows at {checkout_commit(before)}"] = ({}, before)
     plan: Plan = [(1, None), (16, None)]
     runs: dict[str, list[dict[tuple[int, int | None], Run]]] = {name: [] for name in configs}
     for round_ in range(rounds):
         # Interleaved, in ABBA order, each run on a store of its own: neither drift on a
         # shared machine nor a store grown by the runs before favours one configuration.
         order = list(configs.items()) if round_ % 2 == 0 else list(configs.items())[::-1]
-        for name, env in order:
+        for name, (env, root) in order:
             store = tmp / f"shadows-{round_}-{len(runs[name])}-{name.replace(' ', '_')}"
             store.mkdir()
-            runs[name].append(measure("graph", requests, store, plan, env))
+            runs[name].append(measure("graph", requests, store, plan, env, root))
 
     def p50s(name: str, c: int) -> list[float]:
         return [r[(c, None)].pct(50) for r in runs[name]]
@@ -495,6 +519,9 @@ def main() -> None:
         "--shadows", action="store_true", help="served p50 with and without the shadows"
     )
     parser.add_argument(
+        "--before", type=Path, default=None, help="--shadows: an earlier checkout's graph too"
+    )
+    parser.add_argument(
         "--candidates", action="store_true", help="served p50 at K = 50 against K = 5, c = 16"
     )
     parser.add_argument(
@@ -509,7 +536,7 @@ def main() -> None:
         if args.candidates:
             candidates_rounds_table(args.requests, Path(tmp_dir), args.rounds)
         elif args.shadows:
-            shadows_table(args.requests, Path(tmp_dir), args.rounds)
+            shadows_table(args.requests, Path(tmp_dir), args.rounds, args.before)
         elif args.load_signal:
             load_signal_table(args.requests, Path(tmp_dir), args.rounds)
         elif args.durability:

@@ -11,8 +11,10 @@ reports for every process of the local cluster (Serve replicas, controller, rayl
 
 With ``--rounds N`` (``make bench-cpu``) it measures issue 21's goal 1 instead: the graph
 and the single-process baseline (``bench/baseline_app.py``) alternate in ABBA order, each
-started fresh on a store of its own, without py-spy; the table gives each one's CPU ms per
-tip summed over all its processes and its requests/s at the given concurrency, as medians,
+started fresh on a store of its own, without py-spy.  Each serves the load once to settle
+(the autoscaler adds its replicas), then again, measured: CPU ms per tip summed over the
+server's whole process tree (for the graph: the driver, GCS, raylet, dashboard and agents,
+every replica, HAProxy) and requests/s at the given concurrency.  The table gives medians,
 and the graph/baseline throughput ratio paired by round.
 """
 
@@ -28,15 +30,27 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from bench.bench_graph import Run, drive, free_port, run_header, start, wait_ready
+from bench.bench_graph import (
+    ROOT,
+    Run,
+    checkout_commit,
+    drive,
+    free_port,
+    run_header,
+    start,
+    wait_ready,
+)
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SETTLE_S = 10.0
+"""Pause between the settling load and the measured one (Serve's upscale delay is 5 s)."""
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 # Leaf-frame file path fragment -> layer; first match wins.
 LAYERS = (
@@ -115,43 +129,70 @@ class CpuRun:
     run: Run
     cpu_ms_per_tip: float
     processes: int
+    started_during: int
+    """Processes that appeared during the measured load (counted from zero)."""
 
 
-def cpu_run(kind: str, requests: int, concurrency: int, tmp: Path) -> CpuRun:
-    """Start ``kind`` ("graph" or "baseline") on a store of its own, warm it, and measure the
-    CPU every one of its processes spends on ``requests`` tips at ``concurrency``."""
+def process_tree(root: int) -> list[Proc]:
+    """``root`` and every process under it: for ``tipgraph serve``, the whole local cluster
+    (GCS, raylet, dashboard and agents, every replica, HAProxy)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True)
+    children: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for line in out.stdout.splitlines():
+        pid, ppid, comm = line.split(None, 2)
+        children[int(ppid)].append((int(pid), comm))
+    found, todo = [Proc(root, "root")], [root]
+    while todo:
+        for pid, comm in children.get(todo.pop(), []):
+            found.append(Proc(pid, comm))
+            todo.append(pid)
+    return found
+
+
+def cpu_run(kind: str, requests: int, concurrency: int, tmp: Path, root: Path = ROOT) -> CpuRun:
+    """Start ``kind`` ("graph" or "baseline") on a store of its own, let it settle under the
+    same load, and measure the CPU every one of its processes spends on ``requests`` tips."""
     tmp.mkdir()
     port = free_port()
-    process = start(kind, port, tmp)
+    process = start(kind, port, tmp, root=root)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
-        asyncio.run(drive(url, 8, 200))
-        # The baseline is one uvicorn process; the graph is every process of its cluster.
-        procs = cluster_processes() if kind == "graph" else [Proc(process.pid, kind)]
+        # The load of the measurement first, so that the replicas the autoscaler adds for
+        # it are up before it starts: their start-up is not a cost per tip.
+        asyncio.run(drive(url, concurrency, requests))
+        time.sleep(SETTLE_S)
+        procs = process_tree(process.pid)
         before = {p.pid: cpu_seconds(p.pid) for p in procs}
         run = asyncio.run(drive(url, concurrency, requests))
-        # A replica the autoscaler started during the load counts from zero.
-        after_procs = cluster_processes() if kind == "graph" else procs
-        spent = sum(cpu_seconds(p.pid) - before.get(p.pid, 0.0) for p in after_procs)
-        return CpuRun(run, spent * 1000 / requests, len(after_procs))
+        after = process_tree(process.pid)
+        spent = sum(cpu_seconds(p.pid) - before.get(p.pid, 0.0) for p in after)
+        return CpuRun(run, spent * 1000 / requests, len(after), len(after) - len(procs))
     finally:
         process.terminate()
         process.wait(60)
 
 
-def cpu_table(requests: int, concurrency: int, rounds: int, tmp: Path) -> None:
-    kinds = ("baseline", "graph")
-    runs: dict[str, list[CpuRun]] = {kind: [] for kind in kinds}
+def cpu_table(
+    requests: int, concurrency: int, rounds: int, tmp: Path, before: Path | None = None
+) -> None:
+    """``before``: a checkout of an earlier commit whose graph runs in the same rounds."""
+    servers = {"baseline": ("baseline", ROOT), "graph": ("graph", ROOT)}
+    if before is not None:
+        servers[f"graph at {checkout_commit(before)}"] = ("graph", before)
+    names = list(servers)
+    runs: dict[str, list[CpuRun]] = {name: [] for name in names}
     for round_ in range(rounds):
-        for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
-            runs[kind].append(cpu_run(kind, requests, concurrency, tmp / f"{kind}-{round_}"))
+        for n, name in enumerate(names if round_ % 2 == 0 else names[::-1]):
+            kind, root = servers[name]
+            runs[name].append(cpu_run(kind, requests, concurrency, tmp / f"{round_}-{n}", root))
     print(
         f"| server | CPU ms per tip | per round | req/s c = {concurrency} | per round "
-        f"| vs baseline, paired | processes | errors |  (median of {rounds} rounds, ABBA)"
+        f"| vs baseline, paired | processes | started during | errors "
+        f"|  (median of {rounds} rounds, ABBA)"
     )
-    print("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: |")
-    for kind in kinds:
+    print("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for kind in names:
         group = runs[kind]
         cpu = [r.cpu_ms_per_tip for r in group]
         rps = [r.run.rps for r in group]
@@ -162,7 +203,7 @@ def cpu_table(requests: int, concurrency: int, rounds: int, tmp: Path) -> None:
             f"| {kind} | **{statistics.median(cpu):.2f}** | {', '.join(f'{v:.2f}' for v in cpu)} "
             f"| {statistics.median(rps):.1f} | {', '.join(f'{v:.1f}' for v in rps)} "
             f"| **{paired:.2f}×** | {group[-1].processes} "
-            f"| {sum(r.run.errors for r in group)} |",
+            f"| {sum(r.started_during for r in group)} | {sum(r.run.errors for r in group)} |",
             flush=True,
         )
 
@@ -176,13 +217,19 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the graph")
     parser.add_argument("--keep", type=Path, default=None, help="copy py-spy's raw files here")
     parser.add_argument(
+        "--candidates", type=int, default=None, help="tips asked per request (LLM mode)"
+    )
+    parser.add_argument(
         "--rounds", type=int, default=0, help="CPU per tip against the baseline, N rounds"
+    )
+    parser.add_argument(
+        "--before", type=Path, default=None, help="with --rounds: an earlier checkout's graph too"
     )
     args = parser.parse_args()
     if args.rounds:
         print(run_header(f"{args.requests} tips at c = {args.concurrency}"), flush=True)
         with tempfile.TemporaryDirectory() as tmp_dir:
-            cpu_table(args.requests, args.concurrency, args.rounds, Path(tmp_dir))
+            cpu_table(args.requests, args.concurrency, args.rounds, Path(tmp_dir), args.before)
         return
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -211,7 +258,7 @@ def main() -> None:
             result: list[object] = []
             load = threading.Thread(
                 target=lambda: result.append(
-                    asyncio.run(drive(url, args.concurrency, args.requests))
+                    asyncio.run(drive(url, args.concurrency, args.requests, args.candidates))
                 )
             )
             load.start()
