@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-cpu bench-candidates bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
+.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-cpu bench-candidates bench-test-times bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -116,6 +116,17 @@ bench-cpu: install
 ## Ollama stub, 3 rounds ABBA (issue 21, goal 3; BENCHMARKS.md)
 bench-candidates: install
 	PYTHONPATH=. $(BIN)/python bench/bench_graph.py --candidates --rounds 3
+
+## bench-test-times: the unit tests' wall time, this checkout against BEFORE (another
+## checkout), 2 rounds ABBA: the whole set and every test slower by > 10% (BENCHMARKS.md)
+ROUNDS ?= 2
+TEST_TIME_FILES ?= tests/test_store.py tests/test_decision_log.py tests/test_service.py \
+	tests/test_tuning_data.py tests/test_report.py tests/test_sweep.py tests/test_cli.py \
+	tests/test_ope.py tests/test_policies.py tests/test_sync.py tests/test_privacy.py
+bench-test-times: install postgres
+	@test -n "$(BEFORE)" || { echo "BEFORE=<an earlier checkout> is required"; exit 2; }
+	PYTHONPATH=. $(BIN)/python bench/test_times.py --before $(BEFORE) --rounds $(ROUNDS) \
+		$(TEST_TIME_FILES)
 
 ## bench-shadows: what shadows add to the served p50, through Serve over HTTP: shipped,
 ## slow and failing shadows side by side; then none vs shipped at c = 1 and 16, 3 rounds

@@ -301,12 +301,19 @@ LLM_INLINE_50 = {
 
 def candidates_rounds_table(requests: int, tmp: Path, rounds: int) -> None:
     """Issue 21's goal 3: served p50 at K = 50 against K = 5 at c = 16, in LLM mode through
-    the Ollama stub, on one graph: the two alternate in ABBA order, ``rounds`` times."""
+    the Ollama stub, on one graph: the two alternate in ABBA order, ``rounds`` times.  The
+    stub runs in a process of its own, as a model server would: in this one it would
+    compete with the load for the GIL."""
     ks = (5, 50)
     runs: dict[int, list[Run]] = {k: [] for k in ks}
-    with OllamaStub() as stub:
+    stub = subprocess.Popen(
+        [sys.executable, "-m", "tests.ollama_stub"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert stub.stdout is not None
+        stub_url = stub.stdout.readline().strip()
         port = free_port()
-        process = start("graph", port, tmp, {"OLLAMA_API_BASE": stub.url, **LLM_INLINE_50})
+        process = start("graph", port, tmp, {"OLLAMA_API_BASE": stub_url, **LLM_INLINE_50})
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url)
@@ -317,6 +324,9 @@ def candidates_rounds_table(requests: int, tmp: Path, rounds: int) -> None:
         finally:
             process.terminate()
             process.wait(60)
+    finally:
+        stub.terminate()
+        stub.wait(10)
     print(
         "| K | p50 ms c = 16 | vs K = 5 | vs K = 5, paired | per round | scoring p50 ms "
         f"| generation p50 ms | req/s | errors |  (median of {rounds} rounds, ABBA)"

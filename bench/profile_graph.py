@@ -131,30 +131,55 @@ class CpuRun:
     processes: int
     started_during: int
     """Processes that appeared during the measured load (counted from zero)."""
+    by_name: dict[str, float]
+    """CPU ms per tip by process name."""
 
 
 def process_tree(root: int) -> list[Proc]:
     """``root`` and every process under it: for ``tipgraph serve``, the whole local cluster
     (GCS, raylet, dashboard and agents, every replica, HAProxy)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True)
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True)
     children: dict[int, list[tuple[int, str]]] = defaultdict(list)
     for line in out.stdout.splitlines():
-        pid, ppid, comm = line.split(None, 2)
-        children[int(ppid)].append((int(pid), comm))
-    found, todo = [Proc(root, "root")], [root]
+        pid, ppid, args = [*line.split(None, 2), ""][:3]
+        children[int(ppid)].append((int(pid), process_name(args)))
+    found, todo = [Proc(root, "server (tipgraph serve or uvicorn)")], [root]
     while todo:
-        for pid, comm in children.get(todo.pop(), []):
-            found.append(Proc(pid, comm))
-            todo.append(pid)
+        for child, name in children.get(todo.pop(), []):
+            found.append(Proc(child, name))
+            todo.append(child)
     return found
 
 
-def cpu_run(kind: str, requests: int, concurrency: int, tmp: Path, root: Path = ROOT) -> CpuRun:
+def process_name(args: str) -> str:
+    """A Ray worker's title (``ServeReplica:tipgraph:ingress``), else the program and, for
+    Python, its script (``dashboard/agent.py``)."""
+    # A worker's title names the task it runs (``ServeController.listen_for_change``).
+    if match := re.search(r"ray::([^\s.]+)", args):
+        return re.sub(r"ServeReplica:[^:]+:", "replica ", match.group(1))
+    words = args.split()
+    if not words:
+        return "?"
+    program = Path(words[0]).name
+    script = next((w for w in words[1:] if w.endswith(".py")), None)
+    if program.startswith("python") and script is not None:
+        return "/".join(Path(script).parts[-2:])
+    return program
+
+
+def cpu_run(
+    kind: str,
+    requests: int,
+    concurrency: int,
+    tmp: Path,
+    root: Path = ROOT,
+    extra_env: dict[str, str] | None = None,
+) -> CpuRun:
     """Start ``kind`` ("graph" or "baseline") on a store of its own, let it settle under the
     same load, and measure the CPU every one of its processes spends on ``requests`` tips."""
     tmp.mkdir()
     port = free_port()
-    process = start(kind, port, tmp, root=root)
+    process = start(kind, port, tmp, extra_env, root)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url)
@@ -166,8 +191,12 @@ def cpu_run(kind: str, requests: int, concurrency: int, tmp: Path, root: Path = 
         before = {p.pid: cpu_seconds(p.pid) for p in procs}
         run = asyncio.run(drive(url, concurrency, requests))
         after = process_tree(process.pid)
-        spent = sum(cpu_seconds(p.pid) - before.get(p.pid, 0.0) for p in after)
-        return CpuRun(run, spent * 1000 / requests, len(after), len(after) - len(procs))
+        by_name: dict[str, float] = defaultdict(float)
+        for p in after:
+            by_name[p.name] += (cpu_seconds(p.pid) - before.get(p.pid, 0.0)) * 1000 / requests
+        return CpuRun(
+            run, sum(by_name.values()), len(after), len(after) - len(procs), dict(by_name)
+        )
     finally:
         process.terminate()
         process.wait(60)
@@ -177,15 +206,20 @@ def cpu_table(
     requests: int, concurrency: int, rounds: int, tmp: Path, before: Path | None = None
 ) -> None:
     """``before``: a checkout of an earlier commit whose graph runs in the same rounds."""
-    servers = {"baseline": ("baseline", ROOT), "graph": ("graph", ROOT)}
+    servers = {
+        "baseline": ("baseline", ROOT, {}),
+        "graph": ("graph", ROOT, {}),
+        "graph, no shadows": ("graph", ROOT, {"TIPGRAPH_SHADOWS": "[]"}),
+    }
     if before is not None:
-        servers[f"graph at {checkout_commit(before)}"] = ("graph", before)
+        servers[f"graph at {checkout_commit(before)}"] = ("graph", before, {})
     names = list(servers)
     runs: dict[str, list[CpuRun]] = {name: [] for name in names}
     for round_ in range(rounds):
         for n, name in enumerate(names if round_ % 2 == 0 else names[::-1]):
-            kind, root = servers[name]
-            runs[name].append(cpu_run(kind, requests, concurrency, tmp / f"{round_}-{n}", root))
+            kind, root, env = servers[name]
+            run = cpu_run(kind, requests, concurrency, tmp / f"{round_}-{n}", root, env)
+            runs[name].append(run)
     print(
         f"| server | CPU ms per tip | per round | req/s c = {concurrency} | per round "
         f"| vs baseline, paired | processes | started during | errors "
@@ -206,6 +240,15 @@ def cpu_table(
             f"| {sum(r.started_during for r in group)} | {sum(r.run.errors for r in group)} |",
             flush=True,
         )
+    print(f"\n| process | {' | '.join(names)} |  (CPU ms per tip, medians)")
+    print("| --- |" + " ---: |" * len(names))
+    processes = sorted({n for group in runs.values() for r in group for n in r.by_name})
+    for process in processes:
+        cells = [
+            statistics.median(r.by_name.get(process, 0.0) for r in runs[name]) for name in names
+        ]
+        if max(cells) >= 0.01:
+            print(f"| {process} | {' | '.join(f'{c:.2f}' for c in cells)} |")
 
 
 def main() -> None:

@@ -94,6 +94,7 @@ BY_HAND = {
     "make bench-profile": "BENCHMARKS.md",
     "make bench-cpu": "BENCHMARKS.md",
     "make bench-candidates": "BENCHMARKS.md",
+    "make bench-test-times": "BENCHMARKS.md",
     "make bench-shadows": "BENCHMARKS.md",
     "make bench-policies": "BENCHMARKS.md",
     "make bench-tuning": "BENCHMARKS.md",
