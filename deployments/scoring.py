@@ -97,7 +97,9 @@ class PolicyScorer:
     def snapshot(self) -> dict[str, object]:
         return self._service.snapshot()
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        # Async, as Serve awaits it: Python's own finalizer call at garbage collection then
+        # only makes a coroutine nobody awaits, instead of closing everything twice.
         if self._watcher is not None:
             self._watcher.stop()
         self._syncer.stop()
