@@ -19,7 +19,7 @@ from tipgraph.generation.embedder import EmbeddingClient, embedding_model
 from tipgraph.generation.litellm_client import build_candidate_source
 from tipgraph.metrics import Metrics
 from tipgraph.scoring import PolicyScore, PolicyService
-from tipgraph.settings import PolicySettings, TipgraphSettings
+from tipgraph.settings import TipgraphSettings
 from tipgraph.shadows import ShadowErrors, ShadowSet, per_shadow
 from tipgraph.store import DecisionStore
 
@@ -43,7 +43,7 @@ class LocalStages:
         self.generator, self.refills = build_candidate_source(
             settings.generation, store, completer=completer, embed=embed, metrics=metrics
         )
-        self.served = _service(settings.policy, store)
+        self.served = PolicyService.rebuilt(settings.policy, store)
         self.shadows = ShadowSet.build(settings.shadows, store, log, metrics)
 
     async def context(self, request: TipRequest, user_key: str) -> UserContext:
@@ -94,9 +94,3 @@ class LocalStages:
 async def _first(errors: Awaitable[list[ShadowErrors]]) -> ShadowErrors:
     (event,) = await errors
     return event
-
-
-def _service(policy: PolicySettings, store: DecisionStore) -> PolicyService:
-    service = PolicyService.for_features(policy)
-    service.sync(store)  # rebuild from the log
-    return service

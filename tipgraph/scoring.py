@@ -78,6 +78,13 @@ class PolicyService:
         """A new, untrained policy of ``settings`` over the served feature layout."""
         return cls(make_policy(settings, FEATURE_SPEC.dim, spec_version=FEATURE_SPEC.version))
 
+    @classmethod
+    def rebuilt(cls, settings: PolicySettings, store: DecisionStore) -> PolicyService:
+        """A policy of ``settings`` trained on every reward the log holds."""
+        service = cls.for_features(settings)
+        service.sync(store)
+        return service
+
     def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
         with self._lock:
             decision = self.policy.decide(X, event_id)

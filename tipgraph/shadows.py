@@ -188,6 +188,8 @@ class ShadowSet:
 
     def __init__(self, scorers: Mapping[str, ShadowScorer]) -> None:
         self.scorers = dict(scorers)
+        # Fixed for the set's life: reconfigure swaps policies, never adds or drops one.
+        self.names = list(self.scorers)
 
     @classmethod
     def build(
@@ -198,16 +200,14 @@ class ShadowSet:
         metrics: Metrics,
     ) -> ShadowSet:
         """One scorer per shadow, each rebuilt from the rewards log, all writing to ``log``."""
-        scorers = {}
-        for shadow in shadows:
-            service = PolicyService.for_features(shadow.policy)
-            service.sync(store)
-            scorers[shadow.policy.name] = ShadowScorer(service, shadow.fault, log, metrics)
-        return cls(scorers)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.scorers)
+        return cls(
+            {
+                shadow.policy.name: ShadowScorer(
+                    PolicyService.rebuilt(shadow.policy, store), shadow.fault, log, metrics
+                )
+                for shadow in shadows
+            }
+        )
 
     async def score_batch(self, items: Sequence[ShadowItem]) -> list[ShadowErrors]:
         """Every shadow scores and logs every event; each event's errors by shadow."""
