@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-cpu bench-candidates bench-test-times bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
+.PHONY: install run test unit lint postgres nats proto lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-cpu bench-candidates bench-test-times bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -23,8 +23,9 @@ run: install
 	@test -n "$$TIPGRAPH_PRIVACY__USER_KEY_SECRET" || echo "make run: no TIPGRAPH_PRIVACY__USER_KEY_SECRET, so user ids are pseudonymised with the public development key (local runs only)"
 	TIPGRAPH_API_TOKEN=$${TIPGRAPH_API_TOKEN:-local-dev-token} TIPGRAPH_PRIVACY__ALLOW_DEV_SECRET=true $(BIN)/tipgraph serve
 
-## test: lint, type-check, import contracts and every test (needs the local Postgres; started if down)
-test: install postgres lint
+## test: lint, type-check, import contracts and every test (needs the local Postgres and
+## NATS; started if down)
+test: install postgres nats lint
 	$(BIN)/pytest
 
 unit: install
@@ -35,6 +36,22 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+NATS_SERVER ?= /usr/sbin/nats-server
+NATS_UP := $(PYTHON) -c "import socket; socket.create_connection(('127.0.0.1', 4222), 2)" 2>/dev/null
+nats:
+	@if [ -x $(NATS_SERVER) ] && ! $(NATS_UP); then \
+		echo "starting the local NATS server (JetStream)"; \
+		start-stop-daemon --start --oknodo --background --exec $(NATS_SERVER) -- \
+			-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log; \
+		for i in $$(seq 1 30); do $(NATS_UP) && break; sleep 1; done; \
+	fi
+
+## proto: regenerate tipgraph/events from proto/ (tests/test_events.py fails when they drift)
+PROTO_OUT ?= .
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		proto/tipgraph/events/v1/events.proto
 
 postgres:
 	@if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then \

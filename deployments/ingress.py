@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.reactions import LearningHandles
 from tipgraph.auth import Credential, CredentialSource, required_scope
 from tipgraph.batching import Coalescer
 from tipgraph.contracts import (
@@ -29,7 +30,7 @@ from tipgraph.contracts import (
     UserErasure,
 )
 from tipgraph.decision_log import decision_log_problem
-from tipgraph.errors import InvalidRequest, TipgraphError
+from tipgraph.errors import InvalidRequest, TipgraphError, describe_error
 from tipgraph.features import UserContext
 from tipgraph.generation import GenerationItem, GenerationResult
 from tipgraph.guardrails import evaluate_guardrails
@@ -58,6 +59,7 @@ REPLICA_GONE = (RayActorError, ActorUnavailableError)
 """A call failed because its replica died or is unreachable (a lost node, a replica
 stopped in an update): not the request's fault, and safe to send again."""
 STAGE_RETRIES = 2
+BUS_STATS_TIMEOUT_S = 2.0
 RETENTION_FIRST_AFTER_S = 60.0
 """A new replica's first retention run: soon, not at once (a start is busy enough)."""
 
@@ -282,8 +284,7 @@ class HandleStages:
                 retries=retries,
             )
 
-        self._scoring = scoring
-        self._shadows = shadows
+        self._learning = LearningHandles(scoring, shadows if shadow_names else None)
         self._shadow_names = shadow_names
         self._context: Coalescer[tuple[TipRequest, str], UserContext] = batched(
             context.build_batch.remote, hops.context
@@ -344,15 +345,12 @@ class HandleStages:
     async def learn(
         self, reward_id: int, features: list[float], reward: float, rewarded_at: float
     ) -> None:
-        # One replica learns now; the others apply it from the rewards log at their sync.
-        await self._scoring.learn.remote(reward_id, features, reward, rewarded_at)
+        await self._learning.learn(reward_id, features, reward, rewarded_at)
 
     def learn_shadows(
         self, reward_id: int, features: list[float], reward: float, rewarded_at: float
     ) -> list[Awaitable[object]]:
-        if self._shadows is None or not self._shadow_names:
-            return []
-        return [self._shadows.learn.remote(reward_id, features, reward, rewarded_at)]
+        return self._learning.learn_shadows(reward_id, features, reward, rewarded_at)
 
 
 def _shed(queued: int) -> asyncio.Future[str | None]:
@@ -371,8 +369,10 @@ class Ingress:
         generation: DeploymentHandle,
         scoring: DeploymentHandle,
         shadows: DeploymentHandle | None,
+        reactions: DeploymentHandle | None = None,
     ) -> None:
         self._settings = settings
+        self._reactions = reactions
         self._logs = ReplicaLogs(settings.logs).start()
         metrics = replica_metrics(settings.metrics)
         api.state.credentials = CredentialSource(settings.auth, on_reload=metrics.token_reload)
@@ -485,8 +485,21 @@ class Ingress:
                 "feedback_held": self._service.held_feedback,
                 "feedback_expired": self._service.feedback_expired,
                 "mean_batch_size": self._stages.batch_sizes(),
+                **({"bus": await self._bus_stats()} if self._reactions is not None else {}),
             }
         )
+
+    async def _bus_stats(self) -> dict[str, Any]:
+        """One reactions replica's counts and the consumer's lag.  The bus does not decide
+        readiness: HTTP feedback works without it, and its reactions wait in the stream."""
+        assert self._reactions is not None
+        try:
+            stats: dict[str, Any] = await asyncio.wait_for(
+                self._reactions.stats.remote(), BUS_STATS_TIMEOUT_S
+            )
+        except Exception as err:
+            return {"error": describe_error(err)}
+        return stats
 
     async def __del__(self) -> None:
         # Graceful shutdown (SIGTERM, scale-down): write every buffered decision first.

@@ -1,6 +1,6 @@
 """The tipgraph Serve application: ingress -> context -> generation -> scoring (+ shadows,
 one deployment for every shadow policy); generation -> pool when it serves LLM tips from
-the candidate pool.
+the candidate pool; reactions (-> scoring, shadows) when reactions come from the bus.
 
 ``serve run serve_config.yaml`` imports :func:`build_app`; tests and ``tipgraph serve``
 call :func:`build_graph` with settings they already hold.
@@ -17,10 +17,12 @@ from deployments.context import ContextBuilder
 from deployments.generation import CandidateGenerator
 from deployments.ingress import Ingress
 from deployments.pool import PoolRefiller
+from deployments.reactions import ReactionConsumers
 from deployments.scoring import PolicyScorer
 from deployments.shadows import ShadowPolicies
 from tipgraph.serve_config import all_deployment_options
 from tipgraph.settings import (
+    BUS_DEPLOYMENT,
     POOL_DEPLOYMENT,
     SHADOWS_DEPLOYMENT,
     TipgraphSettings,
@@ -57,10 +59,17 @@ def build_graph(settings: TipgraphSettings) -> Application:
         if settings.shadows
         else None
     )
+    reactions = (
+        _deployment(ReactionConsumers)
+        .options(**options[BUS_DEPLOYMENT])
+        .bind(settings, scoring, shadows)
+        if settings.bus.reactions
+        else None
+    )
     return (
         _deployment(Ingress)
         .options(**options["ingress"])
-        .bind(settings, context, generation, scoring, shadows)
+        .bind(settings, context, generation, scoring, shadows, reactions)
     )
 
 

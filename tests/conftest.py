@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -12,7 +15,7 @@ import pytest
 from psycopg import sql
 
 from tipgraph.serve_config import SERVE_ENV
-from tipgraph.settings import StoreSettings
+from tipgraph.settings import BusSettings, StoreSettings
 from tipgraph.store import DecisionStore, open_store
 
 # ---------------------------------------------------------------------------------------------
@@ -155,3 +158,68 @@ def drop_schemas(postgres_url: str, schemas: Iterable[str]) -> None:
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         for schema in schemas:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+# ---------------------------------------------------------------------------------------------
+# NATS JetStream: the machine's server (make test starts it if down); streams per test.
+# ---------------------------------------------------------------------------------------------
+
+NATS_URL_ENV = "TIPGRAPH_TEST_NATS_URL"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    """URL of a reachable NATS server; skips the test when there is none, fails it in CI."""
+    url = os.environ.get(NATS_URL_ENV, DEFAULT_NATS_URL)
+    host, _, port = url.removeprefix("nats://").partition(":")
+    try:
+        socket.create_connection((host, int(port or 4222)), timeout=5).close()
+    except OSError as err:
+        message = f"NATS at {host}:{port} is unreachable ({err}). Start it (make nats)."
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+def test_bus_settings(url: str, **overrides: object) -> BusSettings:
+    """Bus settings with streams, subjects and a durable consumer of the test's own, and
+    waits short enough for a test."""
+    suffix = uuid.uuid4().hex[:8]
+    fields: dict[str, object] = {
+        "url": url,
+        "reactions": True,
+        "stream": f"TEST_REACTIONS_{suffix}",
+        "subject": f"test.{suffix}.reactions",
+        "durable": f"test-{suffix}",
+        "dead_letter_stream": f"TEST_DEAD_LETTERS_{suffix}",
+        "dead_letter_subject": f"test.{suffix}.dead",
+        "ack_wait_s": 2.0,
+        "retry_delay_s": 0.2,
+        "decision_wait_s": 2.0,
+        "lag_interval_s": 0.2,
+        **overrides,
+    }
+    return BusSettings.model_validate(fields)
+
+
+test_bus_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@pytest.fixture
+def bus_settings(nats_url: str) -> Iterator[BusSettings]:
+    bus = test_bus_settings(nats_url)
+    yield bus
+    asyncio.run(delete_streams(bus))
+
+
+async def delete_streams(bus: BusSettings) -> None:
+    import nats  # only the bus tests connect
+
+    nc = await nats.connect(bus.url)
+    js = nc.jetstream()
+    for stream in (bus.stream, bus.dead_letter_stream):
+        with contextlib.suppress(Exception):
+            await js.delete_stream(stream)
+    await nc.close()

@@ -21,6 +21,9 @@ from typing import Any
 ITEMS_METRIC = "tipgraph_items"
 """Mean items in a replica (being worked on or waiting inside it) since its last report."""
 POLICY_FUNCTION = "tipgraph.autoscaling:scale_on_items"
+LAG_METRIC = "tipgraph_lag"
+"""The bus consumer's lag as a reactions replica last read it (the same for every replica)."""
+LAG_POLICY_FUNCTION = "tipgraph.autoscaling:scale_on_lag"
 
 
 class ItemLoad:
@@ -90,3 +93,18 @@ def scale_on_items(ctx: Any) -> tuple[float, dict[str, Any]]:
     if len(reported) < ctx.current_num_replicas and desired < ctx.current_num_replicas:
         desired = float(ctx.current_num_replicas)
     return desired, {"items": round(items, 3)}
+
+
+def scale_on_lag(ctx: Any) -> tuple[float, dict[str, Any]]:
+    """Serve autoscaling policy: replicas = the bus consumer's lag /
+    ``target_ongoing_requests``.
+
+    Every reactions replica reads the same lag (the durable consumer's, :data:`LAG_METRIC`),
+    so the largest report counts once, not once per replica.  With no report yet the
+    deployment keeps what it runs.
+    """
+    reported = ctx.aggregated_metrics.get(LAG_METRIC, {})
+    if ctx.current_num_replicas == 0 or not reported:
+        return ctx.target_num_replicas, {}
+    lag = max(reported.values())
+    return lag / ctx.config.get_target_ongoing_requests(), {"lag": round(lag, 1)}

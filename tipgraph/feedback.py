@@ -1,6 +1,7 @@
 """The feedback path: a reaction becomes a reward, stored once and learned at once by the
-served policy (the shadows in the background).  Feedback whose decision cannot be read yet
-(still in a writer's buffer, or the database away) is held and applied when it can be."""
+served policy (the shadows in the background).  Over HTTP, feedback whose decision cannot
+be read yet (still in a writer's buffer, or the database away) is held and applied when it
+can be; from the bus (:mod:`tipgraph.reactions`) it stays in the stream and comes again."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -30,6 +32,25 @@ HELD_RETRY_S = 0.5
 """How often each replica looks for held feedback whose decision has become readable."""
 HELD_BATCH = 256
 """Held feedback applied per look: one query finds them all."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Feedback stored (``created``) or found stored already with the same reaction and
+    reward (a duplicate: nothing learned twice)."""
+
+    response: FeedbackResponse
+    created: bool
+
+
+class DecisionNotReadable(Exception):
+    """The feedback's decision cannot be read now: not written yet (``store_answered``), or
+    the store is away.  Nothing was stored; the caller retries later."""
+
+    def __init__(self, event_id: str, *, store_answered: bool) -> None:
+        why = "is not stored (yet)" if store_answered else "cannot be read: the store failed"
+        super().__init__(f"the decision of event {event_id!r} {why}")
+        self.store_answered = store_answered
 
 
 def _response(
@@ -56,10 +77,12 @@ class FeedbackService:
         settings: TipgraphSettings,
         stages: Stages,
         store: DecisionStore,
-        log: DecisionLog,
+        log: DecisionLog | None,
         shadows: ShadowRunner,
         metrics: Metrics,
     ) -> None:
+        """``log`` is the replica's decision writer, which holds feedback; None where
+        nothing is held (the bus's reactions wait in their stream instead)."""
         self._settings = settings
         self._stages = stages
         self._store = store
@@ -77,40 +100,23 @@ class FeedbackService:
     def held(self) -> int:
         """Held feedback: in the store (every replica's, as of this replica's last look)
         and still in this replica's writer."""
+        if self._log is None:
+            return 0
         # Counted from before the last look began: a row written between the writer and
         # that count is counted twice for a moment, never zero times.
         return self._held_stored + self._log.held_submitted - self._held_counted_at
 
     async def feedback(self, request: FeedbackRequest) -> FeedbackResponse:
-        rewards = self._settings.rewards
-        reward = (
-            request.value if request.value is not None else rewards.reward_for(request.reaction)
-        )
-        if not rewards.min_reward <= reward <= rewards.max_reward:
-            raise InvalidRequest(
-                f"value: must be within [{rewards.min_reward}, {rewards.max_reward}], got {reward}"
-            )
-        kind = event_id_kind(request.event_id, self._keys)
-        if kind is None:
-            raise UnknownEvent(f"event_id {request.event_id!r} is not one tipgraph issued")
+        """POST /v1/feedback: applied, or held (``status: pending``) when its decision
+        cannot be read yet."""
+        record = self._record(request)
         self.start_applier()
-        now = datetime.now(UTC)
-        record = FeedbackRecord(
-            event_id=request.event_id,
-            reaction=request.reaction,
-            value=request.value,
-            reward=reward,
-            reacted_at=request.at or now,
-            received_at=now,
-        )
         decision, readable = await self._find_decision(request.event_id)
         if decision is None:
-            if readable and (kind == "legacy" or await self._erased(request.event_id)):
-                # A legacy id was written long ago, and an erased one never comes back.
-                raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision")
+            await self._refuse_if_gone(request.event_id, readable)
             return await self._hold(record)
         try:
-            return await self._apply(record, decision)
+            return (await self._apply(record, decision)).response
         except EventErased as err:
             raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision") from err
         except StoreError as err:
@@ -124,6 +130,53 @@ class FeedbackService:
             )
             return await self._hold(record)
 
+    async def apply_now(self, request: FeedbackRequest) -> Applied:
+        """The same validation, reward and storing as :meth:`feedback`, for a caller that
+        keeps the feedback itself until its decision is readable (the bus consumer): raises
+        :class:`DecisionNotReadable` instead of holding it."""
+        record = self._record(request)
+        decision, readable = await self._find_decision(request.event_id)
+        if decision is None:
+            await self._refuse_if_gone(request.event_id, readable)
+            raise DecisionNotReadable(request.event_id, store_answered=readable)
+        try:
+            return await self._apply(record, decision)
+        except EventErased as err:
+            raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision") from err
+        except StoreError as err:
+            raise DecisionNotReadable(request.event_id, store_answered=False) from err
+
+    def _record(self, request: FeedbackRequest) -> FeedbackRecord:
+        """The stored form of ``request``, or InvalidRequest/UnknownEvent: checked once,
+        here, for both paths."""
+        rewards = self._settings.rewards
+        reward = (
+            request.value if request.value is not None else rewards.reward_for(request.reaction)
+        )
+        if not rewards.min_reward <= reward <= rewards.max_reward:
+            raise InvalidRequest(
+                f"value: must be within [{rewards.min_reward}, {rewards.max_reward}], got {reward}"
+            )
+        if event_id_kind(request.event_id, self._keys) is None:
+            raise UnknownEvent(f"event_id {request.event_id!r} is not one tipgraph issued")
+        now = datetime.now(UTC)
+        return FeedbackRecord(
+            event_id=request.event_id,
+            reaction=request.reaction,
+            value=request.value,
+            reward=reward,
+            reacted_at=request.at or now,
+            received_at=now,
+        )
+
+    async def _refuse_if_gone(self, event_id: str, readable: bool) -> None:
+        """UnknownEvent when the missing decision can never appear: a legacy id was written
+        long ago, and an erased one never comes back."""
+        if not readable:
+            return
+        if event_id_kind(event_id, self._keys) == "legacy" or await self._erased(event_id):
+            raise UnknownEvent(f"event_id {event_id!r} is not a known decision")
+
     def start_applier(self) -> None:
         """Start this replica's held-feedback applier (once; needs a running event loop)."""
         if self._applier is None or self._applier.done():
@@ -135,15 +188,16 @@ class FeedbackService:
             self._applier.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._applier
-        with contextlib.suppress(StoreError):
-            await self.apply_held()
+        if self._log is not None:
+            with contextlib.suppress(StoreError):
+                await self.apply_held()
 
     async def _find_decision(self, event_id: str) -> tuple[StoredDecision | None, bool]:
         """The logged decision, and whether the store could be read at all: a decision not
         readable (not written yet, or the database away) holds its feedback."""
         try:
             decision = await asyncio.to_thread(self._store.get_decision, event_id)
-            if decision is None and self._log.is_pending(event_id):
+            if decision is None and self._log is not None and self._log.is_pending(event_id):
                 await self._log.flush(timeout_s=FLUSH_WAIT_S)
                 decision = await asyncio.to_thread(self._store.get_decision, event_id)
         except StoreError as err:
@@ -163,6 +217,8 @@ class FeedbackService:
             return False
 
     async def _hold(self, record: FeedbackRecord) -> FeedbackResponse:
+        if self._log is None:
+            raise Unavailable("feedback cannot be held here")
         if self.held >= self._settings.learning.max_held_feedback:
             raise Unavailable(f"{self.held} feedback items are waiting for their decisions; retry")
         try:
@@ -208,12 +264,12 @@ class FeedbackService:
             logger.warning(
                 "%d held feedback items expired: their decisions never appeared", expired
             )
-        counted_at = self._log.held_submitted
+        counted_at = self._log.held_submitted if self._log is not None else 0
         self._held_stored = await asyncio.to_thread(self._store.count_held_feedback)
         self._held_counted_at = counted_at
         return len(ready)
 
-    async def _apply(self, record: FeedbackRecord, decision: StoredDecision) -> FeedbackResponse:
+    async def _apply(self, record: FeedbackRecord, decision: StoredDecision) -> Applied:
         outcome = await asyncio.to_thread(
             functools.partial(
                 self._store.record_feedback,
@@ -258,4 +314,4 @@ class FeedbackService:
                     extra={"event_id": record.event_id},
                 )
             self._shadows.learn(outcome.reward_id, features, record.reward, rewarded_at)
-        return _response(stored, learned=outcome.learned)
+        return Applied(_response(stored, learned=outcome.learned), created=outcome.created)

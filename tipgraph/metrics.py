@@ -216,6 +216,29 @@ RETENTION_DELETED = MetricSpec(
     "candidates), feedback, policy_runs (every policy's run), embeddings.",
     ("rows",),
 )
+BUS_REACTIONS = MetricSpec(
+    "tipgraph_bus_reactions",
+    "counter",
+    "Reactions a reactions replica pulled from the bus, by outcome: applied, duplicate "
+    "(stored already, the same reaction), dead_lettered, retried (decision not readable "
+    "yet, or the store away: delivered again after bus.retry_delay_s).",
+    ("outcome",),
+)
+BUS_DEAD_LETTERS = MetricSpec(
+    "tipgraph_bus_dead_letters",
+    "counter",
+    "Reactions sent to bus.dead_letter_subject, by reason: undecodable, invalid, "
+    "unknown_event (never issued, erased, or not stored within bus.decision_wait_s), "
+    "conflict (the event has another reaction).",
+    ("reason",),
+)
+BUS_LAG = MetricSpec(
+    "tipgraph_bus_lag",
+    "gauge",
+    "Reactions published and not yet acked by the durable consumer (waiting, in flight or "
+    "retried), as a reactions replica last read it; every replica reports the same lag.",
+    (),
+)
 
 METRICS = (
     DECISIONS,
@@ -244,6 +267,9 @@ METRICS = (
     RETENTION_DELETED,
     CANDIDATES_INELIGIBLE,
     GUARDRAIL_CROSSED,
+    BUS_REACTIONS,
+    BUS_DEAD_LETTERS,
+    BUS_LAG,
 )
 """Every metric tipgraph records."""
 
@@ -411,6 +437,15 @@ class Metrics:
             count = getattr(expired, rows)
             if count:
                 self._sink.inc(RETENTION_DELETED, count, {"rows": rows})
+
+    def bus_reaction(self, outcome: str) -> None:
+        self._sink.inc(BUS_REACTIONS, 1, {"outcome": outcome})
+
+    def bus_dead_letter(self, reason: str) -> None:
+        self._sink.inc(BUS_DEAD_LETTERS, 1, {"reason": reason})
+
+    def sample_bus_lag(self, lag: int) -> None:
+        self._sink.set(BUS_LAG, lag, {})
 
     def _count_to(self, spec: MetricSpec, total: float) -> None:
         """Move the counter ``spec`` up to ``total``, a running total kept elsewhere and

@@ -12,8 +12,9 @@ from typing import Any
 
 import yaml
 
-from tipgraph.autoscaling import POLICY_FUNCTION
+from tipgraph.autoscaling import LAG_POLICY_FUNCTION, POLICY_FUNCTION
 from tipgraph.settings import (
+    BUS_DEPLOYMENT,
     POOL_DEPLOYMENT,
     SHADOWS_DEPLOYMENT,
     DeploymentSettings,
@@ -58,6 +59,8 @@ def deployment_options(deployment: DeploymentSettings, logs: LogSettings) -> dic
     if deployment.autoscaling.signal == "items":
         # Serve's controller runs this policy on the items the replicas report.
         autoscaling["policy"] = {"policy_function": POLICY_FUNCTION}
+    elif deployment.autoscaling.signal == "lag":
+        autoscaling["policy"] = {"policy_function": LAG_POLICY_FUNCTION}
     return {
         "max_ongoing_requests": deployment.max_ongoing_requests,
         "graceful_shutdown_timeout_s": deployment.graceful_shutdown_timeout_s,
@@ -69,8 +72,8 @@ def deployment_options(deployment: DeploymentSettings, logs: LogSettings) -> dic
 
 def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, Any]]:
     """Deployment name -> options, for every stage of the graph (the shadows' only when
-    there are shadows), and the pool deployment when generation serves from the candidate
-    pool.
+    there are shadows), the pool deployment when generation serves from the candidate
+    pool, and the reactions deployment when the bus's reactions are consumed.
 
     Policies travel as Serve's ``user_config``: a changed hyperparameter in a deployed
     config reaches the running replicas through ``reconfigure``, without restarting them.
@@ -86,6 +89,8 @@ def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, An
         options[SHADOWS_DEPLOYMENT]["user_config"] = shadows_user_config(settings.shadows)
     if settings.generation.pooled:
         options[POOL_DEPLOYMENT] = deployment_options(settings.generation.pool.deployment, logs)
+    if settings.bus.reactions:
+        options[BUS_DEPLOYMENT] = deployment_options(settings.bus.deployment, logs)
     return options
 
 

@@ -39,6 +39,8 @@ POOL_DEPLOYMENT = "pool"
 """The refill workers' deployment, in the graph when ``generation.serve_from`` is pool."""
 ITEM_STAGES = ("context", "generation", POOL_DEPLOYMENT)
 """The stages whose replicas report the items inside them (autoscaling.signal: items)."""
+BUS_DEPLOYMENT = "reactions"
+"""The reaction consumers' deployment, in the graph when ``bus.reactions`` is enabled."""
 
 
 class _Strict(BaseModel):
@@ -185,12 +187,13 @@ class BreakerSettings(_Strict):
 
 
 class AutoscalingSettings(_Strict):
-    signal: Literal["requests", "items"] = Field(
+    signal: Literal["requests", "items", "lag"] = Field(
         "requests",
         description="What target_ongoing_requests counts. requests: Serve's ongoing "
         "requests, where a batched hop's batch is one (CPU-light stages); items: the "
         "requests inside the batches, which the replica reports "
-        "(tipgraph.autoscaling; stages that wait on the LLM or the store)",
+        "(tipgraph.autoscaling; stages that wait on the LLM or the store); lag: the "
+        "reactions waiting in the bus's durable consumer (the reactions deployment only)",
     )
     min_replicas: int = Field(1, ge=0)
     initial_replicas: int | None = None
@@ -259,6 +262,86 @@ class PoolSettings(_Strict):
         description="The pool deployment, where refills run off the request path; "
         "signal items counts the refills queued and running in a replica",
     )
+
+
+class BusSettings(_Strict):
+    """NATS JetStream: reactions in (a durable pull consumer shared by the reactions
+    replicas), poison messages out to a dead-letter subject."""
+
+    url: str = Field("nats://127.0.0.1:4222", description="The NATS server (nats://host:port)")
+    reactions: bool = Field(
+        False,
+        description="Run the reactions deployment, which applies reactions from the stream "
+        "through the same path as POST /v1/feedback",
+    )
+    stream: str = Field("TIPGRAPH_REACTIONS", pattern=r"^[A-Za-z0-9_-]+$")
+    subject: str = Field("tipgraph.reactions.v1", description="Where reactions are published")
+    durable: str = Field(
+        "tipgraph-reactions",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="The durable consumer every reactions replica pulls from",
+    )
+    dead_letter_stream: str = Field("TIPGRAPH_DEAD_LETTERS", pattern=r"^[A-Za-z0-9_-]+$")
+    dead_letter_subject: str = Field(
+        "tipgraph.dead_letters.reactions.v1",
+        description="Where a reaction that cannot be applied goes, with its reason in the "
+        "Tipgraph-Reason header (undecodable, invalid, unknown_event, conflict)",
+    )
+    create_streams: bool = Field(
+        True,
+        description="Create the streams and the durable consumer at start when they are "
+        "missing (an existing one is left as it is: ops may have tuned it)",
+    )
+    max_age_days: float = Field(
+        7.0, gt=0, description="How long the reactions stream keeps a message (created here)"
+    )
+    fetch_batch: int = Field(64, ge=1, le=1000, description="Messages per pull")
+    ack_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="A message not acked this long after delivery (its replica died) is "
+        "delivered again",
+    )
+    retry_delay_s: float = Field(
+        1.0, gt=0, description="Delay before a reaction whose decision is not readable is retried"
+    )
+    decision_wait_s: float = Field(
+        120.0,
+        gt=0,
+        description="A reaction whose decision (an id tipgraph issued) is still not stored "
+        "this long after it was published is dead-lettered as unknown_event. While the "
+        "store is down nothing is dead-lettered: the reaction waits in the stream",
+    )
+    lag_interval_s: float = Field(
+        1.0, gt=0, description="How often a replica reads the consumer's lag"
+    )
+    deployment: DeploymentSettings = Field(
+        DeploymentSettings(
+            num_cpus=0.1,
+            max_ongoing_requests=8,
+            autoscaling=AutoscalingSettings(
+                signal="lag", min_replicas=1, max_replicas=2, target_ongoing_requests=500
+            ),
+        ),
+        description="The reactions deployment; signal lag scales it on the reactions "
+        "waiting in the durable consumer (target_ongoing_requests of them per replica)",
+    )
+
+    @model_validator(mode="after")
+    def _one_subject_each(self) -> BusSettings:
+        if self.subject == self.dead_letter_subject:
+            raise ValueError(f"bus.dead_letter_subject must differ from bus.subject {self.subject}")
+        if self.deployment.autoscaling.signal == "items":
+            raise ValueError(
+                "bus.deployment.autoscaling.signal 'items': the reactions replicas report "
+                "the bus's lag; use 'lag' or 'requests'"
+            )
+        if self.deployment.autoscaling.min_replicas < 1:
+            raise ValueError(
+                "bus.deployment.autoscaling.min_replicas must be >= 1: the lag that scales "
+                "the reactions deployment is read by its replicas"
+            )
+        return self
 
 
 class JudgeSettings(_Strict):
@@ -874,6 +957,7 @@ class TipgraphSettings(BaseSettings):
     hops: HopsSettings = HopsSettings()
     logs: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    bus: BusSettings = BusSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -923,6 +1007,12 @@ class TipgraphSettings(BaseSettings):
             raise ValueError(
                 f"autoscaling.signal 'items' of {wrong}: only {list(ITEM_STAGES)} replicas "
                 "report their items (tipgraph.autoscaling); use 'requests'"
+            )
+        lagging = [n for n, a in scaling.items() if a.signal == "lag"]
+        if lagging:
+            raise ValueError(
+                f"autoscaling.signal 'lag' of {lagging}: only the reactions deployment "
+                "(bus.deployment) reads a lag"
             )
         return self
 

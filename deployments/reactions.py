@@ -1,0 +1,105 @@
+"""Reactions stage: applies the reactions published to the event bus (tipgraph.reactions).
+
+In the graph when ``bus.reactions`` is on.  Every replica pulls from the one durable
+consumer, stores each reaction through the feedback path of ``POST /v1/feedback`` and
+teaches the served policy (and the shadows) through their handles, as the ingress does.
+It reports the consumer's lag to Serve's autoscaler (``autoscaling.signal: lag``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from tipgraph.autoscaling import LAG_METRIC
+from tipgraph.contracts import TipRequest
+from tipgraph.features import UserContext
+from tipgraph.feedback import FeedbackService
+from tipgraph.generation import GenerationResult
+from tipgraph.logs import ReplicaLogs
+from tipgraph.metrics import replica_metrics
+from tipgraph.reactions import ReactionConsumer
+from tipgraph.scoring import PolicyScore
+from tipgraph.settings import BUS_DEPLOYMENT, TipgraphSettings
+from tipgraph.shadows import ShadowRunner
+from tipgraph.store import open_store
+
+logger = logging.getLogger(__name__)
+
+
+class LearningHandles:
+    """:class:`tipgraph.stages.Stages` for feedback alone: it teaches the served policy
+    (one scoring replica now, the others at their sync) and the shadows; serving a tip is
+    the ingress's job, and asking this for one is a bug."""
+
+    def __init__(self, scoring: DeploymentHandle, shadows: DeploymentHandle | None) -> None:
+        self._scoring = scoring
+        self._shadows = shadows
+
+    async def context(self, request: TipRequest, user_key: str) -> UserContext:
+        raise NotImplementedError("the reactions deployment serves no tips")
+
+    async def candidates(
+        self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
+    ) -> GenerationResult:
+        raise NotImplementedError("the reactions deployment serves no tips")
+
+    async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
+        raise NotImplementedError("the reactions deployment serves no tips")
+
+    def shadow_scores(
+        self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
+    ) -> list[tuple[str, Awaitable[str | None]]]:
+        raise NotImplementedError("the reactions deployment serves no tips")
+
+    async def learn(
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
+    ) -> None:
+        # One replica learns now; the others apply it from the rewards log at their sync.
+        await self._scoring.learn.remote(reward_id, features, reward, rewarded_at)
+
+    def learn_shadows(
+        self, reward_id: int, features: list[float], reward: float, rewarded_at: float
+    ) -> list[Awaitable[object]]:
+        if self._shadows is None:
+            return []
+        return [self._shadows.learn.remote(reward_id, features, reward, rewarded_at)]
+
+
+@serve.deployment(name=BUS_DEPLOYMENT)
+class ReactionConsumers:
+    async def __init__(  # type: ignore[misc]  # Ray awaits it
+        self,
+        settings: TipgraphSettings,
+        scoring: DeploymentHandle,
+        shadows: DeploymentHandle | None,
+    ) -> None:
+        self._logs = ReplicaLogs(settings.logs).start()
+        metrics = replica_metrics(settings.metrics)
+        self._store = open_store(settings.store)
+        learners = LearningHandles(scoring, shadows if settings.shadows else None)
+        self._shadows = ShadowRunner(learners, metrics)
+        feedback = FeedbackService(settings, learners, self._store, None, self._shadows, metrics)
+        self._consumer = ReactionConsumer(settings.bus, feedback, metrics)
+        # Connects in the background: a replica without NATS still starts, and says so.
+        self._consumer.start()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What ``autoscaling.signal: lag`` scales on (tipgraph.autoscaling)."""
+        return {LAG_METRIC: float(self._consumer.counts.lag or 0)}
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's counts and the consumer's lag (read now), for /readyz."""
+        await self._consumer.read_lag()
+        return self._consumer.counts.as_dict()
+
+    async def __del__(self) -> None:
+        await self._consumer.close()
+        await self._shadows.close()
+        self._store.close()
+        self._logs.close()

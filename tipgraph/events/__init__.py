@@ -1,0 +1,1 @@
+"""tipgraph's event contract (proto/tipgraph/events): the generated protobuf code."""

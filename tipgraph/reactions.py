@@ -1,0 +1,384 @@
+"""Reactions from the event bus: NATS JetStream in, the feedback path out.
+
+A reaction published to ``bus.subject`` as a protobuf ``tipgraph.events.v1.ReactionEvent``
+(``proto/``) is pulled through the durable consumer ``bus.durable``, which every replica
+of the reactions deployment shares (JetStream hands each message to one of them), and
+applied by :meth:`tipgraph.feedback.FeedbackService.apply_now`: the validation, reward
+mapping and idempotent storing of ``POST /v1/feedback``.  Then, and only then, it is acked.
+
+What happens to a message:
+
+* applied, or a duplicate of feedback already stored (the same reaction and reward): ack;
+* its decision is not stored yet, or the store is away: ``nak`` with a delay, so it stays
+  in the stream (counted in the lag) and comes again.  A decision still missing
+  ``bus.decision_wait_s`` after the reaction was published is dead-lettered as
+  ``unknown_event``; while the store is away nothing is dead-lettered;
+* poison — ``undecodable`` (not a ReactionEvent), ``invalid`` (what POST /v1/feedback
+  refuses with 422), ``unknown_event`` (an id tipgraph never issued, or erased: 404),
+  ``conflict`` (the event has another reaction already: 409) — is published to
+  ``bus.dead_letter_subject`` with the reason in the ``Tipgraph-Reason`` header, then
+  terminated, and the consumer goes on;
+* a replica that dies holding a message never acks it: JetStream delivers it again after
+  ``bus.ack_wait_s``, to any replica, and storing it again is a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import nats
+from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+
+from tipgraph.contracts import FeedbackRequest
+from tipgraph.errors import FeedbackConflict, InvalidRequest, UnknownEvent
+from tipgraph.events.v1.events_pb2 import Reaction, ReactionEvent
+from tipgraph.feedback import DecisionNotReadable, FeedbackService
+from tipgraph.metrics import Metrics
+from tipgraph.settings import BusSettings
+
+logger = logging.getLogger(__name__)
+
+PoisonReason = Literal["undecodable", "invalid", "unknown_event", "conflict"]
+POISON_REASONS: tuple[PoisonReason, ...] = ("undecodable", "invalid", "unknown_event", "conflict")
+Outcome = Literal["applied", "duplicate", "dead_lettered", "retried"]
+REASON_HEADER = "Tipgraph-Reason"
+DETAIL_HEADER = "Tipgraph-Detail"
+SOURCE_HEADER = "Tipgraph-Source-Sequence"
+"""The dead letter's sequence in the reactions stream, to find the original."""
+MSG_ID_HEADER = "Nats-Msg-Id"
+"""JetStream drops a second message with the same id within the stream's duplicate window."""
+FETCH_WAIT_S = 1.0
+"""How long one pull waits for messages: short, so a closing replica stops soon."""
+RECONNECT_WAIT_S = 1.0
+MAX_DETAIL_CHARS = 500
+
+REACTIONS: dict[Reaction, str] = {
+    Reaction.REACTION_DONE: "done",
+    Reaction.REACTION_SNOOZE: "snooze",
+    Reaction.REACTION_DISMISS: "dismiss",
+}
+REACTION_NUMBERS = {name: number for number, name in REACTIONS.items()}
+
+
+class Poison(Exception):
+    """A message that can never be applied, and why (the dead letter's reason)."""
+
+    def __init__(self, reason: PoisonReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail[:MAX_DETAIL_CHARS]
+
+
+def encode_reaction(
+    event_id: str,
+    reaction: str,
+    *,
+    value: float | None = None,
+    reacted_at: datetime | None = None,
+) -> bytes:
+    """A ``ReactionEvent`` as the app's services publish it (tests, benchmarks, examples)."""
+    event = ReactionEvent(event_id=event_id, reaction=REACTION_NUMBERS[reaction])
+    if value is not None:
+        event.value = value
+    if reacted_at is not None:
+        event.reacted_at.FromDatetime(reacted_at)
+    return event.SerializeToString()
+
+
+def decode_reaction(data: bytes) -> FeedbackRequest:
+    """The message as the request ``POST /v1/feedback`` would take, validated by the same
+    model; :class:`Poison` when it is not a ReactionEvent or not a valid one."""
+    event = ReactionEvent()
+    try:
+        event.ParseFromString(data)
+    except DecodeError as err:
+        raise Poison("undecodable", f"not a tipgraph.events.v1.ReactionEvent: {err}") from err
+    reaction = REACTIONS.get(event.reaction)
+    if reaction is None:
+        raise Poison("invalid", f"reaction: {event.reaction} is not done, snooze or dismiss")
+    fields: dict[str, Any] = {"event_id": event.event_id, "reaction": reaction}
+    if event.HasField("value"):
+        fields["value"] = event.value
+    try:
+        if event.HasField("reacted_at"):
+            fields["at"] = event.reacted_at.ToDatetime(tzinfo=UTC)
+        return FeedbackRequest(**fields)
+    except (ValidationError, ValueError, OverflowError) as err:
+        raise Poison("invalid", _first_error(err)) from err
+
+
+def _first_error(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "message"
+        return f"{where}: {first.get('msg', '')}"
+    return str(err)
+
+
+@dataclass
+class ReactionCounts:
+    """What one replica did with the messages it pulled; ``lag`` is the durable consumer's
+    (all replicas'): reactions published and not yet acked."""
+
+    applied: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=lambda: dict.fromkeys(POISON_REASONS, 0))
+    lag: int | None = None
+    connected: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "lag": self.lag,
+            "applied": self.applied,
+            "duplicates": self.duplicates,
+            "retried": self.retried,
+            "dead_lettered": dict(self.dead_lettered),
+        }
+
+
+async def ensure_streams(js: JetStreamContext, bus: BusSettings) -> None:
+    """Create the reactions and dead-letter streams and the durable consumer, where
+    missing; existing ones stay as they are."""
+    day_s = 86_400.0
+    streams = [
+        StreamConfig(
+            name=bus.stream,
+            subjects=[bus.subject],
+            max_age=bus.max_age_days * day_s,
+            duplicate_window=120.0,
+        ),
+        StreamConfig(
+            name=bus.dead_letter_stream,
+            subjects=[bus.dead_letter_subject],
+            max_age=30 * day_s,
+            duplicate_window=120.0,
+        ),
+    ]
+    for config in streams:
+        assert config.name is not None
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            logger.info("created stream %s", config.name)
+    try:
+        await js.consumer_info(bus.stream, bus.durable)
+    except NotFoundError:
+        await js.add_consumer(bus.stream, consumer_config(bus))
+        logger.info("created durable consumer %s on %s", bus.durable, bus.stream)
+
+
+def consumer_config(bus: BusSettings) -> ConsumerConfig:
+    """The durable pull consumer every reactions replica shares."""
+    return ConsumerConfig(
+        durable_name=bus.durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=bus.ack_wait_s,
+        # Never given up on by JetStream: only this consumer decides a message is poison.
+        max_deliver=-1,
+        filter_subject=bus.subject,
+        max_ack_pending=max(1000, bus.fetch_batch * 16),
+    )
+
+
+class ReactionConsumer:
+    """One replica's pull loop on the shared durable consumer (no Ray: the reactions
+    deployment runs it, and so do the tests)."""
+
+    def __init__(
+        self,
+        bus: BusSettings,
+        feedback: FeedbackService,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._bus = bus
+        self._feedback = feedback
+        self._metrics = metrics
+        self._clock = clock
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.counts = ReactionCounts()
+
+    async def connect(self) -> None:
+        """Connect (retrying until NATS answers), create what is missing, bind to the
+        durable consumer."""
+        while True:
+            try:
+                self._nc = await nats.connect(
+                    self._bus.url,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=RECONNECT_WAIT_S,
+                    connect_timeout=2,
+                )
+                break
+            except Exception as err:
+                # nats-py raises OSError or its own errors, depending on where it failed.
+                logger.warning("NATS at %s not reachable (%s); retrying", self._bus.url, err)
+                await asyncio.sleep(RECONNECT_WAIT_S)
+        self._js = self._nc.jetstream()
+        if self._bus.create_streams:
+            await ensure_streams(self._js, self._bus)
+        self._sub = await self._js.pull_subscribe_bind(self._bus.durable, stream=self._bus.stream)
+        self.counts.connected = True
+
+    def start(self) -> None:
+        """Connect and consume in the background, and sample the lag (needs a loop)."""
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._consume()), loop.create_task(self._sample_lag())]
+
+    async def _consume(self) -> None:
+        if self._sub is None:
+            await self.connect()
+        assert self._sub is not None
+        while True:
+            try:
+                messages = await self._sub.fetch(self._bus.fetch_batch, timeout=FETCH_WAIT_S)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                # Disconnected, or the server restarting: nats-py reconnects by itself.
+                self.counts.connected = False
+                logger.warning("pulling reactions failed (%s); retrying", err)
+                await asyncio.sleep(RECONNECT_WAIT_S)
+                continue
+            self.counts.connected = True
+            await self.handle_batch(messages)
+
+    async def handle_batch(self, messages: list[Msg]) -> list[Outcome]:
+        """Apply a pulled batch, each message on its own (one's failure is not another's)."""
+        return list(await asyncio.gather(*(self.handle(msg) for msg in messages)))
+
+    async def handle(self, msg: Msg) -> Outcome:
+        try:
+            outcome = await self._apply(msg)
+        except Exception:
+            # Not this message's fault as far as we know: it comes again after the delay.
+            logger.exception("reaction not applied; it will be delivered again")
+            await _settle(msg.nak(delay=self._bus.retry_delay_s))
+            outcome = "retried"
+        self._count(outcome)
+        return outcome
+
+    async def _apply(self, msg: Msg) -> Outcome:
+        try:
+            request = decode_reaction(msg.data)
+            applied = await self._feedback.apply_now(request)
+        except Poison as poison:
+            return await self._dead_letter(msg, poison)
+        except InvalidRequest as err:
+            return await self._dead_letter(msg, Poison("invalid", err.message))
+        except UnknownEvent as err:
+            return await self._dead_letter(msg, Poison("unknown_event", err.message))
+        except FeedbackConflict as err:
+            return await self._dead_letter(msg, Poison("conflict", err.message))
+        except DecisionNotReadable as err:
+            waited = self._clock() - _published_at(msg)
+            if err.store_answered and waited > self._bus.decision_wait_s:
+                detail = f"{err}; waited {waited:.0f} s (bus.decision_wait_s)"
+                return await self._dead_letter(msg, Poison("unknown_event", detail))
+            await msg.nak(delay=self._bus.retry_delay_s)
+            return "retried"
+        await msg.ack()
+        return "applied" if applied.created else "duplicate"
+
+    async def _dead_letter(self, msg: Msg, poison: Poison) -> Outcome:
+        """Publish the message to the dead-letter subject (acknowledged by JetStream), then
+        terminate it: a dead letter that could not be published is retried, not lost."""
+        assert self._js is not None, "dead letters need the JetStream connection"
+        sequence = _stream_sequence(msg)
+        headers = {
+            REASON_HEADER: poison.reason,
+            DETAIL_HEADER: poison.detail.replace("\r", " ").replace("\n", " "),
+            SOURCE_HEADER: str(sequence),
+            # Redelivered before its term reached the server: dropped as the same letter.
+            MSG_ID_HEADER: f"{self._bus.stream}-{sequence}",
+        }
+        await self._js.publish(self._bus.dead_letter_subject, msg.data, headers=headers)
+        await msg.term()
+        logger.warning(
+            "reaction dead-lettered (%s): %s",
+            poison.reason,
+            poison.detail,
+            extra={"reason": poison.reason},
+        )
+        self.counts.dead_lettered[poison.reason] += 1
+        self._metrics.bus_dead_letter(poison.reason)
+        return "dead_lettered"
+
+    def _count(self, outcome: Outcome) -> None:
+        if outcome == "applied":
+            self.counts.applied += 1
+        elif outcome == "duplicate":
+            self.counts.duplicates += 1
+        elif outcome == "retried":
+            self.counts.retried += 1
+        self._metrics.bus_reaction(outcome)
+
+    async def read_lag(self) -> int | None:
+        """Reactions published and not yet acked (waiting, in flight or retried), as the
+        durable consumer counts them; None when NATS cannot tell now."""
+        if self._sub is None:
+            return None
+        try:
+            info = await self._sub.consumer_info()
+        except Exception as err:
+            logger.warning("the consumer's lag cannot be read: %s", err)
+            return None
+        lag = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        self.counts.lag = lag
+        self._metrics.sample_bus_lag(lag)
+        return lag
+
+    async def _sample_lag(self) -> None:
+        while True:
+            await asyncio.sleep(self._bus.lag_interval_s)
+            await self.read_lag()
+
+    async def close(self) -> None:
+        """Stop pulling; a message being applied is finished or, if cut off, redelivered."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._nc is not None:
+            # Not drain(): a message pulled and not acked is simply delivered again.
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self.counts.connected = False
+
+
+def _published_at(msg: Msg) -> float:
+    # JetStream's metadata carries when the message was stored in the stream.
+    return msg.metadata.timestamp.timestamp()
+
+
+def _stream_sequence(msg: Msg) -> int:
+    return int(msg.metadata.sequence.stream)
+
+
+async def _settle(call: Any) -> None:
+    with contextlib.suppress(Exception):
+        await call
