@@ -135,13 +135,15 @@ def one(name: str, kind: str, object_name: str | None = None) -> dict[str, Any]:
 
 
 def pod_templates(document: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every pod template of a document: workloads, a CronJob's job, Ray head and worker
+    """Every pod template of a document: workloads, a (Cron)Job's pod, Ray head and worker
     groups, and a RayJob's submitter."""
     spec = document.get("spec", {})
     if document["kind"] in ("Deployment", "StatefulSet"):
         return [spec["template"]]
     if document["kind"] == "CronJob":
         return [spec["jobTemplate"]["spec"]["template"]]
+    if document["kind"] == "Job":
+        return [spec["template"]]
     templates = []
     cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec")
     if cluster:
@@ -203,6 +205,8 @@ def test_the_builds_hold_every_piece() -> None:
             ("StatefulSet", "postgres"),
             ("Deployment", "mlflow"),
             ("Deployment", "ollama"),
+            ("StatefulSet", "nats"),
+            ("Job", "nats-streams"),
             ("RayService", "tipgraph"),
             ("Ingress", "tipgraph"),
         } <= kinds
@@ -274,7 +278,7 @@ def test_core_objects_are_valid_kubernetes_in_strict_mode() -> None:
             checked += 1
     # Per overlay: Namespace, ConfigMap, 3 Services, StatefulSet, 3 PVCs, 2 Deployments,
     # Ingress, 6 NetworkPolicies, the guardrails CronJob.
-    assert checked == 2 * 19
+    assert checked == 2 * 23
 
 
 def test_a_wrong_core_manifest_is_rejected() -> None:
@@ -487,6 +491,45 @@ def test_the_guardrails_check_judges_the_serving_config_and_may_roll_back(env: s
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
 
 
+@pytest.mark.parametrize("env", sorted(OVERLAYS))
+def test_the_bus_streams_come_from_the_serving_config_and_serve_consumes_them(env: str) -> None:
+    """The nats-streams Job runs `tipgraph bus setup` on the RayService's files, so the
+    streams it creates are the ones the reactions deployment pulls from."""
+    from tipgraph.settings import BUS_DEPLOYMENT, load_settings
+    from tipgraph_ops.cli import build_parser
+
+    job = one(f"overlays/{env}", "Job", "nats-streams")
+    (container,) = pod_specs(job)[0]["containers"]
+    args = build_parser().parse_args(container["args"])
+    assert (args.command, args.print_only) == ("bus", False)
+    app = yaml.safe_load(one(f"overlays/{env}", "RayService")["spec"]["serveConfigV2"])
+    (served,) = app["applications"]
+    assert [args.config, *args.overlay] == [served["args"]["config"], *served["args"]["overlays"]]
+    settings = load_settings(REPO / args.config, [REPO / o for o in args.overlay])
+    assert (settings.bus.url, settings.bus.reactions) == ("nats://nats:4222", True)
+    assert BUS_DEPLOYMENT in {d["name"] for d in served["deployments"]}
+    nats = one(f"overlays/{env}", "Service", "nats")
+    assert [p["port"] for p in nats["spec"]["ports"]] == [4222]
+
+
+def test_only_serve_the_set_up_job_and_labelled_clients_reach_nats() -> None:
+    for env in OVERLAYS:
+        docs = build(f"overlays/{env}")
+        (policy,) = [
+            d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "nats"
+        ]
+        peers = _sources(policy)
+        labels = [peer["podSelector"]["matchLabels"] for peer in peers]
+        assert labels == [
+            {"app.kubernetes.io/name": "tipgraph-ray"},
+            {"app.kubernetes.io/name": "tipgraph-bus-setup"},
+            {"tipgraph.io/bus-client": "true"},
+        ]
+        assert [r["ports"] for r in policy["spec"]["ingress"]] == [
+            [{"protocol": "TCP", "port": 4222}]
+        ]
+
+
 # -- the image -------------------------------------------------------------------------------------
 def test_everything_the_dockerfile_copies_exists() -> None:
     lines = (REPO / "Dockerfile").read_text(encoding="utf-8").splitlines()
@@ -625,7 +668,7 @@ def _selects(policy: dict[str, Any], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in wanted.items())
 
 
-SERVES_NOTHING = {"tipgraph-guardrails"}  # opens connections, accepts none
+SERVES_NOTHING = {"tipgraph-guardrails", "tipgraph-bus-setup"}  # connect out, accept none
 
 
 def test_every_pod_is_selected_by_a_network_policy_over_a_default_deny() -> None:

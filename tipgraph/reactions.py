@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
@@ -64,6 +64,10 @@ FETCH_WAIT_S = 1.0
 """How long one pull waits for messages: short, so a closing replica stops soon."""
 RECONNECT_WAIT_S = 1.0
 MAX_DETAIL_CHARS = 500
+DUPLICATE_WINDOW_S = 120.0
+"""A message published again with the same Nats-Msg-Id within this is dropped."""
+DEAD_LETTER_DAYS = 30.0
+"""How long the dead-letter stream keeps a letter: time to look, fix and republish."""
 
 REACTIONS: dict[Reaction, str] = {
     Reaction.REACTION_DONE: "done",
@@ -151,36 +155,64 @@ class ReactionCounts:
         }
 
 
-async def ensure_streams(js: JetStreamContext, bus: BusSettings) -> None:
-    """Create the reactions and dead-letter streams and the durable consumer, where
-    missing; existing ones stay as they are."""
+def stream_configs(bus: BusSettings) -> list[StreamConfig]:
+    """The reactions stream and the dead-letter stream."""
     day_s = 86_400.0
-    streams = [
+    return [
         StreamConfig(
             name=bus.stream,
             subjects=[bus.subject],
             max_age=bus.max_age_days * day_s,
-            duplicate_window=120.0,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            storage=StorageType.FILE,  # a reaction survives the server's restart
         ),
         StreamConfig(
             name=bus.dead_letter_stream,
             subjects=[bus.dead_letter_subject],
-            max_age=30 * day_s,
-            duplicate_window=120.0,
+            max_age=DEAD_LETTER_DAYS * day_s,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            storage=StorageType.FILE,
         ),
     ]
-    for config in streams:
+
+
+async def ensure_streams(js: JetStreamContext, bus: BusSettings) -> list[str]:
+    """Create the streams and the durable consumer where missing (existing ones stay as they
+    are: ops may have tuned them); returns what was created."""
+    created = []
+    for config in stream_configs(bus):
         assert config.name is not None
         try:
             await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
-            logger.info("created stream %s", config.name)
+            created.append(f"stream {config.name}")
     try:
         await js.consumer_info(bus.stream, bus.durable)
     except NotFoundError:
         await js.add_consumer(bus.stream, consumer_config(bus))
-        logger.info("created durable consumer %s on %s", bus.durable, bus.stream)
+        created.append(f"consumer {bus.durable} on {bus.stream}")
+    for what in created:
+        logger.info("created %s", what)
+    return created
+
+
+async def set_up_streams(bus: BusSettings) -> list[str]:
+    """``tipgraph bus setup``: connect once and :func:`ensure_streams`."""
+    nc = await nats.connect(bus.url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        return await ensure_streams(nc.jetstream(), bus)
+    finally:
+        await nc.close()
+
+
+def definitions(bus: BusSettings) -> dict[str, Any]:
+    """The streams and the consumer as JetStream's API takes them (``nats stream add
+    --config`` reads the same JSON)."""
+    return {
+        "streams": [config.as_dict() for config in stream_configs(bus)],
+        "consumer": {"stream": bus.stream, "config": consumer_config(bus).as_dict()},
+    }
 
 
 def consumer_config(bus: BusSettings) -> ConsumerConfig:

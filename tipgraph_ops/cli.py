@@ -1,10 +1,11 @@
 """``tipgraph`` command line: serve, simulate, compare-policies, tune, promote, rollback,
 render-serve-config, render-k3s, render-config-docs, config show, token new, migrate,
-guardrails check, retention run, export, status, report, rehearse."""
+guardrails check, retention run, bus setup, export, status, report, rehearse."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -33,6 +34,7 @@ from tipgraph.auth import (
 from tipgraph.guardrails import evaluate_guardrails
 from tipgraph.policy_comparison import compare, format_table
 from tipgraph.progress import progress_bar
+from tipgraph.reactions import definitions, set_up_streams
 from tipgraph.registry import CHAMPION, PolicyRegistry, RegistryError, registry_exists
 from tipgraph.retention import apply_retention
 from tipgraph.serve_config import SERVE_ENV, render_serve_config_text
@@ -327,6 +329,24 @@ def _promote(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace) -> int:
     return _move_champion(args, "rollback")
+
+
+def _bus_setup(args: argparse.Namespace) -> int:
+    bus = load_settings(args.config, args.overlay).bus
+    if args.print_only:
+        print(json.dumps(definitions(bus), indent=2))
+        return EXIT_OK
+    try:
+        created = asyncio.run(set_up_streams(bus))
+    except Exception as err:
+        # nats-py raises OSError, its own errors or asyncio's, depending on where it failed.
+        print(f"bus setup failed at {bus.url}: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    for what in created:
+        print(f"created {what}")
+    if not created:
+        print(f"{bus.stream}, {bus.dead_letter_stream} and {bus.durable} exist already")
+    return EXIT_OK
 
 
 def _render_serve_config(args: argparse.Namespace) -> int:
@@ -753,7 +773,8 @@ def _action(
 
 
 def _add_operations_commands(commands: Commands) -> None:
-    """config show, token new, guardrails check, retention run, migrate, status, export."""
+    """config show, token new, guardrails check, retention run, bus setup, migrate, status,
+    export."""
     config = commands.add_parser("config", help="inspect the effective configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_commands.add_parser(
@@ -801,6 +822,21 @@ def _add_operations_commands(commands: Commands) -> None:
         "--days", type=int, default=None, help="override retention.days (at least 1)"
     )
     retention_run.set_defaults(func=_retention_run)
+
+    bus_setup = _action(
+        commands,
+        "bus",
+        "the NATS JetStream streams of reactions and dead letters (bus)",
+        "setup",
+        "create the streams and the durable consumer where missing (idempotent)",
+    )
+    bus_setup.add_argument(
+        "--print",
+        dest="print_only",
+        action="store_true",
+        help="print the definitions as JSON (JetStream's API form) instead",
+    )
+    bus_setup.set_defaults(func=_bus_setup)
 
     migrate = commands.add_parser(
         "migrate", help="apply the decision store's pending migrations (idempotent)"
