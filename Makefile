@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 STAMP := $(VENV)/.installed-stamp
 PG_VERSION_DIR := /etc/postgresql
 
-.PHONY: install run test unit lint postgres nats proto lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-cpu bench-candidates bench-test-times bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-pool bench-embeddings bench-drift tune rehearsal \
+.PHONY: install run test unit lint postgres nats proto lock render-serve-config render-k3s bench bench-levers bench-durability bench-profile bench-cpu bench-candidates bench-test-times bench-policies bench-tuning bench-log-size bench-log-scale bench-shadows bench-bus bench-pool bench-embeddings bench-drift tune rehearsal \
 	compare-policies clean
 
 $(STAMP): requirements.lock pyproject.toml
@@ -144,6 +144,11 @@ bench-test-times: install postgres
 	@test -n "$(BEFORE)" || { echo "BEFORE=<an earlier checkout> is required"; exit 2; }
 	PYTHONPATH=. $(BIN)/python bench/test_times.py --before $(BEFORE) --rounds $(ROUNDS) \
 		$(TEST_TIME_FILES)
+
+## bench-bus: reactions from NATS through the Serve graph: one reactions replica's
+## reactions/s (3 rounds), and the lag's return to zero after a 60 s outage (3 rounds)
+bench-bus: install postgres nats
+	PYTHONPATH=. $(BIN)/python bench/bench_bus.py
 
 ## bench-shadows: what shadows add to the served p50, through Serve over HTTP: shipped,
 ## slow and failing shadows side by side; then none vs shipped at c = 1 and 16, 3 rounds

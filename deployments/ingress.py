@@ -284,7 +284,7 @@ class HandleStages:
                 retries=retries,
             )
 
-        self._learning = LearningHandles(scoring, shadows if shadow_names else None)
+        self._learning = LearningHandles(scoring, shadows if shadow_names else None, hops.scoring)
         self._shadow_names = shadow_names
         self._context: Coalescer[tuple[TipRequest, str], UserContext] = batched(
             context.build_batch.remote, hops.context

@@ -16,7 +16,7 @@ from tipgraph.batching import ItemFailure, run_each
 from tipgraph.champion import ChampionFollower
 from tipgraph.logs import ReplicaLogs
 from tipgraph.periodic import Periodic
-from tipgraph.scoring import PolicyScore, PolicyService
+from tipgraph.scoring import PolicyScore, PolicyService, RewardItem
 from tipgraph.settings import PolicySettings, TipgraphSettings, parse_policy
 from tipgraph.store import open_store
 
@@ -90,6 +90,10 @@ class PolicyScorer:
         # rewarded_at is optional here only for an ingress of the previous release during
         # a rolling upgrade; a forgetting policy then leaves the reward to its next sync.
         return self._service.learn(reward_id, features, reward, rewarded_at)
+
+    def learn_batch(self, items: list[RewardItem]) -> list[bool | ItemFailure]:
+        """:meth:`learn` for each of a batch (one remote call for many feedbacks)."""
+        return run_each(lambda item: self._service.learn(*item), items)
 
     def sync(self) -> int:
         return self._service.sync(self._store)

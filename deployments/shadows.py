@@ -14,10 +14,11 @@ from typing import Any
 
 from ray import serve
 
+from tipgraph.batching import ItemFailure, run_each
 from tipgraph.logs import ReplicaLogs
 from tipgraph.metrics import replica_metrics
 from tipgraph.periodic import Periodic
-from tipgraph.scoring import ShadowItem
+from tipgraph.scoring import RewardItem, ShadowItem
 from tipgraph.settings import SHADOWS_DEPLOYMENT, TipgraphSettings, parse_policy
 from tipgraph.shadows import ShadowErrors, ShadowSet
 from tipgraph.store import open_store
@@ -66,6 +67,10 @@ class ShadowPolicies:
         self, reward_id: int, features: list[float], reward: float, rewarded_at: float
     ) -> None:
         self._shadows.learn(reward_id, features, reward, rewarded_at)
+
+    def learn_batch(self, items: list[RewardItem]) -> list[ItemFailure | None]:
+        """:meth:`learn` for each of a batch (one remote call for many feedbacks)."""
+        return run_each(lambda item: self._shadows.learn(*item), items)
 
     def sync(self) -> int:
         return self._shadows.sync(self._store)

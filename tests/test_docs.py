@@ -96,6 +96,7 @@ BY_HAND = {
     "make bench-candidates": "BENCHMARKS.md",
     "make bench-test-times": "BENCHMARKS.md",
     "make bench-shadows": "BENCHMARKS.md",
+    "make bench-bus": "BENCHMARKS.md",
     "make bench-policies": "BENCHMARKS.md",
     "make bench-tuning": "BENCHMARKS.md",
     "make bench-log-size": "BENCHMARKS.md",

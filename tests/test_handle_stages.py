@@ -34,6 +34,7 @@ class Handle:
     def __init__(self, answer: Any) -> None:
         self.shadow_batch = Method(answer)
         self.build_batch = self.generate_batch = self.score_batch = Method(answer)
+        self.learn_batch = Method(lambda items: [True for _ in items])
 
 
 def stages(shadows: Handle, names: list[str], linger_s: float = 0.0) -> HandleStages:
@@ -107,3 +108,24 @@ async def test_a_shadow_that_cannot_keep_up_is_shed_not_queued(monkeypatch: Any)
     await settle(hop)
     assert [len(call) for call in stuck.shadow_batch.calls] == [3]
     assert runner.failures == {}
+
+
+async def test_concurrent_feedback_learns_in_one_call_per_deployment() -> None:
+    scoring, shadows = Handle(lambda items: []), Handle(lambda items: [])
+    hops = HopsSettings()
+    hop = HandleStages(scoring, scoring, scoring, shadows, ["s"], hops, hops.generation)  # type: ignore[arg-type]
+    scoring.learn_batch.release.clear()  # the first call stays out: the rest queue behind
+    shadows.learn_batch.release.clear()
+    rewards = [(i, [0.5], 1.0, 100.0 + i) for i in range(1, 6)]
+    served = [asyncio.ensure_future(hop.learn(*r)) for r in rewards]
+    learning = [f for r in rewards for f in hop.learn_shadows(*r)]
+    await asyncio.sleep(0)
+    scoring.learn_batch.release.set()
+    shadows.learn_batch.release.set()
+    await asyncio.gather(*served, *learning)
+    # max_inflight_batches calls out at once, the rest in one: never a call per reward.
+    inflight = hops.scoring.max_inflight_batches
+    for handle in (scoring, shadows):
+        calls = handle.learn_batch.calls
+        assert [len(c) for c in calls] == [1] * inflight + [len(rewards) - inflight]
+        assert sorted(item for call in calls for item in call) == rewards

@@ -37,6 +37,8 @@ SYNC_BATCH = 10_000
 ShadowItem = tuple[np.ndarray, str, list[str], str]
 """What a shadow gets per event: (candidate matrix, event_id, candidate_ids, the served
 policy's chosen candidate_id, to count agreement against)."""
+RewardItem = tuple[int, list[float], float, float]
+"""One reward to learn: (reward_id, the chosen candidate's features, reward, rewarded_at)."""
 
 
 class InjectedFault(RuntimeError):
