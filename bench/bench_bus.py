@@ -194,9 +194,7 @@ def main() -> None:
                 conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     expected = args.rounds * args.reactions + args.outages * int(args.rate * args.outage_s)
     print()
-    print(
-        f"| one reactions replica, Postgres, {args.reactions} reactions a round | median | rounds |"
-    )
+    print(f"| one bus replica, Postgres, {args.reactions} reactions a round | median | rounds |")
     print("| --- | ---: | --- |")
     print(
         f"| applied per second | {statistics.median(rates):.0f} | "

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.reactions import LearningHandles
+from deployments.bus import LearningHandles
 from tipgraph.auth import Credential, CredentialSource, required_scope
 from tipgraph.batching import Coalescer
 from tipgraph.contracts import (
@@ -369,10 +369,10 @@ class Ingress:
         generation: DeploymentHandle,
         scoring: DeploymentHandle,
         shadows: DeploymentHandle | None,
-        reactions: DeploymentHandle | None = None,
+        bus: DeploymentHandle | None = None,
     ) -> None:
         self._settings = settings
-        self._reactions = reactions
+        self._bus = bus
         self._logs = ReplicaLogs(settings.logs).start()
         metrics = replica_metrics(settings.metrics)
         api.state.credentials = CredentialSource(settings.auth, on_reload=metrics.token_reload)
@@ -485,17 +485,17 @@ class Ingress:
                 "feedback_held": self._service.held_feedback,
                 "feedback_expired": self._service.feedback_expired,
                 "mean_batch_size": self._stages.batch_sizes(),
-                **({"bus": await self._bus_stats()} if self._reactions is not None else {}),
+                **({"bus": await self._bus_stats()} if self._bus is not None else {}),
             }
         )
 
     async def _bus_stats(self) -> dict[str, Any]:
-        """One reactions replica's counts and the consumer's lag.  The bus does not decide
+        """One bus replica's counts and the consumer's lag.  The bus does not decide
         readiness: HTTP feedback works without it, and its reactions wait in the stream."""
-        assert self._reactions is not None
+        assert self._bus is not None
         try:
             stats: dict[str, Any] = await asyncio.wait_for(
-                self._reactions.stats.remote(), BUS_STATS_TIMEOUT_S
+                self._bus.stats.remote(), BUS_STATS_TIMEOUT_S
             )
         except Exception as err:
             return {"error": describe_error(err)}

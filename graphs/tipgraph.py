@@ -1,6 +1,7 @@
 """The tipgraph Serve application: ingress -> context -> generation -> scoring (+ shadows,
 one deployment for every shadow policy); generation -> pool when it serves LLM tips from
-the candidate pool; reactions (-> scoring, shadows) when reactions come from the bus.
+the candidate pool; bus (-> scoring, shadows) when reactions come from the event bus or
+decisions go to it.
 
 ``serve run serve_config.yaml`` imports :func:`build_app`; tests and ``tipgraph serve``
 call :func:`build_graph` with settings they already hold.
@@ -13,11 +14,11 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
+from deployments.bus import BusReplica
 from deployments.context import ContextBuilder
 from deployments.generation import CandidateGenerator
 from deployments.ingress import Ingress
 from deployments.pool import PoolRefiller
-from deployments.reactions import ReactionConsumers
 from deployments.scoring import PolicyScorer
 from deployments.shadows import ShadowPolicies
 from tipgraph.serve_config import all_deployment_options
@@ -59,17 +60,15 @@ def build_graph(settings: TipgraphSettings) -> Application:
         if settings.shadows
         else None
     )
-    reactions = (
-        _deployment(ReactionConsumers)
-        .options(**options[BUS_DEPLOYMENT])
-        .bind(settings, scoring, shadows)
-        if settings.bus.reactions
+    bus = (
+        _deployment(BusReplica).options(**options[BUS_DEPLOYMENT]).bind(settings, scoring, shadows)
+        if settings.bus.deployed
         else None
     )
     return (
         _deployment(Ingress)
         .options(**options["ingress"])
-        .bind(settings, context, generation, scoring, shadows, reactions)
+        .bind(settings, context, generation, scoring, shadows, bus)
     )
 
 

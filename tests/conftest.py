@@ -195,6 +195,11 @@ def test_bus_settings(url: str, **overrides: object) -> BusSettings:
         "durable": f"test-{suffix}",
         "dead_letter_stream": f"TEST_DEAD_LETTERS_{suffix}",
         "dead_letter_subject": f"test.{suffix}.dead",
+        "decision_events": {
+            "stream": f"TEST_DECISIONS_{suffix}",
+            "subject": f"test.{suffix}.decisions",
+            "interval_s": 0.2,
+        },
         "ack_wait_s": 2.0,
         "retry_delay_s": 0.2,
         "decision_wait_s": 2.0,
@@ -219,7 +224,7 @@ async def delete_streams(bus: BusSettings) -> None:
 
     nc = await nats.connect(bus.url)
     js = nc.jetstream()
-    for stream in (bus.stream, bus.dead_letter_stream):
+    for stream in (bus.stream, bus.dead_letter_stream, bus.decision_events.stream):
         with contextlib.suppress(Exception):
             await js.delete_stream(stream)
     await nc.close()

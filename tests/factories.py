@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from tipgraph.auth import hash_token
+from tipgraph.contracts import TipRequest
 from tipgraph.decision_log import DecisionLog
 from tipgraph.local import LocalStages
 from tipgraph.metrics import Metrics
@@ -71,6 +72,19 @@ def local_service(
     metrics = metrics if metrics is not None else Metrics()
     stages = LocalStages(settings, store, log, metrics)
     return TipService(settings, stages, store, log, metrics=metrics)
+
+
+async def served_event_ids(
+    settings: TipgraphSettings, store: DecisionStore, users: int
+) -> list[str]:
+    """Decisions served in process and stored (the writer closed), one per user."""
+    service = local_service(settings, store)
+    ids = [
+        (await service.tip(TipRequest.model_validate(tip_body(user_id=f"user-{i}")))).event_id
+        for i in range(users)
+    ]
+    await service.log.close()
+    return ids
 
 
 def local_stages(settings: TipgraphSettings, store: DecisionStore) -> LocalStages:

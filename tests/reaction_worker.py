@@ -1,4 +1,4 @@
-"""A reactions replica in a process of its own, for the tests that kill one mid-stream.
+"""A bus replica in a process of its own, for the tests that kill one mid-stream.
 
 ``python -m tests.reaction_worker SETTINGS_JSON`` consumes until killed; it prints
 ``ready`` once bound to the durable consumer.  :func:`reaction_consumer` builds the same
@@ -23,7 +23,7 @@ from tipgraph.wiring import decision_log
 def reaction_consumer(
     settings: TipgraphSettings, store: DecisionStore
 ) -> tuple[ReactionConsumer, LocalStages]:
-    """A reactions replica on in-process stages: the feedback path of the reactions
+    """A bus replica on in-process stages: the feedback path of the reactions
     deployment, learning into this process's policy."""
     metrics = Metrics()
     stages = LocalStages(

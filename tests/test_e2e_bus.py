@@ -1,6 +1,6 @@
 """End to end: reactions from the real NATS JetStream into the real Serve graph (the
 ``reactions`` deployment), on the real Postgres decision log, while tipgraph serves tips
-and HTTP feedback over real HTTP; the reactions replica is killed mid-stream."""
+and HTTP feedback over real HTTP; the bus replica is killed mid-stream."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.conftest import AUTH_HEADERS, delete_streams, drop_schemas, test_bus_
 from tests.factories import tip_body
 from tests.test_e2e import _wait_for
 from tests.test_e2e_durability import _replica_pids
-from tipgraph.reactions import REASON_HEADER, encode_reaction, ensure_streams
+from tipgraph.reactions import MSG_ID_HEADER, REASON_HEADER, encode_reaction, ensure_streams
 from tipgraph.settings import BUS_DEPLOYMENT, BusSettings, TipgraphSettings, load_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres, pytest.mark.nats]
@@ -65,6 +65,8 @@ def bus_app(
 
     tmp: Path = tmp_path_factory.mktemp("bus")
     bus = test_bus_settings(nats_url)
+    events = {**bus.decision_events.model_dump(), "enabled": True}
+    bus = bus.model_copy(update={"decision_events": type(bus.decision_events)(**events)})
     base = load_settings(PROJECT_ROOT / "configs" / "tipgraph.yaml")
     settings = TipgraphSettings(
         **{
@@ -105,6 +107,19 @@ async def _publish(bus: BusSettings, messages: list[tuple[str, str]]) -> None:
     for event_id, reaction in messages:
         await js.publish(bus.subject, encode_reaction(event_id, reaction))
     await nc.close()
+
+
+async def _decision_event_ids(bus: BusSettings) -> list[str]:
+    nc = await nats.connect(bus.url)
+    js = nc.jetstream()
+    stream = bus.decision_events.stream
+    info = await js.stream_info(stream)
+    ids = []
+    for seq in range(1, info.state.messages + 1):
+        msg = await js.get_msg(stream, seq)
+        ids.append((msg.headers or {})[MSG_ID_HEADER])
+    await nc.close()
+    return ids
 
 
 async def _dead_letter_reasons(bus: BusSettings) -> list[str]:
@@ -179,3 +194,7 @@ def test_bus_reactions_apply_exactly_once_beside_http_through_a_killed_replica(
     _wait_for(lambda: learned() == DECISIONS, 60)
     bus = bus_app.readyz_bus()
     assert bus["connected"] is True and bus["lag"] == 0
+    # Every decision went out as an event, once, through the replica that was killed too.
+    outbox = "SELECT COUNT(*) FROM decision_outbox"
+    _wait_for(lambda: bus_app.query(outbox)[0][0] == 0, 60)
+    assert sorted(asyncio.run(_decision_event_ids(bus_app.bus))) == sorted(ids)

@@ -494,7 +494,7 @@ def test_the_guardrails_check_judges_the_serving_config_and_may_roll_back(env: s
 @pytest.mark.parametrize("env", sorted(OVERLAYS))
 def test_the_bus_streams_come_from_the_serving_config_and_serve_consumes_them(env: str) -> None:
     """The nats-streams Job runs `tipgraph bus setup` on the RayService's files, so the
-    streams it creates are the ones the reactions deployment pulls from."""
+    streams it creates are the ones the bus deployment pulls from."""
     from tipgraph.settings import BUS_DEPLOYMENT, load_settings
     from tipgraph_ops.cli import build_parser
 

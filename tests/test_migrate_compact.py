@@ -123,7 +123,7 @@ def test_a_schema8_log_reads_back_the_same_after_compaction(
 
     expected = fixture["expected"]
     with open_store(store_settings) as store:
-        assert store.schema_version() == 11
+        assert store.schema_version() == 12
         assert plain(store.logged_events()) == expected["logged_events"]
         assert plain(store.logged_policy_runs()) == expected["logged_policy_runs"]
         assert plain(store.training_events()) == expected["training_events"]

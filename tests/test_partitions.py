@@ -221,7 +221,7 @@ def test_migration_0010_moves_a_schema_9_log_into_week_partitions(
     monkeypatch.undo()
 
     with open_store(pg_settings) as store:
-        assert store.schema_version() == 11
+        assert store.schema_version() == 12
         for event_id, at in events.items():
             assert partition_of(pg_settings, event_id) == week_partition(at).name
         assert {e: store.get_decision(e) for e in events} == before

@@ -222,10 +222,10 @@ def write_schema1_decision(settings: StoreSettings, decision: DecisionRecord) ->
 
 
 def test_migrations_are_applied_once(store: DecisionStore, store_settings: StoreSettings) -> None:
-    assert store.schema_version() == 11
+    assert store.schema_version() == 12
     store.open()  # open() on an open store is a no-op
     with open_store(store_settings) as again:
-        assert again.schema_version() == 11
+        assert again.schema_version() == 12
     assert raw_sql(
         store_settings, "SELECT version, name FROM schema_migrations ORDER BY version"
     ) == [
@@ -267,7 +267,7 @@ def test_a_version_1_database_gets_its_feedback_backfilled_into_rewards(
     monkeypatch.undo()
 
     with open_store(store_settings) as upgraded:
-        assert upgraded.schema_version() == 11
+        assert upgraded.schema_version() == 12
         events = upgraded.training_events()
         assert [(e.event_id, e.reward, e.source) for e in events] == [
             ("e2", 0.25, "feedback"),
@@ -1311,3 +1311,33 @@ def test_the_served_run_is_written_with_its_decision_only(store: DecisionStore) 
     with pytest.raises(ValueError, match="one probability per candidate"):
         store.write_decisions([no_probabilities])
     assert store.counts().policy_runs == 0
+
+
+def test_the_outbox_holds_each_written_decisions_event_until_it_is_deleted(
+    store: DecisionStore,
+) -> None:
+    store.write_decisions([make_decision("before-outbox")])
+    assert store.pending_decision_events(10) == []  # off unless the writer turns it on
+    store.decision_outbox = True
+    store.write_batch([make_decision("d1"), make_decision("d2", user_key="eve")], [])
+    store.write_decisions([make_decision("d1")])  # a replayed decision: one event still
+    first, second = store.pending_decision_events(10)
+    stored = store.get_decision("d1")
+    assert stored is not None
+    assert (first.event_id, second.event_id) == ("d1", "d2") and first.seq < second.seq
+    assert (first.policy_name, first.policy_version, first.created_at) == (
+        stored.policy_name,
+        stored.policy_version,
+        stored.created_at,
+    )
+    assert (first.candidate_id, first.probability) == (
+        stored.chosen_candidate_id,
+        stored.chosen_probability,
+    )
+    assert first.prompt_version == make_decision("d1").prompt_version
+    # An erased user's late decision brings no event with it.
+    store.erase_users(["eve"])
+    store.write_decisions([make_decision("late", user_key="eve")])
+    store.delete_decision_events([first.seq])
+    assert [e.event_id for e in store.pending_decision_events(10)] == ["d2"]
+    assert store.pending_decision_events(0) == []

@@ -22,7 +22,7 @@ ITEMS_METRIC = "tipgraph_items"
 """Mean items in a replica (being worked on or waiting inside it) since its last report."""
 POLICY_FUNCTION = "tipgraph.autoscaling:scale_on_items"
 LAG_METRIC = "tipgraph_lag"
-"""The bus consumer's lag as a reactions replica last read it (the same for every replica)."""
+"""The bus consumer's lag as a bus replica last read it (the same for every replica)."""
 LAG_POLICY_FUNCTION = "tipgraph.autoscaling:scale_on_lag"
 
 
@@ -99,7 +99,7 @@ def scale_on_lag(ctx: Any) -> tuple[float, dict[str, Any]]:
     """Serve autoscaling policy: replicas = the bus consumer's lag /
     ``target_ongoing_requests``.
 
-    Every reactions replica reads the same lag (the durable consumer's, :data:`LAG_METRIC`),
+    Every bus replica reads the same lag (the durable consumer's, :data:`LAG_METRIC`),
     so the largest report counts once, not once per replica.  With no report yet the
     deployment keeps what it runs.
     """

@@ -219,7 +219,7 @@ RETENTION_DELETED = MetricSpec(
 BUS_REACTIONS = MetricSpec(
     "tipgraph_bus_reactions",
     "counter",
-    "Reactions a reactions replica pulled from the bus, by outcome: applied, duplicate "
+    "Reactions a bus replica pulled from the bus, by outcome: applied, duplicate "
     "(stored already, the same reaction), dead_lettered, retried (decision not readable "
     "yet, or the store away: delivered again after bus.retry_delay_s).",
     ("outcome",),
@@ -236,7 +236,14 @@ BUS_LAG = MetricSpec(
     "tipgraph_bus_lag",
     "gauge",
     "Reactions published and not yet acked by the durable consumer (waiting, in flight or "
-    "retried), as a reactions replica last read it; every replica reports the same lag.",
+    "retried), as a bus replica last read it; every replica reports the same lag.",
+    (),
+)
+BUS_DECISIONS_PUBLISHED = MetricSpec(
+    "tipgraph_bus_decisions_published",
+    "counter",
+    "Decision events a bus replica published from the outbox and JetStream acknowledged "
+    "(bus.decision_events); at least once, so a republish after a crash counts again.",
     (),
 )
 
@@ -270,6 +277,7 @@ METRICS = (
     BUS_REACTIONS,
     BUS_DEAD_LETTERS,
     BUS_LAG,
+    BUS_DECISIONS_PUBLISHED,
 )
 """Every metric tipgraph records."""
 
@@ -443,6 +451,9 @@ class Metrics:
 
     def bus_dead_letter(self, reason: str) -> None:
         self._sink.inc(BUS_DEAD_LETTERS, 1, {"reason": reason})
+
+    def bus_decisions_published(self, count: int) -> None:
+        self._sink.inc(BUS_DECISIONS_PUBLISHED, count, {})
 
     def sample_bus_lag(self, lag: int) -> None:
         self._sink.set(BUS_LAG, lag, {})

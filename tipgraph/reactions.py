@@ -2,7 +2,7 @@
 
 A reaction published to ``bus.subject`` as a protobuf ``tipgraph.events.v1.ReactionEvent``
 (``proto/``) is pulled through the durable consumer ``bus.durable``, which every replica
-of the reactions deployment shares (JetStream hands each message to one of them), and
+of the bus deployment shares (JetStream hands each message to one of them), and
 applied by :meth:`tipgraph.feedback.FeedbackService.apply_now`: the validation, reward
 mapping and idempotent storing of ``POST /v1/feedback``.  Then, and only then, it is acked.
 
@@ -155,10 +155,28 @@ class ReactionCounts:
         }
 
 
+async def connect(url: str) -> NATS:
+    """A connection to NATS that reconnects by itself, once the server answers (until then
+    this retries: a replica starts whether or not NATS is up)."""
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=RECONNECT_WAIT_S,
+                connect_timeout=2,
+            )
+        except Exception as err:
+            # nats-py raises OSError or its own errors, depending on where it failed.
+            logger.warning("NATS at %s not reachable (%s); retrying", url, err)
+            await asyncio.sleep(RECONNECT_WAIT_S)
+
+
 def stream_configs(bus: BusSettings) -> list[StreamConfig]:
-    """The reactions stream and the dead-letter stream."""
+    """The reactions stream and the dead-letter stream, and the decisions stream when
+    decision events are on."""
     day_s = 86_400.0
-    return [
+    streams = [
         StreamConfig(
             name=bus.stream,
             subjects=[bus.subject],
@@ -174,11 +192,24 @@ def stream_configs(bus: BusSettings) -> list[StreamConfig]:
             storage=StorageType.FILE,
         ),
     ]
+    events = bus.decision_events
+    if events.enabled:
+        streams.append(
+            StreamConfig(
+                name=events.stream,
+                subjects=[events.subject],
+                max_age=bus.max_age_days * day_s,
+                duplicate_window=events.duplicate_window_s,
+                storage=StorageType.FILE,
+            )
+        )
+    return streams
 
 
 async def ensure_streams(js: JetStreamContext, bus: BusSettings) -> list[str]:
-    """Create the streams and the durable consumer where missing (existing ones stay as they
-    are: ops may have tuned them); returns what was created."""
+    """Create the streams, and the durable consumer when reactions are consumed, where
+    missing (existing ones stay as they are: ops may have tuned them); returns what was
+    created."""
     created = []
     for config in stream_configs(bus):
         assert config.name is not None
@@ -190,8 +221,9 @@ async def ensure_streams(js: JetStreamContext, bus: BusSettings) -> list[str]:
     try:
         await js.consumer_info(bus.stream, bus.durable)
     except NotFoundError:
-        await js.add_consumer(bus.stream, consumer_config(bus))
-        created.append(f"consumer {bus.durable} on {bus.stream}")
+        if bus.reactions:
+            await js.add_consumer(bus.stream, consumer_config(bus))
+            created.append(f"consumer {bus.durable} on {bus.stream}")
     for what in created:
         logger.info("created %s", what)
     return created
@@ -216,7 +248,7 @@ def definitions(bus: BusSettings) -> dict[str, Any]:
 
 
 def consumer_config(bus: BusSettings) -> ConsumerConfig:
-    """The durable pull consumer every reactions replica shares."""
+    """The durable pull consumer every bus replica shares."""
     return ConsumerConfig(
         durable_name=bus.durable,
         ack_policy=AckPolicy.EXPLICIT,
@@ -253,19 +285,7 @@ class ReactionConsumer:
     async def connect(self) -> None:
         """Connect (retrying until NATS answers), create what is missing, bind to the
         durable consumer."""
-        while True:
-            try:
-                self._nc = await nats.connect(
-                    self._bus.url,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=RECONNECT_WAIT_S,
-                    connect_timeout=2,
-                )
-                break
-            except Exception as err:
-                # nats-py raises OSError or its own errors, depending on where it failed.
-                logger.warning("NATS at %s not reachable (%s); retrying", self._bus.url, err)
-                await asyncio.sleep(RECONNECT_WAIT_S)
+        self._nc = await connect(self._bus.url)
         self._js = self._nc.jetstream()
         if self._bus.create_streams:
             await ensure_streams(self._js, self._bus)

@@ -73,7 +73,7 @@ def deployment_options(deployment: DeploymentSettings, logs: LogSettings) -> dic
 def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, Any]]:
     """Deployment name -> options, for every stage of the graph (the shadows' only when
     there are shadows), the pool deployment when generation serves from the candidate
-    pool, and the reactions deployment when the bus's reactions are consumed.
+    pool, and the bus deployment when reactions or decision events go through the bus.
 
     Policies travel as Serve's ``user_config``: a changed hyperparameter in a deployed
     config reaches the running replicas through ``reconfigure``, without restarting them.
@@ -89,7 +89,7 @@ def all_deployment_options(settings: TipgraphSettings) -> dict[str, dict[str, An
         options[SHADOWS_DEPLOYMENT]["user_config"] = shadows_user_config(settings.shadows)
     if settings.generation.pooled:
         options[POOL_DEPLOYMENT] = deployment_options(settings.generation.pool.deployment, logs)
-    if settings.bus.reactions:
+    if settings.bus.deployed:
         options[BUS_DEPLOYMENT] = deployment_options(settings.bus.deployment, logs)
     return options
 

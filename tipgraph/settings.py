@@ -39,8 +39,9 @@ POOL_DEPLOYMENT = "pool"
 """The refill workers' deployment, in the graph when ``generation.serve_from`` is pool."""
 ITEM_STAGES = ("context", "generation", POOL_DEPLOYMENT)
 """The stages whose replicas report the items inside them (autoscaling.signal: items)."""
-BUS_DEPLOYMENT = "reactions"
-"""The reaction consumers' deployment, in the graph when ``bus.reactions`` is enabled."""
+BUS_DEPLOYMENT = "bus"
+"""The event bus's deployment: it consumes reactions (``bus.reactions``) and publishes
+decision events (``bus.decision_events.enabled``); in the graph when either is on."""
 
 
 class _Strict(BaseModel):
@@ -193,7 +194,7 @@ class AutoscalingSettings(_Strict):
         "requests, where a batched hop's batch is one (CPU-light stages); items: the "
         "requests inside the batches, which the replica reports "
         "(tipgraph.autoscaling; stages that wait on the LLM or the store); lag: the "
-        "reactions waiting in the bus's durable consumer (the reactions deployment only)",
+        "reactions waiting in the bus's durable consumer (the bus deployment only)",
     )
     min_replicas: int = Field(1, ge=0)
     initial_replicas: int | None = None
@@ -264,22 +265,45 @@ class PoolSettings(_Strict):
     )
 
 
+class DecisionEventSettings(_Strict):
+    """Each stored decision published to the bus (tipgraph.events.v1.DecisionEvent: no user
+    id, no task text), for downstream feature pipelines."""
+
+    enabled: bool = Field(
+        False,
+        description="Write each decision's event to the outbox in the decision's own "
+        "transaction; the bus deployment publishes it and then deletes it (at least once)",
+    )
+    stream: str = Field("TIPGRAPH_DECISIONS", pattern=r"^[A-Za-z0-9_-]+$")
+    subject: str = "tipgraph.decisions.v1"
+    duplicate_window_s: float = Field(
+        600.0,
+        gt=0,
+        description="JetStream drops an event published again within this window (its "
+        "message id is the event id): a republish after a crash reaches readers once",
+    )
+    interval_s: float = Field(
+        1.0, gt=0, description="How often an idle bus replica looks in the outbox"
+    )
+    batch: int = Field(500, ge=1, le=10_000, description="Events published per look at most")
+
+
 class BusSettings(_Strict):
-    """NATS JetStream: reactions in (a durable pull consumer shared by the reactions
-    replicas), poison messages out to a dead-letter subject."""
+    """NATS JetStream: reactions in (a durable pull consumer shared by the bus replicas),
+    poison messages out to a dead-letter subject, decision events out when enabled."""
 
     url: str = Field("nats://127.0.0.1:4222", description="The NATS server (nats://host:port)")
     reactions: bool = Field(
         False,
-        description="Run the reactions deployment, which applies reactions from the stream "
-        "through the same path as POST /v1/feedback",
+        description="Apply reactions from the stream through the same path as POST "
+        "/v1/feedback, in the bus deployment",
     )
     stream: str = Field("TIPGRAPH_REACTIONS", pattern=r"^[A-Za-z0-9_-]+$")
     subject: str = Field("tipgraph.reactions.v1", description="Where reactions are published")
     durable: str = Field(
         "tipgraph-reactions",
         pattern=r"^[A-Za-z0-9_-]+$",
-        description="The durable consumer every reactions replica pulls from",
+        description="The durable consumer every bus replica pulls from",
     )
     dead_letter_stream: str = Field("TIPGRAPH_DEAD_LETTERS", pattern=r"^[A-Za-z0-9_-]+$")
     dead_letter_subject: str = Field(
@@ -315,6 +339,7 @@ class BusSettings(_Strict):
     lag_interval_s: float = Field(
         1.0, gt=0, description="How often a replica reads the consumer's lag"
     )
+    decision_events: DecisionEventSettings = DecisionEventSettings()
     deployment: DeploymentSettings = Field(
         DeploymentSettings(
             num_cpus=0.1,
@@ -323,23 +348,32 @@ class BusSettings(_Strict):
                 signal="lag", min_replicas=1, max_replicas=2, target_ongoing_requests=500
             ),
         ),
-        description="The reactions deployment; signal lag scales it on the reactions "
-        "waiting in the durable consumer (target_ongoing_requests of them per replica)",
+        description="The bus deployment; signal lag scales it on the reactions waiting in "
+        "the durable consumer (target_ongoing_requests of them per replica)",
     )
+
+    @property
+    def deployed(self) -> bool:
+        """Whether the graph has the bus deployment."""
+        return self.reactions or self.decision_events.enabled
 
     @model_validator(mode="after")
     def _one_subject_each(self) -> BusSettings:
-        if self.subject == self.dead_letter_subject:
-            raise ValueError(f"bus.dead_letter_subject must differ from bus.subject {self.subject}")
+        subjects = [self.subject, self.dead_letter_subject, self.decision_events.subject]
+        if len(set(subjects)) != len(subjects):
+            raise ValueError(
+                "bus.subject, bus.dead_letter_subject and bus.decision_events.subject must "
+                f"differ: {subjects}"
+            )
         if self.deployment.autoscaling.signal == "items":
             raise ValueError(
-                "bus.deployment.autoscaling.signal 'items': the reactions replicas report "
-                "the bus's lag; use 'lag' or 'requests'"
+                "bus.deployment.autoscaling.signal 'items': the bus replicas report the "
+                "reactions' lag; use 'lag' or 'requests'"
             )
         if self.deployment.autoscaling.min_replicas < 1:
             raise ValueError(
                 "bus.deployment.autoscaling.min_replicas must be >= 1: the lag that scales "
-                "the reactions deployment is read by its replicas"
+                "the bus deployment is read by its replicas"
             )
         return self
 
@@ -1011,7 +1045,7 @@ class TipgraphSettings(BaseSettings):
         lagging = [n for n, a in scaling.items() if a.signal == "lag"]
         if lagging:
             raise ValueError(
-                f"autoscaling.signal 'lag' of {lagging}: only the reactions deployment "
+                f"autoscaling.signal 'lag' of {lagging}: only the bus deployment "
                 "(bus.deployment) reads a lag"
             )
         return self

@@ -42,6 +42,6 @@ def tip_service(
     log through them) or ignores them (Serve handles); ``service.store`` is closed by the
     caller."""
     metrics = metrics if metrics is not None else Metrics()
-    store = open_store(settings.store)
+    store = open_store(settings.store, decision_outbox=settings.bus.decision_events.enabled)
     log = decision_log(store, settings.store, owner=owner)
     return TipService(settings, stages(store, log, metrics), store, log, metrics=metrics)

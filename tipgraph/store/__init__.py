@@ -98,9 +98,12 @@ def make_store(settings: StoreSettings) -> DecisionStore:
     raise ValueError(f"store.url must start with sqlite:// or postgresql://, got {settings.url!r}")
 
 
-def open_store(settings: StoreSettings) -> DecisionStore:
+def open_store(settings: StoreSettings, *, decision_outbox: bool = False) -> DecisionStore:
     """:func:`make_store`, connected and migrated (or checked current, with
-    ``store.migrate: false``); the caller closes it."""
+    ``store.migrate: false``); the caller closes it.  ``decision_outbox``: this store's
+    decisions also write their events to the outbox (the decision writers, with
+    ``bus.decision_events`` on)."""
     store = make_store(settings)
+    store.decision_outbox = decision_outbox
     store.open()
     return store

@@ -22,6 +22,7 @@ from tipgraph.settings import Reaction
 from tipgraph.store import packing
 from tipgraph.store.records import (
     CandidateRecord,
+    DecisionEventRow,
     DecisionRecord,
     FeedbackOutcome,
     FeedbackRecord,
@@ -235,6 +236,35 @@ def candidate_records(
         )
         for i, t in enumerate(candidates.texts)
     ]
+
+
+def decision_event_params(decision: Row) -> Params:
+    """The outbox row of an ``insert_decision`` row (its columns, in that statement's order)."""
+    event_id, _, created_at, policy_name, policy_version, _, prompt_version = decision[:7]
+    candidate_id, _, probability = decision[8:11]
+    return (
+        event_id,
+        created_at,
+        policy_name,
+        policy_version,
+        prompt_version,
+        candidate_id,
+        probability,
+    )
+
+
+def decision_event_row(row: Row) -> DecisionEventRow:
+    seq, event_id, created_at, policy_name, policy_version, prompt_version, candidate, p = row
+    return DecisionEventRow(
+        seq=int(seq),
+        event_id=event_id,
+        created_at=utc_datetime(created_at),
+        policy_name=policy_name,
+        policy_version=policy_version,
+        prompt_version=prompt_version,
+        candidate_id=candidate,
+        probability=float(p),
+    )
 
 
 def stored_decision(row: Row) -> StoredDecision:

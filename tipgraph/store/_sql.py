@@ -22,6 +22,7 @@ from tipgraph.store.base import DecisionStore, EventErased
 from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     CandidateRecord,
+    DecisionEventRow,
     DecisionRecord,
     ExpiredRows,
     ExposureItem,
@@ -143,6 +144,9 @@ class Statements:
     delete_expired_orphan_runs: str
     delete_expired_orphan_feedback: str
     delete_expired_embeddings: str
+    insert_decision_event: str
+    select_decision_events: str
+    delete_decision_event: str
 
     def translated(self, rewrite: Callable[[str], str]) -> Statements:
         """The same statements for a driver with another placeholder style."""
@@ -193,6 +197,23 @@ def _logged_runs(*filters: str) -> str:
 
 
 QMARK_STATEMENTS = Statements(
+    # The outbox row goes with its decision, and is dropped with it (an erased user).
+    insert_decision_event="""
+        INSERT INTO decision_outbox (
+            event_id, created_at, policy_name, policy_version, prompt_version, candidate_id,
+            probability
+        ) SELECT ?, ?, ?, ?, ?, ?, ?
+        WHERE NOT EXISTS (
+            SELECT 1 FROM erased_users WHERE user_key = ? AND erased_at >= ?
+        )
+        ON CONFLICT (event_id) DO NOTHING
+    """,
+    select_decision_events="""
+        SELECT seq, event_id, created_at, policy_name, policy_version, prompt_version,
+               candidate_id, probability
+        FROM decision_outbox ORDER BY seq LIMIT ?
+    """,
+    delete_decision_event="DELETE FROM decision_outbox WHERE seq = ?",
     schema_version="SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
     # Every row checks the tombstones in its own statement, inside the write transaction
     # (which holds the erasure lock shared: see _guard_erasure), so nothing lands for a user
@@ -611,6 +632,9 @@ class SQLDecisionStore(DecisionStore):
                     [(r[0], created_at, r[1], r[2]) for r in rows.decisions],
                 )
                 dropped = max(cur.rowcount, 0)
+            if self.decision_outbox:
+                events = [(*_rows.decision_event_params(r), r[1], r[2]) for r in rows.decisions]
+                _insert_many(cur, self._sql.insert_decision_event, events)
             _insert_many(cur, self._sql.insert_policy_run, [(*r, r[0]) for r in run_rows])
             _insert_many(cur, self._sql.insert_held, held_rows)
             if dropped:
@@ -618,6 +642,16 @@ class SQLDecisionStore(DecisionStore):
                 _insert_many(cur, self._sql.delete_runs_of_dropped_event, pairs)
                 _insert_many(cur, self._sql.delete_held_of_dropped_event, pairs)
         return dropped
+
+    def pending_decision_events(self, limit: int) -> list[DecisionEventRow]:
+        with self._transaction(write=False) as cur:
+            cur.execute(self._sql.select_decision_events, (limit,))
+            return [_rows.decision_event_row(row) for row in cur.fetchall()]
+
+    def delete_decision_events(self, seqs: Sequence[int]) -> None:
+        # By seq, never "up to the largest": on Postgres a lower seq may commit later.
+        with self._transaction(write=True) as cur:
+            _insert_many(cur, self._sql.delete_decision_event, [(seq,) for seq in seqs])
 
     def is_erased(self, event_id: str) -> bool:
         with self._transaction(write=False) as cur:

@@ -9,6 +9,7 @@ from datetime import datetime
 from tipgraph.store.filters import EVERYTHING, LogFilter
 from tipgraph.store.records import (
     CandidateRecord,
+    DecisionEventRow,
     DecisionRecord,
     ExpiredRows,
     ExposureItem,
@@ -64,6 +65,11 @@ class DecisionStore(abc.ABC):
     database between processes; callers in asyncio code run them in a worker thread.
     """
 
+    decision_outbox = False
+    """Write each decision's event to the outbox in the decision's transaction, for
+    :class:`tipgraph.decision_events.DecisionEventRelay` to publish (``bus.decision_events``);
+    set by :func:`tipgraph.store.open_store`."""
+
     @abc.abstractmethod
     def open(self) -> None:
         """Connect and apply pending migrations. Idempotent."""
@@ -96,6 +102,14 @@ class DecisionStore(abc.ABC):
         """Decisions, policy runs and held feedback in one transaction: what the decision
         log writes per flush.  Rows of an erased user or event are dropped there (and a
         dropped decision's event is tombstoned too); returns how many decisions were."""
+
+    @abc.abstractmethod
+    def pending_decision_events(self, limit: int) -> list[DecisionEventRow]:
+        """The outbox's oldest events, in the order they were stored."""
+
+    @abc.abstractmethod
+    def delete_decision_events(self, seqs: Sequence[int]) -> None:
+        """Remove published events from the outbox."""
 
     @abc.abstractmethod
     def is_erased(self, event_id: str) -> bool:

@@ -153,6 +153,21 @@ class StoredDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionEventRow:
+    """A stored decision's event waiting in the outbox (``bus.decision_events``):
+    ``tipgraph.events.v1.DecisionEvent`` as the store keeps it."""
+
+    seq: int
+    event_id: str
+    created_at: datetime
+    policy_name: str
+    policy_version: str
+    prompt_version: str | None
+    candidate_id: str
+    probability: float
+
+
+@dataclass(frozen=True, slots=True)
 class TrainingEvent:
     """One (features of the shown tip, reward) pair, in reward order.
 

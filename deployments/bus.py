@@ -1,9 +1,11 @@
-"""Reactions stage: applies the reactions published to the event bus (tipgraph.reactions).
+"""Bus stage: the event bus's side of the graph.
 
-In the graph when ``bus.reactions`` is on.  Every replica pulls from the one durable
-consumer, stores each reaction through the feedback path of ``POST /v1/feedback`` and
-teaches the served policy (and the shadows) through their handles, as the ingress does.
-It reports the consumer's lag to Serve's autoscaler (``autoscaling.signal: lag``).
+In the graph when ``bus.reactions`` or ``bus.decision_events.enabled`` is on.  With
+reactions, every replica pulls from the one durable consumer (:mod:`tipgraph.reactions`),
+stores each reaction through the feedback path of ``POST /v1/feedback`` and teaches the
+served policy (and the shadows) through their handles, as the ingress does; it reports
+the consumer's lag to Serve's autoscaler (``autoscaling.signal: lag``).  With decision
+events, every replica publishes the outbox (:mod:`tipgraph.decision_events`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from tipgraph.autoscaling import LAG_METRIC
 from tipgraph.batching import Coalescer
 from tipgraph.contracts import TipRequest
+from tipgraph.decision_events import DecisionEventRelay
 from tipgraph.features import UserContext
 from tipgraph.feedback import FeedbackService
 from tipgraph.generation import GenerationResult
@@ -58,20 +61,20 @@ class LearningHandles:
         self._shadows = batched(shadows) if shadows is not None else None
 
     async def context(self, request: TipRequest, user_key: str) -> UserContext:
-        raise NotImplementedError("the reactions deployment serves no tips")
+        raise NotImplementedError("the bus deployment serves no tips")
 
     async def candidates(
         self, request: TipRequest, context: UserContext, user_key: str, event_id: str, n: int
     ) -> GenerationResult:
-        raise NotImplementedError("the reactions deployment serves no tips")
+        raise NotImplementedError("the bus deployment serves no tips")
 
     async def score(self, X: np.ndarray, event_id: str) -> PolicyScore:
-        raise NotImplementedError("the reactions deployment serves no tips")
+        raise NotImplementedError("the bus deployment serves no tips")
 
     def shadow_scores(
         self, X: np.ndarray, event_id: str, candidate_ids: list[str], served_candidate_id: str
     ) -> list[tuple[str, Awaitable[str | None]]]:
-        raise NotImplementedError("the reactions deployment serves no tips")
+        raise NotImplementedError("the bus deployment serves no tips")
 
     async def learn(
         self, reward_id: int, features: list[float], reward: float, rewarded_at: float
@@ -88,7 +91,7 @@ class LearningHandles:
 
 
 @serve.deployment(name=BUS_DEPLOYMENT)
-class ReactionConsumers:
+class BusReplica:
     async def __init__(  # type: ignore[misc]  # Ray awaits it
         self,
         settings: TipgraphSettings,
@@ -103,21 +106,38 @@ class ReactionConsumers:
         )
         self._shadows = ShadowRunner(learners, metrics)
         feedback = FeedbackService(settings, learners, self._store, None, self._shadows, metrics)
-        self._consumer = ReactionConsumer(settings.bus, feedback, metrics)
-        # Connects in the background: a replica without NATS still starts, and says so.
-        self._consumer.start()
+        self._consumer = (
+            ReactionConsumer(settings.bus, feedback, metrics) if settings.bus.reactions else None
+        )
+        self._relay = (
+            DecisionEventRelay(settings.bus, self._store, metrics)
+            if settings.bus.decision_events.enabled
+            else None
+        )
+        # Both connect in the background: a replica without NATS still starts, and says so.
+        for part in (self._consumer, self._relay):
+            if part is not None:
+                part.start()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What ``autoscaling.signal: lag`` scales on (tipgraph.autoscaling)."""
-        return {LAG_METRIC: float(self._consumer.counts.lag or 0)}
+        lag = self._consumer.counts.lag if self._consumer is not None else 0
+        return {LAG_METRIC: float(lag or 0)}
 
     async def stats(self) -> dict[str, Any]:
         """This replica's counts and the consumer's lag (read now), for /readyz."""
-        await self._consumer.read_lag()
-        return self._consumer.counts.as_dict()
+        stats: dict[str, Any] = {}
+        if self._consumer is not None:
+            await self._consumer.read_lag()
+            stats.update(self._consumer.counts.as_dict())
+        if self._relay is not None:
+            stats["decision_events_published"] = self._relay.published
+        return stats
 
     async def __del__(self) -> None:
-        await self._consumer.close()
+        for part in (self._consumer, self._relay):
+            if part is not None:
+                await part.close()
         await self._shadows.close()
         self._store.close()
         self._logs.close()
