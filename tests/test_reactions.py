@@ -42,7 +42,8 @@ from tipgraph.reactions import (
     encode_reaction,
     ensure_streams,
 )
-from tipgraph.settings import BusSettings, TipgraphSettings
+from tipgraph.serve_config import all_deployment_options
+from tipgraph.settings import BUS_DEPLOYMENT, BusSettings, TipgraphSettings, load_settings
 from tipgraph.store import DecisionStore, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -396,3 +397,16 @@ async def test_a_reaction_waits_in_the_stream_while_the_store_is_away(
     assert sum(consumer.counts.dead_lettered.values()) == 0
     assert _rewards(settings, [event_id]) == {event_id: [REWARDS["done"]]}
     store.close()
+
+
+def test_the_bus_overlay_adds_the_bus_deployment_scaled_on_lag() -> None:
+    settings = load_settings(ROOT / "configs" / "tipgraph.yaml", [ROOT / "configs" / "bus.yaml"])
+    assert settings.bus.reactions and settings.bus.decision_events.enabled
+    options = all_deployment_options(settings)
+    assert options[BUS_DEPLOYMENT]["autoscaling_config"]["policy"] == {
+        "policy_function": "tipgraph.autoscaling:scale_on_lag"
+    }
+    # Off by default: `make run` has no bus deployment and needs no NATS.
+    assert BUS_DEPLOYMENT not in all_deployment_options(
+        load_settings(ROOT / "configs" / "tipgraph.yaml")
+    )
