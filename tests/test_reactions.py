@@ -27,6 +27,7 @@ from nats.js import JetStreamContext
 
 from tests.factories import local_service, served_event_ids
 from tests.reaction_worker import reaction_consumer
+from tests.tcp_proxy import TcpProxy
 from tipgraph.autoscaling import LAG_METRIC, scale_on_lag
 from tipgraph.contracts import FeedbackRequest
 from tipgraph.errors import FeedbackConflict
@@ -410,3 +411,35 @@ def test_the_bus_overlay_adds_the_bus_deployment_scaled_on_lag() -> None:
     assert BUS_DEPLOYMENT not in all_deployment_options(
         load_settings(ROOT / "configs" / "tipgraph.yaml")
     )
+
+
+async def test_a_replica_started_without_nats_connects_when_it_is_back_and_rides_a_cut(
+    tmp_path: Path, bus_settings: BusSettings, js: JetStreamContext
+) -> None:
+    proxy = TcpProxy(("127.0.0.1", 4222))
+    proxy.cut()
+    bus = bus_settings.model_copy(update={"url": f"nats://127.0.0.1:{proxy.port}"})
+    settings = _settings(tmp_path, bus)
+    store = open_store(settings.store)
+    ids = await served_event_ids(settings, store, 60)
+    for event_id in ids[:30]:
+        await js.publish(bus.subject, encode_reaction(event_id, "done"))
+    consumer, _ = reaction_consumer(settings, store)
+    consumer.start()  # as a replica does: it starts whether or not NATS answers
+    try:
+        await asyncio.sleep(1.5)
+        assert not consumer.counts.connected and consumer.counts.applied == 0
+        proxy.restore()
+        await _until(lambda: consumer.counts.applied == 30, 30, "applied once NATS answered")
+        proxy.cut()  # NATS away mid-stream: what is published meanwhile waits in the stream
+        for event_id in ids[30:]:
+            await js.publish(bus.subject, encode_reaction(event_id, "done"))
+        await asyncio.sleep(1.0)
+        proxy.restore()
+        await _until(lambda: _lag_is_zero(consumer), 30, "the lag returned to zero")
+    finally:
+        await consumer.close()
+        proxy.close()
+    assert consumer.counts.applied == 60
+    assert _rewards(settings, ids) == {e: [REWARDS["done"]] for e in ids}
+    store.close()

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 
 from tipgraph.events.v1.events_pb2 import DecisionEvent
 from tipgraph.metrics import Metrics
-from tipgraph.reactions import MSG_ID_HEADER, connect, ensure_streams
+from tipgraph.reactions import MSG_ID_HEADER, RECONNECT_WAIT_S, connect, ensure_streams
 from tipgraph.settings import BusSettings
 from tipgraph.store import DecisionStore
 from tipgraph.store.records import DecisionEventRow
@@ -58,18 +58,28 @@ class DecisionEventRelay:
         self.published = 0
 
     async def connect(self) -> None:
-        self._nc = await connect(self._bus.url)
-        self._js = self._nc.jetstream()
-        if self._bus.create_streams:
-            await ensure_streams(self._js, self._bus)
+        nc = await connect(self._bus.url)
+        try:
+            js = nc.jetstream()
+            if self._bus.create_streams:
+                await ensure_streams(js, self._bus)
+        except Exception:
+            await nc.close()
+            raise
+        self._nc, self._js = nc, js
 
     def start(self) -> None:
         """Connect and publish in the background (needs a running loop)."""
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        if self._js is None:
-            await self.connect()
+        while self._js is None:
+            try:
+                await self.connect()
+            except Exception as err:
+                # JetStream not enabled, a stream that cannot be made: say so, keep trying.
+                logger.warning("decision events cannot start (%s); retrying", err)
+                await asyncio.sleep(RECONNECT_WAIT_S)
         while True:
             try:
                 published = await self.publish_pending()

@@ -285,11 +285,16 @@ class ReactionConsumer:
     async def connect(self) -> None:
         """Connect (retrying until NATS answers), create what is missing, bind to the
         durable consumer."""
-        self._nc = await connect(self._bus.url)
-        self._js = self._nc.jetstream()
-        if self._bus.create_streams:
-            await ensure_streams(self._js, self._bus)
-        self._sub = await self._js.pull_subscribe_bind(self._bus.durable, stream=self._bus.stream)
+        nc = await connect(self._bus.url)
+        try:
+            js = nc.jetstream()
+            if self._bus.create_streams:
+                await ensure_streams(js, self._bus)
+            sub = await js.pull_subscribe_bind(self._bus.durable, stream=self._bus.stream)
+        except Exception:
+            await nc.close()
+            raise
+        self._nc, self._js, self._sub = nc, js, sub
         self.counts.connected = True
 
     def start(self) -> None:
@@ -298,9 +303,13 @@ class ReactionConsumer:
         self._tasks = [loop.create_task(self._consume()), loop.create_task(self._sample_lag())]
 
     async def _consume(self) -> None:
-        if self._sub is None:
-            await self.connect()
-        assert self._sub is not None
+        while self._sub is None:
+            try:
+                await self.connect()
+            except Exception as err:
+                # JetStream not enabled, a stream that cannot be made: say so, keep trying.
+                logger.warning("the reactions consumer cannot start (%s); retrying", err)
+                await asyncio.sleep(RECONNECT_WAIT_S)
         while True:
             try:
                 messages = await self._sub.fetch(self._bus.fetch_batch, timeout=FETCH_WAIT_S)
