@@ -30,6 +30,12 @@ AUTH_HEADERS = {"Authorization": f"Bearer {TEST_API_TOKEN}"}
 TEST_USER_KEY_SECRET = "tipgraph-test-user-key-secret-never-in-production"
 os.environ["TIPGRAPH_PRIVACY__USER_KEY_SECRET"] = TEST_USER_KEY_SECRET
 
+# Ray 2.60's direct ingress keeps a stopping ingress replica reachable for 30 s, so that a
+# load balancer can deregister it: every app a test deletes waited that long (six of them
+# cost CI three minutes). Tests have no load balancer; production keeps Ray's 30 s. Set
+# here, before any cluster starts, so the subprocesses' clusters inherit it too.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
 PG_URL_ENV = "TIPGRAPH_TEST_PG_URL"
 # The local test server trusts TCP connections from 127.0.0.1; "postgres" is its superuser.
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
