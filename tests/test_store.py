@@ -240,6 +240,7 @@ def test_migrations_are_applied_once(store: DecisionStore, store_settings: Store
         (9, "compact_log"),
         (10, "partitioned_decisions"),
         (11, "reaction_history"),
+        (12, "decision_outbox"),
     ]
     assert store.counts() == StoreCounts(by_role={"served": 0, "shadow": 0})
 
