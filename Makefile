@@ -47,7 +47,7 @@ nats:
 		for i in $$(seq 1 30); do $(NATS_UP) && break; sleep 1; done; \
 	fi
 
-## proto: regenerate tipgraph/events from proto/ (tests/test_events.py fails when they drift)
+## proto: regenerate tipgraph/events from proto/ (tests/test_reactions.py fails when they drift)
 PROTO_OUT ?= .
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \

@@ -12,7 +12,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from tests.factories import served_event_ids
-from tipgraph.decision_events import DecisionEventRelay
+from tipgraph.decision_events import DecisionEventRelay, DecisionEventsNotAcked
 from tipgraph.events.v1.events_pb2 import DecisionEvent
 from tipgraph.metrics import Metrics
 from tipgraph.reactions import MSG_ID_HEADER, ensure_streams
@@ -100,7 +100,7 @@ async def test_every_stored_decision_is_published_once_even_when_a_delete_is_los
     store.close()
 
 
-async def test_the_relay_publishes_in_the_background_and_only_the_decisions_stream_is_made(
+async def test_the_relay_publishes_in_the_background_and_makes_no_reactions_consumer(
     tmp_path: Path, bus_settings: BusSettings, js: JetStreamContext
 ) -> None:
     settings = _settings(tmp_path, bus_settings)
@@ -126,3 +126,25 @@ async def test_without_decision_events_no_decisions_stream_is_made(
     await ensure_streams(js, bus_settings)
     with pytest.raises(nats.js.errors.NotFoundError):
         await js.stream_info(bus_settings.decision_events.stream)
+
+
+async def test_the_relay_makes_a_lost_stream_again_and_publishes_what_waited(
+    tmp_path: Path, bus_settings: BusSettings, js: JetStreamContext
+) -> None:
+    settings = _settings(tmp_path, bus_settings)
+    store = open_store(settings.store, decision_outbox=True)
+    relay = DecisionEventRelay(settings.bus, store, Metrics())
+    await relay.connect()
+    await js.delete_stream(bus_settings.decision_events.stream)  # NATS lost its disk
+    ids = await served_event_ids(settings, store, 2)
+    with pytest.raises(DecisionEventsNotAcked):
+        await relay.publish_pending()
+    assert len(store.pending_decision_events(10)) == 2  # kept for the next look
+    relay.start()  # the loop reconnects after repeated failures, which makes the stream
+    for _ in range(200):
+        if relay.published == 2:
+            break
+        await asyncio.sleep(0.1)
+    await relay.close()
+    assert [message_id for message_id, _ in await _published(js, bus_settings)] == ids
+    store.close()

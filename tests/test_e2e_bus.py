@@ -1,6 +1,7 @@
 """End to end: reactions from the real NATS JetStream into the real Serve graph (the
-``reactions`` deployment), on the real Postgres decision log, while tipgraph serves tips
-and HTTP feedback over real HTTP; the bus replica is killed mid-stream."""
+``bus`` deployment), on the real Postgres decision log, while tipgraph serves tips and HTTP
+feedback over real HTTP; the bus replica is killed mid-stream.  Decision events go the
+other way, from the same replica."""
 
 from __future__ import annotations
 
@@ -165,6 +166,7 @@ def test_bus_reactions_apply_exactly_once_beside_http_through_a_killed_replica(
     _wait_for(lambda: bus_app.query(rewards)[0][0] >= 300, 120)
     (pid,) = before.values()
     os.kill(pid, signal.SIGKILL)  # a crash: whatever it had pulled and not acked comes again
+    assert bus_app.query(rewards)[0][0] < DECISIONS, "all applied before the kill: untested"
     # Serve replaces the killed replica, which takes what it left after ack_wait.
     _wait_for(lambda: set(_replica_pids(APP, BUS_DEPLOYMENT).values()) - {pid} != set(), 120)
 

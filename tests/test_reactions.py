@@ -45,7 +45,7 @@ from tipgraph.reactions import (
 )
 from tipgraph.serve_config import all_deployment_options
 from tipgraph.settings import BUS_DEPLOYMENT, BusSettings, TipgraphSettings, load_settings
-from tipgraph.store import DecisionStore, open_store
+from tipgraph.store import DecisionStore, RowRejected, StoreError, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 REWARDS = {r: TipgraphSettings().rewards.reward_for(r) for r in ("done", "snooze", "dismiss")}
@@ -368,35 +368,93 @@ async def test_http_and_bus_feedback_for_one_event_apply_once_and_conflict_as_40
 async def test_a_reaction_waits_in_the_stream_while_the_store_is_away(
     tmp_path: Path, bus_settings: BusSettings, js: JetStreamContext
 ) -> None:
+    """An outage longer than decision_wait_s, then a moment when the store answers but
+    the decision is not there yet (a writer still replaying it): neither dead-letters the
+    reaction; the wait counts from the first "missing" answer, not from publishing."""
     settings = _settings(tmp_path, bus_settings)
     store = open_store(settings.store)
     (event_id,) = await served_event_ids(settings, store, 1)
     consumer, _ = reaction_consumer(settings, store)
-    broken = {"on": True}
+    phase = {"now": "away", "missing_answers": 0}
     real_get = store.get_decision
 
     def get_decision(event: str) -> Any:
-        if broken["on"]:
-            from tipgraph.store import StoreError
-
+        if phase["now"] == "away":
             raise StoreError("the database is away")
+        if phase["now"] == "missing":
+            phase["missing_answers"] = int(phase["missing_answers"]) + 1
+            return None
         return real_get(event)
 
     store.get_decision = get_decision  # type: ignore[method-assign]
     await js.publish(bus_settings.subject, encode_reaction(event_id, "done"))
     await _started(consumer)
     try:
-        # Longer than decision_wait_s: an outage never dead-letters a reaction.
         await asyncio.sleep(bus_settings.decision_wait_s + 1.0)
         assert consumer.counts.retried >= 2
         assert await consumer.read_lag() == 1
-        broken["on"] = False
-        await _until(lambda: _lag_is_zero(consumer), 30, "applied once the store is back")
+        phase["now"] = "missing"
+        await _until(lambda: phase["missing_answers"] == 1, 30, "the store said missing")
+        phase["now"] = "back"
+        await _until(lambda: _lag_is_zero(consumer), 30, "applied once the decision is there")
     finally:
         await consumer.close()
     assert consumer.counts.applied == 1
     assert sum(consumer.counts.dead_lettered.values()) == 0
     assert _rewards(settings, [event_id]) == {event_id: [REWARDS["done"]]}
+    store.close()
+
+
+async def test_a_reaction_that_keeps_failing_unexpectedly_is_dead_lettered_as_failed(
+    tmp_path: Path, bus_settings: BusSettings, js: JetStreamContext
+) -> None:
+    settings = _settings(tmp_path, bus_settings.model_copy(update={"max_failures": 3}))
+    store = open_store(settings.store)
+    broken, rejected = await served_event_ids(settings, store, 2)
+    real_record = store.record_feedback
+
+    def record_feedback(feedback: Any, **kwargs: Any) -> Any:
+        if feedback.event_id == broken:
+            raise RuntimeError("a bug")
+        if feedback.event_id == rejected:
+            raise RowRejected("value too long for the column")
+        return real_record(feedback, **kwargs)
+
+    store.record_feedback = record_feedback  # type: ignore[method-assign]
+    for event_id in (broken, rejected):
+        await js.publish(bus_settings.subject, encode_reaction(event_id, "done"))
+    consumer, _ = await _consume_all(settings, store)
+    letters = dict(await _dead_letters(js, bus_settings))
+    assert letters["failed"] == "RuntimeError: a bug (failed 3 times)"
+    assert letters["invalid"] == "value too long for the column"  # refused for good at once
+    assert consumer.counts.retried == 2
+    store.close()
+
+
+async def test_a_server_back_without_its_streams_gets_them_made_again(
+    tmp_path: Path, bus_settings: BusSettings, js: JetStreamContext
+) -> None:
+    settings = _settings(tmp_path, bus_settings)
+    store = open_store(settings.store)
+    first, second = await served_event_ids(settings, store, 2)
+    await js.publish(bus_settings.subject, encode_reaction(first, "done"))
+    consumer, _ = reaction_consumer(settings, store)
+    await _started(consumer)
+    try:
+        await _until(lambda: consumer.counts.applied == 1, 30, "the first applied")
+        await js.delete_stream(bus_settings.stream)  # as a server that lost its disk
+
+        async def published_again() -> bool:
+            try:  # refused until a replica has made the stream again
+                await js.publish(bus_settings.subject, encode_reaction(second, "done"))
+            except nats.js.errors.NoStreamResponseError:
+                return False
+            return True
+
+        await _until(published_again, 30, "the stream made again")
+        await _until(lambda: consumer.counts.applied == 2, 30, "the second applied")
+    finally:
+        await asyncio.wait_for(consumer.close(), 30)
     store.close()
 
 

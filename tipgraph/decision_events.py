@@ -2,7 +2,8 @@
 
 With ``bus.decision_events.enabled`` the decision writers put each decision's event in the
 outbox table in the decision's own transaction (:attr:`DecisionStore.decision_outbox`), so
-an event exists exactly when its decision does.  :class:`DecisionEventRelay`, in the bus
+no decision is stored without its event (a decision replayed from a dead writer's log may
+put its event there again: at least once, again).  :class:`DecisionEventRelay`, in the bus
 replicas, publishes the outbox's oldest events as ``tipgraph.events.v1.DecisionEvent`` and
 deletes each once JetStream has acknowledged it.  A replica that dies between the two
 publishes the event again later; the event id is the JetStream message id, so within the
@@ -20,14 +21,29 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from tipgraph.errors import describe_error
 from tipgraph.events.v1.events_pb2 import DecisionEvent
 from tipgraph.metrics import Metrics
-from tipgraph.reactions import MSG_ID_HEADER, RECONNECT_WAIT_S, connect, ensure_streams
+from tipgraph.reactions import (
+    CLOSE_TIMEOUT_S,
+    FAILURES_BEFORE_RECONNECT,
+    MSG_ID_HEADER,
+    RECONNECT_WAIT_S,
+    connect,
+    ensure_streams,
+)
 from tipgraph.settings import BusSettings
 from tipgraph.store import DecisionStore
 from tipgraph.store.records import DecisionEventRow
 
 logger = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_S = 10.0
+"""How long a look waits for JetStream's acks of what it published."""
+
+
+class DecisionEventsNotAcked(RuntimeError):
+    """JetStream acknowledged none of a look's events."""
 
 
 def decision_event(row: DecisionEventRow) -> bytes:
@@ -73,55 +89,78 @@ class DecisionEventRelay:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        while self._js is None:
-            try:
-                await self.connect()
-            except Exception as err:
-                # JetStream not enabled, a stream that cannot be made: say so, keep trying.
-                logger.warning("decision events cannot start (%s); retrying", err)
-                await asyncio.sleep(RECONNECT_WAIT_S)
+        failures = 0
         while True:
+            while self._js is None:
+                try:
+                    await self.connect()
+                except Exception as err:
+                    # JetStream not enabled, a stream that cannot be made: say so, go on trying.
+                    logger.warning("decision events cannot start (%s); retrying", err)
+                    await asyncio.sleep(RECONNECT_WAIT_S)
             try:
                 published = await self.publish_pending()
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                # The store or NATS away: the events wait in the outbox.
+                # The store or NATS away: the events wait in the outbox.  NATS back without
+                # its streams: they are made again on the next connect.
                 logger.warning("decision events not published now (%s); retrying", err)
-                published = 0
+                published, failures = 0, failures + 1
+                if failures >= FAILURES_BEFORE_RECONNECT:
+                    await self._disconnect()
             if published < self._events.batch:
                 await asyncio.sleep(self._events.interval_s)
 
     async def publish_pending(self) -> int:
         """Publish up to ``batch`` events from the outbox; returns how many were acked
-        (and deleted).  An event whose publish failed stays for the next look."""
+        (and deleted).  What was not acked within ``PUBLISH_TIMEOUT_S`` stays for the
+        next look: publishing it again is harmless (the message id is the event id)."""
         assert self._js is not None, "connect first"
         rows = await asyncio.to_thread(self._store.pending_decision_events, self._events.batch)
         if not rows:
             return 0
-        acks = [
-            await self._js.publish_async(
-                self._events.subject,
-                decision_event(row),
-                headers={MSG_ID_HEADER: row.event_id},
+        acks: list[asyncio.Future[Any]] = []
+        try:
+            for row in rows:
+                acks.append(
+                    await self._js.publish_async(
+                        self._events.subject,
+                        decision_event(row),
+                        headers={MSG_ID_HEADER: row.event_id},
+                    )
+                )
+            # An ack lost with its connection never comes: nats-py's futures have no timeout.
+            outcomes: list[Any] = await asyncio.wait_for(
+                asyncio.gather(*acks, return_exceptions=True), PUBLISH_TIMEOUT_S
             )
-            for row in rows
-        ]
-        outcomes: list[Any] = await asyncio.gather(*acks, return_exceptions=True)
+        finally:
+            for ack in acks:
+                ack.cancel()  # no-op on a done one
         done = [
             row.seq for row, outcome in zip(rows, outcomes, strict=True) if not _failed(outcome)
         ]
+        if not done:
+            # Nothing acked: NATS away, or its stream gone; the caller reconnects.
+            raise DecisionEventsNotAcked(describe_error(next(o for o in outcomes if _failed(o))))
         if len(done) < len(rows):
             logger.warning(
                 "%d of %d decision events not acknowledged; they stay in the outbox",
                 len(rows) - len(done),
                 len(rows),
             )
-        if done:
-            await asyncio.to_thread(self._store.delete_decision_events, done)
-            self.published += len(done)
-            self._metrics.bus_decisions_published(len(done))
+        await asyncio.to_thread(self._store.delete_decision_events, done)
+        self.published += len(done)
+        self._metrics.bus_decisions_published(len(done))
         return len(done)
+
+    async def _disconnect(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            # Bounded: a close that waits on a dead server must not stop the replica.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -129,9 +168,7 @@ class DecisionEventRelay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
+        await self._disconnect()
 
 
 def _failed(outcome: object) -> bool:

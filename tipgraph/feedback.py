@@ -130,11 +130,14 @@ class FeedbackService:
             )
             return await self._hold(record)
 
-    async def apply_now(self, request: FeedbackRequest) -> Applied:
+    async def apply_now(
+        self, request: FeedbackRequest, *, received_at: datetime | None = None
+    ) -> Applied:
         """The same validation, reward and storing as :meth:`feedback`, for a caller that
         keeps the feedback itself until its decision is readable (the bus consumer): raises
-        :class:`DecisionNotReadable` instead of holding it."""
-        record = self._record(request)
+        :class:`DecisionNotReadable` instead of holding it.  ``received_at``: when the
+        feedback reached tipgraph, if before now (it waited in the bus's stream)."""
+        record = self._record(request, received_at=received_at)
         decision, readable = await self._find_decision(request.event_id)
         if decision is None:
             await self._refuse_if_gone(request.event_id, readable)
@@ -146,7 +149,9 @@ class FeedbackService:
         except StoreError as err:
             raise DecisionNotReadable(request.event_id, store_answered=False) from err
 
-    def _record(self, request: FeedbackRequest) -> FeedbackRecord:
+    def _record(
+        self, request: FeedbackRequest, *, received_at: datetime | None = None
+    ) -> FeedbackRecord:
         """The stored form of ``request``, or InvalidRequest/UnknownEvent: checked once,
         here, for both paths."""
         rewards = self._settings.rewards
@@ -159,7 +164,7 @@ class FeedbackService:
             )
         if event_id_kind(request.event_id, self._keys) is None:
             raise UnknownEvent(f"event_id {request.event_id!r} is not one tipgraph issued")
-        now = datetime.now(UTC)
+        now = received_at or datetime.now(UTC)
         return FeedbackRecord(
             event_id=request.event_id,
             reaction=request.reaction,

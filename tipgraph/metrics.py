@@ -228,8 +228,8 @@ BUS_DEAD_LETTERS = MetricSpec(
     "tipgraph_bus_dead_letters",
     "counter",
     "Reactions sent to bus.dead_letter_subject, by reason: undecodable, invalid, "
-    "unknown_event (never issued, erased, or not stored within bus.decision_wait_s), "
-    "conflict (the event has another reaction).",
+    "unknown_event (never issued, erased, or missing for bus.decision_wait_s), conflict "
+    "(the event has another reaction), failed (an unexpected error, bus.max_failures times).",
     ("reason",),
 )
 BUS_LAG = MetricSpec(

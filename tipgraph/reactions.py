@@ -9,17 +9,23 @@ mapping and idempotent storing of ``POST /v1/feedback``.  Then, and only then, i
 What happens to a message:
 
 * applied, or a duplicate of feedback already stored (the same reaction and reward): ack;
-* its decision is not stored yet, or the store is away: ``nak`` with a delay, so it stays
-  in the stream (counted in the lag) and comes again.  A decision still missing
-  ``bus.decision_wait_s`` after the reaction was published is dead-lettered as
-  ``unknown_event``; while the store is away nothing is dead-lettered;
+* its decision is not stored yet, or the store is away: ``nak`` with a delay (doubling per
+  delivery, up to 30 s), so it stays in the stream (counted in the lag) and comes again.
+  A decision the store still says is missing ``bus.decision_wait_s`` after this replica
+  first saw it missing is dead-lettered as ``unknown_event``; while the store is away the
+  clock does not start, so an outage dead-letters nothing;
 * poison — ``undecodable`` (not a ReactionEvent), ``invalid`` (what POST /v1/feedback
   refuses with 422), ``unknown_event`` (an id tipgraph never issued, or erased: 404),
-  ``conflict`` (the event has another reaction already: 409) — is published to
+  ``conflict`` (the event has another reaction already: 409), ``failed`` (an error
+  tipgraph did not expect, ``bus.max_failures`` times) — is published to
   ``bus.dead_letter_subject`` with the reason in the ``Tipgraph-Reason`` header, then
   terminated, and the consumer goes on;
 * a replica that dies holding a message never acks it: JetStream delivers it again after
   ``bus.ack_wait_s``, to any replica, and storing it again is a duplicate.
+
+A reaction is stamped with when it was published (its ``reacted_at``, unless it has one,
+and when tipgraph received it): one that waited in the stream through an outage counts
+as arriving when it was sent, for the reward wait as for the history.
 """
 
 from __future__ import annotations
@@ -43,16 +49,23 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from tipgraph.contracts import FeedbackRequest
-from tipgraph.errors import FeedbackConflict, InvalidRequest, UnknownEvent
+from tipgraph.errors import FeedbackConflict, InvalidRequest, UnknownEvent, describe_error
 from tipgraph.events.v1.events_pb2 import Reaction, ReactionEvent
 from tipgraph.feedback import DecisionNotReadable, FeedbackService
 from tipgraph.metrics import Metrics
 from tipgraph.settings import BusSettings
+from tipgraph.store import RowRejected
 
 logger = logging.getLogger(__name__)
 
-PoisonReason = Literal["undecodable", "invalid", "unknown_event", "conflict"]
-POISON_REASONS: tuple[PoisonReason, ...] = ("undecodable", "invalid", "unknown_event", "conflict")
+PoisonReason = Literal["undecodable", "invalid", "unknown_event", "conflict", "failed"]
+POISON_REASONS: tuple[PoisonReason, ...] = (
+    "undecodable",
+    "invalid",
+    "unknown_event",
+    "conflict",
+    "failed",
+)
 Outcome = Literal["applied", "duplicate", "dead_lettered", "retried"]
 REASON_HEADER = "Tipgraph-Reason"
 DETAIL_HEADER = "Tipgraph-Detail"
@@ -64,6 +77,15 @@ FETCH_WAIT_S = 1.0
 """How long one pull waits for messages: short, so a closing replica stops soon."""
 RECONNECT_WAIT_S = 1.0
 MAX_DETAIL_CHARS = 500
+CLOSE_TIMEOUT_S = 5.0
+MAX_RETRY_DELAY_S = 30.0
+"""A retried reaction comes again after ``bus.retry_delay_s``, doubling per delivery up to
+this: a long outage costs a delivery every 30 s per waiting reaction, not one a second."""
+FAILURES_BEFORE_RECONNECT = 3
+"""Pulls that fail in a row before the connection is made again from scratch (streams and
+the durable consumer recreated where missing: NATS came back without its data)."""
+TRACKED = 100_000
+"""Reactions a replica remembers a wait or failures of (the oldest go first beyond it)."""
 DUPLICATE_WINDOW_S = 120.0
 """A message published again with the same Nats-Msg-Id within this is dropped."""
 DEAD_LETTER_DAYS = 30.0
@@ -280,6 +302,11 @@ class ReactionConsumer:
         self._js: JetStreamContext | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # By stream sequence: since when the store has said the decision is missing, and
+        # how often applying failed unexpectedly.
+        self._missing_since: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
+        self._consumer_lost = False
         self.counts = ReactionCounts()
 
     async def connect(self) -> None:
@@ -302,7 +329,7 @@ class ReactionConsumer:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._consume()), loop.create_task(self._sample_lag())]
 
-    async def _consume(self) -> None:
+    async def _start_consuming(self) -> None:
         while self._sub is None:
             try:
                 await self.connect()
@@ -310,7 +337,29 @@ class ReactionConsumer:
                 # JetStream not enabled, a stream that cannot be made: say so, keep trying.
                 logger.warning("the reactions consumer cannot start (%s); retrying", err)
                 await asyncio.sleep(RECONNECT_WAIT_S)
+
+    async def _disconnect(self) -> None:
+        nc, self._nc, self._js, self._sub = self._nc, None, None, None
+        if nc is not None:
+            # Bounded: a close that waits on a dead server must not stop the replica.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+
+    async def _consume(self) -> None:
+        failures = 0
         while True:
+            if self._sub is None:
+                await self._start_consuming()
+            assert self._sub is not None
+            if self._consumer_lost:
+                # A pull on a consumer that is gone just times out: the lag's read says so.
+                logger.warning(
+                    "the durable consumer %s is gone; making it again", self._bus.durable
+                )
+                self._consumer_lost = False
+                self.counts.connected = False
+                await self._disconnect()
+                continue
             try:
                 messages = await self._sub.fetch(self._bus.fetch_batch, timeout=FETCH_WAIT_S)
             except nats.errors.TimeoutError:
@@ -318,11 +367,16 @@ class ReactionConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                # Disconnected, or the server restarting: nats-py reconnects by itself.
+                # Disconnected, or the server restarting: nats-py reconnects by itself.  A
+                # server that came back without its streams needs them made again.
                 self.counts.connected = False
+                failures += 1
                 logger.warning("pulling reactions failed (%s); retrying", err)
+                if failures >= FAILURES_BEFORE_RECONNECT:
+                    await self._disconnect()
                 await asyncio.sleep(RECONNECT_WAIT_S)
                 continue
+            failures = 0
             self.counts.connected = True
             await self.handle_batch(messages)
 
@@ -333,35 +387,68 @@ class ReactionConsumer:
     async def handle(self, msg: Msg) -> Outcome:
         try:
             outcome = await self._apply(msg)
-        except Exception:
-            # Not this message's fault as far as we know: it comes again after the delay.
-            logger.exception("reaction not applied; it will be delivered again")
-            await _settle(msg.nak(delay=self._bus.retry_delay_s))
-            outcome = "retried"
+        except Exception as err:
+            outcome = await self._unexpected(msg, err)
         self._count(outcome)
         return outcome
 
+    async def _unexpected(self, msg: Msg, err: Exception) -> Outcome:
+        """Not this message's fault as far as we know: it comes again after the delay, and
+        is dead-lettered as ``failed`` once it has failed so ``bus.max_failures`` times."""
+        sequence = _stream_sequence(msg)
+        failures = self._failures[sequence] = self._failures.get(sequence, 0) + 1
+        _forget_oldest(self._failures)
+        if failures >= self._bus.max_failures:
+            detail = f"{describe_error(err)} (failed {failures} times)"
+            with contextlib.suppress(Exception):
+                return await self._dead_letter(msg, Poison("failed", detail))
+        logger.exception("reaction not applied; it will be delivered again")
+        await _settle(msg.nak(delay=self._retry_delay(msg)))
+        return "retried"
+
+    def _settled(self, sequence: int) -> None:
+        self._missing_since.pop(sequence, None)
+        self._failures.pop(sequence, None)
+
+    def _retry_delay(self, msg: Msg) -> float:
+        doubled = self._bus.retry_delay_s * 2 ** min(_deliveries(msg) - 1, 16)
+        return min(doubled, MAX_RETRY_DELAY_S)
+
     async def _apply(self, msg: Msg) -> Outcome:
+        published_at = _published_at(msg)
         try:
             request = decode_reaction(msg.data)
-            applied = await self._feedback.apply_now(request)
+            if request.at is None:
+                request = request.model_copy(update={"at": published_at})
+            applied = await self._feedback.apply_now(request, received_at=published_at)
         except Poison as poison:
             return await self._dead_letter(msg, poison)
         except InvalidRequest as err:
             return await self._dead_letter(msg, Poison("invalid", err.message))
+        except RowRejected as err:  # the database refused the row itself: never better
+            return await self._dead_letter(msg, Poison("invalid", str(err)))
         except UnknownEvent as err:
             return await self._dead_letter(msg, Poison("unknown_event", err.message))
         except FeedbackConflict as err:
             return await self._dead_letter(msg, Poison("conflict", err.message))
         except DecisionNotReadable as err:
-            waited = self._clock() - _published_at(msg)
-            if err.store_answered and waited > self._bus.decision_wait_s:
-                detail = f"{err}; waited {waited:.0f} s (bus.decision_wait_s)"
+            waited = self._missing_for(msg) if err.store_answered else 0.0
+            if waited > self._bus.decision_wait_s:
+                detail = f"{err}; missing for {waited:.0f} s (bus.decision_wait_s)"
                 return await self._dead_letter(msg, Poison("unknown_event", detail))
-            await msg.nak(delay=self._bus.retry_delay_s)
+            await msg.nak(delay=self._retry_delay(msg))
             return "retried"
+        self._settled(_stream_sequence(msg))
         await msg.ack()
         return "applied" if applied.created else "duplicate"
+
+    def _missing_for(self, msg: Msg) -> float:
+        """How long the store has said this message's decision is missing, as this replica
+        saw it (an outage does not count: the store said nothing then)."""
+        now = self._clock()
+        first = self._missing_since.setdefault(_stream_sequence(msg), now)
+        _forget_oldest(self._missing_since)
+        return now - first
 
     async def _dead_letter(self, msg: Msg, poison: Poison) -> Outcome:
         """Publish the message to the dead-letter subject (acknowledged by JetStream), then
@@ -377,6 +464,7 @@ class ReactionConsumer:
         }
         await self._js.publish(self._bus.dead_letter_subject, msg.data, headers=headers)
         await msg.term()
+        self._settled(sequence)
         logger.warning(
             "reaction dead-lettered (%s): %s",
             poison.reason,
@@ -403,6 +491,9 @@ class ReactionConsumer:
             return None
         try:
             info = await self._sub.consumer_info()
+        except NotFoundError:
+            self._consumer_lost = True  # NATS lost its data, or ops removed it
+            return None
         except Exception as err:
             logger.warning("the consumer's lag cannot be read: %s", err)
             return None
@@ -424,16 +515,24 @@ class ReactionConsumer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        if self._nc is not None:
-            # Not drain(): a message pulled and not acked is simply delivered again.
-            with contextlib.suppress(Exception):
-                await self._nc.close()
+        # Not drain(): a message pulled and not acked is simply delivered again.
+        await self._disconnect()
         self.counts.connected = False
 
 
-def _published_at(msg: Msg) -> float:
+def _published_at(msg: Msg) -> datetime:
     # JetStream's metadata carries when the message was stored in the stream.
-    return msg.metadata.timestamp.timestamp()
+    stamp: datetime = msg.metadata.timestamp
+    return stamp if stamp.tzinfo is not None else stamp.replace(tzinfo=UTC)
+
+
+def _forget_oldest(tracked: dict[int, Any]) -> None:
+    if len(tracked) > TRACKED:
+        tracked.pop(next(iter(tracked)))
+
+
+def _deliveries(msg: Msg) -> int:
+    return max(1, int(msg.metadata.num_delivered or 1))
 
 
 def _stream_sequence(msg: Msg) -> int:

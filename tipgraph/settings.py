@@ -309,7 +309,7 @@ class BusSettings(_Strict):
     dead_letter_subject: str = Field(
         "tipgraph.dead_letters.reactions.v1",
         description="Where a reaction that cannot be applied goes, with its reason in the "
-        "Tipgraph-Reason header (undecodable, invalid, unknown_event, conflict)",
+        "Tipgraph-Reason header (undecodable, invalid, unknown_event, conflict, failed)",
     )
     create_streams: bool = Field(
         True,
@@ -327,14 +327,25 @@ class BusSettings(_Strict):
         "delivered again",
     )
     retry_delay_s: float = Field(
-        1.0, gt=0, description="Delay before a reaction whose decision is not readable is retried"
+        1.0,
+        gt=0,
+        description="Delay before a reaction whose decision is not readable is retried; it "
+        "doubles with each delivery, up to 30 s",
     )
     decision_wait_s: float = Field(
-        120.0,
+        900.0,
         gt=0,
-        description="A reaction whose decision (an id tipgraph issued) is still not stored "
-        "this long after it was published is dead-lettered as unknown_event. While the "
-        "store is down nothing is dead-lettered: the reaction waits in the stream",
+        description="A reaction whose decision (an id tipgraph issued) the store still says "
+        "is missing this long after a bus replica first saw it missing is dead-lettered as "
+        "unknown_event. The clock starts only when the store answers: an outage "
+        "dead-letters nothing",
+    )
+    max_failures: int = Field(
+        50,
+        ge=2,
+        description="A reaction that fails with an error tipgraph did not expect this many "
+        "times in a bus replica is dead-lettered as failed (a decision not stored yet or the "
+        "store away are expected: they never count)",
     )
     lag_interval_s: float = Field(
         1.0, gt=0, description="How often a replica reads the consumer's lag"
