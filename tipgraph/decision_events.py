@@ -25,12 +25,10 @@ from tipgraph.errors import describe_error
 from tipgraph.events.v1.events_pb2 import DecisionEvent
 from tipgraph.metrics import Metrics
 from tipgraph.reactions import (
-    CLOSE_TIMEOUT_S,
     FAILURES_BEFORE_RECONNECT,
     MSG_ID_HEADER,
-    RECONNECT_WAIT_S,
-    connect,
-    ensure_streams,
+    close_quietly,
+    open_jetstream,
 )
 from tipgraph.settings import BusSettings
 from tipgraph.store import DecisionStore
@@ -74,15 +72,8 @@ class DecisionEventRelay:
         self.published = 0
 
     async def connect(self) -> None:
-        nc = await connect(self._bus.url)
-        try:
-            js = nc.jetstream()
-            if self._bus.create_streams:
-                await ensure_streams(js, self._bus)
-        except Exception:
-            await nc.close()
-            raise
-        self._nc, self._js = nc, js
+        """Connect, retrying until NATS answers and the streams are there."""
+        self._nc, self._js = await open_jetstream(self._bus, "decision events")
 
     def start(self) -> None:
         """Connect and publish in the background (needs a running loop)."""
@@ -91,13 +82,8 @@ class DecisionEventRelay:
     async def _run(self) -> None:
         failures = 0
         while True:
-            while self._js is None:
-                try:
-                    await self.connect()
-                except Exception as err:
-                    # JetStream not enabled, a stream that cannot be made: say so, go on trying.
-                    logger.warning("decision events cannot start (%s); retrying", err)
-                    await asyncio.sleep(RECONNECT_WAIT_S)
+            if self._js is None:
+                await self.connect()
             try:
                 published = await self.publish_pending()
                 failures = 0
@@ -157,10 +143,7 @@ class DecisionEventRelay:
 
     async def _disconnect(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
-        if nc is not None:
-            # Bounded: a close that waits on a dead server must not stop the replica.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+        await close_quietly(nc)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -111,23 +111,9 @@ class FeedbackService:
         cannot be read yet."""
         record = self._record(request)
         self.start_applier()
-        decision, readable = await self._find_decision(request.event_id)
-        if decision is None:
-            await self._refuse_if_gone(request.event_id, readable)
-            return await self._hold(record)
         try:
-            return (await self._apply(record, decision)).response
-        except EventErased as err:
-            raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision") from err
-        except StoreError as err:
-            # The database went away between reading the decision and storing this: hold
-            # it. Retrying is safe, storing feedback is idempotent.
-            logger.warning(
-                "feedback for %s held, the store failed: %s",
-                record.event_id,
-                err,
-                extra={"event_id": record.event_id},
-            )
+            return (await self._store_now(record)).response
+        except DecisionNotReadable:
             return await self._hold(record)
 
     async def apply_now(
@@ -137,17 +123,30 @@ class FeedbackService:
         keeps the feedback itself until its decision is readable (the bus consumer): raises
         :class:`DecisionNotReadable` instead of holding it.  ``received_at``: when the
         feedback reached tipgraph, if before now (it waited in the bus's stream)."""
-        record = self._record(request, received_at=received_at)
-        decision, readable = await self._find_decision(request.event_id)
+        return await self._store_now(self._record(request, received_at=received_at))
+
+    async def _store_now(self, record: FeedbackRecord) -> Applied:
+        """Store (and teach) ``record`` if its decision can be read now; else
+        :class:`DecisionNotReadable`, for the caller to keep it and try again."""
+        event_id = record.event_id
+        decision, readable = await self._find_decision(event_id)
         if decision is None:
-            await self._refuse_if_gone(request.event_id, readable)
-            raise DecisionNotReadable(request.event_id, store_answered=readable)
+            await self._refuse_if_gone(event_id, readable)
+            raise DecisionNotReadable(event_id, store_answered=readable)
         try:
             return await self._apply(record, decision)
         except EventErased as err:
-            raise UnknownEvent(f"event_id {request.event_id!r} is not a known decision") from err
+            raise UnknownEvent(f"event_id {event_id!r} is not a known decision") from err
         except StoreError as err:
-            raise DecisionNotReadable(request.event_id, store_answered=False) from err
+            # The database went away between reading the decision and storing this.
+            # Trying again is safe: storing feedback is idempotent.
+            logger.warning(
+                "feedback for %s not stored now, the store failed: %s",
+                event_id,
+                err,
+                extra={"event_id": event_id},
+            )
+            raise DecisionNotReadable(event_id, store_answered=False) from err
 
     def _record(
         self, request: FeedbackRequest, *, received_at: datetime | None = None

@@ -194,6 +194,30 @@ async def connect(url: str) -> NATS:
             await asyncio.sleep(RECONNECT_WAIT_S)
 
 
+async def open_jetstream(bus: BusSettings, what: str) -> tuple[NATS, JetStreamContext]:
+    """A connection and its JetStream context, the streams made where missing
+    (``bus.create_streams``), retried until both work; ``what`` names the caller in logs."""
+    while True:
+        nc = await connect(bus.url)
+        try:
+            js = nc.jetstream()
+            if bus.create_streams:
+                await ensure_streams(js, bus)
+            return nc, js
+        except Exception as err:
+            # JetStream not enabled, a stream that cannot be made: say so, keep trying.
+            await close_quietly(nc)
+            logger.warning("%s cannot start (%s); retrying", what, err)
+            await asyncio.sleep(RECONNECT_WAIT_S)
+
+
+async def close_quietly(nc: NATS | None) -> None:
+    """Close, bounded: a close that waits on a dead server must not stop the replica."""
+    if nc is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+
+
 def stream_configs(bus: BusSettings) -> list[StreamConfig]:
     """The reactions stream and the dead-letter stream, and the decisions stream when
     decision events are on."""
@@ -310,16 +334,13 @@ class ReactionConsumer:
         self.counts = ReactionCounts()
 
     async def connect(self) -> None:
-        """Connect (retrying until NATS answers), create what is missing, bind to the
+        """Connect (retrying until NATS answers and the streams are there), bind to the
         durable consumer."""
-        nc = await connect(self._bus.url)
+        nc, js = await open_jetstream(self._bus, "the reactions consumer")
         try:
-            js = nc.jetstream()
-            if self._bus.create_streams:
-                await ensure_streams(js, self._bus)
             sub = await js.pull_subscribe_bind(self._bus.durable, stream=self._bus.stream)
         except Exception:
-            await nc.close()
+            await close_quietly(nc)
             raise
         self._nc, self._js, self._sub = nc, js, sub
         self.counts.connected = True
@@ -334,16 +355,13 @@ class ReactionConsumer:
             try:
                 await self.connect()
             except Exception as err:
-                # JetStream not enabled, a stream that cannot be made: say so, keep trying.
-                logger.warning("the reactions consumer cannot start (%s); retrying", err)
+                # No durable consumer to bind to, and bus.create_streams off: say so.
+                logger.warning("the reactions consumer cannot bind (%s); retrying", err)
                 await asyncio.sleep(RECONNECT_WAIT_S)
 
     async def _disconnect(self) -> None:
         nc, self._nc, self._js, self._sub = self._nc, None, None, None
-        if nc is not None:
-            # Bounded: a close that waits on a dead server must not stop the replica.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), CLOSE_TIMEOUT_S)
+        await close_quietly(nc)
 
     async def _consume(self) -> None:
         failures = 0
